@@ -1,0 +1,272 @@
+"""Sweep configuration: one YAML file is the whole experiment.
+
+The schema is pydantic with ``extra="forbid"`` everywhere, so a typo or a bad
+value fails before Ray starts, with a message that names the file, the key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A sweep file that cannot be used; the message says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- search space
+
+
+class Const(_Strict):
+    """A fixed value (written in YAML as a bare number or ``{value: x}``)."""
+
+    value: float | int | bool | str
+
+
+class Choice(_Strict):
+    """One of ``values``, uniformly at random (``tune.choice``)."""
+
+    choice: list[float | int | bool | str] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    """Uniform on [low, high]; with ``p_off`` > 0 the value is ``off_value`` that often."""
+
+    uniform: tuple[float, float]
+    p_off: float = Field(0.0, ge=0.0, le=1.0)
+    off_value: float = 0.0
+
+    @field_validator("uniform")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] <= v[1]:
+            raise ValueError(f"uniform range must be [low, high] with low <= high, got {list(v)}")
+        return v
+
+
+class LogUniform(_Strict):
+    """Log-uniform on [low, high] (``tune.loguniform``), both > 0."""
+
+    loguniform: tuple[float, float]
+
+    @field_validator("loguniform")
+    @classmethod
+    def _positive_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"loguniform range must be [low, high] with 0 < low <= high, got {list(v)}")
+        return v
+
+
+class RandInt(_Strict):
+    """Integer uniform on [low, high], both inclusive."""
+
+    randint: tuple[int, int]
+
+    @field_validator("randint")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not v[0] <= v[1]:
+            raise ValueError(f"randint range must be [low, high] with low <= high, got {list(v)}")
+        return v
+
+
+Distribution = Union[Choice, Uniform, LogUniform, RandInt, Const]
+
+
+def _as_distribution(v: Any) -> Any:
+    if isinstance(v, (int, float, bool, str)):
+        return {"value": v}
+    return v
+
+
+Hyper = Annotated[Distribution, Field()]
+
+
+class SearchSpace(_Strict):
+    """The hyperparameters of one fine-tuning run (the paper's sweep, Appendix J)."""
+
+    lr: Hyper
+    weight_decay: Hyper
+    epochs: Hyper
+    label_smoothing: Hyper = Const(value=0.0)
+    mixup_alpha: Hyper = Const(value=0.0)
+    randaug_n: Hyper = Const(value=0)
+    randaug_m: Hyper = Const(value=9)
+    batch_size: Hyper = Const(value=64)
+    warmup_steps: Hyper = Const(value=500)
+    grad_clip: Hyper = Const(value=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap_scalars(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: _as_distribution(v) for k, v in data.items()}
+        return data
+
+
+# ---------------------------------------------------------------- model / data
+
+
+class ModelConfig(_Strict):
+    """The shared initialisation every trial starts from.
+
+    ``name`` is an open_clip model name (``ViT-B-32``) or ``local-dir:PATH``.
+    ``pretrained`` is an open_clip pretrained tag (``openai``), ``standin``
+    for the offline stand-in CLIP built and cached by soup-ray, or null for a
+    random initialisation.
+    """
+
+    name: str = "soupray-digits-tiny"
+    pretrained: str | None = "standin"
+    standin_steps: int = Field(300, ge=1, description="contrastive pre-training steps of the stand-in")
+    standin_seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class DigitsData(_Strict):
+    """scikit-learn's 1,797 handwritten digits, split and shifted deterministically."""
+
+    kind: Literal["digits"] = "digits"
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.6)
+    seed: int = 0
+    shifts: list[str] = Field(default_factory=lambda: ["rotate", "affine", "noise", "occlude"])
+
+    @field_validator("shifts")
+    @classmethod
+    def _known_shifts(cls, v: list[str]) -> list[str]:
+        from .shifts import SHIFTS
+
+        unknown = [s for s in v if s not in SHIFTS]
+        if unknown:
+            raise ValueError(f"unknown shift(s) {unknown}; available: {sorted(SHIFTS)}")
+        return v
+
+
+class ImageFolderData(_Strict):
+    """A user's dataset laid out as ``root/<class>/<image>`` folders."""
+
+    kind: Literal["imagefolder"]
+    train_dir: Path
+    test_dir: Path
+    heldout_fraction: float | None = Field(None, gt=0.0, lt=0.5)
+    heldout_index: Path | None = None
+    shift_dirs: dict[str, Path] = Field(default_factory=dict)
+    classnames: list[str] | None = None
+    templates: Literal["openai_imagenet", "simple"] = "simple"
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _one_heldout_source(self) -> "ImageFolderData":
+        if (self.heldout_fraction is None) == (self.heldout_index is None):
+            raise ValueError("give exactly one of heldout_fraction or heldout_index")
+        return self
+
+
+DataConfig = Annotated[Union[DigitsData, ImageFolderData], Field(discriminator="kind")]
+
+
+class Resources(_Strict):
+    """Resources one trial (or the soup actor) asks Ray for."""
+
+    cpu: float = Field(1.0, ge=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class TuneSettings(_Strict):
+    num_samples: int = Field(24, ge=1)
+    seed: int = 0
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    metric: str = "heldout_acc"
+
+
+class SoupSettings(_Strict):
+    method: str = "greedy"
+    tie: Literal[">=", ">"] = ">="
+    early_rejection: bool = True
+    resources: Resources = Resources(cpu=0.25)
+
+
+class RayConfig(_Strict):
+    """Where Ray runs: ``local`` starts an embedded Ray; any other value is a cluster address."""
+
+    address: str = "local"
+    namespace: str = "soup-ray"
+
+
+class SweepConfig(_Strict):
+    """A whole experiment: model, data, search space, resources, soup, storage."""
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DigitsData()
+    search_space: SearchSpace
+    trial_resources: Resources = Resources()
+    tune: TuneSettings = TuneSettings()
+    soup: SoupSettings = SoupSettings()
+    storage: str = "runs"
+    ray: RayConfig = RayConfig()
+    eval_batch_size: int = Field(256, ge=1)
+
+    def resolved_address(self) -> str:
+        """The Ray address to use: ``RAY_ADDRESS`` wins over the file when the file says local."""
+        env = os.environ.get("RAY_ADDRESS")
+        if self.ray.address == "local" and env:
+            return env
+        return self.ray.address
+
+
+def _format_errors(path: str, err: ValidationError) -> str:
+    lines = [f"{path}: invalid sweep config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see tune_configs/local.yaml for every allowed key)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  - {loc or '<top level>'}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> SweepConfig:
+    """Validate a mapping as a sweep config, raising ``ConfigError`` with a readable message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a sweep config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML file; ``overrides`` are dotted keys (``tune.num_samples``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file (the shipped ones are in tune_configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    data = data if data is not None else {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, str(p))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value

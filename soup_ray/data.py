@@ -1,0 +1,255 @@
+"""Datasets: deterministic, disjoint train / held-out / test splits plus shifted test sets.
+
+Every split yields ``(image, label)`` with images as float tensors in [0, 1] at
+the model's input size; the classifier normalises them itself. The held-out
+split is for greedy selection only; the test split and the shifts are never
+used to choose anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .config import DataConfig, DigitsData, ImageFolderData
+from .shifts import apply_shift
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES: list[Callable[[str], str]] = [
+    lambda c: f"a photo of the number {c}.",
+    lambda c: f"a handwritten {c}.",
+    lambda c: f"the digit {c}.",
+    lambda c: f"a blurry photo of the number {c}.",
+]
+
+
+@dataclass
+class DatasetBundle:
+    """All splits of one dataset plus the zero-shot metadata to build the head."""
+
+    name: str
+    classnames: list[str]
+    templates: Sequence[Callable[[str], str]]
+    train: Dataset
+    heldout: Dataset
+    test: Dataset
+    shifts: dict[str, Dataset] = field(default_factory=dict)
+    split_indices: dict[str, list[int]] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        """Number of images in every split and shift."""
+        out = {"train": len(self.train), "heldout": len(self.heldout), "test": len(self.test)}
+        out.update({f"shift:{k}": len(v) for k, v in self.shifts.items()})
+        return out
+
+    def eval_sets(self) -> dict[str, Dataset]:
+        """The sets every trial is scored on: held-out, test and each shift."""
+        return {"heldout": self.heldout, "test": self.test, **self.shifts}
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader with a seeded shuffle so every run draws the same batches for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers, drop_last=False)
+
+
+def labels_of(ds: Dataset) -> torch.Tensor:
+    """All labels of a split, in order, without decoding any image where possible."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1]
+    if isinstance(ds, Subset) and hasattr(ds.dataset, "targets"):
+        return torch.as_tensor([ds.dataset.targets[i] for i in ds.indices])
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets)
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, part) with ``fraction`` of every class in ``part``, deterministically."""
+    rng = np.random.default_rng(seed)
+    part: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(fraction * len(idx)))
+        part.extend(idx[:k].tolist())
+    part_arr = np.sort(np.asarray(part, dtype=np.int64))
+    rest = np.setdiff1d(np.arange(len(labels)), part_arr)
+    return rest, part_arr
+
+
+# ---------------------------------------------------------------- digits
+
+
+def _digits_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8], ink is bright
+    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
+    """scikit-learn's handwritten digits with stratified splits and seeded shifts of the test split."""
+    x, y = _digits_images(image_size)
+    rest, test_idx = stratified_split(y.numpy(), cfg.test_fraction, cfg.seed)
+    frac_of_rest = cfg.heldout_fraction / (1.0 - cfg.test_fraction)
+    train_pos, held_pos = stratified_split(y.numpy()[rest], frac_of_rest, cfg.seed + 1)
+    train_idx, held_idx = rest[train_pos], rest[held_pos]
+    test_x = x[test_idx]
+    shifts = {
+        name: TensorDataset(apply_shift(name, test_x, cfg.seed), y[test_idx]) for name in cfg.shifts
+    }
+    return DatasetBundle(
+        name="digits",
+        classnames=list(DIGIT_NAMES),
+        templates=DIGIT_TEMPLATES,
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        heldout=TensorDataset(x[held_idx], y[held_idx]),
+        test=TensorDataset(test_x, y[test_idx]),
+        shifts=shifts,
+        split_indices={"train": train_idx.tolist(), "heldout": held_idx.tolist(), "test": test_idx.tolist()},
+    )
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _folder_transform(image_size: int) -> Callable:
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+        ]
+    )
+
+
+def _templates(kind: str) -> list[Callable[[str], str]]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    return list(OPENAI_IMAGENET_TEMPLATES if kind == "openai_imagenet" else SIMPLE_IMAGENET_TEMPLATES)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.{what}: {path} is not a directory (expected one sub-folder per class)")
+
+
+class _Relabel(Dataset):
+    """A shifted folder whose class folders are mapped onto the training classes."""
+
+    def __init__(self, base: Dataset, mapping: list[int]):
+        self.base, self.mapping = base, mapping
+        self.targets = [mapping[t] for t in base.targets]  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        img, t = self.base[i]
+        return img, self.mapping[t]
+
+
+def build_imagefolder(cfg: ImageFolderData, image_size: int) -> DatasetBundle:
+    """A user's ``root/<class>/<image>`` folders; the held-out part comes from the train folder."""
+    from torchvision.datasets import ImageFolder
+
+    _require_dir(cfg.train_dir, "train_dir")
+    _require_dir(cfg.test_dir, "test_dir")
+    tf = _folder_transform(image_size)
+    train_all = ImageFolder(str(cfg.train_dir), transform=tf)
+    labels = np.asarray(train_all.targets)
+    if cfg.heldout_index is not None:
+        held_idx = np.asarray(read_heldout_index(cfg.heldout_index, train_all), dtype=np.int64)
+        train_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
+    else:
+        train_idx, held_idx = stratified_split(labels, float(cfg.heldout_fraction), cfg.seed)
+    classes = train_all.classes
+    test = ImageFolder(str(cfg.test_dir), transform=tf)
+    shifts: dict[str, Dataset] = {}
+    for name, d in cfg.shift_dirs.items():
+        _require_dir(d, f"shift_dirs.{name}")
+        ds = ImageFolder(str(d), transform=tf)
+        unknown = [c for c in ds.classes if c not in classes]
+        if unknown:
+            raise ValueError(f"data.shift_dirs.{name}: class folders {unknown[:5]} are not training classes")
+        shifts[name] = _Relabel(ds, [classes.index(c) for c in ds.classes])
+    if test.classes != classes:
+        test = _Relabel(test, [classes.index(c) for c in test.classes])  # type: ignore[assignment]
+    names = cfg.classnames or [c.replace("_", " ") for c in classes]
+    if len(names) != len(classes):
+        raise ValueError(f"data.classnames has {len(names)} names but {cfg.train_dir} has {len(classes)} class folders")
+    return DatasetBundle(
+        name=cfg.train_dir.name,
+        classnames=names,
+        templates=_templates(cfg.templates),
+        train=Subset(train_all, train_idx.tolist()),
+        heldout=Subset(train_all, held_idx.tolist()),
+        test=test,
+        shifts=shifts,
+        split_indices={"train": train_idx.tolist(), "heldout": held_idx.tolist()},
+    )
+
+
+def read_heldout_index(path: Path, train: Dataset) -> list[int]:
+    """Read a held-out index file: a JSON list of image paths relative to the train folder."""
+    rel = json.loads(Path(path).read_text())
+    root = Path(train.root)  # type: ignore[attr-defined]
+    pos = {str(Path(p).relative_to(root)): i for i, (p, _) in enumerate(train.samples)}  # type: ignore[attr-defined]
+    missing = [r for r in rel if r not in pos]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} held-out images are not in the train folder, e.g. {missing[:3]}")
+    return sorted(pos[r] for r in rel)
+
+
+def write_heldout_index(path: Path, train_dir: Path, fraction_or_per_class: float | int, seed: int = 0) -> list[str]:
+    """Choose a deterministic held-out subset of ``train_dir`` and save it as a JSON index file.
+
+    A float is a fraction of every class; an int is a number of images per class
+    (the paper holds out 26 images per ImageNet class).
+    """
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(train_dir))
+    labels = np.asarray(ds.targets)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = fraction_or_per_class if isinstance(fraction_or_per_class, int) else round(fraction_or_per_class * len(idx))
+        chosen.extend(idx[: min(k, len(idx) - 1)].tolist())
+    rel = sorted(str(Path(ds.samples[i][0]).relative_to(train_dir)) for i in chosen)
+    Path(path).write_text(json.dumps(rel, indent=0))
+    return rel
+
+
+# ---------------------------------------------------------------- entry point
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(cfg_json: str, image_size: int) -> DatasetBundle:
+    from pydantic import TypeAdapter
+
+    cfg = TypeAdapter(DataConfig).validate_json(cfg_json)
+    if isinstance(cfg, DigitsData):
+        return build_digits(cfg, image_size)
+    return build_imagefolder(cfg, image_size)
+
+
+def build_dataset(cfg: DigitsData | ImageFolderData, image_size: int) -> DatasetBundle:
+    """The dataset a config names, built once per process and cached."""
+    return _cached(cfg.model_dump_json(), image_size)

@@ -1,0 +1,228 @@
+"""The Ray Tune trainable: fine-tune the shared base with one hyperparameter draw.
+
+Every trial loads the same saved base weights, trains with AdamW, a cosine
+schedule with linear warm-up, gradient-norm clipping, label smoothing, mixup and
+RandAugment, reports held-out accuracy after every epoch with
+``ray.tune.report``, and ends with a safetensors checkpoint (carrying the base
+fingerprint, the hyperparameters and the class names) plus cached logits on the
+held-out, test and shift sets for the ensemble baselines. A trial whose loss
+becomes NaN or inf reports ``status: diverged`` and ends without a checkpoint
+instead of crashing the sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import DigitsData, ImageFolderData
+from .data import build_dataset, loader
+from .evaluate import accuracy, predict_logits
+from .model import BASE_META, CLIPClassifier, load_base
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_LOGITS = "logits.safetensors"
+CHECKPOINT_METRICS = "metrics.json"
+HYPERPARAMETERS = (
+    "lr", "weight_decay", "epochs", "label_smoothing", "mixup_alpha",
+    "randaug_n", "randaug_m", "batch_size", "warmup_steps", "grad_clip", "seed",
+)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its hyperparameters (small and picklable)."""
+
+    base_dir: str
+    data_json: str
+    data_kind: str
+    eval_batch_size: int = 256
+    threads: int = 1
+    precision: str = "fp32"
+
+    def data_config(self) -> DigitsData | ImageFolderData:
+        cls = DigitsData if self.data_kind == "digits" else ImageFolderData
+        return cls.model_validate_json(self.data_json)
+
+
+@functools.lru_cache(maxsize=2)
+def _base_cached(base_dir: str) -> tuple[CLIPClassifier, dict]:
+    return load_base(Path(base_dir))
+
+
+def fresh_base(base_dir: str) -> tuple[CLIPClassifier, dict]:
+    """A new copy of the saved base classifier (loaded from disk once per process)."""
+    import copy
+
+    clf, meta = _base_cached(base_dir)
+    return copy.deepcopy(clf), meta
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    warm = max(0, min(warmup_steps, total_steps - 1))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def randaugment(images: torch.Tensor, n: int, m: int, g: torch.Generator) -> torch.Tensor:
+    """RandAugment (N ops of magnitude M out of 30) applied image by image; N=0 is off."""
+    if n <= 0:
+        return images
+    from torchvision.transforms import v2
+
+    aug = v2.RandAugment(num_ops=n, magnitude=m, num_magnitude_bins=31)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    torch.manual_seed(seed)  # torchvision draws from the global generator
+    u8 = (images * 255).round().to(torch.uint8)
+    out = torch.stack([aug(img) for img in u8])
+    return out.float() / 255.0
+
+
+def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Mixup: a convex mix of the batch with a permutation of itself, Beta(alpha, alpha) weight."""
+    if alpha <= 0:
+        return images, labels, labels, 1.0
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(images), generator=g)
+    return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
+
+
+def _hp(config: dict[str, Any]) -> dict[str, Any]:
+    hp = {k: config[k] for k in HYPERPARAMETERS if k in config}
+    hp["epochs"] = int(hp["epochs"])
+    hp["batch_size"] = int(hp["batch_size"])
+    hp["randaug_n"] = int(hp.get("randaug_n", 0))
+    hp["randaug_m"] = int(hp.get("randaug_m", 0))
+    hp["warmup_steps"] = int(hp.get("warmup_steps", 0))
+    hp["seed"] = int(hp.get("seed", 0))
+    return hp
+
+
+def fine_tune(
+    config: dict[str, Any],
+    ctx: TrialContext,
+    report: Callable[[dict[str, Any], str | None], None],
+) -> dict[str, Any]:
+    """Fine-tune one model; ``report(metrics, checkpoint_dir_or_None)`` is called after every epoch.
+
+    Plain Python (no Ray): the Tune trainable below and the tests both call it.
+    Returns the final metrics.
+    """
+    torch.set_num_threads(max(1, ctx.threads))
+    hp = _hp(config)
+    torch.manual_seed(hp["seed"])
+    g = torch.Generator().manual_seed(hp["seed"])
+    bundle = build_dataset(ctx.data_config(), _image_size(ctx))
+    model, meta = fresh_base(ctx.base_dir)
+    steps_per_epoch = math.ceil(len(bundle.train) / hp["batch_size"])
+    total = steps_per_epoch * hp["epochs"]
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, hp["warmup_steps"]))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx.precision == "bf16")
+    t0 = time.time()
+    metrics: dict[str, Any] = {}
+    for epoch in range(1, hp["epochs"] + 1):
+        model.train()
+        losses = []
+        for x, y in loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch):
+            x = randaugment(x, hp["randaug_n"], hp["randaug_m"], g)
+            x, ya, yb, lam = mixup(x, y, float(config.get("mixup_alpha", 0.0)), g)
+            with autocast:
+                logits = model(x).float()
+            ls = float(config.get("label_smoothing", 0.0))
+            loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(logits, yb, label_smoothing=ls)
+            if not torch.isfinite(loss):
+                metrics = {
+                    "epoch": epoch, "heldout_acc": 0.0, "train_loss": float("nan"), "status": "diverged",
+                    "diverged_at_step": len(losses) + (epoch - 1) * steps_per_epoch, "seconds": time.time() - t0,
+                }
+                report(metrics, None)
+                return metrics
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.get("grad_clip", 1.0)))
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size)
+        metrics = {
+            "epoch": epoch,
+            "heldout_acc": accuracy(held_logits, held_labels),
+            "train_loss": sum(losses) / len(losses),
+            "status": "running",
+            "seconds": time.time() - t0,
+        }
+        if epoch < hp["epochs"]:
+            report(metrics, None)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        metrics.update(status="diverged", heldout_acc=0.0)
+        report(metrics, None)
+        return metrics
+    with tempfile.TemporaryDirectory(prefix="soup-ray-ckpt-") as tmp:
+        final = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics)
+        report(final, tmp)
+    return final
+
+
+def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict) -> dict:
+    """Write weights, cached logits and metrics of a finished trial into ``out``; returns final metrics."""
+    from safetensors.torch import save_file
+
+    logits: dict[str, torch.Tensor] = {}
+    final = dict(metrics, status="completed")
+    for name, ds in bundle.eval_sets().items():
+        lg, lb = predict_logits(model, ds, ctx.eval_batch_size)
+        logits[f"{name}"] = lg.contiguous()
+        logits[f"{name}.labels"] = lb.contiguous()
+        key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")
+        final[key] = accuracy(lg, lb)
+        if name == "heldout":
+            final["heldout_correct"] = int((lg.argmax(1) == lb).sum())
+    shift_keys = [k for k in final if k.startswith("shift_")]
+    final["shift_mean_acc"] = sum(final[k] for k in shift_keys) / len(shift_keys) if shift_keys else float("nan")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(
+        state,
+        str(out / CHECKPOINT_WEIGHTS),
+        metadata={
+            "base_fingerprint": meta["fingerprint"],
+            "hyperparameters": json.dumps(hp),
+            "classnames": json.dumps(meta["classnames"]),
+        },
+    )
+    save_file(logits, str(out / CHECKPOINT_LOGITS))
+    (out / CHECKPOINT_METRICS).write_text(json.dumps({"hyperparameters": hp, "base_fingerprint": meta["fingerprint"], **final}, indent=2))
+    return final
+
+
+def _image_size(ctx: TrialContext) -> int:
+    return int(json.loads((Path(ctx.base_dir) / BASE_META).read_text())["image_size"])
+
+
+def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
+    """Entry point Ray Tune calls in each trial (wrap with ``tune.with_parameters``)."""
+    from ray import tune
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    fine_tune(config, ctx, report)
