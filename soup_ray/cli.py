@@ -1,0 +1,118 @@
+"""``soup-ray``: the command line.
+
+    soup-ray run CONFIG          the main job: stand-in (cached), sweep, table
+    soup-ray sweep CONFIG        only the Tune sweep, writing results.jsonl
+    soup-ray standin             build (or show) the cached offline stand-in CLIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, SweepConfig, load_config
+
+
+def _log(msg: str) -> None:
+    print(f"[soup-ray] {msg}", flush=True)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    if getattr(args, "num_samples", None):
+        out["tune.num_samples"] = args.num_samples
+    if getattr(args, "seed", None) is not None:
+        out["tune.seed"] = args.seed
+    return out
+
+
+def _run_dir(cfg: SweepConfig, out: str | None) -> Path:
+    from .sweep import default_run_dir
+
+    return Path(out) if out else default_run_dir(cfg)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import prepare_run, print_table, run_sweep
+
+    cfg = load_config(args.config, _overrides(args))
+    run_dir = _run_dir(cfg, args.out)
+    prep = prepare_run(cfg, run_dir, _log)
+    rows = run_sweep(cfg, prep.run_dir, _log, prepared=prep)
+    print_table(rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
+    _log(f"results: {prep.run_dir / 'results.jsonl'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    rc = cmd_sweep(args)
+    _log(f"done in {time.time() - t0:.0f}s")
+    return rc
+
+
+def cmd_standin(args: argparse.Namespace) -> int:
+    from .standin import ensure_standin
+
+    folder = ensure_standin(args.model, args.steps, args.seed, log=_log)
+    print(json.dumps({"folder": str(folder), **json.loads((folder / "standin.json").read_text())}, indent=2))
+    print(f"load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soup-ray",
+        description="Fine-tune a CLIP model many times with Ray Tune and turn the sweep into a greedy model soup.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sweep_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="sweep file, e.g. tune_configs/local.yaml")
+        sp.add_argument("--out", metavar="DIR", help="run folder (default: <storage>/<name>-<timestamp>)")
+        sp.add_argument("--num-samples", type=int, metavar="N", help="override tune.num_samples")
+        sp.add_argument("--seed", type=int, help="override tune.seed (the search's random state)")
+
+    sp = sub.add_parser("run", help="the main job: stand-in, sweep, results table",
+                        description="Run the whole job end to end on the Ray the config names "
+                                    "(an embedded local Ray by default).")
+    sweep_args(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("sweep", help="run the Ray Tune sweep and write results.jsonl",
+                        description="Fine-tune the shared base once per hyperparameter draw with Ray Tune.")
+    sweep_args(sp)
+    sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("standin", help="build or show the cached offline stand-in CLIP",
+                        description="Pretrain the small stand-in CLIP on rendered digit glyphs (cached).")
+    sp.add_argument("--model", default="soupray-digits-tiny")
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_standin)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``soup-ray`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"soup-ray: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"soup-ray: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("soup-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Result rows in the reference model-soups shape (JSON Lines, accuracies as fractions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS_FILE = "results.jsonl"
+
+
+def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], checkpoint: str | None,
+              shifts: Iterable[str], error: str | None = None) -> dict[str, Any]:
+    """One JSON object per model: model_name, heldout, test, one key per shift, hyperparameters, status."""
+    status = "error" if error else metrics.get("status", "unknown")
+    done = status == "completed"
+
+    def acc(key: str) -> float | None:
+        v = metrics.get(key)
+        return float(v) if done and v is not None and not (isinstance(v, float) and math.isnan(v)) else None
+
+    row: dict[str, Any] = {"model_name": f"trial_{trial_id}", "kind": "individual", "status": status,
+                           "heldout": acc("heldout_acc"), "test": acc("test_acc")}
+    for s in shifts:
+        row[s] = acc(f"shift_{s}_acc")
+    row["shift_mean"] = acc("shift_mean_acc")
+    row["heldout_correct"] = metrics.get("heldout_correct") if done else None
+    row["epochs_run"] = metrics.get("epoch")
+    row["hyperparameters"] = {k: config[k] for k in sorted(config)}
+    row["checkpoint"] = checkpoint
+    row["trial_id"] = trial_id
+    if error:
+        row["error"] = error
+    return row
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as JSON Lines (atomically: a reader never sees half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read JSON Lines rows."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:5.1f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], shifts: list[str]) -> str:
+    """A fixed-width table of models: status, key hyperparameters, accuracies in percent."""
+    cols = ["model", "status", "lr", "wd", "ep", "heldout", "test", *shifts, "shift mean"]
+    lines = []
+    body = []
+    for r in rows:
+        hp = r.get("hyperparameters") or {}
+        body.append([
+            r["model_name"], r.get("status", ""),
+            f"{hp['lr']:.1e}" if "lr" in hp else "",
+            f"{hp['weight_decay']:.1e}" if "weight_decay" in hp else "",
+            str(hp.get("epochs", "")),
+            _fmt(r.get("heldout")), _fmt(r.get("test")), *[_fmt(r.get(s)) for s in shifts], _fmt(r.get("shift_mean")),
+        ])
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    for b in body:
+        lines.append("  ".join(x.rjust(w) for x, w in zip(b, widths)))
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Config validation: bad files fail before Ray starts, naming the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soup_ray.config import ConfigError, load_config, parse_config
+from tests.conftest import tiny_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.tune.num_samples >= 1
+
+
+def test_local_config_has_at_least_24_trials() -> None:
+    assert load_config(ROOT / "tune_configs" / "local.yaml").tune.num_samples >= 24
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    data = tiny_config_dict()
+    data["search_space"]["learning_rate"] = 0.1
+    p = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "search_space.learning_rate" in msg and "unknown key" in msg
+
+
+def test_bad_range_names_key_and_allowed_values(tmp_path: Path) -> None:
+    data = tiny_config_dict()
+    data["search_space"]["lr"] = {"loguniform": [1e-3, 0]}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data))
+    assert "search_space.lr" in str(e.value) and "0 < low <= high" in str(e.value)
+
+
+def test_wrong_type_and_missing_required(tmp_path: Path) -> None:
+    data = tiny_config_dict()
+    data["tune"]["num_samples"] = "many"
+    del data["search_space"]["lr"]
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data))
+    msg = str(e.value)
+    assert "tune.num_samples" in msg and "search_space.lr" in msg and "required key is missing" in msg
+
+
+def test_unknown_shift_lists_available(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(tiny_config_dict(**{"data.shifts": ["rotate", "sepia"]}), "x.yaml")
+    assert "sepia" in str(e.value) and "rotate" in str(e.value) and "noise" in str(e.value)
+
+
+def test_imagefolder_needs_exactly_one_heldout_source(tmp_path: Path) -> None:
+    data = tiny_config_dict(data={"kind": "imagefolder", "train_dir": str(tmp_path), "test_dir": str(tmp_path)})
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "f.yaml")
+    assert "heldout_fraction or heldout_index" in str(e.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_scalars_become_constants() -> None:
+    cfg = parse_config(tiny_config_dict())
+    assert cfg.search_space.weight_decay.value == 0.1
+
+
+def test_ray_address_env_overrides_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config(tiny_config_dict())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cfg.resolved_address() == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert cfg.resolved_address() == "http://127.0.0.1:8265"
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
+    data = tiny_config_dict()
+    data["tune"]["num_sample"] = 3
+    p = write(tmp_path, data)
+    r = subprocess.run([sys.executable, "-m", "soup_ray.cli", "sweep", str(p), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "tune.num_sample" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"

@@ -1,0 +1,61 @@
+"""Splits are deterministic, disjoint and stratified; shifts are seeded and really shift."""
+
+from __future__ import annotations
+
+import torch
+
+from soup_ray.config import DigitsData
+from soup_ray.data import build_digits, labels_of, stratified_split
+
+
+def test_digits_splits_deterministic_disjoint_and_complete() -> None:
+    a = build_digits(DigitsData(), 32)
+    b = build_digits(DigitsData(), 32)
+    assert a.split_indices == b.split_indices
+    tr, he, te = (set(a.split_indices[k]) for k in ("train", "heldout", "test"))
+    assert not (tr & he) and not (tr & te) and not (he & te)
+    assert len(tr | he | te) == 1797
+    # about a fifth held out, big enough for greedy selection to discriminate
+    assert 340 <= len(he) <= 380
+    for name in a.shifts:
+        assert torch.equal(a.shifts[name].tensors[0], b.shifts[name].tensors[0])
+
+
+def test_other_seed_gives_other_split() -> None:
+    a = build_digits(DigitsData(seed=0), 16)
+    b = build_digits(DigitsData(seed=1), 16)
+    assert a.split_indices["heldout"] != b.split_indices["heldout"]
+
+
+def test_stratified_every_class_in_every_split() -> None:
+    a = build_digits(DigitsData(), 16)
+    for split in (a.train, a.heldout, a.test):
+        counts = torch.bincount(labels_of(split), minlength=10)
+        assert (counts > 0).all()
+        assert counts.max() - counts.min() <= 0.2 * counts.float().mean() + 2
+
+
+def test_images_in_unit_range_at_model_size() -> None:
+    a = build_digits(DigitsData(), 32)
+    x, _ = a.test.tensors
+    assert x.shape[1:] == (3, 32, 32)
+    assert x.min() >= 0 and x.max() <= 1
+
+
+def test_shifts_change_images_but_not_labels() -> None:
+    a = build_digits(DigitsData(), 32)
+    x, y = a.test.tensors
+    for name, ds in a.shifts.items():
+        sx, sy = ds.tensors
+        assert torch.equal(sy, y)
+        assert (sx - x).abs().mean() > 0.02, name
+
+
+def test_stratified_split_fraction() -> None:
+    import numpy as np
+
+    labels = np.repeat(np.arange(5), 100)
+    rest, part = stratified_split(labels, 0.2, seed=3)
+    assert len(part) == 100 and len(rest) == 400
+    assert set(rest).isdisjoint(part)
+    assert np.bincount(labels[part]).tolist() == [20] * 5
