@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-STANDIN_VERSION = 1  # bump when the recipe changes, so old caches are not reused
+STANDIN_VERSION = 2  # bump when the recipe changes, so old caches are not reused
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [
     "a photo of the number {w}.",
@@ -158,7 +158,8 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
     bank, bank_labels = render_glyph_bank(seed)
     toks, n_templates = caption_tokens(tokenizer)
     loss_fn = ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
@@ -177,7 +178,7 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
         loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         loss_val = float(loss.detach())
@@ -209,7 +210,7 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
     return meta
 
 
-def ensure_standin(model_name: str = "soupray-digits-tiny", steps: int = 300, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+def ensure_standin(model_name: str = "soupray-digits-tiny", steps: int = 600, seed: int = 0, log: Callable[[str], None] = print) -> Path:
     """Return the cached stand-in folder, building it first if this recipe has never been built here.
 
     Safe to call from several processes at once: one builds, the others wait for it.

@@ -1,0 +1,170 @@
+"""From finished trials to soup ingredients: checkpoint checks, weight loading, held-out scoring.
+
+The pure algorithms in ``soup.py`` see only ids and correct counts; this module
+connects them to real checkpoints: it validates a trial's safetensors file
+against the shared base (fingerprint, keys, shapes, finite values), averages
+weights from disk, and scores a soup on the held-out split with early
+rejection. The soup actor and ``soup-ray soup`` both use it, so the live and the
+offline soups are computed the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .evaluate import iter_logits
+from .model import CLIPClassifier, load_base
+from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
+from .train import CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointRejected(ValueError):
+    """A checkpoint that cannot join the soup; ``reason`` says why."""
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What the soup needs to know about one finished trial."""
+
+    trial_id: str
+    checkpoint: str  # folder with model.safetensors, logits.safetensors, metrics.json
+    heldout_correct: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "checkpoint": self.checkpoint, "heldout_correct": self.heldout_correct}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrialRecord":
+        return cls(str(d["trial_id"]), str(d["checkpoint"]), d.get("heldout_correct"))
+
+
+def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[StateDict, int]:
+    """Load and check one trial's weights; returns ``(state_dict, heldout_correct)`` or raises ``CheckpointRejected``."""
+    folder = Path(record.checkpoint)
+    path = folder / CHECKPOINT_WEIGHTS
+    if not path.is_file():
+        raise CheckpointRejected(f"no {CHECKPOINT_WEIGHTS} in {folder}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointRejected(f"unreadable checkpoint {path}: {err}") from None
+    fp = meta.get("base_fingerprint")
+    if fp != base_fingerprint:
+        raise CheckpointRejected(
+            f"base fingerprint {str(fp)[:12]} differs from this run's base {base_fingerprint[:12]}: "
+            "it was fine-tuned from another initialisation"
+        )
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        raise CheckpointRejected(f"keys do not match the base: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, (shape, dtype) in reference.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointRejected(f"shape of {k} is {tuple(state[k].shape)}, the base has {shape}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointRejected(f"non-finite values (NaN/inf) in {bad[:5]}")
+    correct = record.heldout_correct
+    if correct is None:
+        mpath = folder / CHECKPOINT_METRICS
+        try:
+            correct = int(json.loads(mpath.read_text())["heldout_correct"])
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointRejected(f"no held-out score for {record.trial_id} in {mpath}: {err}") from None
+    return state, int(correct)
+
+
+class Kitchen:
+    """The run's base, held-out split and a bounded cache of ingredient weights."""
+
+    def __init__(self, run_dir: Path, eval_batch_size: int = 256, cache_size: int = 64, threads: int | None = None):
+        from .config import SweepConfig
+        from .data import build_dataset
+
+        self.run_dir = Path(run_dir)
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = SweepConfig.model_validate_json((self.run_dir / "config.json").read_text())
+        self.config = cfg
+        self.model, self.base_meta = load_base(self.run_dir / "base")
+        self.model.eval()
+        self.fingerprint: str = self.base_meta["fingerprint"]
+        self.reference = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
+        self.heldout = build_dataset(cfg.data, int(self.base_meta["image_size"])).heldout
+        self.heldout_size = len(self.heldout)
+        self.eval_batch_size = eval_batch_size
+        self.paths: dict[str, TrialRecord] = {}
+        self._cache: OrderedDict[str, StateDict] = OrderedDict()
+        self._cache_size = cache_size
+        self.images_evaluated = 0
+
+    # -- ingredients ---------------------------------------------------------
+
+    def admit(self, record: TrialRecord) -> Candidate:
+        """Check a trial's checkpoint and turn it into a soup candidate (raises ``CheckpointRejected``)."""
+        state, correct = read_checkpoint(record, self.fingerprint, self.reference)
+        self.paths[record.trial_id] = record
+        self._remember(record.trial_id, state)
+        return Candidate(record.trial_id, correct, load=lambda tid=record.trial_id: self.weights(tid))
+
+    def weights(self, trial_id: str) -> StateDict:
+        """One ingredient's weights (from the cache or from disk)."""
+        if trial_id in self._cache:
+            self._cache.move_to_end(trial_id)
+            return self._cache[trial_id]
+        state = load_file(str(Path(self.paths[trial_id].checkpoint) / CHECKPOINT_WEIGHTS))
+        self._remember(trial_id, state)
+        return state
+
+    def _remember(self, trial_id: str, state: StateDict) -> None:
+        self._cache[trial_id] = state
+        self._cache.move_to_end(trial_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def soup_weights(self, ids: list[str]) -> StateDict:
+        """The uniform average of the given ingredients' weights (streamed, fp32 accumulation)."""
+        return average_state_dicts([lambda t=t: self.weights(t) for t in ids])
+
+    def classifier(self, ids: list[str]) -> CLIPClassifier:
+        """The base classifier loaded with the soup of ``ids``."""
+        self.model.load_state_dict(self.soup_weights(ids))
+        return self.model
+
+    # -- scoring ---------------------------------------------------------------
+
+    def _batches(self, model: CLIPClassifier) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from iter_logits(model, self.heldout, self.eval_batch_size)
+
+    def evaluate(self, ids: list[str], max_wrong: int | None) -> EvalResult:
+        """Score the soup of ``ids`` on the held-out split, stopping once it has more than ``max_wrong`` errors."""
+        model = self.classifier(list(ids))
+        result = early_rejection_evaluate(self._batches(model), max_wrong)
+        self.images_evaluated += result.evaluated
+        return result
+
+
+def trial_records_from_results(run_dir: Path) -> list[TrialRecord]:
+    """Completed trials listed in ``run_dir/results.jsonl``, as soup candidates to be checked."""
+    from .results import RESULTS_FILE, read_jsonl
+
+    out = []
+    for row in read_jsonl(Path(run_dir) / RESULTS_FILE):
+        if row.get("kind", "individual") == "individual" and row.get("status") == "completed" and row.get("checkpoint"):
+            ckpt = row["checkpoint"]
+            ckpt = ckpt if os.path.isabs(ckpt) else str(Path(run_dir) / ckpt)
+            out.append(TrialRecord(row["trial_id"], ckpt, row.get("heldout_correct")))
+    return out
