@@ -43,7 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     run_dir = _run_dir(cfg, args.out)
     prep = prepare_run(cfg, run_dir, _log)
-    rows = run_sweep(cfg, prep.run_dir, _log, prepared=prep)
+    rows = run_sweep(cfg, prep.run_dir, _log, prepared=prep).rows
     print_table(rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
     _log(f"results: {prep.run_dir / 'results.jsonl'}")
     return 0
@@ -62,6 +62,36 @@ def cmd_standin(args: argparse.Namespace) -> int:
     folder = ensure_standin(args.model, args.steps, args.seed, log=_log)
     print(json.dumps({"folder": str(folder), **json.loads((folder / "standin.json").read_text())}, indent=2))
     print(f"load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    """Recompute a soup method offline from the run's checkpoints (and optionally the report)."""
+    from .report import (admit_run, compute_report, effective_tie, method_ingredients, results_path,
+                         soup_table, write_report, write_soup_json)
+    from .soup import get_soup_method
+
+    get_soup_method(args.method)  # unknown names fail before anything is loaded
+    run_dir = Path(args.run_dir)
+    results_path(run_dir)
+    early = not args.no_early_rejection
+    run = admit_run(run_dir, _log)
+    tie = effective_tie(args.method, args.tie)
+    result = method_ingredients(run_dir, args.method, tie, early, admitted=run, log=_log)
+    h = run.kitchen.heldout_size
+    print(f"method: {args.method}" + (f" (tie {tie})" if tie else ""))
+    print(f"ingredients ({len(result.ingredients)} of {len(run.candidates)}): {', '.join(result.ingredients)}")
+    print(f"held-out accuracy: {100 * result.correct / h:.2f}% ({result.correct}/{h})")
+    print(f"evaluations: {result.evaluations}, held-out images evaluated: {result.images_evaluated}")
+    out = write_soup_json(run_dir, args.method, result, tie=tie, early_rejection=early, admitted=run)
+    _log(f"wrote {out}")
+    if args.report:
+        greedy = args.method in ("greedy", "greedy_strict")
+        report = compute_report(run_dir, tie=tie or ">=", early_rejection=early, log=_log, admitted=run,
+                                greedy_result=result if greedy else None)
+        paths = write_report(run_dir, report)
+        print(soup_table(report))
+        _log("report: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -95,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=600)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_standin)
+
+    sp = sub.add_parser("soup", help="recompute a soup method offline from a run's checkpoints",
+                        description="Recompute a registered soup method (greedy, greedy_strict, uniform, best) "
+                                    "from RUN_DIR's checkpoints and write RUN_DIR/soups/<method>.json.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with results.jsonl)")
+    sp.add_argument("--method", default="greedy", metavar="NAME", help="registered soup method (default: greedy)")
+    sp.add_argument("--tie", choices=[">=", ">"], help="greedy tie rule: keep equal soups (>=, default) or only better (>)")
+    sp.add_argument("--no-early-rejection", action="store_true", help="score every held-out image for every decision")
+    sp.add_argument("--report", action="store_true", help="also write report.md, figure.png, greedy.png and summary rows")
+    sp.set_defaults(func=cmd_soup)
     return p
 
 

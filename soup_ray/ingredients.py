@@ -103,7 +103,8 @@ class Kitchen:
         self.model.eval()
         self.fingerprint: str = self.base_meta["fingerprint"]
         self.reference = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
-        self.heldout = build_dataset(cfg.data, int(self.base_meta["image_size"])).heldout
+        self.bundle = build_dataset(cfg.data, int(self.base_meta["image_size"]))
+        self.heldout = self.bundle.heldout
         self.heldout_size = len(self.heldout)
         self.eval_batch_size = eval_batch_size
         self.paths: dict[str, TrialRecord] = {}

@@ -168,8 +168,13 @@ def classifier_from_dir(base_dir: Path) -> CLIPClassifier:
     register_model_configs()
     oc_cfg = json.loads((base_dir / "open_clip_config.json").read_text())
     meta = json.loads((base_dir / BASE_META).read_text())
-    logging.getLogger("open_clip").setLevel(logging.ERROR)
-    model = open_clip.create_model(f"local-dir:{base_dir}", pretrained=None, load_weights=False)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns that no weights were loaded: they are loaded next
+    try:
+        model = open_clip.create_model(f"local-dir:{base_dir}", pretrained=None, load_weights=False)
+    finally:
+        root.setLevel(level)
     emb = oc_cfg["model_cfg"]["embed_dim"]
     head = nn.Linear(emb, len(meta["classnames"]))
     pp = oc_cfg.get("preprocess_cfg", {})

@@ -22,6 +22,14 @@ Log = Callable[[str], None]
 
 
 @dataclass
+class SweepOutcome:
+    """What a finished sweep produced: one row per trial and the soup actor's final state."""
+
+    rows: list[dict[str, Any]]
+    soup: dict[str, Any] | None
+
+
+@dataclass
 class PreparedRun:
     """A run folder with its saved base model and the dataset it was built for."""
 
@@ -106,8 +114,11 @@ def init_ray(cfg: SweepConfig, log: Log = print) -> bool:
 
 
 def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list | None = None,
-              prepared: PreparedRun | None = None) -> list[dict[str, Any]]:
-    """Run the Tune sweep for ``cfg`` into ``run_dir``; returns the rows written to ``results.jsonl``."""
+              prepared: PreparedRun | None = None, live_soup: bool = True) -> SweepOutcome:
+    """Run the Tune sweep for ``cfg`` into ``run_dir`` with the live soup actor.
+
+    Writes ``results.jsonl``; returns its rows and the soup actor's final status.
+    """
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -125,6 +136,20 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             threads=max(1, int(cfg.trial_resources.cpu)),
             precision=cfg.model.precision,
         )
+        actor = None
+        cbs = list(callbacks or [])
+        if live_soup:
+            from .actor import actor_name, start_soup_actor
+            from .callback import SoupCallback
+
+            actor = start_soup_actor(
+                prep.run_dir, tie=cfg.soup.tie, early_rejection=cfg.soup.early_rejection,
+                cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
+                detached=cfg.resolved_address() != "local",
+            )
+            cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace))
+            log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
+                f"(watch it with: soup-ray status {prep.run_dir})")
         trainable = tune.with_resources(
             tune.with_parameters(tune_trainable, ctx=ctx),
             {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
@@ -143,7 +168,7 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(prep.run_dir),
-                callbacks=callbacks or [],
+                callbacks=cbs,
                 verbose=1,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
@@ -153,10 +178,45 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
         log(f"sweep finished: {len(grid)} trials in {time.time() - t0:.0f}s")
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(prep.run_dir / RESULTS_FILE, rows)
-        return rows
+        soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
+        return SweepOutcome(rows, soup)
     finally:
         if started:
             ray.shutdown()
+
+
+def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log: Log = print,
+                timeout: float = 1800.0) -> dict[str, Any]:
+    """Re-offer every completed trial (idempotent), wait for the actor's queue to drain, return its status."""
+    import ray
+
+    from .actor import actor_name
+    from .callback import trial_offer
+
+    name = actor_name(run_dir)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            actor = ray.get_actor(name, namespace=cfg.ray.namespace)
+            refs = [actor.offer.remote(trial_offer(r["trial_id"], str(run_dir / r["checkpoint"]), r))
+                    for r in rows if r["status"] == "completed" and r.get("checkpoint")]
+            ray.get(refs)
+            if ray.get(actor.wait_idle.remote(60.0)):
+                status = ray.get(actor.status.remote())
+                if status.get("queued", 0) == 0 and not status.get("busy"):
+                    break
+        except (ray.exceptions.RayActorError, ValueError) as err:
+            log(f"soup actor unavailable ({type(err).__name__}); retrying")
+            time.sleep(1.0)
+        if time.time() > deadline:
+            raise TimeoutError(f"the soup actor {name} did not finish its queue within {timeout:.0f}s")
+    acc = status.get("heldout_accuracy")
+    log(f"greedy soup v{status['version']}: {status['soup_size']} of {status['candidates_seen']} candidates, "
+        f"held-out {100 * acc:.1f}%" if acc is not None else "greedy soup: no candidate yet")
+    if status.get("rejected"):
+        for tid, why in status["rejected"].items():
+            log(f"  rejected {tid}: {why}")
+    return status
 
 
 def collect_rows(grid: Any, run_dir: Path, shifts: list[str]) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
     run_dir = tmp_path / "run"
     prep = prepare_run(cfg, run_dir, log=lambda m: None)
     assert prep.fingerprint == prep0.fingerprint, "the same recipe must give the same base"
-    rows = run_sweep(cfg, run_dir, log=lambda m: None, prepared=prep)
+    rows = run_sweep(cfg, run_dir, log=lambda m: None, prepared=prep).rows
     assert not ray.is_initialized(), "the sweep shuts down the Ray it started"
     on_disk = read_jsonl(run_dir / "results.jsonl")
     assert on_disk == json.loads(json.dumps(rows))
@@ -77,3 +77,62 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
     # every trial reported its held-out accuracy after each epoch
     progress = list((run_dir / "tune").glob("*/progress.csv"))
     assert len(progress) == 4
+
+
+class KillSoupActor:
+    """A Tune callback that kills the soup actor (Ray restarts it) after given trial completions."""
+
+    def __new__(cls, *a, **k):
+        from ray import tune
+
+        class _Kill(tune.Callback):
+            def __init__(self, name: str, namespace: str, at: set[int]):
+                self.name, self.namespace, self.at, self.seen, self.kills = name, namespace, at, 0, 0
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                import ray
+
+                self.seen += 1
+                if self.seen in self.at:
+                    ray.kill(ray.get_actor(self.name, namespace=self.namespace), no_restart=False)
+                    self.kills += 1
+
+        return _Kill(*a, **k)
+
+
+def test_live_soup_survives_actor_kills_and_matches_offline(prepared, tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from soup_ray.actor import actor_name
+    from soup_ray.ingredients import Kitchen, trial_records_from_results
+    from soup_ray.soup import greedy_soup
+    from soup_ray.sweep import prepare_run, run_sweep
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = parse_config(tiny_config_dict(**{
+        "search_space.lr": {"loguniform": [1e-3, 4e-3]},
+        "tune.num_samples": 6,
+        "tune.seed": 3,
+        "trial_resources.cpu": 0.875,
+    }))
+    run_dir = tmp_path / "run"
+    prep = prepare_run(cfg, run_dir, log=lambda m: None)
+    killer = KillSoupActor(actor_name(prep.run_dir), cfg.ray.namespace, {2, 4})
+    out = run_sweep(cfg, run_dir, log=lambda m: None, prepared=prep, callbacks=[killer])
+    assert killer.kills == 2
+    completed = {r["trial_id"] for r in out.rows if r["status"] == "completed"}
+    assert len(completed) == 6
+    soup = out.soup
+    assert soup is not None
+    # no finished trial is missing, none was counted twice
+    assert soup["candidates_seen"] == 6 and not soup["rejected"]
+    # identical to an undisturbed computation over the same trials
+    kit = Kitchen(prep.run_dir)
+    cands = [kit.admit(r) for r in trial_records_from_results(prep.run_dir)]
+    undisturbed = greedy_soup(cands, kit.evaluate, heldout_size=kit.heldout_size)
+    assert soup["ingredients"] == undisturbed.ingredients
+    assert soup["heldout_accuracy"] == pytest.approx(undisturbed.correct / kit.heldout_size)
+    published = load_file(str(prep.run_dir / "soup" / "classifier_head.safetensors"))
+    expected = kit.soup_weights(undisturbed.ingredients)
+    assert torch.equal(published["weight"], expected["head.weight"])
+    assert torch.equal(published["bias"], expected["head.bias"])

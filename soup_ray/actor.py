@@ -1,0 +1,342 @@
+"""The soup actor: a named, restartable Ray actor keeping the greedy soup exact while a sweep runs.
+
+A thin shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
+
+- ``offer(trial)`` is idempotent by trial id and returns at once: the trial is
+  written to an inbox on disk first, so an offer accepted before a crash is
+  never lost; a worker thread drains the inbox.
+- Checkpoints are checked before they can join (base fingerprint, keys and
+  shapes, finite values, readable); a rejected offer leaves the soup unchanged
+  and its reason is recorded.
+- After every change the state is persisted under ``RUN_DIR/soup_state/`` and a
+  restarted actor (``max_restarts=-1``) resumes exactly where it was.
+- Each new soup version is published as an open_clip ``local-dir:`` folder under
+  ``RUN_DIR/soup_versions/`` and mirrored to ``RUN_DIR/soup/``.
+- ``status()`` answers at once, even while an evaluation runs (threaded actor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+STATE_DIR = "soup_state"
+STATE_FILE = "state.json"
+INBOX_DIR = "inbox"
+VERSIONS_DIR = "soup_versions"
+SOUP_DIR = "soup"
+
+
+def actor_name(run_dir: Path | str) -> str:
+    """The soup actor's name for a run (unique per run folder within the namespace)."""
+    return f"soup:{Path(run_dir).resolve().name}"
+
+
+def read_state(run_dir: Path | str) -> dict[str, Any] | None:
+    """The soup actor's last persisted state, or None when it has not written one yet."""
+    p = Path(run_dir) / STATE_DIR / STATE_FILE
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+class SoupKeeper:
+    """The actor's logic without Ray (so it can be tested and reused directly)."""
+
+    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
+                 keep_versions: int = 3, publish: bool = True):
+        from .ingredients import Kitchen, TrialRecord
+        from .soup import IncrementalGreedySoup
+
+        self.run_dir = Path(run_dir)
+        self.kitchen = Kitchen(self.run_dir, threads=threads)
+        self.tie, self.early_rejection = tie, early_rejection
+        self.keep_versions, self.publish_enabled = keep_versions, publish
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self.busy = False
+        self.last_error: str | None = None
+        state = read_state(self.run_dir)
+        if state is None:
+            self.soup = IncrementalGreedySoup(self.kitchen.evaluate, heldout_size=self.kitchen.heldout_size,
+                                              tie=tie, early_rejection=early_rejection)  # type: ignore[arg-type]
+            self.records: dict[str, dict] = {}
+            self.rejected: dict[str, str] = {}
+            self.version = 0
+            self.published: dict[str, Any] = {}
+            self.restarts = 0
+        else:
+            self.records = state["records"]
+            self.rejected = state["rejected"]
+            self.version = state["version"]
+            self.published = state.get("published", {})
+            self.restarts = state.get("restarts", 0) + 1
+            for rec in self.records.values():
+                self.kitchen.paths[rec["trial_id"]] = TrialRecord.from_json(rec)
+            self.soup = IncrementalGreedySoup.from_state(state["soup"], self.kitchen.evaluate)
+            self._persist()
+        self.inbox = self._read_inbox()
+        self._snapshot = self._make_snapshot()
+
+    # -- bookkeeping -----------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "soup": self.soup.to_state(),
+            "records": self.records,
+            "rejected": self.rejected,
+            "version": self.version,
+            "published": self.published,
+            "restarts": self.restarts,
+            "tie": self.tie,
+            "updated_at": time.time(),
+        }
+
+    def _inbox_dir(self) -> Path:
+        return self.run_dir / STATE_DIR / INBOX_DIR
+
+    def _read_inbox(self) -> list[dict]:
+        """Offers accepted but not yet processed (they survive a crash as one file each)."""
+        out = []
+        for p in sorted(self._inbox_dir().glob("*.json"), key=lambda q: q.stat().st_mtime_ns):
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if rec["trial_id"] not in self.records and rec["trial_id"] not in self.rejected:
+                out.append(rec)
+            else:
+                p.unlink(missing_ok=True)
+        return out
+
+    def _inbox_file(self, trial_id: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in trial_id)
+        return self._inbox_dir() / f"{safe}.json"
+
+    def _persist(self) -> None:
+        _write_json_atomic(self.run_dir / STATE_DIR / STATE_FILE, self._state())
+
+    def _make_snapshot(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "version": self.version,
+            "ingredients": list(self.soup.ingredients),
+            "soup_size": len(self.soup.ingredients),
+            "heldout_accuracy": self.soup.accuracy,
+            "heldout_size": self.kitchen.heldout_size,
+            "candidates_seen": len(self.records) + len(self.rejected),
+            "candidates_accepted_as_candidates": len(self.records),
+            "rejected": dict(self.rejected),
+            "queued": len(self.inbox),
+            "busy": self.busy,
+            "evaluations": self.soup.evaluations,
+            "heldout_images_evaluated": self.soup.images_evaluated,
+            "restarts": self.restarts,
+            "published": dict(self.published),
+            "history": self.soup.history,
+            "tie": self.tie,
+            "pid": os.getpid(),
+            "last_error": self.last_error,
+        }
+
+    # -- public ------------------------------------------------------------------
+
+    def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
+        """Queue a finished trial (idempotent by trial id); returns at once."""
+        tid = str(trial["trial_id"])
+        with self._lock:
+            known = tid in self.records or tid in self.rejected or any(r["trial_id"] == tid for r in self.inbox)
+            if known:
+                return {"trial_id": tid, "queued": False, "duplicate": True}
+            rec = {"trial_id": tid, "checkpoint": str(trial["checkpoint"]),
+                   "heldout_correct": trial.get("heldout_correct")}
+            _write_json_atomic(self._inbox_file(tid), rec)
+            self.inbox.append(rec)
+            self._snapshot = {**self._snapshot, "queued": len(self.inbox)}
+            self._wake.notify_all()
+        return {"trial_id": tid, "queued": True, "duplicate": False}
+
+    def status(self) -> dict[str, Any]:
+        """The latest snapshot (never waits for an evaluation)."""
+        return dict(self._snapshot)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self.inbox) + (1 if self.busy else 0)
+
+    def process_inbox(self) -> int:
+        """Admit and offer everything queued, in one incremental update; returns how many were handled."""
+        from .ingredients import CheckpointRejected, TrialRecord
+
+        with self._lock:
+            batch = list(self.inbox)
+            self.busy = bool(batch)
+            self._snapshot = {**self._snapshot, "busy": self.busy}
+        if not batch:
+            return 0
+        try:
+            candidates = []
+            for rec in batch:
+                record = TrialRecord.from_json(rec)
+                try:
+                    candidates.append(self.kitchen.admit(record))
+                    self.records[record.trial_id] = {**rec, "heldout_correct": candidates[-1].heldout_correct}
+                except CheckpointRejected as err:
+                    self.rejected[record.trial_id] = str(err)
+            update = self.soup.offer(candidates) if candidates else None
+            if update is not None and update.changed:
+                self.version += 1
+                if self.publish_enabled:
+                    self._publish()
+            with self._lock:
+                done = {r["trial_id"] for r in batch}
+                self.inbox = [r for r in self.inbox if r["trial_id"] not in done]
+                self._persist()
+                for tid in done:
+                    self._inbox_file(tid).unlink(missing_ok=True)
+                self.busy = False
+                self._snapshot = self._make_snapshot()
+            self._metrics(len(candidates), len(batch) - len(candidates), update)
+            return len(batch)
+        except Exception:  # keep the actor alive; the error is visible in status()
+            self.last_error = traceback.format_exc(limit=5)
+            with self._lock:
+                self.busy = False
+                self._snapshot = {**self._make_snapshot(), "last_error": self.last_error}
+            raise
+
+    def _publish(self) -> None:
+        from .export import export_soup
+
+        ids = list(self.soup.ingredients)
+        info = {
+            "version": self.version,
+            "ingredients": ids,
+            "heldout_accuracy": self.soup.accuracy,
+            "heldout_correct": self.soup.correct,
+            "heldout_size": self.kitchen.heldout_size,
+            "tie": self.tie,
+            "published_at": time.time(),
+        }
+        weights = self.kitchen.soup_weights(ids)
+        versions = self.run_dir / VERSIONS_DIR
+        folder = export_soup(self.run_dir / "base", weights, versions / f"v{self.version:04d}", info)
+        export_soup(self.run_dir / "base", weights, self.run_dir / SOUP_DIR, info)
+        self.published = {"version": self.version, "folder": str(folder), "ingredients": ids}
+        old = sorted(p for p in versions.glob("v*") if p.is_dir())
+        for p in old[: max(0, len(old) - self.keep_versions)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _metrics(self, admitted: int, rejected: int, update: Any) -> None:
+        hook = getattr(self, "metrics_hook", None)
+        if hook is not None:
+            hook(admitted, rejected, update, self)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """The worker loop: wait for offers, process them, repeat."""
+        while not stop.is_set():
+            with self._lock:
+                if not self.inbox:
+                    self._wake.wait(timeout=0.5)
+                    continue
+            try:
+                self.process_inbox()
+            except Exception:
+                time.sleep(1.0)  # last_error is in status(); retry later
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until the inbox is empty and nothing is being evaluated (or ``timeout`` passes)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.pending() == 0:
+                return True
+            time.sleep(0.05)
+        return self.pending() == 0
+
+
+class SoupActor:
+    """Ray actor shell around ``SoupKeeper`` with Ray metrics and a worker thread."""
+
+    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
+                 keep_versions: int = 3):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions)
+        self._setup_metrics()
+        self.keeper.metrics_hook = self._record_metrics  # type: ignore[attr-defined]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
+                                        name="soup-worker")
+        self._thread.start()
+
+    def _setup_metrics(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"run": Path(self.keeper.run_dir).name}
+        keys = ("run",)
+        self._m_seen = Counter("soup_candidates_seen", "Trials offered to the soup actor", tag_keys=keys)
+        self._m_rejected = Counter("soup_candidates_rejected", "Offers rejected (bad checkpoint)", tag_keys=keys)
+        self._m_images = Counter("soup_heldout_images_evaluated", "Held-out images scored", tag_keys=keys)
+        self._m_size = Gauge("soup_size", "Ingredients in the greedy soup", tag_keys=keys)
+        self._m_acc = Gauge("soup_heldout_accuracy", "Held-out accuracy of the greedy soup", tag_keys=keys)
+        for m in (self._m_seen, self._m_rejected, self._m_images, self._m_size, self._m_acc):
+            m.set_default_tags(tags)
+
+    def _record_metrics(self, admitted: int, rejected: int, update: Any, keeper: SoupKeeper) -> None:
+        if admitted + rejected:
+            self._m_seen.inc(admitted + rejected)
+        if rejected:
+            self._m_rejected.inc(rejected)
+        if update is not None and update.images_evaluated:
+            self._m_images.inc(update.images_evaluated)
+        self._m_size.set(len(keeper.soup.ingredients))
+        if keeper.soup.accuracy is not None:
+            self._m_acc.set(keeper.soup.accuracy)
+
+    def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
+        return self.keeper.offer(trial)
+
+    def status(self) -> dict[str, Any]:
+        return self.keeper.status()
+
+    def wait_idle(self, timeout: float = 600.0) -> bool:
+        return self.keeper.wait_idle(timeout)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",
+                     early_rejection: bool = True, cpu: float = 0.25, gpu: float = 0.0, detached: bool = False,
+                     keep_versions: int = 3):
+    """Create (or reattach to) the run's named soup actor."""
+    import ray
+
+    opts: dict[str, Any] = {
+        "name": actor_name(run_dir),
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "max_concurrency": 8,
+        "num_cpus": cpu,
+        "num_gpus": gpu,
+    }
+    if detached:
+        opts["lifetime"] = "detached"
+    opts.update(namespace_actor_options or {})
+    threads = max(1, int(round(cpu))) if cpu >= 1 else 1
+    cls = ray.remote(SoupActor)
+    return cls.options(**opts).remote(str(Path(run_dir).resolve()), tie, early_rejection, threads, keep_versions)

@@ -1,0 +1,57 @@
+"""The Tune callback that hands every finished trial to the soup actor without blocking the sweep."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import tune
+
+log = logging.getLogger(__name__)
+
+
+def trial_offer(trial_id: str, checkpoint_path: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The message the soup actor's ``offer`` takes for one finished trial."""
+    return {"trial_id": trial_id, "checkpoint": checkpoint_path, "heldout_correct": result.get("heldout_correct")}
+
+
+class SoupCallback(tune.Callback):
+    """On ``on_trial_complete``, fire-and-forget ``offer`` to the run's named soup actor.
+
+    The actor is looked up by name (the handle is not pickled with the Tuner's
+    state) and retried by Ray if it is restarting, so a crash of the actor never
+    stalls or fails the sweep; the sweep re-offers every trial at the end anyway.
+    """
+
+    def __init__(self, actor_name: str, namespace: str | None = None):
+        self.actor_name = actor_name
+        self.namespace = namespace
+        self.offered: list[str] = []
+        self._handle = None
+        self._pending: list[Any] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"], state["_pending"] = None, []
+        return state
+
+    def _actor(self):
+        import ray
+
+        if self._handle is None:
+            self._handle = ray.get_actor(self.actor_name, namespace=self.namespace)
+        return self._handle
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        ckpt = trial.checkpoint
+        if result.get("status") != "completed" or ckpt is None:
+            return
+        try:
+            ref = self._actor().offer.remote(trial_offer(trial.trial_id, ckpt.path, result))
+        except Exception as err:  # never let the soup stop the sweep
+            log.warning("could not offer trial %s to the soup actor (%s); it will be offered at the end",
+                        trial.trial_id, err)
+            return
+        self._pending.append(ref)
+        self.offered.append(trial.trial_id)

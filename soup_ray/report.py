@@ -1,0 +1,626 @@
+"""The run report: soups and ensembles next to the best single model.
+
+For a finished run this module admits every completed trial's checkpoint,
+builds the uniform soup, the greedy soup, the ensemble of all models and the
+greedy ensemble, scores each on the held-out, test and shift sets, and writes
+them out: summary rows in ``results.jsonl``, ``report.md``, the accuracy
+scatter of the paper (``figure.png``) and the greedy trajectory
+(``greedy.png``).
+
+Ensembles are computed from the logits every trial cached at the end of
+training, so they cost no forward pass here; soups are scored by running the
+averaged weights through the base classifier.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .evaluate import correct_count, predict_logits
+from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
+from .results import RESULTS_FILE, read_jsonl, write_jsonl
+from .soup import (
+    Candidate,
+    GreedyResult,
+    SoupError,
+    Tie,
+    get_soup_method,
+    greedy_ensemble,
+    greedy_soup,
+    sort_candidates,
+)
+from .train import CHECKPOINT_LOGITS
+
+Log = Callable[[str], None]
+
+SUMMARY_NAMES: tuple[str, ...] = (
+    "best_individual",
+    "uniform_soup",
+    "greedy_soup",
+    "ensemble",
+    "greedy_ensemble",
+)
+"""Model names of the summary rows, in table order."""
+
+_LABELS = {
+    "best_individual": "best individual model",
+    "uniform_soup": "uniform soup",
+    "greedy_soup": "greedy soup",
+    "ensemble": "ensemble (all models)",
+    "greedy_ensemble": "greedy ensemble",
+}
+
+REPORT_MD = "report.md"
+FIGURE_PNG = "figure.png"
+GREEDY_PNG = "greedy.png"
+SOUPS_DIR = "soups"
+
+
+class ReportError(ValueError):
+    """The run cannot be reported on (no usable checkpoints, inconsistent logits, ...)."""
+
+
+# ---------------------------------------------------------------------------
+# Admission
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class AdmittedRun:
+    """A run's kitchen, the admitted candidates (sort order) and the rejected trials."""
+
+    run_dir: Path
+    kitchen: Kitchen
+    candidates: list[Candidate]
+    rejected: list[dict[str, str]]
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial_id -> results.jsonl row
+
+    @property
+    def ids(self) -> list[str]:
+        """Admitted trial ids, best held-out first."""
+        return [c.id for c in self.candidates]
+
+
+def results_path(run_dir: Path) -> Path:
+    """``run_dir/results.jsonl``; raises ``FileNotFoundError`` naming it when absent."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} is not a finished run folder "
+            "(run `soup-ray sweep CONFIG` first)"
+        )
+    return path
+
+
+def admit_run(run_dir: Path, log: Log = print, kitchen: Kitchen | None = None) -> AdmittedRun:
+    """Admit every completed trial of ``run_dir``; rejected checkpoints are kept with their reason."""
+    run_dir = Path(run_dir)
+    path = results_path(run_dir)
+    rows = {str(r["trial_id"]): r for r in read_jsonl(path) if r.get("trial_id") is not None
+            and r.get("kind", "individual") == "individual"}
+    records = trial_records_from_results(run_dir)
+    kitchen = kitchen or Kitchen(run_dir)
+    candidates: list[Candidate] = []
+    rejected: list[dict[str, str]] = []
+    for record in records:
+        try:
+            cand = kitchen.admit(record)
+        except CheckpointRejected as err:
+            rejected.append({"trial_id": record.trial_id, "reason": str(err)})
+            log(f"rejected {record.trial_id}: {err}")
+            continue
+        if not 0 <= cand.heldout_correct <= kitchen.heldout_size:
+            reason = f"held-out correct count {cand.heldout_correct} outside [0, {kitchen.heldout_size}]"
+            rejected.append({"trial_id": record.trial_id, "reason": reason})
+            log(f"rejected {record.trial_id}: {reason}")
+            continue
+        candidates.append(cand)
+    if not candidates:
+        raise ReportError(
+            f"no admissible checkpoint in {run_dir} ({len(records)} completed trial(s), "
+            f"{len(rejected)} rejected)"
+        )
+    return AdmittedRun(run_dir, kitchen, sort_candidates(candidates), rejected, rows)
+
+
+# ---------------------------------------------------------------------------
+# Soup methods offline
+# ---------------------------------------------------------------------------
+
+
+def effective_tie(method: str, tie: Tie | None) -> Tie | None:
+    """The tie rule a method applies: ``tie`` (default ``>=``) for greedy, ``>`` for greedy_strict."""
+    if method == "greedy":
+        return tie or ">="
+    if method == "greedy_strict":
+        return ">"
+    return tie
+
+
+def method_ingredients(
+    run_dir: Path,
+    method: str,
+    tie: Tie | None = None,
+    early_rejection: bool = True,
+    *,
+    admitted: AdmittedRun | None = None,
+    log: Log = print,
+) -> GreedyResult:
+    """Recompute a registered soup method from the run's checkpoints.
+
+    ``tie`` overrides the tie rule of the ``greedy`` method (and of any method
+    that takes a ``tie`` argument); other methods ignore it.
+    """
+    fn = get_soup_method(method)
+    run = admitted or admit_run(Path(run_dir), log)
+    k = run.kitchen
+    params = inspect.signature(fn).parameters
+    if tie is not None and "tie" in params:
+        return fn(run.candidates, k.evaluate, heldout_size=k.heldout_size,
+                  early_rejection=early_rejection, tie=tie)
+    if tie is not None and method == "greedy":
+        return greedy_soup(run.candidates, k.evaluate, heldout_size=k.heldout_size, tie=tie,
+                           early_rejection=early_rejection)
+    return fn(run.candidates, k.evaluate, heldout_size=k.heldout_size, early_rejection=early_rejection)
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------
+
+
+def _row(name: str, kind: str, accs: Mapping[str, float], shifts: Sequence[str],
+         ingredients: Sequence[str], forward_passes: int, **extra: Any) -> dict[str, Any]:
+    """A summary row in the shape of the individual rows of ``results.jsonl``."""
+    row: dict[str, Any] = {"model_name": name, "kind": kind, "status": "summary", "summary": True,
+                           "heldout": accs.get("heldout"), "test": accs.get("test")}
+    for s in shifts:
+        row[s] = accs.get(s)
+    vals = [row[s] for s in shifts if row[s] is not None]
+    row["shift_mean"] = sum(vals) / len(vals) if vals and len(vals) == len(shifts) else None
+    row["forward_passes"] = int(forward_passes)
+    row["ingredients"] = list(ingredients)
+    row["n_ingredients"] = len(ingredients)
+    row.update(extra)
+    return row
+
+
+def _score_weights(kitchen: Kitchen, ids: Sequence[str]) -> tuple[dict[str, float], int]:
+    """Accuracy of the uniform weight average of ``ids`` on every eval set, and its held-out correct count."""
+    model = kitchen.classifier(list(ids))
+    accs: dict[str, float] = {}
+    heldout_correct = 0
+    for name, ds in kitchen.bundle.eval_sets().items():
+        logits, labels = predict_logits(model, ds, kitchen.eval_batch_size)
+        n = correct_count(logits, labels)
+        accs[name] = n / len(labels) if len(labels) else float("nan")
+        if name == "heldout":
+            heldout_correct = n
+    return accs, heldout_correct
+
+
+def _read_logits(path: Path, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{eval set: (logits, labels)}`` from one checkpoint's cached logits file."""
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for name in names:
+            if name not in keys or f"{name}.labels" not in keys:
+                raise ReportError(f"{path} has no cached logits for {name!r}")
+            out[name] = (f.get_tensor(name).float(), f.get_tensor(f"{name}.labels").long())
+    return out
+
+
+class _LogitStore:
+    """Cached logits of the admitted checkpoints, read one file at a time."""
+
+    def __init__(self, run: AdmittedRun, names: Sequence[str], log: Log):
+        self.run = run
+        self.names = list(names)
+        self.labels: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, torch.Size] = {}
+        self.excluded: list[dict[str, str]] = []
+        self.usable: list[str] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.heldout: dict[str, torch.Tensor] = {}
+        for tid in run.ids:
+            try:
+                logits = self.load(tid)
+            except (ReportError, SafetensorError, OSError, RuntimeError) as err:
+                self.excluded.append({"trial_id": tid, "reason": str(err)})
+                log(f"no ensemble for {tid}: {err}")
+                continue
+            self.usable.append(tid)
+            self.heldout[tid] = logits["heldout"][0]
+            for name, (lg, _) in logits.items():
+                if name in self.sums:
+                    self.sums[name].add_(lg)
+                else:
+                    self.sums[name] = lg.clone()
+
+    def path(self, tid: str) -> Path:
+        return Path(self.run.kitchen.paths[tid].checkpoint) / CHECKPOINT_LOGITS
+
+    def load(self, tid: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One checkpoint's logits, checked against the labels and shapes seen first."""
+        logits = _read_logits(self.path(tid), self.names)
+        for name, (lg, lb) in logits.items():
+            if lg.dim() != 2 or lb.dim() != 1 or lg.shape[0] != lb.shape[0]:
+                raise ReportError(f"{self.path(tid)}: malformed logits for {name!r}")
+            if name not in self.labels:
+                self.labels[name], self.shapes[name] = lb, lg.shape
+            elif lg.shape != self.shapes[name] or not torch.equal(lb, self.labels[name]):
+                raise ReportError(f"{self.path(tid)}: logits for {name!r} do not match the other checkpoints")
+        return logits
+
+    def mean_accuracies(self, ids: Sequence[str]) -> dict[str, float]:
+        """Accuracy of the mean logits of ``ids`` on every eval set."""
+        if list(ids) == self.usable:
+            sums = self.sums
+        else:
+            sums = {}
+            for tid in ids:
+                for name, (lg, _) in self.load(tid).items():
+                    if name in sums:
+                        sums[name].add_(lg)
+                    else:
+                        sums[name] = lg.clone()
+        return {name: correct_count(sums[name] / len(ids), self.labels[name]) / len(self.labels[name])
+                for name in self.names}
+
+
+def _history_from_steps(steps: Sequence[Any], run: AdmittedRun) -> list[dict[str, Any]]:
+    """Plot points from greedy decisions: candidate, its accuracy, the decision, the soup after it."""
+    h = run.kitchen.heldout_size
+    own = {c.id: c.heldout_correct for c in run.candidates}
+    soup_size = 0
+    points = []
+    for s in steps:
+        soup_size += int(s.accepted)
+        points.append({
+            "position": s.position,
+            "candidate_id": s.candidate_id,
+            "candidate_accuracy": own[s.candidate_id] / h if s.candidate_id in own else None,
+            "trial_soup_accuracy": None if s.correct is None else s.correct / h,
+            "accepted": bool(s.accepted),
+            "soup_accuracy": s.soup_correct / h,
+            "n_ingredients": soup_size,
+        })
+    return points
+
+
+def _history_for_ingredients(ingredients: Sequence[str], run: AdmittedRun) -> list[dict[str, Any]]:
+    """Plot points for a soup chosen elsewhere: each prefix of its ingredients is scored on held-out."""
+    k, h = run.kitchen, run.kitchen.heldout_size
+    chosen = set(ingredients)
+    soup: list[str] = []
+    soup_acc: float | None = None
+    points = []
+    for position, cand in enumerate(run.candidates):
+        accepted = cand.id in chosen
+        trial_acc = None
+        if accepted:
+            soup.append(cand.id)
+            if len(soup) == 1:
+                correct = cand.heldout_correct
+            else:
+                correct = k.evaluate(list(soup), None).correct
+            soup_acc = trial_acc = correct / h
+        points.append({
+            "position": position,
+            "candidate_id": cand.id,
+            "candidate_accuracy": cand.heldout_correct / h,
+            "trial_soup_accuracy": trial_acc,
+            "accepted": accepted,
+            "soup_accuracy": soup_acc,
+            "n_ingredients": len(soup),
+        })
+    return points
+
+
+def _greedy_method_name(tie: Tie) -> str:
+    return "greedy" if tie == ">=" else "greedy_strict"
+
+
+def compute_report(
+    run_dir: Path,
+    *,
+    greedy_ingredients: list[str] | None = None,
+    tie: Tie = ">=",
+    early_rejection: bool = True,
+    log: Log = print,
+    admitted: AdmittedRun | None = None,
+    greedy_result: GreedyResult | None = None,
+) -> dict[str, Any]:
+    """Score the best model, the uniform and greedy soups and both ensembles of a finished run.
+
+    ``greedy_ingredients`` (e.g. from the live soup) skips the greedy search;
+    ``greedy_result`` (e.g. from :func:`method_ingredients`) also supplies its
+    decisions.  Returns a JSON-serialisable dict with ``rows`` (one per
+    summary method), ``history`` (the greedy trajectory), ``individuals``,
+    ``rejected`` and counts.
+    """
+    if tie not in (">=", ">"):
+        raise SoupError(f"tie must be '>=' or '>', got {tie!r}")
+    run_dir = Path(run_dir)
+    run = admitted or admit_run(run_dir, log)
+    k = run.kitchen
+    h = k.heldout_size
+    shifts = list(k.bundle.shifts)
+    eval_names = list(k.bundle.eval_sets())
+    ids = run.ids
+    log(f"{len(ids)} candidates admitted, {len(run.rejected)} rejected")
+    rows: dict[str, dict[str, Any]] = {}
+
+    # Best individual: the first in sort order; accuracies as recorded by its trial.
+    best = run.candidates[0]
+    src = run.rows.get(best.id, {})
+    accs = {n: src.get(n) for n in ["heldout", "test", *shifts]}
+    if accs["heldout"] is None:
+        accs["heldout"] = best.heldout_correct / h
+    rows["best_individual"] = _row("best_individual", "individual", accs, shifts, [best.id], 1,
+                                   heldout_correct=best.heldout_correct)
+
+    # Uniform soup.
+    log(f"scoring the uniform soup of {len(ids)} models")
+    uni_accs, uni_correct = _score_weights(k, ids)
+    rows["uniform_soup"] = _row("uniform_soup", "soup", uni_accs, shifts, ids, 1,
+                                heldout_correct=uni_correct)
+
+    # Greedy soup.
+    if greedy_result is not None:
+        chosen = list(greedy_result.ingredients)
+        history = _history_from_steps(greedy_result.history, run) if greedy_result.history else \
+            _history_for_ingredients(chosen, run)
+        source = "given"
+    elif greedy_ingredients is not None:
+        chosen = list(greedy_ingredients)
+        unknown = [i for i in chosen if i not in set(ids)]
+        if not chosen or unknown:
+            raise ReportError(f"greedy ingredients {unknown or chosen} are not admitted candidates of {run_dir}")
+        history = _history_for_ingredients(chosen, run)
+        source = "given"
+    else:
+        log(f"computing the greedy soup (tie {tie!r}, early rejection {'on' if early_rejection else 'off'})")
+        greedy_result = get_soup_method(_greedy_method_name(tie))(
+            run.candidates, k.evaluate, heldout_size=h, early_rejection=early_rejection)
+        chosen = list(greedy_result.ingredients)
+        history = _history_from_steps(greedy_result.history, run)
+        source = "computed"
+    log(f"scoring the greedy soup of {len(chosen)} models")
+    if chosen == ids:
+        g_accs, g_correct = uni_accs, uni_correct
+    else:
+        g_accs, g_correct = _score_weights(k, chosen)
+    extra: dict[str, Any] = {"heldout_correct": g_correct, "tie": tie, "source": source}
+    if greedy_result is not None:
+        extra.update(evaluations=greedy_result.evaluations, images_evaluated=greedy_result.images_evaluated)
+    rows["greedy_soup"] = _row("greedy_soup", "soup", g_accs, shifts, chosen, 1, **extra)
+
+    # Ensembles from cached logits.
+    store = _LogitStore(run, eval_names, log)
+    if store.usable:
+        ens_accs = store.mean_accuracies(store.usable)
+        rows["ensemble"] = _row("ensemble", "ensemble", ens_accs, shifts, store.usable, len(store.usable))
+        ge = greedy_ensemble(store.usable, store.heldout, store.labels["heldout"], tie)
+        ge_accs = store.mean_accuracies(ge.ingredients)
+        rows["greedy_ensemble"] = _row("greedy_ensemble", "ensemble", ge_accs, shifts, ge.ingredients,
+                                       len(ge.ingredients), heldout_correct=ge.correct, tie=tie)
+
+    individuals = []
+    for c in run.candidates:
+        r = run.rows.get(c.id, {})
+        individuals.append({"trial_id": c.id, "heldout": r.get("heldout", c.heldout_correct / h),
+                            "test": r.get("test"), "shift_mean": r.get("shift_mean"),
+                            **{s: r.get(s) for s in shifts}})
+    return {
+        "run_dir": str(run_dir),
+        "shifts": shifts,
+        "heldout_size": h,
+        "tie": tie,
+        "early_rejection": early_rejection,
+        "candidates": ids,
+        "rejected": list(run.rejected),
+        "ensemble_excluded": store.excluded,
+        "rows": [rows[n] for n in SUMMARY_NAMES if n in rows],
+        "individuals": individuals,
+        "history": history,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * float(v):.1f}"
+
+
+def _table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    shifts = list(report["shifts"])
+    header = ["method", "held-out", "test", *shifts, "shift mean", "forward passes", "models"]
+    body = []
+    for r in report["rows"]:
+        body.append([r["model_name"], _pct(r.get("heldout")), _pct(r.get("test")),
+                     *[_pct(r.get(s)) for s in shifts], _pct(r.get("shift_mean")),
+                     str(r.get("forward_passes", "")), str(len(r.get("ingredients") or []))])
+    return header, body
+
+
+def soup_table(report: Mapping[str, Any]) -> str:
+    """A fixed-width console table of the summary rows (accuracies in percent)."""
+    header, body = _table_cells(report)
+    widths = [max(len(header[i]), *(len(b[i]) for b in body)) if body else len(header[i])
+              for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(header, widths))),
+             "  ".join("-" * w for w in widths)]
+    for b in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))))
+    return "\n".join(lines)
+
+
+def counts_line(report: Mapping[str, Any]) -> str:
+    """One sentence: candidates, rejected checkpoints (with reasons) and the greedy soup's size."""
+    greedy = next((r for r in report["rows"] if r["model_name"] == "greedy_soup"), None)
+    rejected = report.get("rejected") or []
+    text = f"{len(report['candidates'])} candidates, {len(rejected)} rejected"
+    if rejected:
+        text += " (" + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in rejected) + ")"
+    if greedy is not None:
+        text += f", greedy soup of {len(greedy['ingredients'])} model(s)"
+    return text + "."
+
+
+def markdown_report(report: Mapping[str, Any]) -> str:
+    """``report.md``: the summary table and the counts line."""
+    header, body = _table_cells(report)
+    lines = ["# Model soup report", "",
+             "Accuracy in percent; forward passes per image at inference.", "",
+             "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for b in body:
+        lines.append("| " + " | ".join(b) + " |")
+    lines += ["", counts_line(report)]
+    greedy = next((r for r in report["rows"] if r["model_name"] == "greedy_soup"), None)
+    if greedy is not None:
+        lines += ["", "Greedy soup ingredients (in order): " + ", ".join(f"`{i}`" for i in greedy["ingredients"])]
+    excluded = report.get("ensemble_excluded") or []
+    if excluded:
+        lines += ["", "Left out of the ensembles (no usable cached logits): "
+                  + "; ".join(f"{e['trial_id']}: {e['reason']}" for e in excluded)]
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+_MARKERS = {
+    "best_individual": ("D", "tab:blue"),
+    "uniform_soup": ("s", "tab:orange"),
+    "greedy_soup": ("*", "tab:red"),
+    "ensemble": ("^", "tab:green"),
+    "greedy_ensemble": ("v", "tab:purple"),
+}
+
+
+def plot_scatter(report: Mapping[str, Any], path: Path) -> Path:
+    """The paper's figure: test accuracy (x) against mean shift accuracy (y)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    pts = [(r["test"], r["shift_mean"]) for r in report["individuals"]
+           if r.get("test") is not None and r.get("shift_mean") is not None]
+    if pts:
+        ax.scatter([100 * x for x, _ in pts], [100 * y for _, y in pts], s=14, c="0.55", alpha=0.8,
+                   label="fine-tuned models", zorder=2)
+    for r in report["rows"]:
+        if r.get("test") is None or r.get("shift_mean") is None:
+            continue
+        marker, color = _MARKERS.get(r["model_name"], ("o", "k"))
+        size = 220 if marker == "*" else 80
+        ax.scatter([100 * r["test"]], [100 * r["shift_mean"]], marker=marker, s=size, c=color,
+                   edgecolors="k", linewidths=0.6, label=_LABELS.get(r["model_name"], r["model_name"]),
+                   zorder=3)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel(f"mean accuracy over {len(report['shifts'])} shifts (%)")
+    ax.set_title("Soups and ensembles vs. individual fine-tuned models")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_greedy(report: Mapping[str, Any], path: Path) -> Path:
+    """Held-out accuracy as candidates are considered in order, accepted ones marked."""
+    plt = _plt()
+    hist = list(report["history"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xs = [p["position"] + 1 for p in hist]
+    own = [100 * p["candidate_accuracy"] if p["candidate_accuracy"] is not None else float("nan") for p in hist]
+    soup = [100 * p["soup_accuracy"] if p["soup_accuracy"] is not None else float("nan") for p in hist]
+    ax.plot(xs, own, "o", ms=4, c="0.55", label="candidate alone")
+    ax.step(xs, soup, where="post", c="tab:red", lw=1.5, label="greedy soup")
+    acc = [(x, y) for x, y, p in zip(xs, soup, hist) if p["accepted"]]
+    if acc:
+        ax.scatter([x for x, _ in acc], [y for _, y in acc], marker="*", s=120, c="tab:red",
+                   edgecolors="k", linewidths=0.5, zorder=3, label="accepted")
+    rej = [(x, 100 * p["trial_soup_accuracy"]) for x, p in zip(xs, hist)
+           if not p["accepted"] and p.get("trial_soup_accuracy") is not None]
+    if rej:
+        ax.scatter([x for x, _ in rej], [y for _, y in rej], marker="x", s=30, c="tab:blue",
+                   zorder=3, label="rejected (soup with it)")
+    ax.set_xlabel("candidate (sorted by held-out accuracy)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("Greedy soup: held-out accuracy as candidates are considered")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _is_summary(row: Mapping[str, Any]) -> bool:
+    """Whether a results.jsonl row is a report row (trial rows are named ``trial_<id>``)."""
+    return bool(row.get("summary")) or row.get("model_name") in SUMMARY_NAMES
+
+
+def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    """Write summary rows into ``results.jsonl`` (replacing old ones), ``report.md`` and both figures."""
+    run_dir = Path(run_dir)
+    path = results_path(run_dir)
+    kept = [r for r in read_jsonl(path) if not _is_summary(r)]
+    write_jsonl(path, kept + [dict(r) for r in report["rows"]])
+    md = run_dir / REPORT_MD
+    md.write_text(markdown_report(report))
+    return {
+        "results": path,
+        "report": md,
+        "figure": plot_scatter(report, run_dir / FIGURE_PNG),
+        "greedy": plot_greedy(report, run_dir / GREEDY_PNG),
+    }
+
+
+def write_soup_json(run_dir: Path, method: str, result: GreedyResult, *, tie: Tie | None,
+                    early_rejection: bool, admitted: AdmittedRun) -> Path:
+    """``run_dir/soups/<method>.json``: ingredients, held-out accuracy and search cost."""
+    h = admitted.kitchen.heldout_size
+    out = Path(run_dir) / SOUPS_DIR / f"{method}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "method": method,
+        "tie": tie,
+        "early_rejection": early_rejection,
+        "ingredients": list(result.ingredients),
+        "heldout_correct": result.correct,
+        "heldout_size": h,
+        "heldout_accuracy": result.correct / h,
+        "evaluations": result.evaluations,
+        "images_evaluated": result.images_evaluated,
+        "candidates": admitted.ids,
+        "rejected": admitted.rejected,
+        "history": [asdict(s) for s in result.history],
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,189 @@
+"""The soup keeper/actor: exact incremental soup from real checkpoints, rejections, persistence, export."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from soup_ray.actor import SoupKeeper, read_state
+from soup_ray.export import load_soup
+from soup_ray.ingredients import Kitchen, trial_records_from_results
+from soup_ray.soup import greedy_soup
+
+
+def offline_greedy(run: Path, tie: str = ">=") -> list[str]:
+    kit = Kitchen(run)
+    cands = [kit.admit(r) for r in trial_records_from_results(run)]
+    return greedy_soup(cands, kit.evaluate, heldout_size=kit.heldout_size, tie=tie).ingredients
+
+
+def offers(run: Path) -> list[dict]:
+    return [r.to_json() for r in trial_records_from_results(run)]
+
+
+@pytest.mark.parametrize("order_seed", [0, 1])
+def test_keeper_equals_batch_greedy_in_any_order(run_copy: Path, order_seed: int) -> None:
+    trials = offers(run_copy)
+    random.Random(order_seed).shuffle(trials)
+    keeper = SoupKeeper(str(run_copy))
+    for t in trials:
+        assert keeper.offer(t)["queued"]
+        keeper.process_inbox()
+    assert keeper.status()["ingredients"] == offline_greedy(run_copy)
+    assert keeper.status()["candidates_seen"] == len(trials)
+
+
+def test_offer_is_idempotent(run_copy: Path) -> None:
+    keeper = SoupKeeper(str(run_copy))
+    t = offers(run_copy)[0]
+    assert keeper.offer(t)["queued"] is True
+    assert keeper.offer(t)["duplicate"] is True  # still queued
+    keeper.process_inbox()
+    assert keeper.offer(t)["duplicate"] is True  # already processed
+    assert keeper.status()["candidates_seen"] == 1
+
+
+def _bad_copy(run: Path, src: dict, name: str) -> dict:
+    dest = run / "bad" / name
+    shutil.copytree(src["checkpoint"], dest)
+    return {**src, "trial_id": name, "checkpoint": str(dest)}
+
+
+def test_bad_checkpoints_are_rejected_with_reason_and_soup_unchanged(run_copy: Path) -> None:
+    good = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy))
+    for t in good:
+        keeper.offer(t)
+    keeper.process_inbox()
+    before = keeper.status()
+    src = good[0]
+
+    wrong_base = _bad_copy(run_copy, src, "wrong-base")
+    p = Path(wrong_base["checkpoint"]) / "model.safetensors"
+    save_file(load_file(str(p)), str(p), metadata={"base_fingerprint": "0" * 64})
+
+    nan = _bad_copy(run_copy, src, "nan")
+    p = Path(nan["checkpoint"]) / "model.safetensors"
+    sd = load_file(str(p))
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k].clone()
+    sd[k].view(-1)[0] = float("nan")
+    save_file(sd, str(p), metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+
+    shape = _bad_copy(run_copy, src, "shape")
+    p = Path(shape["checkpoint"]) / "model.safetensors"
+    sd = load_file(str(p))
+    sd["head.bias"] = torch.zeros(3)
+    save_file(sd, str(p), metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+
+    keys = _bad_copy(run_copy, src, "keys")
+    p = Path(keys["checkpoint"]) / "model.safetensors"
+    sd = load_file(str(p))
+    sd["extra.weight"] = torch.zeros(2)
+    save_file(sd, str(p), metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+
+    corrupt = _bad_copy(run_copy, src, "corrupt")
+    p = Path(corrupt["checkpoint"]) / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+
+    missing = {**src, "trial_id": "missing", "checkpoint": str(run_copy / "nowhere")}
+
+    for t in (wrong_base, nan, shape, keys, corrupt, missing):
+        keeper.offer(t)
+    keeper.process_inbox()
+    after = keeper.status()
+    assert after["ingredients"] == before["ingredients"] and after["version"] == before["version"]
+    reasons = after["rejected"]
+    assert "fingerprint" in reasons["wrong-base"]
+    assert "non-finite" in reasons["nan"]
+    assert "shape of head.bias" in reasons["shape"]
+    assert "extra.weight" in reasons["keys"]
+    assert "unreadable" in reasons["corrupt"]
+    assert "no model.safetensors" in reasons["missing"]
+
+
+def test_restart_resumes_exactly_and_replays_the_inbox(run_copy: Path) -> None:
+    trials = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy))
+    for t in trials[:3]:
+        keeper.offer(t)
+    keeper.process_inbox()
+    mid = keeper.status()
+    for t in trials[3:]:
+        keeper.offer(t)  # accepted, then the process "dies" before processing them
+    del keeper
+    revived = SoupKeeper(str(run_copy))
+    assert revived.status()["ingredients"] == mid["ingredients"]
+    assert revived.status()["version"] == mid["version"]
+    assert revived.status()["queued"] == len(trials) - 3
+    assert revived.restarts == 1
+    revived.process_inbox()
+    assert revived.status()["ingredients"] == offline_greedy(run_copy)
+    assert revived.status()["candidates_seen"] == len(trials)
+    state = read_state(run_copy)
+    assert state is not None and state["version"] == revived.status()["version"]
+    assert not list((run_copy / "soup_state" / "inbox").glob("*.json"))
+
+
+def test_published_soup_loads_through_open_clip_and_predicts_like_the_soup(run_copy: Path) -> None:
+    keeper = SoupKeeper(str(run_copy), tie=">")
+    for t in offers(run_copy):
+        keeper.offer(t)
+    keeper.process_inbox()
+    st = keeper.status()
+    soup_dir = run_copy / "soup"
+    info = json.loads((soup_dir / "soup.json").read_text())
+    assert info["ingredients"] == st["ingredients"] and info["version"] == st["version"]
+    assert info["heldout_accuracy"] == pytest.approx(st["heldout_accuracy"])
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{soup_dir}")
+    assert model is not None and preprocess is not None
+    clf, _ = load_soup(soup_dir)
+    kit = Kitchen(run_copy)
+    for r in trial_records_from_results(run_copy):
+        kit.admit(r)
+    ref = kit.classifier(st["ingredients"]).eval()
+    x, _ = kit.bundle.test.tensors
+    with torch.no_grad():
+        assert torch.allclose(clf(x), ref(x), atol=1e-5)
+        assert torch.equal(clf(x).argmax(1), ref(x).argmax(1))
+    versions = sorted(p.name for p in (run_copy / "soup_versions").iterdir())
+    assert versions and versions[-1] == f"v{st['version']:04d}"
+
+
+def test_status_answers_while_an_evaluation_runs(run_copy: Path) -> None:
+    import threading
+
+    keeper = SoupKeeper(str(run_copy))
+    trials = offers(run_copy)
+    keeper.offer(trials[0])
+    keeper.process_inbox()
+    gate, entered = threading.Event(), threading.Event()
+    real = keeper.kitchen.evaluate
+
+    def slow(ids, max_wrong):
+        entered.set()
+        assert gate.wait(60), "test gate never opened"
+        return real(ids, max_wrong)
+
+    keeper.soup.evaluate = slow
+    keeper.offer(trials[1])
+    worker = threading.Thread(target=keeper.process_inbox)
+    worker.start()
+    try:
+        assert entered.wait(60), "the evaluation never started"
+        st = keeper.status()  # must not wait for the blocked evaluation
+        assert st["busy"] is True and st["candidates_seen"] == 1
+        assert keeper.offer(trials[2])["queued"] is True  # offers are taken while busy too
+    finally:
+        gate.set()
+        worker.join(60)
+    keeper.process_inbox()
+    assert keeper.status()["candidates_seen"] == 3 and keeper.status()["busy"] is False

@@ -1,0 +1,221 @@
+"""The run report and ``soup-ray soup``: soups and ensembles scored offline from a small real run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from soup_ray.cli import main
+from soup_ray.evaluate import accuracy, predict_logits
+from soup_ray.ingredients import Kitchen, trial_records_from_results
+from soup_ray.model import load_base
+from soup_ray.report import SUMMARY_NAMES, compute_report, soup_table, write_report
+from soup_ray.results import RESULTS_FILE, read_jsonl, trial_row, write_jsonl
+from soup_ray.soup import SOUP_METHODS, greedy_soup
+from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_WEIGHTS, TrialContext, fine_tune
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRIALS = [  # (trial id, lr, seed): one epoch each
+    ("t0", 1e-3, 0),
+    ("t1", 2e-3, 1),
+    ("t2", 5e-4, 2),
+    ("t3", 1.5e-3, 3),
+]
+
+
+def _hp(lr: float, seed: int) -> dict[str, Any]:
+    return dict(lr=lr, weight_decay=0.1, epochs=1, label_smoothing=0.0, mixup_alpha=0.0, randaug_n=0,
+                randaug_m=9, batch_size=64, warmup_steps=2, grad_clip=1.0, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def run_dir(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run: 4 one-epoch trials, one corrupt checkpoint and one diverged trial."""
+    cfg, prep = prepared
+    run = tmp_path_factory.mktemp("report-run")
+    shutil.copy(prep.run_dir / "config.json", run / "config.json")
+    shutil.copytree(prep.base_dir, run / "base")
+    ctx = TrialContext(base_dir=str(run / "base"), data_json=cfg.data.model_dump_json(), data_kind="digits",
+                       threads=1)
+    shifts = list(prep.bundle.shifts)
+    rows = []
+    for tid, lr, seed in TRIALS:
+        dest = run / "tune" / tid / "checkpoint_000000"
+
+        def report(metrics: dict, ckpt: str | None, dest: Path = dest) -> None:
+            if ckpt:
+                shutil.copytree(ckpt, dest)
+
+        final = fine_tune(_hp(lr, seed), ctx, report)
+        assert final["status"] == "completed"
+        rows.append(trial_row(tid, final, _hp(lr, seed), f"tune/{tid}/checkpoint_000000", shifts))
+    # A completed trial whose weights file is damaged: admitted never, reported as rejected.
+    bad = run / "tune" / "bad" / "checkpoint_000000"
+    shutil.copytree(run / "tune" / "t0" / "checkpoint_000000", bad)
+    (bad / CHECKPOINT_WEIGHTS).write_bytes(b"not a safetensors file")
+    rows.append(trial_row("bad", final, _hp(1e-3, 9), "tune/bad/checkpoint_000000", shifts))
+    rows.append(trial_row("div", {"status": "diverged", "heldout_acc": 0.0}, _hp(1e30, 0), None, shifts))
+    write_jsonl(run / RESULTS_FILE, rows)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path) -> dict[str, Any]:
+    return compute_report(run_dir, log=lambda m: None)
+
+
+def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["model_name"]: r for r in report["rows"]}
+
+
+def _checkpoint(run_dir: Path, tid: str) -> Path:
+    return run_dir / "tune" / tid / "checkpoint_000000"
+
+
+def test_report_rows_are_complete_and_in_range(report: dict[str, Any]) -> None:
+    rows = _rows(report)
+    assert list(rows) == list(SUMMARY_NAMES)
+    keys = ["heldout", "test", *report["shifts"], "shift_mean"]
+    assert report["shifts"] == ["rotate", "noise"]
+    for row in rows.values():
+        for k in keys:
+            assert 0.0 <= row[k] <= 1.0, (row["model_name"], k)
+        assert row["shift_mean"] == pytest.approx(sum(row[s] for s in report["shifts"]) / 2)
+    n = len(TRIALS)
+    assert sorted(report["candidates"]) == [t[0] for t in TRIALS]
+    assert [r["trial_id"] for r in report["rejected"]] == ["bad"]
+    assert "unreadable" in report["rejected"][0]["reason"]
+    assert rows["best_individual"]["kind"] == "individual" and rows["best_individual"]["forward_passes"] == 1
+    assert rows["best_individual"]["ingredients"] == [report["candidates"][0]]
+    assert rows["uniform_soup"]["forward_passes"] == 1 and len(rows["uniform_soup"]["ingredients"]) == n
+    assert rows["greedy_soup"]["forward_passes"] == 1 and rows["greedy_soup"]["kind"] == "soup"
+    assert rows["ensemble"]["forward_passes"] == n and rows["ensemble"]["kind"] == "ensemble"
+    ge = rows["greedy_ensemble"]
+    assert 1 <= ge["forward_passes"] == len(ge["ingredients"]) <= n
+    hist = report["history"]
+    assert [p["candidate_id"] for p in hist] == report["candidates"]
+    accepted = [p["candidate_id"] for p in hist if p["accepted"]]
+    assert accepted == rows["greedy_soup"]["ingredients"]
+    assert hist[-1]["soup_accuracy"] == pytest.approx(rows["greedy_soup"]["heldout"])
+    assert soup_table(report).splitlines()[0].split()[:3] == ["method", "held-out", "test"]
+
+
+def test_best_individual_matches_results_file(report: dict[str, Any], run_dir: Path) -> None:
+    best = _rows(report)["best_individual"]
+    rows = {r["trial_id"]: r for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("trial_id")}
+    src = rows[best["ingredients"][0]]
+    assert best["heldout"] == src["heldout"] == max(rows[t[0]]["heldout"] for t in TRIALS)
+    assert best["test"] == src["test"] and best["rotate"] == src["rotate"]
+
+
+def test_ensemble_equals_mean_of_cached_logits(report: dict[str, Any], run_dir: Path) -> None:
+    files = [load_file(str(_checkpoint(run_dir, t) / CHECKPOINT_LOGITS)) for t in report["candidates"]]
+    ens = _rows(report)["ensemble"]
+    for name in ["heldout", "test", *report["shifts"]]:
+        mean = sum(f[name].float() for f in files) / len(files)
+        assert ens[name] == pytest.approx(accuracy(mean, files[0][f"{name}.labels"]), abs=1e-6)
+    chosen = _rows(report)["greedy_ensemble"]["ingredients"]
+    sub = [load_file(str(_checkpoint(run_dir, t) / CHECKPOINT_LOGITS)) for t in chosen]
+    mean = sum(f["test"].float() for f in sub) / len(sub)
+    assert _rows(report)["greedy_ensemble"]["test"] == pytest.approx(accuracy(mean, sub[0]["test.labels"]))
+
+
+def test_uniform_soup_equals_manual_weight_average(report: dict[str, Any], run_dir: Path, prepared) -> None:
+    _, prep = prepared
+    states = [load_file(str(_checkpoint(run_dir, t) / CHECKPOINT_WEIGHTS)) for t in report["candidates"]]
+    avg = {}
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            total = v.float().clone()
+            for s in states[1:]:
+                total += s[k].float()
+            avg[k] = (total / len(states)).to(v.dtype)
+        else:
+            avg[k] = v
+    model, _ = load_base(run_dir / "base")
+    model.load_state_dict(avg)
+    uni = _rows(report)["uniform_soup"]
+    for name, ds in {"test": prep.bundle.test, "noise": prep.bundle.shifts["noise"]}.items():
+        logits, labels = predict_logits(model, ds)
+        assert uni[name] == pytest.approx(accuracy(logits, labels), abs=1e-6)
+
+
+def test_given_greedy_ingredients_are_used(report: dict[str, Any], run_dir: Path) -> None:
+    given = report["candidates"][:2]
+    rep = compute_report(run_dir, greedy_ingredients=given, log=lambda m: None)
+    greedy = _rows(rep)["greedy_soup"]
+    assert greedy["ingredients"] == given and greedy["forward_passes"] == 1
+    assert [p["accepted"] for p in rep["history"]] == [True, True, False, False]
+    assert rep["history"][1]["soup_accuracy"] == pytest.approx(greedy["heldout"])
+
+
+def test_write_report_is_idempotent(report: dict[str, Any], run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = read_jsonl(run / RESULTS_FILE)
+    write_report(run, report)
+    paths = write_report(run, report)
+    rows = read_jsonl(run / RESULTS_FILE)
+    assert rows[: len(before)] == before
+    assert [r["model_name"] for r in rows[len(before):]] == list(SUMMARY_NAMES)
+    assert len(trial_records_from_results(run)) == len(TRIALS) + 1  # summary rows are not trials
+    md = paths["report"].read_text()
+    assert "| method | held-out | test | rotate | noise | shift mean | forward passes |" in md
+    for name in SUMMARY_NAMES:
+        assert f"| {name} |" in md
+    assert "4 candidates, 1 rejected" in md
+    for key in ("figure", "greedy"):
+        data = paths[key].read_bytes()
+        assert paths[key].parent == run and len(data) > 1000 and data[:8] == PNG_MAGIC
+
+
+def test_cli_soup_greedy_matches_direct_greedy(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    kitchen = Kitchen(run_dir)
+    cands = []
+    for rec in trial_records_from_results(run_dir):
+        try:
+            cands.append(kitchen.admit(rec))
+        except ValueError:
+            pass
+    direct = greedy_soup(cands, kitchen.evaluate, heldout_size=kitchen.heldout_size, tie=">=")
+    assert main(["soup", str(run_dir), "--method", "greedy"]) == 0
+    out = capsys.readouterr().out
+    assert ", ".join(direct.ingredients) in out
+    assert f"evaluations: {direct.evaluations}, held-out images evaluated: {direct.images_evaluated}" in out
+    saved = json.loads((run_dir / "soups" / "greedy.json").read_text())
+    assert saved["ingredients"] == direct.ingredients
+    assert saved["heldout_correct"] == direct.correct and saved["tie"] == ">="
+    assert saved["evaluations"] == direct.evaluations
+
+
+def test_cli_soup_with_report(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["soup", str(run), "--method", "greedy_strict", "--no-early-rejection", "--report"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy_ensemble" in out
+    saved = json.loads((run / "soups" / "greedy_strict.json").read_text())
+    assert saved["tie"] == ">" and saved["early_rejection"] is False
+    assert saved["images_evaluated"] == (len(TRIALS) - 1) * saved["heldout_size"]
+    summary = {r["model_name"]: r for r in read_jsonl(run / RESULTS_FILE) if r.get("summary")}
+    assert summary["greedy_soup"]["ingredients"] == saved["ingredients"]
+    assert (run / "report.md").is_file() and (run / "greedy.png").is_file()
+
+
+def test_cli_unknown_method_lists_names(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["soup", str(run_dir), "--method", "gumbo"]) == 2
+    err = capsys.readouterr().err
+    assert "gumbo" in err and "Traceback" not in err
+    for name in SOUP_METHODS:
+        assert name in err
+
+
+def test_cli_missing_results_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["soup", str(tmp_path), "--method", "greedy"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / RESULTS_FILE) in err and "Traceback" not in err
