@@ -503,7 +503,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="batched variant: each offer holds 1..MAX_CHUNK trials (default 4)")
     ap.add_argument("--eval-batch-size", type=int, default=None,
                     help="held-out batch size (default: the run config's eval_batch_size)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for the real evaluations (default 1: more is slower on a busy machine)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     return ap.parse_args(argv)
 

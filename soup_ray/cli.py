@@ -3,6 +3,8 @@
     soup-ray run CONFIG          the main job: stand-in (cached), sweep, table
     soup-ray sweep CONFIG        only the Tune sweep, writing results.jsonl
     soup-ray standin             build (or show) the cached offline stand-in CLIP
+    soup-ray soup RUN_DIR        recompute a soup method offline from the checkpoints
+    soup-ray status [RUN_DIR]    the soup actor's live state
 """
 
 from __future__ import annotations
@@ -43,8 +45,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     run_dir = _run_dir(cfg, args.out)
     prep = prepare_run(cfg, run_dir, _log)
-    rows = run_sweep(cfg, prep.run_dir, _log, prepared=prep).rows
-    print_table(rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
+    outcome = run_sweep(cfg, prep.run_dir, _log, prepared=prep)
+    print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
+    if outcome.soup is not None and outcome.soup.get("ingredients"):
+        from .report import compute_report, soup_table, write_report
+
+        _log("scoring the soups and ensembles on held-out, test and shifts")
+        report = compute_report(prep.run_dir, greedy_ingredients=outcome.soup["ingredients"], tie=cfg.soup.tie,
+                                early_rejection=cfg.soup.early_rejection, log=_log)
+        paths = write_report(prep.run_dir, report)
+        print()
+        print(soup_table(report))
+        _log("report: " + ", ".join(str(p) for p in paths.values()))
+        _log(f"final soup (open_clip local-dir): {prep.run_dir / 'soup'}")
     _log(f"results: {prep.run_dir / 'results.jsonl'}")
     return 0
 
@@ -95,6 +108,15 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the soup actor's live state (or its persisted state when it is not running)."""
+    from .status import format_status, status
+
+    st, live = status(Path(args.run_dir) if args.run_dir else None, args.namespace, args.address)
+    print(json.dumps(st, indent=2, default=str) if args.json else format_status(st, live))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soup-ray",
@@ -135,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-early-rejection", action="store_true", help="score every held-out image for every decision")
     sp.add_argument("--report", action="store_true", help="also write report.md, figure.png, greedy.png and summary rows")
     sp.set_defaults(func=cmd_soup)
+
+    sp = sub.add_parser("status", help="show the soup actor's live state",
+                        description="Ask the run's soup actor for its state (on the cluster at --address or "
+                                    "RAY_ADDRESS); without a reachable actor, show the state it last persisted.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="run folder (default: the newest under runs/)")
+    sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS)")
+    sp.add_argument("--namespace", default="soup-ray", help="Ray namespace of the run (default: soup-ray)")
+    sp.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    sp.set_defaults(func=cmd_status)
     return p
 
 

@@ -17,51 +17,31 @@ from soup_ray.model import load_base
 from soup_ray.report import SUMMARY_NAMES, compute_report, soup_table, write_report
 from soup_ray.results import RESULTS_FILE, read_jsonl, trial_row, write_jsonl
 from soup_ray.soup import SOUP_METHODS, greedy_soup
-from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_WEIGHTS, TrialContext, fine_tune
+from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_WEIGHTS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TRIALS = [  # (trial id, lr, seed): one epoch each
-    ("t0", 1e-3, 0),
-    ("t1", 2e-3, 1),
-    ("t2", 5e-4, 2),
-    ("t3", 1.5e-3, 3),
-]
-
-
-def _hp(lr: float, seed: int) -> dict[str, Any]:
-    return dict(lr=lr, weight_decay=0.1, epochs=1, label_smoothing=0.0, mixup_alpha=0.0, randaug_n=0,
-                randaug_m=9, batch_size=64, warmup_steps=2, grad_clip=1.0, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def run_dir(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run: 4 one-epoch trials, one corrupt checkpoint and one diverged trial."""
-    cfg, prep = prepared
-    run = tmp_path_factory.mktemp("report-run")
-    shutil.copy(prep.run_dir / "config.json", run / "config.json")
-    shutil.copytree(prep.base_dir, run / "base")
-    ctx = TrialContext(base_dir=str(run / "base"), data_json=cfg.data.model_dump_json(), data_kind="digits",
-                       threads=1)
-    shifts = list(prep.bundle.shifts)
-    rows = []
-    for tid, lr, seed in TRIALS:
-        dest = run / "tune" / tid / "checkpoint_000000"
-
-        def report(metrics: dict, ckpt: str | None, dest: Path = dest) -> None:
-            if ckpt:
-                shutil.copytree(ckpt, dest)
-
-        final = fine_tune(_hp(lr, seed), ctx, report)
-        assert final["status"] == "completed"
-        rows.append(trial_row(tid, final, _hp(lr, seed), f"tune/{tid}/checkpoint_000000", shifts))
-    # A completed trial whose weights file is damaged: admitted never, reported as rejected.
-    bad = run / "tune" / "bad" / "checkpoint_000000"
-    shutil.copytree(run / "tune" / "t0" / "checkpoint_000000", bad)
+def run_dir(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared small run plus a completed trial with a damaged checkpoint and a diverged trial."""
+    run = tmp_path_factory.mktemp("report-run") / "run"
+    shutil.copytree(small_run, run)
+    rows = read_jsonl(run / RESULTS_FILE)
+    good = next(r for r in rows if r["checkpoint"])
+    bad = run / "trials" / "bad"
+    shutil.copytree(run / good["checkpoint"], bad)
     (bad / CHECKPOINT_WEIGHTS).write_bytes(b"not a safetensors file")
-    rows.append(trial_row("bad", final, _hp(1e-3, 9), "tune/bad/checkpoint_000000", shifts))
-    rows.append(trial_row("div", {"status": "diverged", "heldout_acc": 0.0}, _hp(1e30, 0), None, shifts))
+    rows.append({**good, "model_name": "trial_bad", "trial_id": "bad", "checkpoint": "trials/bad"})
+    rows.append(trial_row("div", {"status": "diverged", "heldout_acc": 0.0}, {"lr": 1e30}, None, ["rotate", "noise"]))
     write_jsonl(run / RESULTS_FILE, rows)
     return run
+
+
+def _trials(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Completed trials with an intact checkpoint, by id."""
+    return {r["trial_id"]: r for r in read_jsonl(run_dir / RESULTS_FILE)
+            if r.get("status") == "completed" and r.get("checkpoint") and r["trial_id"] != "bad"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +54,7 @@ def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _checkpoint(run_dir: Path, tid: str) -> Path:
-    return run_dir / "tune" / tid / "checkpoint_000000"
+    return run_dir / _trials(run_dir)[tid]["checkpoint"]
 
 
 def test_report_rows_are_complete_and_in_range(report: dict[str, Any]) -> None:
@@ -86,8 +66,8 @@ def test_report_rows_are_complete_and_in_range(report: dict[str, Any]) -> None:
         for k in keys:
             assert 0.0 <= row[k] <= 1.0, (row["model_name"], k)
         assert row["shift_mean"] == pytest.approx(sum(row[s] for s in report["shifts"]) / 2)
-    n = len(TRIALS)
-    assert sorted(report["candidates"]) == [t[0] for t in TRIALS]
+    n = len(report["candidates"])
+    assert n >= 3 and sorted(report["candidates"]) == sorted(_trials(Path(report["run_dir"])))
     assert [r["trial_id"] for r in report["rejected"]] == ["bad"]
     assert "unreadable" in report["rejected"][0]["reason"]
     assert rows["best_individual"]["kind"] == "individual" and rows["best_individual"]["forward_passes"] == 1
@@ -109,7 +89,7 @@ def test_best_individual_matches_results_file(report: dict[str, Any], run_dir: P
     best = _rows(report)["best_individual"]
     rows = {r["trial_id"]: r for r in read_jsonl(run_dir / RESULTS_FILE) if r.get("trial_id")}
     src = rows[best["ingredients"][0]]
-    assert best["heldout"] == src["heldout"] == max(rows[t[0]]["heldout"] for t in TRIALS)
+    assert best["heldout"] == src["heldout"] == max(r["heldout"] for r in _trials(run_dir).values())
     assert best["test"] == src["test"] and best["rotate"] == src["rotate"]
 
 
@@ -150,7 +130,7 @@ def test_given_greedy_ingredients_are_used(report: dict[str, Any], run_dir: Path
     rep = compute_report(run_dir, greedy_ingredients=given, log=lambda m: None)
     greedy = _rows(rep)["greedy_soup"]
     assert greedy["ingredients"] == given and greedy["forward_passes"] == 1
-    assert [p["accepted"] for p in rep["history"]] == [True, True, False, False]
+    assert [p["accepted"] for p in rep["history"]] == [i < 2 for i in range(len(report["candidates"]))]
     assert rep["history"][1]["soup_accuracy"] == pytest.approx(greedy["heldout"])
 
 
@@ -163,12 +143,12 @@ def test_write_report_is_idempotent(report: dict[str, Any], run_dir: Path, tmp_p
     rows = read_jsonl(run / RESULTS_FILE)
     assert rows[: len(before)] == before
     assert [r["model_name"] for r in rows[len(before):]] == list(SUMMARY_NAMES)
-    assert len(trial_records_from_results(run)) == len(TRIALS) + 1  # summary rows are not trials
+    assert len(trial_records_from_results(run)) == len(_trials(run)) + 1  # summary rows are not trials
     md = paths["report"].read_text()
     assert "| method | held-out | test | rotate | noise | shift mean | forward passes |" in md
     for name in SUMMARY_NAMES:
         assert f"| {name} |" in md
-    assert "4 candidates, 1 rejected" in md
+    assert f"{len(report['candidates'])} candidates, 1 rejected (bad: unreadable" in md
     for key in ("figure", "greedy"):
         data = paths[key].read_bytes()
         assert paths[key].parent == run and len(data) > 1000 and data[:8] == PNG_MAGIC
@@ -201,7 +181,7 @@ def test_cli_soup_with_report(run_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert "greedy_ensemble" in out
     saved = json.loads((run / "soups" / "greedy_strict.json").read_text())
     assert saved["tie"] == ">" and saved["early_rejection"] is False
-    assert saved["images_evaluated"] == (len(TRIALS) - 1) * saved["heldout_size"]
+    assert saved["images_evaluated"] == (len(saved["candidates"]) - 1) * saved["heldout_size"]
     summary = {r["model_name"]: r for r in read_jsonl(run / RESULTS_FILE) if r.get("summary")}
     assert summary["greedy_soup"]["ingredients"] == saved["ingredients"]
     assert (run / "report.md").is_file() and (run / "greedy.png").is_file()

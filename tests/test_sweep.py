@@ -136,3 +136,33 @@ def test_live_soup_survives_actor_kills_and_matches_offline(prepared, tmp_path: 
     expected = kit.soup_weights(undisturbed.ingredients)
     assert torch.equal(published["weight"], expected["head.weight"])
     assert torch.equal(published["bias"], expected["head.bias"])
+
+
+def test_live_soup_equals_offline_cli_and_status(tmp_path: Path, prepared, monkeypatch, capsys) -> None:
+    """A real local sweep through the CLI: the actor's soup equals `soup-ray soup RUN_DIR --method greedy`."""
+    import yaml
+
+    from soup_ray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tiny_config_dict(**{"tune.num_samples": 4, "tune.seed": 5, "trial_resources.cpu": 0.875,
+                              "search_space.lr": {"loguniform": [1e-3, 4e-3]}})
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    assert main(["sweep", str(cfg_path), "--out", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "greedy_soup" in out and "uniform_soup" in out
+    live = json.loads((run_dir / "soup" / "soup.json").read_text())["ingredients"]
+    assert main(["soup", str(run_dir), "--method", "greedy"]) == 0
+    offline = json.loads((run_dir / "soups" / "greedy.json").read_text())["ingredients"]
+    assert live == offline
+    rows = read_jsonl(run_dir / "results.jsonl")
+    names = {r["model_name"] for r in rows}
+    assert {"uniform_soup", "greedy_soup", "ensemble", "greedy_ensemble", "best_individual"} <= names
+    for f in ("report.md", "figure.png", "greedy.png"):
+        assert (run_dir / f).stat().st_size > 0
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    st = capsys.readouterr().out
+    assert "persisted state" in st and all(t in st for t in live)
