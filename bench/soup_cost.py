@@ -9,7 +9,7 @@ soup equals ``greedy_soup`` over all candidates.
 
 Real evaluation is deterministic, so each ingredient set's per-image held-out
 correctness is computed once for real (averaged weights, classifier over the
-held-out split in the run's evaluation batch order) and memoised. Every
+held-out split in the Kitchen's batch order) and memoised. Every
 evaluation is then replayed batch by batch through ``early_rejection_evaluate``,
 so the images counted are exactly those a live evaluation would score, early
 stops included. The memo only saves wall time here: each evaluation is counted
@@ -185,6 +185,7 @@ class StreamStats:
     offers: int
     last_offer_size: int
     last_best_rank: int  # sorted position of the best candidate in the last offer
+    restarts: int  # later offers that brought a new best candidate (every decision replayed)
     ingredients: list[str]
     correct: int
 
@@ -206,10 +207,11 @@ def run_stream(
         raise ValueError("need at least one chunk and no empty chunk")
     counter = CountingEvaluate(evaluate)
     soup = IncrementalGreedySoup(counter, heldout_size=heldout_size, tie=tie, early_rejection=early_rejection)
-    update_images = update_evals = 0
+    update_images = update_evals = restarts = 0
     update = None
-    for chunk in chunks:
+    for k, chunk in enumerate(chunks):
         update = soup.offer(chunk)
+        restarts += int(k > 0 and update.replayed_from == 0)
         update_images += update.images_evaluated
         update_evals += update.evaluations
     assert update is not None
@@ -231,6 +233,7 @@ def run_stream(
         offers=len(chunks),
         last_offer_size=len(chunks[-1]),
         last_best_rank=min(i for i, cid in enumerate(sorted_ids) if cid in last_ids),
+        restarts=restarts,
         ingredients=soup.ingredients,
         correct=int(soup.correct),
     )
@@ -284,8 +287,10 @@ def _variant_report(
     last_ratio = [x / heldout_size for x in lasts]
     over_pass = [s for s in stats if s.last_images > heldout_size]
     by_rank: dict[int, list[int]] = {}
+    by_restarts: dict[int, list[int]] = {}
     for s in stats:
         by_rank.setdefault(s.last_best_rank, []).append(s.last_images)
+        by_restarts.setdefault(s.restarts, []).append(s.total_images)
     return {
         "orders": len(stats),
         "total_images": summarise(totals),
@@ -314,6 +319,11 @@ def _variant_report(
             str(rank): {"orders": len(v), "mean": statistics.fmean(v), "max": max(v)}
             for rank, v in sorted(by_rank.items())
         },
+        "total_images_by_restarts": {
+            str(k): {"orders": len(v), "mean": statistics.fmean(v), "max": max(v)}
+            for k, v in sorted(by_restarts.items())
+        },
+        "restarts": summarise([s.restarts for s in stats]),
         "orders_last_arrival_over_one_pass": len(over_pass),
         "per_order": [
             {
@@ -323,6 +333,7 @@ def _variant_report(
                 "last_evaluations": s.last_evaluations,
                 "offers": s.offers,
                 "last_best_rank": s.last_best_rank,
+                "restarts": s.restarts,
             }
             for s in stats
         ],
@@ -476,7 +487,8 @@ def load_run(run_dir: Path, eval_batch_size: int | None, threads: int | None) ->
     from soup_ray.ingredients import CheckpointRejected, Kitchen, trial_records_from_results
 
     kitchen = Kitchen(run_dir, threads=threads)
-    kitchen.eval_batch_size = eval_batch_size or kitchen.config.eval_batch_size
+    if eval_batch_size:
+        kitchen.eval_batch_size = eval_batch_size
     cands: list[Candidate] = []
     rejected: list[str] = []
     for record in trial_records_from_results(run_dir):
@@ -502,7 +514,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-chunk", type=int, default=4,
                     help="batched variant: each offer holds 1..MAX_CHUNK trials (default 4)")
     ap.add_argument("--eval-batch-size", type=int, default=None,
-                    help="held-out batch size (default: the run config's eval_batch_size)")
+                    help="held-out batch size, the granularity of early rejection "
+                         "(default: the Kitchen's, as the soup actor uses)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for the real evaluations (default 1: more is slower on a busy machine)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")

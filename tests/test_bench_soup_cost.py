@@ -129,6 +129,13 @@ def test_streams_match_batch_greedy_and_counts_add_up(tie: str) -> None:
             assert stats.last_offer_size == len(plan[-1])
             ranks = {c.id: i for i, c in enumerate(sort_candidates(cands))}
             assert stats.last_best_rank == min(ranks[c.id] for c in plan[-1])
+            best = min(ranks[c.id] for c in plan[0])
+            records = 0
+            for chunk in plan[1:]:
+                top = min(ranks[c.id] for c in chunk)
+                records += top < best
+                best = min(best, top)
+            assert stats.restarts == records
     assert source.calls == ev.distinct_sets  # each set computed once
 
 
