@@ -191,9 +191,14 @@ class TuneSettings(_Strict):
 
 
 class SoupSettings(_Strict):
+    """How the soup actor builds the soup."""
+
     method: str = "greedy"
     tie: Literal[">=", ">"] = ">="
     early_rejection: bool = True
+    heldout_batch_size: int = Field(32, ge=1, description="held-out images per forward pass when scoring a soup; "
+                                    "smaller batches let early rejection stop sooner")
+    hardest_first: bool = Field(True, description="score held-out images that the candidates get wrong most often first")
     resources: Resources = Resources(cpu=0.25)
 
 

@@ -21,10 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .data import labels_of
 from .evaluate import iter_logits
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
-from .train import CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
+from .train import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
 
 StateDict = dict[str, torch.Tensor]
 
@@ -107,6 +110,11 @@ class Kitchen:
         self.heldout = self.bundle.heldout
         self.heldout_size = len(self.heldout)
         self.eval_batch_size = eval_batch_size
+        self.heldout_batch_size = cfg.soup.heldout_batch_size
+        self.hardest_first = cfg.soup.hardest_first
+        self.heldout_labels = labels_of(self.heldout)
+        # how many admitted candidates get each held-out image wrong (from their cached logits)
+        self.wrong_counts = torch.zeros(self.heldout_size, dtype=torch.long)
         self.paths: dict[str, TrialRecord] = {}
         self._cache: OrderedDict[str, StateDict] = OrderedDict()
         self._cache_size = cache_size
@@ -119,7 +127,28 @@ class Kitchen:
         state, correct = read_checkpoint(record, self.fingerprint, self.reference)
         self.paths[record.trial_id] = record
         self._remember(record.trial_id, state)
+        self._count_mistakes(Path(record.checkpoint))
         return Candidate(record.trial_id, correct, load=lambda tid=record.trial_id: self.weights(tid))
+
+    def _count_mistakes(self, folder: Path) -> None:
+        try:
+            with safe_open(str(folder / CHECKPOINT_LOGITS), "pt") as f:
+                logits = f.get_tensor("heldout")
+        except (SafetensorError, OSError, KeyError, RuntimeError):
+            return  # ordering is only a speed-up; without cached logits the image order stays as it is
+        if logits.shape[0] == self.heldout_size:
+            self.wrong_counts += (logits.argmax(1) != self.heldout_labels).long()
+
+    def heldout_order(self) -> torch.Tensor:
+        """The order held-out images are scored in: most often misclassified first (ties by index).
+
+        Any order gives the same decisions (early rejection only stops once the
+        soup is certainly worse); putting likely mistakes first makes it stop sooner.
+        """
+        idx = torch.arange(self.heldout_size)
+        if not self.hardest_first:
+            return idx
+        return idx[torch.argsort(-self.wrong_counts, stable=True)]
 
     def weights(self, trial_id: str) -> StateDict:
         """One ingredient's weights (from the cache or from disk)."""
@@ -148,7 +177,13 @@ class Kitchen:
     # -- scoring ---------------------------------------------------------------
 
     def _batches(self, model: CLIPClassifier) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from iter_logits(model, self.heldout, self.eval_batch_size)
+        order = self.heldout_order().tolist()
+        if isinstance(self.heldout, TensorDataset):
+            x, y = self.heldout.tensors
+            ds: Dataset = TensorDataset(x[order], y[order])
+        else:
+            ds = Subset(self.heldout, order)
+        yield from iter_logits(model, ds, self.heldout_batch_size)
 
     def evaluate(self, ids: list[str], max_wrong: int | None) -> EvalResult:
         """Score the soup of ``ids`` on the held-out split, stopping once it has more than ``max_wrong`` errors."""
