@@ -57,7 +57,7 @@ class Base:
     zero_shot_note: str
 
 
-def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str]:
+def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str, str]:
     import open_clip
 
     from .standin import ensure_standin, register_model_configs
@@ -85,7 +85,7 @@ def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str]:
         pp = {"mean": list(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
               "std": list(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)}
         oc_cfg = {"model_cfg": mc, "preprocess_cfg": pp}
-    return model, oc_cfg, note
+    return model, oc_cfg, note, name
 
 
 def zero_shot_weights(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
@@ -101,11 +101,9 @@ def build_base(cfg: ModelConfig, classnames: Sequence[str], templates: Sequence)
     """Build the shared initialisation: CLIP image tower + zero-shot head (scaled by CLIP's logit scale)."""
     import open_clip
 
-    model, oc_cfg, note = _open_clip_model(cfg)
+    model, oc_cfg, note, resolved_name = _open_clip_model(cfg)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(
-        f"local-dir:{note.split(' from ')[-1]}" if note.startswith("offline stand-in") else cfg.name
-    )
+    tokenizer = open_clip.get_tokenizer(resolved_name)
     weights = zero_shot_weights(model, tokenizer, classnames, templates)
     scale = float(model.logit_scale.detach().exp())
     head = nn.Linear(weights.shape[1], weights.shape[0], bias=True)
@@ -113,10 +111,8 @@ def build_base(cfg: ModelConfig, classnames: Sequence[str], templates: Sequence)
         head.weight.copy_(weights * scale)
         head.bias.zero_()
     pp = oc_cfg.get("preprocess_cfg", {})
-    import open_clip as oc
-
-    mean = pp.get("mean", oc.OPENAI_DATASET_MEAN)
-    std = pp.get("std", oc.OPENAI_DATASET_STD)
+    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
     size = oc_cfg["model_cfg"]["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     clf = CLIPClassifier(model.visual, head, mean, std, size)

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .config import SweepConfig
 from .data import DatasetBundle, build_dataset
 from .evaluate import accuracy, predict_logits
@@ -58,8 +56,6 @@ def prepare_run(cfg: SweepConfig, run_dir: Path, log: Log = print) -> PreparedRu
         zs = json.loads((base_dir / "zero_shot.json").read_text())
         log(f"reusing the base model in {base_dir} (fingerprint {meta['fingerprint'][:12]})")
         return PreparedRun(run_dir, base_dir, meta["fingerprint"], bundle, zs)
-    from .data import DIGIT_NAMES, DIGIT_TEMPLATES  # noqa: F401  (metadata for the digits head)
-
     t0 = time.time()
     image_size = _image_size_for(cfg)
     bundle = build_dataset(cfg.data, image_size)
@@ -248,8 +244,3 @@ def print_table(rows: list[dict[str, Any]], shifts: list[str], zero_shot: dict[s
     div = [r for r in rows if r.get("status") == "diverged"]
     err = [r for r in rows if r.get("status") == "error"]
     log(f"{len(done)} completed, {len(div)} diverged, {len(err)} failed")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global generator (the driver only builds the base and splits)."""
-    torch.manual_seed(seed)

@@ -35,7 +35,7 @@ def tiny_config_dict(**overrides) -> dict:
             "warmup_steps": 2,
         },
         "tune": {"num_samples": 2, "seed": 0},
-        "trial_resources": {"cpu": 1},
+        "trial_resources": {"cpu": 0.875},
     }
     for k, v in overrides.items():
         node = cfg
