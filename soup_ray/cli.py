@@ -45,6 +45,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     run_dir = _run_dir(cfg, args.out)
     prep = prepare_run(cfg, run_dir, _log)
+    args._run_dir = str(prep.run_dir)
     outcome = run_sweep(cfg, prep.run_dir, _log, prepared=prep)
     print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
     if outcome.soup is not None and outcome.soup.get("ingredients"):
@@ -63,10 +64,79 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP."""
     t0 = time.time()
     rc = cmd_sweep(args)
-    _log(f"done in {time.time() - t0:.0f}s")
-    return rc
+    if rc != 0:
+        return rc
+    run_dir = Path(args._run_dir)
+    _log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
+    if args.no_serve:
+        return 0
+    if not (run_dir / "soup" / "soup.json").is_file():
+        _log("no soup was published (no trial completed); nothing to serve")
+        return 1
+    from .serving import serve_run
+
+    url = serve_run(run_dir, args.host, args.port, blocking=False, log=_log)
+    try:
+        show_queries(url, run_dir)
+        _log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        _log("stopping the server")
+    finally:
+        _stop_serving()
+    return 0
+
+
+def _stop_serving() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def show_queries(url: str, run_dir: Path, n: int = 5) -> None:
+    """Post a few real test digits as PNG to the served soup and print what comes back."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from .config import SweepConfig
+    from .data import build_dataset
+
+    cfg = SweepConfig.model_validate_json((run_dir / "config.json").read_text())
+    meta = json.loads((run_dir / "base" / "base.json").read_text())
+    test = build_dataset(cfg.data, int(meta["image_size"])).test
+    deadline = time.time() + 120
+    with httpx.Client(timeout=30) as client:
+        while time.time() < deadline:
+            try:
+                if client.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        info = client.get(f"{url}/info").json()
+        _log(f"GET /info -> soup version {info.get('soup_version')}, {len(info.get('ingredients') or [])} "
+             f"ingredient(s), held-out {info.get('heldout_accuracy')}")
+        for i in range(min(n, len(test))):
+            x, y = test[i]
+            buf = io.BytesIO()
+            Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
+            r = client.post(f"{url}/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
+            top = r.json()["predictions"][0] if r.status_code == 200 else r.json()
+            label = meta["classnames"][int(y)]
+            if r.status_code == 200:
+                _log(f"POST /predict (test image {i}, a {label}) -> {top['label']} ({100 * top['probability']:.1f}%)")
+            else:
+                _log(f"POST /predict (test image {i}) -> HTTP {r.status_code}: {top}")
 
 
 def cmd_standin(args: argparse.Namespace) -> int:
@@ -108,6 +178,15 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run's soup until Ctrl-C."""
+    from .serving import serve_run
+
+    serve_run(args.run_dir, args.host, args.port, blocking=True, log=_log, model=args.model,
+              ensemble=args.ensemble, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the soup actor's live state (or its persisted state when it is not running)."""
     from .status import format_status, status
@@ -130,10 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--num-samples", type=int, metavar="N", help="override tune.num_samples")
         sp.add_argument("--seed", type=int, help="override tune.seed (the search's random state)")
 
-    sp = sub.add_parser("run", help="the main job: stand-in, sweep, results table",
+    sp = sub.add_parser("run", help="the main job: sweep with the live soup, report, serve",
                         description="Run the whole job end to end on the Ray the config names "
-                                    "(an embedded local Ray by default).")
+                                    "(an embedded local Ray by default): fine-tune, keep the greedy soup, "
+                                    "write the report, then serve the soup over HTTP until Ctrl-C.")
     sweep_args(sp)
+    sp.add_argument("--no-serve", action="store_true", help="exit after the report instead of serving the soup")
+    sp.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("sweep", help="run the Ray Tune sweep and write results.jsonl",
@@ -157,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-early-rejection", action="store_true", help="score every held-out image for every decision")
     sp.add_argument("--report", action="store_true", help="also write report.md, figure.png, greedy.png and summary rows")
     sp.set_defaults(func=cmd_soup)
+
+    sp = sub.add_parser("serve", help="serve a run's soup over HTTP with Ray Serve",
+                        description="Serve RUN_DIR's greedy soup (following new versions as they are published) "
+                                    "with an ensemble endpoint for comparison, until Ctrl-C.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `soup-ray run` or `soup-ray sweep`")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    sp.add_argument("--model", default="soup", help="'soup' (default) or a trial id from results.jsonl")
+    sp.add_argument("--ensemble", type=int, default=3, metavar="K", help="members of /predict/ensemble: top-K trials (0: off)")
+    sp.add_argument("--num-cpus", type=float, default=0.25, help="CPUs per model replica (fractions allowed)")
+    sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("status", help="show the soup actor's live state",
                         description="Ask the run's soup actor for its state (on the cluster at --address or "

@@ -1,0 +1,492 @@
+"""The Ray Serve application on a real local Ray: predictions, ensemble, bad input, live soup updates."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, features
+
+from soup_ray.serving import (
+    ImageError,
+    ServeOptions,
+    decode_image,
+    load_image,
+    load_model,
+    to_model_input,
+    top_predictions,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+httpx = pytest.importorskip("httpx")
+
+# Ray Serve's own config models use a pydantic idiom that warns on import; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+
+N_IMAGES = 20
+REQUEST_TIMEOUT_S = 30.0
+LIVE_WAIT_S = 30.0
+FIXTURE_MAX_PIXELS = 1024 * 1024
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def digit_images(kitchen: Any, n: int) -> tuple[list[bytes], torch.Tensor]:
+    """The first ``n`` test digits as PNG bytes (even: grey ``L``, odd: ``RGB``) and their labels."""
+    x, y = kitchen.bundle.test.tensors
+    out = []
+    for i in range(n):
+        arr = (x[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr[:, :, 0], "L") if i % 2 == 0 else Image.fromarray(arr, "RGB")
+        out.append(png_bytes(img))
+    return out, y[:n]
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` pixels but carries (almost) no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def in_process_probs(model: torch.nn.Module, images: list[bytes], size: int) -> torch.Tensor:
+    """Softmax probabilities of ``model`` on the images decoded exactly as the server decodes them."""
+    x = to_model_input([load_image(b, size) for b in images])
+    with torch.no_grad():
+        return torch.softmax(model(x).float(), dim=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post_all(client: Any, path: str, bodies: list[dict[str, Any]], workers: int = 8) -> list[Any]:
+    """POST every request concurrently (bounded: one timeout per request, one for the whole set)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(client.post, path, **b) for b in bodies]
+        return [f.result(timeout=REQUEST_TIMEOUT_S * 2) for f in futures]
+
+
+# ---------------------------------------------------------------- decoding (no server)
+
+
+def test_load_image_grey_and_rgb_give_the_same_input_and_keep_white_on_black() -> None:
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:6, 3:5] = 255
+    grey = load_image(png_bytes(Image.fromarray(arr, "L")), 32)
+    rgb = load_image(png_bytes(Image.fromarray(np.stack([arr] * 3, -1), "RGB")), 32)
+    assert grey.shape == (32, 32, 3) and grey.dtype == np.uint8
+    assert np.array_equal(grey, rgb)
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[16, 16].max() > 200  # no inversion
+    expect = np.asarray(Image.fromarray(arr, "L").resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(grey[:, :, 0], expect)
+    t = decode_image(png_bytes(Image.fromarray(arr, "L")), 32)
+    assert t.shape == (3, 32, 32) and float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+
+
+def test_load_image_rescales_16_bit_grey_and_drops_alpha() -> None:
+    arr16 = np.full((4, 4), 65535, np.uint16)
+    arr16[0, 0] = 0
+    out = load_image(png_bytes(Image.fromarray(arr16)), 4)
+    assert out[1, 1].tolist() == [255, 255, 255] and out[0, 0].tolist() == [0, 0, 0]
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    assert load_image(png_bytes(Image.fromarray(rgba, "RGBA")), 4)[0, 0].tolist() == [200, 0, 0]
+
+
+@pytest.mark.parametrize("case, status, code", [
+    ("empty", 400, "empty_body"),
+    ("text", 400, "not_an_image"),
+    ("truncated_png", 400, "corrupt_image"),
+    ("truncated_jpeg", 400, "corrupt_image"),
+    ("gif", 415, "unsupported_image_type"),
+    ("bmp", 415, "unsupported_image_type"),
+    ("tiff", 415, "unsupported_image_type"),
+    ("huge_header", 422, "too_many_pixels"),
+    ("pillow_bomb", 422, "too_many_pixels"),
+])
+def test_load_image_refuses_bad_input_with_a_status(case: str, status: int, code: str) -> None:
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    limit = 4096 * 4096
+    data = {
+        "empty": lambda: b"",
+        "text": lambda: b"hello, this is not an image",
+        "truncated_png": lambda: png_bytes(noise)[: len(png_bytes(noise)) // 2],
+        "truncated_jpeg": lambda: encode(noise, "JPEG")[: len(encode(noise, "JPEG")) * 3 // 5],
+        "gif": lambda: encode(noise, "GIF"),
+        "bmp": lambda: encode(noise, "BMP"),
+        "tiff": lambda: encode(noise, "TIFF"),
+        "huge_header": lambda: header_only_png(100_000, 100_000),
+        "pillow_bomb": lambda: header_only_png(20_000, 20_000),
+    }[case]()
+    if case == "pillow_bomb":
+        limit = 10**12  # our limit is off: Pillow's own DecompressionBombError must still become a 422
+    with pytest.raises(ImageError) as err:
+        load_image(data, 32, max_pixels=limit)
+    assert (err.value.status, err.value.code) == (status, code)
+    assert err.value.to_json()["detail"]
+
+
+def test_top_predictions_are_sorted_softmax_probabilities() -> None:
+    logits = [0.0, 3.0, 1.0]
+    out = top_predictions(logits, ["a", "b", "c"], 5)
+    assert [p["label"] for p in out] == ["b", "c", "a"]
+    ref = torch.softmax(torch.tensor(logits), 0)
+    assert [p["probability"] for p in out] == pytest.approx([ref[1].item(), ref[2].item(), ref[0].item()])
+    assert len(top_predictions(logits, ["a", "b", "c"], 1)) == 1
+
+
+def test_config_yaml_is_a_valid_serve_config_naming_the_builder(small_run: Path) -> None:
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app_cfg = schema.applications[0]
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+    module, attr = app_cfg.import_path.split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    args = dict(app_cfg.args, run_dir=str(small_run))
+    ServeOptions.model_validate(args)
+    from ray.serve import Application
+
+    assert isinstance(builder(args), Application)
+    with pytest.raises(Exception, match="run_dir"):
+        builder({"run_dir": str(small_run / "missing")})
+    with pytest.raises(Exception, match="max_batch_siz"):
+        builder({"run_dir": str(small_run), "max_batch_siz": 4})
+    with pytest.raises(ValueError, match="neither 'soup'"):
+        builder({"run_dir": str(small_run), "model": "no-such-trial"})
+    with pytest.raises(ValueError, match="soup version 7"):
+        builder({"run_dir": str(small_run), "soup_version": 7})
+
+
+def test_model_slot_pins_follows_and_swaps_whole_models(small_run: Path, tmp_path: Path) -> None:
+    """What a replica's ``reconfigure`` and watcher do, without Serve: pin a version, follow, swap."""
+    import asyncio
+
+    from soup_ray.actor import SoupKeeper
+    from soup_ray.export import export_soup
+    from soup_ray.ingredients import trial_records_from_results
+    from soup_ray.serving import ModelSlot, ModelSpec
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    keeper = SoupKeeper(str(run), tie=">")
+    for rec in trial_records_from_results(run):
+        keeper.offer(rec.to_json())
+    keeper.process_inbox()
+    v1 = keeper.status()["version"]
+    ids2 = sorted(keeper.kitchen.paths)[:2]
+    if ids2 == sorted(keeper.status()["ingredients"]):
+        ids2 = sorted(keeper.kitchen.paths)[1:3]
+    x = to_model_input([np.zeros((32, 32, 3), np.uint8)])
+
+    async def scenario() -> dict[str, Any]:
+        slot = ModelSlot()
+        seen: dict[str, Any] = {}
+        assert await slot.configure(ModelSpec(run_dir=str(run), soup_version=v1))
+        seen["pinned"] = slot.current
+        assert not await slot.refresh()  # a pinned version is not followed
+        assert not await slot.configure(ModelSpec(run_dir=str(run), soup_version=v1, max_batch_size=2))
+        assert slot.current is seen["pinned"]  # batching-only change: nothing reloaded
+        assert await slot.configure(ModelSpec(run_dir=str(run)))  # follow RUN_DIR/soup
+        assert not await slot.refresh()  # nothing new published
+        export_soup(run / "base", keeper.kitchen.soup_weights(ids2), run / "soup",
+                    {"version": v1 + 1, "ingredients": ids2, "heldout_accuracy": None})
+        before = slot.current
+        assert await slot.refresh()
+        seen["before"], seen["after"] = before, slot.current
+        empty = ModelSlot()
+        assert not await empty.configure(ModelSpec(run_dir=str(run / "nowhere")))  # no soup yet: wait
+        seen["empty"] = (empty.current, empty.last_error)
+        with pytest.raises(ValueError, match="neither"):
+            await ModelSlot().configure(ModelSpec(run_dir=str(run), model="no-such-trial"))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["pinned"].soup_version == v1 and seen["before"].soup_version == v1
+    after = seen["after"]
+    assert after.soup_version == v1 + 1 and after.ingredients == ids2 and after is not seen["before"]
+    with torch.no_grad():
+        old, new = seen["before"].classifier(x), after.classifier(x)
+    assert not torch.allclose(old, new)  # the old object was not modified in place: whole models swapped
+    assert seen["empty"][0] is None and "no soup published" in seen["empty"][1]
+
+
+# ---------------------------------------------------------------- the served application
+
+
+@pytest.fixture(scope="module")
+def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A copy of the finished run with a published soup, served once on a free loopback port."""
+    import ray
+    from ray import serve
+
+    from soup_ray.actor import SoupKeeper
+    from soup_ray.ingredients import trial_records_from_results
+    from soup_ray.serving import serve_run
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    shutil.copytree(small_run, run)
+    keeper = SoupKeeper(str(run), tie=">")
+    for rec in trial_records_from_results(run):
+        keeper.offer(rec.to_json())
+    keeper.process_inbox()
+    assert (run / "soup" / "soup.json").is_file()
+
+    started = not ray.is_initialized()
+    if started:
+        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               "HF_HUB_OFFLINE": "1"}
+        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
+                 log_to_driver=False)
+    port = free_port()
+    try:
+        url = serve_run(run, host="127.0.0.1", port=port, blocking=False, log=lambda m: None, ensemble=2,
+                        poll_interval_s=0.5, num_cpus=0.2, ingress_cpus=0.1, max_batch_size=8,
+                        batch_wait_timeout_s=0.05, max_pixels=FIXTURE_MAX_PIXELS)
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+            yield {"url": url, "run": run, "keeper": keeper, "kitchen": keeper.kitchen, "client": client}
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def test_predict_matches_the_exported_soup_in_process(served: dict[str, Any]) -> None:
+    from soup_ray.export import load_soup
+
+    client, run = served["client"], served["run"]
+    pngs, labels = digit_images(served["kitchen"], N_IMAGES)
+    soup, info = load_soup(run / "soup")
+    probs = in_process_probs(soup, pngs, info["image_size"])
+    requests = [{"files": {"file": (f"{i}.png", b, "image/png")}} for i, b in enumerate(pngs)]
+    requests += [{"content": b, "headers": {"content-type": "image/png"}} for b in pngs]
+    responses = post_all(client, "/predict", requests)
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "soup" and body["soup_version"] == info["version"]
+        preds = body["predictions"]
+        k = i % N_IMAGES
+        assert len(preds) == 3 and preds[0]["index"] == int(probs[k].argmax())
+        assert preds[0]["label"] == info["classnames"][preds[0]["index"]]
+        for p in preds:
+            assert p["probability"] == pytest.approx(float(probs[k, p["index"]]), abs=1e-5)
+        assert [p["probability"] for p in preds] == sorted((p["probability"] for p in preds), reverse=True)
+    # batching happened under concurrent load
+    assert client.get("/info").json()["batching"]["largest_batch"] >= 2
+    # JSON base64 and JPEG bodies go through the same decoding
+    jpeg = encode(Image.open(io.BytesIO(pngs[1])), "JPEG", quality=95)
+    by_json = client.post("/predict?top_k=10", json={"image_base64": base64.b64encode(pngs[0]).decode()})
+    by_jpeg = client.post("/predict", content=jpeg, headers={"content-type": "image/jpeg"})
+    assert by_json.status_code == 200 and len(by_json.json()["predictions"]) == 10
+    assert by_json.json()["predictions"][0]["probability"] == pytest.approx(float(probs[0].max()), abs=1e-5)
+    jpeg_probs = in_process_probs(soup, [jpeg], info["image_size"])[0]
+    assert by_jpeg.status_code == 200
+    assert by_jpeg.json()["predictions"][0]["index"] == int(jpeg_probs.argmax())
+
+
+def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
+    client, keeper = served["client"], served["keeper"]
+    st = keeper.status()
+    info = client.get("/info").json()
+    assert info["model"] == "soup" and info["soup_version"] == st["version"]
+    assert info["ingredients"] == st["ingredients"]
+    assert info["heldout_accuracy"] == pytest.approx(st["heldout_accuracy"])
+    assert info["classes"] == keeper.kitchen.bundle.classnames and info["image_size"] == 32
+    assert isinstance(info["pid"], int) and len(info["ensemble"]["members"]) == 2
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["pid"] == info["pid"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/predict/ensemble", "/info", "/healthz"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_ensemble_returns_the_mean_logit_prediction_of_its_trials(served: dict[str, Any]) -> None:
+    client, run = served["client"], served["run"]
+    members = client.get("/info").json()["ensemble"]["members"]
+    pngs, _ = digit_images(served["kitchen"], 8)
+    x = to_model_input([load_image(b, 32) for b in pngs])
+    with torch.no_grad():
+        mean_logits = torch.stack([load_model(run, m).classifier(x) for m in members]).mean(0)
+    probs = torch.softmax(mean_logits, dim=1)
+    responses = post_all(client, "/predict/ensemble?top_k=2", [{"content": b} for b in pngs])
+    for k, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "ensemble" and body["members"] == members and body["soup_version"] is None
+        assert len(body["predictions"]) == 2 and body["predictions"][0]["index"] == int(probs[k].argmax())
+        for p in body["predictions"]:
+            assert p["probability"] == pytest.approx(float(probs[k, p["index"]]), abs=1e-5)
+
+
+def _bad_requests() -> dict[str, tuple[dict[str, Any], str, int, str]]:
+    """name -> (request kwargs, path, expected status, expected error code)."""
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    png, jpeg = png_bytes(noise), encode(noise, "JPEG")
+    big = Image.fromarray(np.zeros((1100, 1100), np.uint8), "L")  # 1.21 Mpx > the fixture's 1 Mpx limit
+    over = b"\x89PNG\r\n\x1a\n" + b"\0" * (4 * 1024 * 1024)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(5):
+            yield b"\0" * (1024 * 1024)
+
+    cases: dict[str, tuple[dict[str, Any], str, int, str]] = {
+        "empty_raw": ({"content": b""}, "/predict", 400, "empty_body"),
+        "empty_upload": ({"files": {"file": ("x.png", b"", "image/png")}}, "/predict", 400, "empty_body"),
+        "not_an_image": ({"content": b"just some text"}, "/predict", 400, "not_an_image"),
+        "truncated_png": ({"content": png[: len(png) // 2]}, "/predict", 400, "corrupt_image"),
+        "truncated_jpeg": ({"content": jpeg[: len(jpeg) // 2]}, "/predict", 400, "corrupt_image"),
+        "gif": ({"content": encode(noise, "GIF"), "headers": {"content-type": "image/gif"}}, "/predict", 415,
+                "unsupported_image_type"),
+        "bmp_upload": ({"files": {"file": ("x.bmp", encode(noise, "BMP"), "image/bmp")}}, "/predict", 415,
+                       "unsupported_image_type"),
+        "tiff": ({"content": encode(noise, "TIFF")}, "/predict/ensemble", 415, "unsupported_image_type"),
+        "malformed_json": ({"content": b'{"image_base64": ', "headers": {"content-type": "application/json"}},
+                           "/predict", 400, "malformed_json"),
+        "json_without_field": ({"json": {"image": "x"}}, "/predict", 422, "missing_field"),
+        "json_bad_base64": ({"json": {"image_base64": "!!not base64!!"}}, "/predict", 400, "invalid_base64"),
+        "json_gif": ({"json": {"image_base64": base64.b64encode(encode(noise, "GIF")).decode()}}, "/predict", 415,
+                     "unsupported_image_type"),
+        "too_large_declared": ({"content": over}, "/predict", 413, "body_too_large"),
+        "too_large_chunked": ({"content": chunks()}, "/predict", 413, "body_too_large"),
+        "too_many_pixels": ({"content": png_bytes(big)}, "/predict", 422, "too_many_pixels"),
+        "bomb_header": ({"content": header_only_png(50_000, 50_000)}, "/predict", 422, "too_many_pixels"),
+        "upload_without_file_field": ({"files": {"image": ("x.png", png, "image/png")}}, "/predict", 422,
+                                      "missing_field"),
+        "file_field_is_text": ({"data": {"file": "not a file"}, "files": {"other": ("x.png", png, "image/png")}},
+                               "/predict", 422, "invalid_field"),
+        "malformed_multipart": ({"content": b"--nope\r\nbroken", "headers": {
+            "content-type": "multipart/form-data; boundary=xyz"}}, "/predict", 400, "malformed_multipart"),
+        "top_k_zero": ({"content": png}, "/predict?top_k=0", 422, "invalid_request"),
+        "top_k_not_a_number": ({"content": png}, "/predict?top_k=three", 422, "invalid_request"),
+    }
+    if features.check("webp"):
+        cases["webp"] = ({"content": encode(noise, "WEBP")}, "/predict", 415, "unsupported_image_type")
+    return cases
+
+
+BAD = _bad_requests()
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_gets_a_4xx_json_error_naming_the_problem(served: dict[str, Any], name: str) -> None:
+    kwargs, path, status, code = BAD[name]
+    r = served["client"].post(path, **kwargs)
+    assert r.status_code < 500
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code and body["detail"]
+
+
+def test_wrong_method_and_unknown_path_get_json_errors(served: dict[str, Any]) -> None:
+    client = served["client"]
+    r = client.get("/predict")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert client.get("/healthz").status_code == 200  # still healthy after all the bad input
+
+
+def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
+    """Publishing a new soup version changes what /predict answers, without restarting the replica."""
+    from soup_ray.export import export_soup, load_soup
+
+    client, run, kitchen = served["client"], served["run"], served["kitchen"]
+    before = client.get("/info").json()
+    v1, pid = before["soup_version"], before["pid"]
+    pngs, _ = digit_images(kitchen, 10)
+    old_soup, _ = load_soup(run / "soup")
+    old_probs = in_process_probs(old_soup, pngs, 32)
+
+    all_ids = sorted(kitchen.paths)
+    new_ids = all_ids if sorted(before["ingredients"]) != all_ids else all_ids[:2]
+    result = kitchen.evaluate(new_ids, None)
+    info = {"version": v1 + 1, "ingredients": new_ids, "heldout_accuracy": result.correct / kitchen.heldout_size}
+
+    # requests keep being answered, whole, while the new soup is loaded and swapped in
+    seen: list[tuple[int, Any]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        deadline = time.time() + LIVE_WAIT_S + 10
+        while not stop.is_set() and time.time() < deadline and len(seen) < 300:
+            r = client.post("/predict", content=pngs[0])
+            seen.append((r.status_code, r.json().get("soup_version")))
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=hammer, daemon=True)
+    worker.start()
+    try:
+        export_soup(run / "base", kitchen.soup_weights(new_ids), run / "soup", info)
+        deadline = time.time() + LIVE_WAIT_S
+        now = before
+        while time.time() < deadline and now["soup_version"] != v1 + 1:
+            time.sleep(0.25)
+            now = client.get("/info").json()
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        worker.join(timeout=REQUEST_TIMEOUT_S)
+
+    assert now["soup_version"] == v1 + 1, f"the new soup was not picked up within {LIVE_WAIT_S}s: {now}"
+    assert now["ingredients"] == new_ids and now["pid"] == pid
+    health = client.get("/healthz").json()
+    assert health["soup_version"] == v1 + 1 and health["pid"] == pid
+    assert seen and all(status == 200 for status, _ in seen), seen
+    assert {v for _, v in seen} <= {v1, v1 + 1}
+
+    new_soup, new_info = load_soup(run / "soup")
+    assert new_info["version"] == v1 + 1
+    new_probs = in_process_probs(new_soup, pngs, 32)
+    assert not torch.allclose(new_probs, old_probs, atol=1e-4)  # the soups really differ
+    responses = post_all(client, "/predict?top_k=10", [{"content": b} for b in pngs])
+    for k, r in enumerate(responses):
+        body = r.json()
+        assert r.status_code == 200 and body["soup_version"] == v1 + 1
+        served_probs = torch.zeros(10)
+        for p in body["predictions"]:
+            served_probs[p["index"]] = p["probability"]
+        assert torch.allclose(served_probs, new_probs[k], atol=1e-5)
