@@ -166,3 +166,50 @@ def test_live_soup_equals_offline_cli_and_status(tmp_path: Path, prepared, monke
     assert main(["status", str(run_dir)]) == 0
     st = capsys.readouterr().out
     assert "persisted state" in st and all(t in st for t in live)
+
+
+def test_run_serves_the_soup_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`soup-ray run` end to end in its own process: sweep, soup, report, serve, real HTTP queries, clean stop."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config_dict(**{"tune.num_samples": 2, "trial_resources.cpu": 0.875})
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "soup_ray.cli", "run", str(cfg_path), "--out", str(run_dir),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 420
+        text = ""
+        while time.time() < deadline and proc.poll() is None:
+            text = (tmp_path / "run.log").read_text()
+            if "Ctrl-C stops" in text:
+                break
+            time.sleep(2)
+        assert "Ctrl-C stops" in text, text[-3000:]
+        assert "POST /predict (test image 0" in text
+        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+        assert info["ingredients"] == json.loads((run_dir / "soup" / "soup.json").read_text())["ingredients"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
