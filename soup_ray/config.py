@@ -166,6 +166,18 @@ class ImageFolderData(_Strict):
     seed: int = 0
     num_workers: int = Field(2, ge=0)
 
+    @field_validator("classnames", mode="before")
+    @classmethod
+    def _named_classnames(cls, v: Any) -> Any:
+        """``classnames: openai_imagenet`` stands for open_clip's 1,000 ImageNet class names (in wnid order)."""
+        if isinstance(v, str):
+            if v != "openai_imagenet":
+                raise ValueError(f"classnames must be a list of names or 'openai_imagenet', got {v!r}")
+            from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+            return list(IMAGENET_CLASSNAMES)
+        return v
+
     @model_validator(mode="after")
     def _one_heldout_source(self) -> "ImageFolderData":
         if (self.heldout_fraction is None) == (self.heldout_index is None):
