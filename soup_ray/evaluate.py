@@ -11,18 +11,29 @@ from torch.utils.data import Dataset
 from .data import loader
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's parameters live on."""
+    return next(model.parameters()).device
+
+
+def pick_device(gpus: float = 1.0) -> str:
+    """``cuda`` when a GPU is visible and the work was given one (or a fraction), else ``cpu``."""
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @torch.no_grad()
-def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(logits, labels)`` batch by batch, so a caller may stop early."""
+def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(logits, labels)`` on the CPU batch by batch (the model may be on a GPU), so a caller may stop early."""
     model.eval()
-    for x, y in loader(ds, batch_size):
-        yield model(x).float(), y
+    device = model_device(model)
+    for x, y in loader(ds, batch_size, num_workers=num_workers):
+        yield model(x.to(device, non_blocking=True)).float().cpu(), y
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits ``[N, C]`` and labels ``[N]`` of a split, in order."""
-    parts = list(iter_logits(model, ds, batch_size))
+def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits ``[N, C]`` and labels ``[N]`` of a split, in order (on the CPU)."""
+    parts = list(iter_logits(model, ds, batch_size, num_workers))
     if not parts:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .data import labels_of
-from .evaluate import iter_logits
+from .evaluate import iter_logits, pick_device
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
 from .train import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
@@ -103,9 +103,12 @@ class Kitchen:
         cfg = SweepConfig.model_validate_json((self.run_dir / "config.json").read_text())
         self.config = cfg
         self.model, self.base_meta = load_base(self.run_dir / "base")
-        self.model.eval()
+        self.device = pick_device(cfg.soup.resources.gpu)
+        self.model.to(self.device).eval()
         self.fingerprint: str = self.base_meta["fingerprint"]
         self.reference = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
+        num_workers = getattr(cfg.data, "num_workers", 0)
+        self.num_workers = num_workers
         self.bundle = build_dataset(cfg.data, int(self.base_meta["image_size"]))
         self.heldout = self.bundle.heldout
         self.heldout_size = len(self.heldout)
@@ -183,7 +186,7 @@ class Kitchen:
             ds: Dataset = TensorDataset(x[order], y[order])
         else:
             ds = Subset(self.heldout, order)
-        yield from iter_logits(model, ds, self.heldout_batch_size)
+        yield from iter_logits(model, ds, self.heldout_batch_size, self.num_workers)
 
     def evaluate(self, ids: list[str], max_wrong: int | None) -> EvalResult:
         """Score the soup of ``ids`` on the held-out split, stopping once it has more than ``max_wrong`` errors."""

@@ -131,6 +131,8 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             eval_batch_size=cfg.eval_batch_size,
             threads=max(1, int(cfg.trial_resources.cpu)),
             precision=cfg.model.precision,
+            gpus=cfg.trial_resources.gpu,
+            num_workers=getattr(cfg.data, "num_workers", 0),
         )
         actor = None
         cbs = list(callbacks or [])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import DigitsData, ImageFolderData
 from .data import build_dataset, loader
-from .evaluate import accuracy, predict_logits
+from .evaluate import accuracy, pick_device, predict_logits
 from .model import BASE_META, CLIPClassifier, load_base
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -49,6 +49,8 @@ class TrialContext:
     eval_batch_size: int = 256
     threads: int = 1
     precision: str = "fp32"
+    gpus: float = 0.0  # GPUs Ray gave the trial; > 0 trains on CUDA when one is visible
+    num_workers: int = 0  # data-loading processes (image folders on a cluster)
 
     def data_config(self) -> DigitsData | ImageFolderData:
         cls = DigitsData if self.data_kind == "digits" else ImageFolderData
@@ -131,19 +133,24 @@ def fine_tune(
     g = torch.Generator().manual_seed(hp["seed"])
     bundle = build_dataset(ctx.data_config(), _image_size(ctx))
     model, meta = fresh_base(ctx.base_dir)
+    device = pick_device(ctx.gpus)
+    model.to(device)
     steps_per_epoch = math.ceil(len(bundle.train) / hp["batch_size"])
     total = steps_per_epoch * hp["epochs"]
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, hp["warmup_steps"]))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx.precision == "bf16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=ctx.precision == "bf16")
     t0 = time.time()
     metrics: dict[str, Any] = {}
     for epoch in range(1, hp["epochs"] + 1):
         model.train()
         losses = []
-        for x, y in loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch):
+        batches = loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch,
+                         num_workers=ctx.num_workers)
+        for x, y in batches:
             x = randaugment(x, hp["randaug_n"], hp["randaug_m"], g)
             x, ya, yb, lam = mixup(x, y, float(config.get("mixup_alpha", 0.0)), g)
+            x, ya, yb = x.to(device, non_blocking=True), ya.to(device), yb.to(device)
             with autocast:
                 logits = model(x).float()
             ls = float(config.get("label_smoothing", 0.0))
@@ -161,7 +168,7 @@ def fine_tune(
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size)
+        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers)
         metrics = {
             "epoch": epoch,
             "heldout_acc": accuracy(held_logits, held_labels),
@@ -188,7 +195,7 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
     logits: dict[str, torch.Tensor] = {}
     final = dict(metrics, status="completed")
     for name, ds in bundle.eval_sets().items():
-        lg, lb = predict_logits(model, ds, ctx.eval_batch_size)
+        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers)
         logits[f"{name}"] = lg.contiguous()
         logits[f"{name}.labels"] = lb.contiguous()
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")
@@ -197,7 +204,7 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
             final["heldout_correct"] = int((lg.argmax(1) == lb).sum())
     shift_keys = [k for k in final if k.startswith("shift_")]
     final["shift_mean_acc"] = sum(final[k] for k in shift_keys) / len(shift_keys) if shift_keys else float("nan")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(
         state,
         str(out / CHECKPOINT_WEIGHTS),
