@@ -1,23 +1,50 @@
-"""GPU throughput check: ViT-B-32 (random init, 224 px, synthetic batches).
+"""GPU check: ViT-B-32 (random init, 224 px) training/evaluation throughput, then serving the soup vs an ensemble.
 
-Measures fine-tuning images/s in fp32 (the reference code's setting) and with
-bf16 autocast, and held-out evaluation images/s, with the same classifier
-soup-ray fine-tunes (image tower + linear head). Writes
-``bench/results/gpu-<date>.json``. Every phase is bounded in time, so the
-whole check stays within a few minutes.
+Part 1 (throughput, synthetic batches): fine-tuning images/s in fp32 (the
+reference code's setting) and with bf16 autocast, and evaluation images/s, with
+the same classifier soup-ray fine-tunes (image tower + linear head).
+
+Part 2 (serving, over HTTP on one local Ray): a synthetic run folder with a
+random-init ViT-B-32 base, its "soup" and ``--members`` fake trials of the same
+weights (``bench/serve_cpu.py``'s ``build_vit_run``) is served with Ray Serve,
+one application at a time: the soup on ``POST /predict`` and an ensemble of
+``--members`` replicas on ``POST /predict/ensemble``, each model replica holding
+``--num-gpus`` of the GPU; plus the in-process ceiling (batched forward of the
+same soup on the GPU at the deployment's batch size).
+
+Writes ``bench/results/gpu-<date>.json`` after every phase. Every phase is
+bounded in time and the whole check by ``--budget`` seconds (the shell wrapper
+kills it at 360 s), so a late phase is shortened or skipped, never overrun.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import platform
+import shutil
+import signal
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE), str(HERE.parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
 
 
 def build(num_classes: int, device: str):
@@ -32,7 +59,7 @@ def build(num_classes: int, device: str):
     return clf.to(device)
 
 
-def timed_steps(fn, warmup: int, max_steps: int, max_seconds: float, device: str) -> tuple[int, float]:
+def timed_steps(fn: Callable[[], None], warmup: int, max_steps: int, max_seconds: float, device: str) -> tuple[int, float]:
     for _ in range(warmup):
         fn()
     if device == "cuda":
@@ -46,30 +73,23 @@ def timed_steps(fn, warmup: int, max_steps: int, max_seconds: float, device: str
     return n, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--eval-batch-size", type=int, default=512)
-    ap.add_argument("--seconds", type=float, default=45.0, help="time budget of each measured phase")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def save(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results["elapsed_s"] = round(elapsed(), 1)
+    out.write_text(json.dumps(results, indent=2, default=str))
+
+
+def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: str) -> None:
+    """Fine-tuning (fp32, bf16 autocast) and evaluation images/s on synthetic batches."""
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the reference code
     torch.backends.cudnn.allow_tf32 = False
     model = build(1000, device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.1)
     x = torch.rand(args.batch_size, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    results: dict = {
-        "date": dt.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "model": "ViT-B-32 (random init) + linear head, 224 px",
-        "batch_size": args.batch_size,
-    }
 
-    def train_step(bf16: bool):
-        def step():
+    def train_step(bf16: bool) -> Callable[[], None]:
+        def step() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -86,7 +106,7 @@ def main() -> None:
     model.eval()
     xe = torch.rand(args.eval_batch_size, 3, 224, 224, device=device)
     for name, bf16 in (("eval_fp32", False), ("eval_bf16_autocast", True)):
-        def ev():
+        def ev() -> None:
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(xe)
         n, secs = timed_steps(ev, 3, 400, args.seconds / 2, device)
@@ -94,10 +114,92 @@ def main() -> None:
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} batches)", flush=True)
     if device == "cuda":
         results["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    out = Path(args.out or Path(__file__).parent / "results" / f"gpu-{results['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    del model, opt, x, y, xe
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = True  # serving runs with the library defaults again
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, out: Path) -> None:
+    """Served soup vs an ensemble of ``--members`` ViT-B-32 replicas over HTTP, plus the in-process ceiling."""
+    from serve_cpu import build_vit_run
+
+    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, write_bench
+
+    left = args.budget - elapsed()
+    if left < 90:
+        results["serving_vitb32"] = {"skipped": f"only {left:.0f}s of the budget left"}
+        print(f"serving: skipped, only {left:.0f}s left", flush=True)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="soup-ray-gpu-serve-"))
+    try:
+        run_dir = build_vit_run(tmp / "run", members=args.members, log=lambda m: print(m, flush=True))
+        gpu = device == "cuda"
+        settings = BenchSettings(
+            concurrency=parse_concurrency(args.serve_concurrency), requests=args.serve_requests,
+            seconds=args.serve_seconds, ensemble_cap=args.members, port=args.port, only=["soup", "ensemble_k"],
+            num_cpus=args.replica_cpus if gpu else None, num_gpus=args.num_gpus if gpu else 0.0,
+            ingress_cpus=1.0 if gpu else 0.1, max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s, images=64, warmup_requests=64,
+            request_timeout_s=20.0, deploy_timeout_s=120.0, ceiling_seconds=5.0,
+            time_budget_s=max(30.0, args.budget - elapsed() - 10))
+        figures = run_bench(run_dir, settings, log=lambda m: print(f"[serve] {m}", flush=True))
+        paths = write_bench(figures, out.with_name(out.stem + "-serve.json"))
+        results["serving_vitb32"] = {"ratios": figures["ratios"], "ceiling": figures.get("ceiling"),
+                                     "replica": figures.get("replica"), "figures_file": str(paths["json"]),
+                                     "targets": figures["targets"]}
+        print(format_table(figures), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--eval-batch-size", type=int, default=512)
+    ap.add_argument("--seconds", type=float, default=25.0, help="time budget of each measured training phase")
+    ap.add_argument("--budget", type=float, default=340.0, help="bound on the whole check in seconds")
+    ap.add_argument("--no-throughput", action="store_true", help="skip part 1")
+    ap.add_argument("--no-serve", action="store_true", help="skip part 2")
+    ap.add_argument("--members", type=int, default=5, help="ensemble size compared with the soup (default: 5)")
+    ap.add_argument("--num-gpus", type=float, default=0.15, help="GPU fraction per model replica (default: 0.15)")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per model replica on the GPU machine")
+    ap.add_argument("--max-batch-size", type=int, default=32, help="dynamic batching of the replicas (default: 32)")
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    ap.add_argument("--serve-concurrency", default="1,16,64", help="HTTP concurrency levels (default: 1,16,64)")
+    ap.add_argument("--serve-requests", type=int, default=4000, help="most requests per level")
+    ap.add_argument("--serve-seconds", type=float, default=10.0, help="longest time per level")
+    ap.add_argument("--port", type=int, default=8012)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    def stop(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: unwind so Serve and Ray are stopped
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "model": "ViT-B-32 (random init) + linear head, 224 px",
+        "batch_size": args.batch_size,
+    }
+    out = Path(args.out or HERE / "results" / f"gpu-{results['date']}.json")
+    try:
+        if not args.no_throughput:
+            throughput_phase(args, results, device)
+            save(results, out)
+        if not args.no_serve:
+            serve_phase(args, results, device, out)
+    except KeyboardInterrupt:
+        results["interrupted_at_s"] = round(elapsed(), 1)
+        print("interrupted: writing what was measured", flush=True)
+    finally:
+        save(results, out)
+        print(f"wrote {out} ({elapsed():.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

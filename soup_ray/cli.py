@@ -5,6 +5,7 @@
     soup-ray standin             build (or show) the cached offline stand-in CLIP
     soup-ray soup RUN_DIR        recompute a soup method offline from the checkpoints
     soup-ray status [RUN_DIR]    the soup actor's live state
+    soup-ray bench RUN_DIR       serving benchmark: soup vs one model vs ensembles
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def _run_dir(cfg: SweepConfig, out: str | None) -> Path:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        from .dryrun import run_dry_run
+
+        return run_dry_run(args.config, _overrides(args), out=args.out)
     from .sweep import prepare_run, print_table, run_sweep
 
     cfg = load_config(args.config, _overrides(args))
@@ -67,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP."""
     t0 = time.time()
     rc = cmd_sweep(args)
-    if rc != 0:
+    if rc != 0 or getattr(args, "dry_run", False):
         return rc
     run_dir = Path(args._run_dir)
     _log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
@@ -188,6 +193,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark serving: the soup against the best trial and ensembles over HTTP, plus the in-process ceiling."""
+    from .loadgen import TARGETS, BenchSettings, bench_main, parse_concurrency
+
+    only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else list(TARGETS)
+    settings = BenchSettings(
+        concurrency=parse_concurrency(args.concurrency), requests=args.requests, seconds=args.seconds,
+        ensemble_cap=args.ensemble_cap, host=args.host, port=args.port, only=only, ceiling=not args.no_ceiling,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads, images=args.images,
+        image_size=args.image_size, time_budget_s=args.time_budget)
+    bench_main(args.run_dir, settings, args.out, log=_log)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the soup actor's live state (or its persisted state when it is not running)."""
     from .status import format_status, status
@@ -209,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", metavar="DIR", help="run folder (default: <storage>/<name>-<timestamp>)")
         sp.add_argument("--num-samples", type=int, metavar="N", help="override tune.num_samples")
         sp.add_argument("--seed", type=int, help="override tune.seed (the search's random state)")
+        sp.add_argument("--dry-run", action="store_true",
+                        help="only check the config, data paths, Ray resources, model and two training steps; "
+                             "start nothing (exit 0: ready, 1: problems, 2: invalid config)")
 
     sp = sub.add_parser("run", help="the main job: sweep with the live soup, report, serve",
                         description="Run the whole job end to end on the Ray the config names "
@@ -253,6 +276,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-cpus", type=float, default=0.25, help="CPUs per model replica (fractions allowed)")
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("bench", help="benchmark serving: soup vs best trial vs ensembles, and the ceiling",
+                        description="Deploy the soup, the best trial, an ensemble of K (= greedy soup size) and an "
+                                    "ensemble of all candidates (up to --ensemble-cap) one after another on the same "
+                                    "Ray with the same CPU share per model replica; load each over HTTP at several "
+                                    "concurrency levels (bounded by --requests and --seconds per level); measure "
+                                    "the in-process batched forward ceiling of the soup; write RUN_DIR/bench.json "
+                                    "and bench.png and print a table.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with soup/ and results.jsonl)")
+    sp.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level (default: 1,4,16)")
+    sp.add_argument("--requests", type=int, default=200, help="most requests per level (default: 200)")
+    sp.add_argument("--seconds", type=float, default=15.0, help="longest time per level (default: 15)")
+    sp.add_argument("--ensemble-cap", type=int, default=8, help="most members of the all-candidates ensemble (default: 8)")
+    sp.add_argument("--port", type=int, default=8010, help="HTTP port of the bench application (default: 8010)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sp.add_argument("--out", metavar="FILE", help="output JSON (default: RUN_DIR/bench.json; the plot goes next to it)")
+    sp.add_argument("--only", metavar="TARGETS", help="comma-separated subset of soup,single,ensemble_k,ensemble_all")
+    sp.add_argument("--no-ceiling", action="store_true", help="skip the in-process forward ceiling")
+    sp.add_argument("--num-cpus", type=float, help="CPUs per model replica (default: an equal share that fits)")
+    sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0)")
+    sp.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: most images per forward (16)")
+    sp.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="dynamic batching: longest wait (0.01)")
+    sp.add_argument("--replica-threads", type=int, help="OMP_NUM_THREADS of every Ray worker (default: Ray's, "
+                                                         "1 for fractional CPUs)")
+    sp.add_argument("--images", type=int, default=64, help="distinct test images cycled as requests (default: 64)")
+    sp.add_argument("--image-size", type=int, help="size of the posted PNGs (default: the model's image size)")
+    sp.add_argument("--time-budget", type=float, metavar="S", help="bound on the whole bench; later phases shrink")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("status", help="show the soup actor's live state",
                         description="Ask the run's soup actor for its state (on the cluster at --address or "

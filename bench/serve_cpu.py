@@ -1,0 +1,166 @@
+"""Serving a ViT-B-32 soup on the CPU: the soup against one model and an ensemble, and the in-process ceiling.
+
+The stand-in CLIP of the local runs is so small that serving it measures the
+HTTP path, not the model. This script builds a synthetic run folder whose model
+has the real ViT-B-32 cost: open_clip ``ViT-B-32`` with ``pretrained=None``
+(random initialisation, no download), 224 px, the digits class names, saved
+with ``build_base``/``save_base``; the "soup" is those weights exported with
+``export_soup``; ``results.jsonl`` lists ``--members`` completed fake trials,
+all pointing at one checkpoint of the same weights, so the single-model and
+ensemble targets cost exactly what K real ViT-B-32 trials would. The soup.json
+names the fake trials as its ingredients, so K (the ensemble the soup is
+compared with) is ``--members``. Accuracy is meaningless here; only cost is
+measured. The test images are the digits test split rendered at 224 px.
+
+Then ``soup_ray.loadgen.run_bench`` measures it (one application at a time on
+one local Ray), and the figures are written to
+``bench/results/serve_cpu_vitb32.json`` (+ ``.png``).
+
+    python bench/serve_cpu.py                       # soup, single, ensemble of 5, ceiling
+    python bench/serve_cpu.py --only soup           # soup + ceiling only (fastest)
+    python bench/serve_cpu.py --replica-threads 2   # every replica may use 2 torch threads
+
+ViT-B-32 on one CPU thread takes roughly 0.1-0.3 s per image, so the levels
+are short and few by default; every level is bounded by --requests and
+--seconds, the whole run by --time-budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "serve_cpu_vitb32.json"
+CHECKPOINT = "trials/synthetic"
+
+
+def _log(msg: str) -> None:
+    print(f"[serve_cpu] {msg}", flush=True)
+
+
+def build_vit_run(run_dir: Path, members: int = 5, model_name: str = "ViT-B-32", config_from: Path | None = None,
+                  seed: int = 0, log=_log) -> Path:
+    """Write a synthetic run folder: random-init ``model_name`` base, its soup, ``members`` fake trials.
+
+    The config is the digits config of ``config_from`` (a run folder) or of
+    ``tune_configs/local.yaml``, with the model replaced by ``model_name``
+    (``pretrained: null``). Returns ``run_dir``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from soup_ray.config import ModelConfig, SweepConfig, load_config
+    from soup_ray.data import DIGIT_NAMES, DIGIT_TEMPLATES
+    from soup_ray.export import export_soup
+    from soup_ray.model import build_base, save_base
+    from soup_ray.results import write_jsonl
+    from soup_ray.train import CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_from is not None:
+        cfg = SweepConfig.model_validate_json((Path(config_from) / "config.json").read_text())
+    else:
+        cfg = load_config(ROOT / "tune_configs" / "local.yaml")
+    cfg = cfg.model_copy(update={"name": f"synthetic-{model_name}",
+                                 "model": ModelConfig(name=model_name, pretrained=None)})
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    torch.manual_seed(seed)
+    base = build_base(cfg.model, DIGIT_NAMES, DIGIT_TEMPLATES)
+    fingerprint = save_base(base, run_dir / "base")
+    state = {k: v.detach().contiguous() for k, v in base.classifier.state_dict().items()}
+    ids = [f"synthetic_{i:02d}" for i in range(members)]
+    if members:
+        ckpt = run_dir / CHECKPOINT
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(ckpt / CHECKPOINT_WEIGHTS),
+                  metadata={"base_fingerprint": fingerprint, "hyperparameters": json.dumps({"synthetic": True}),
+                            "classnames": json.dumps(list(DIGIT_NAMES))})
+        (ckpt / CHECKPOINT_METRICS).write_text(json.dumps({"base_fingerprint": fingerprint, "heldout_correct": 0,
+                                                           "status": "completed", "synthetic": True}))
+        rows = [{"model_name": f"trial_{tid}", "trial_id": tid, "status": "completed", "kind": "individual",
+                 "checkpoint": CHECKPOINT, "heldout": 0.1, "test": 0.1, "heldout_correct": 0,
+                 "note": f"synthetic: random-init {model_name}, the same weights as every other trial"}
+                for tid in ids]
+        write_jsonl(run_dir / "results.jsonl", rows)
+    export_soup(run_dir / "base", state, run_dir / "soup",
+                {"version": 1, "ingredients": ids or ["base"], "heldout_accuracy": None,
+                 "note": f"synthetic: random-init {model_name}; the ingredients all have these same weights"})
+    size = json.loads((run_dir / "base" / "base.json").read_text())["image_size"]
+    log(f"built a synthetic {model_name} run ({size} px, {members} fake trial(s)) in {run_dir} "
+        f"in {time.perf_counter() - t0:.0f}s")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, help="where to build the synthetic run (default: a temporary folder, "
+                                                 "removed afterwards); an existing built run is reused")
+    ap.add_argument("--config-from", type=Path, help="a digits run folder whose config.json to adapt "
+                                                     "(default: tune_configs/local.yaml)")
+    ap.add_argument("--members", type=int, default=5, help="fake completed trials = the soup's size K (default: 5)")
+    ap.add_argument("--only", default="soup,single,ensemble_k,ensemble_all",
+                    help="targets (default: all; 'soup' for the soup and the ceiling only)")
+    ap.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: 1,4,16)")
+    ap.add_argument("--requests", type=int, default=150, help="most requests per level (default: 150)")
+    ap.add_argument("--seconds", type=float, default=15.0, help="longest time per level (default: 15)")
+    ap.add_argument("--ensemble-cap", type=int, default=8, help="most members of the all-candidates ensemble")
+    ap.add_argument("--port", type=int, default=8011, help="HTTP port (loopback only; default: 8011)")
+    ap.add_argument("--num-cpus", type=float, help="CPUs per model replica (default: an equal share that fits)")
+    ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0)")
+    ap.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: most images per forward")
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="dynamic batching: longest wait")
+    ap.add_argument("--replica-threads", type=int, help="OMP_NUM_THREADS for every Ray worker (default: Ray's)")
+    ap.add_argument("--images", type=int, default=32, help="distinct test images cycled as requests")
+    ap.add_argument("--ceiling-seconds", type=float, default=10.0, help="time bound of the in-process ceiling")
+    ap.add_argument("--time-budget", type=float, default=900.0, help="bound on the whole bench in seconds")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output JSON (default: {DEFAULT_OUT})")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary run folder")
+    args = ap.parse_args(argv)
+
+    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, write_bench
+
+    tmp = None
+    run_dir = args.run_dir
+    if run_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="soup-ray-vitb32-"))
+        run_dir = tmp / "run"
+    try:
+        if not (Path(run_dir) / "soup" / "soup.json").is_file():
+            build_vit_run(Path(run_dir), args.members, config_from=args.config_from)
+        else:
+            _log(f"reusing the synthetic run in {run_dir}")
+        settings = BenchSettings(
+            concurrency=parse_concurrency(args.concurrency), requests=args.requests, seconds=args.seconds,
+            ensemble_cap=args.ensemble_cap, port=args.port, only=[t for t in args.only.split(",") if t],
+            num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads,
+            images=args.images, warmup_requests=8, request_timeout_s=60.0, deploy_timeout_s=300.0,
+            ceiling_seconds=args.ceiling_seconds, time_budget_s=args.time_budget)
+        figures = run_bench(run_dir, settings, log=_log)
+        figures["title"] = "ViT-B-32 (random init, 224 px) on CPU"
+        figures["case"] = {"model": "ViT-B-32, random init (pretrained=None), 224 px, digits class names",
+                           "synthetic_run": True, "members": args.members,
+                           "command": "python bench/serve_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        paths = write_bench(figures, args.out)
+        print(format_table(figures), flush=True)
+        _log("wrote " + ", ".join(str(p) for p in paths.values()))
+    finally:
+        if tmp is not None and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,958 @@
+"""A bounded HTTP load generator and the serving benchmark: the soup against one model and ensembles.
+
+The load generator (``run_level``) posts image bytes to one URL from a pool of
+threads sharing one ``httpx.Client``. Every level is bounded twice: it stops
+issuing requests after ``max_requests`` or after ``max_seconds`` (whichever
+comes first), and every request has its own timeout, so a level never lasts
+longer than ``max_seconds + timeout_s`` plus a small grace. It records the
+throughput (successful requests per second, over the time until the last
+answer), latency percentiles of the successful requests and the error counts
+by HTTP status (or ``exc:<ExceptionName>`` for connection failures and
+timeouts).
+
+The benchmark (``run_bench``, ``soup-ray bench``) deploys one Serve
+application at a time on the same Ray, so the CPUs are never split between
+applications:
+
+- ``soup``: ``POST /predict`` served by the greedy soup;
+- ``single``: ``POST /predict`` served by the best trial (held-out accuracy);
+- ``ensemble_k``: ``POST /predict/ensemble`` over the top-K trials, K = the
+  greedy soup's size (what the soup replaces at the same accuracy budget);
+- ``ensemble_all``: ``POST /predict/ensemble`` over all candidates, at most
+  ``ensemble_cap``, best first;
+
+each at several concurrency levels, with the same CPU (and GPU) share per
+model replica. It also measures the in-process ceiling: batched forward passes
+of the same soup at the deployment's ``max_batch_size`` with the thread count
+a replica really gets (probed in an actor with the replica's resources, and
+checked against the replica's busy threads while it is loaded).
+``write_bench`` writes ``bench.json`` (raw figures, ratios, machine,
+settings) and ``bench.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import httpx
+
+Log = Callable[[str], None]
+
+TARGETS = ("soup", "single", "ensemble_k", "ensemble_all")
+APP_NAME = "bench"
+JOIN_GRACE_S = 5.0
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+@dataclass
+class LevelResult:
+    """What one bounded level of load produced."""
+
+    concurrency: int
+    max_requests: int
+    max_seconds: float
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    unfinished: int = 0
+    stopped_by: str = "count"
+    duration_s: float = 0.0
+    throughput_rps: float = 0.0
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    client_cpu_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    @property
+    def server_errors(self) -> int:
+        """Answers with a 5xx status."""
+        return sum(n for k, n in self.errors.items() if k.isdigit() and int(k) >= 500)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) with linear interpolation between order statistics; None when empty."""
+    if len(values) == 0:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | None]:
+    """p50/p95/p99, mean, min and max of latencies given in seconds, in milliseconds."""
+    ms = [1000.0 * v for v in latencies_s]
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 3)
+
+    return {
+        "p50": r(percentile(ms, 50)),
+        "p95": r(percentile(ms, 95)),
+        "p99": r(percentile(ms, 99)),
+        "mean": r(float(np.mean(ms))) if ms else None,
+        "min": r(min(ms)) if ms else None,
+        "max": r(max(ms)) if ms else None,
+    }
+
+
+def _status_key(response: Any = None, error: BaseException | None = None) -> str:
+    if error is not None:
+        return f"exc:{type(error).__name__}"
+    return str(int(response.status_code))
+
+
+def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float, *,
+              timeout_s: float = 30.0, content_type: str = "image/png",
+              client: httpx.Client | None = None) -> LevelResult:
+    """POST ``bodies`` (cycled) to ``url`` from ``concurrency`` threads until ``max_requests`` or ``max_seconds``.
+
+    A request counts as successful when its status is 2xx. Throughput is the
+    successful requests divided by the time from the start to the last answer.
+    Requests still running after ``max_seconds + timeout_s`` plus a grace are
+    abandoned (their threads are daemons) and counted in ``unfinished``.
+    """
+    import httpx
+
+    if not bodies:
+        raise ValueError("run_level needs at least one request body")
+    if concurrency < 1 or max_requests < 1 or max_seconds <= 0:
+        raise ValueError("concurrency and max_requests must be >= 1 and max_seconds > 0")
+    own = client is None
+    if client is None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        client = httpx.Client(timeout=timeout_s, limits=limits, trust_env=False)
+    headers = {"content-type": content_type}
+    lock = threading.Lock()
+    issued = 0
+    records: list[tuple[str, float, float]] = []  # (status key, latency s, completion time)
+
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    deadline = t0 + max_seconds
+
+    def claim() -> int | None:
+        nonlocal issued
+        with lock:
+            if issued >= max_requests or time.perf_counter() >= deadline:
+                return None
+            issued += 1
+            return issued - 1
+
+    def worker() -> None:
+        while (i := claim()) is not None:
+            body = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            try:
+                resp = client.post(url, content=body, headers=headers)
+                key = _status_key(resp)
+            except httpx.HTTPError as err:
+                key = _status_key(error=err)
+            end = time.perf_counter()
+            with lock:
+                records.append((key, end - start, end))
+
+    threads = [threading.Thread(target=worker, name=f"loadgen-{k}", daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    join_until = deadline + timeout_s + JOIN_GRACE_S
+    for t in threads:
+        t.join(timeout=max(0.0, join_until - time.perf_counter()))
+    if own:
+        client.close()
+    with lock:
+        done = list(records)
+        sent = issued
+    ok_lat = [lat for key, lat, _ in done if key.isdigit() and 200 <= int(key) < 300]
+    errors = Counter(key for key, _, _ in done if not (key.isdigit() and 200 <= int(key) < 300))
+    end = max((e for _, _, e in done), default=time.perf_counter())
+    duration = max(end - t0, 1e-9)
+    return LevelResult(
+        concurrency=concurrency, max_requests=max_requests, max_seconds=max_seconds, sent=sent, ok=len(ok_lat),
+        errors=dict(sorted(errors.items())), unfinished=sent - len(done),
+        stopped_by="count" if sent >= max_requests else "time", duration_s=round(duration, 4),
+        throughput_rps=round(len(ok_lat) / duration, 3), latency_ms=latency_summary(ok_lat),
+        client_cpu_s=round(time.process_time() - cpu0, 3))
+
+
+# ---------------------------------------------------------------- images of a run
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """An ``uint8`` image array ``[H, W, 3]`` as PNG bytes (grey ``L`` when the three channels are equal)."""
+    from PIL import Image
+
+    arr = np.asarray(array, dtype=np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 3 and np.array_equal(arr[..., 0], arr[..., 1]) \
+            and np.array_equal(arr[..., 0], arr[..., 2]):
+        img = Image.fromarray(arr[..., 0], "L")
+    else:
+        img = Image.fromarray(arr, "RGB")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def sample_pngs(run_dir: Path | str, n: int = 64, image_size: int | None = None) -> list[bytes]:
+    """The first ``n`` test images of the run's dataset as PNG bytes, at ``image_size`` (default: the base's)."""
+    from .config import SweepConfig
+    from .data import build_dataset
+
+    run_dir = Path(run_dir)
+    cfg = SweepConfig.model_validate_json((run_dir / "config.json").read_text())
+    size = int(image_size or json.loads((run_dir / "base" / "base.json").read_text())["image_size"])
+    test = build_dataset(cfg.data, size).test
+    out = []
+    for i in range(min(int(n), len(test))):
+        x, _ = test[i]
+        out.append(png_bytes((x.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)))
+    if not out:
+        raise ValueError(f"{run_dir}: the test split has no images")
+    return out
+
+
+# ---------------------------------------------------------------- the in-process ceiling
+
+
+def forward_ceiling(classifier: Any, pngs: Sequence[bytes], image_size: int, batch_size: int, threads: int | None,
+                    max_seconds: float = 10.0, max_batches: int = 10_000, device: str = "cpu",
+                    warmup: int = 2) -> dict[str, Any]:
+    """Images/s of batched forward passes (decoded test images, ``batch_size`` each) with ``threads`` torch threads.
+
+    The images are decoded once, the way the server decodes them; each batch is
+    moved to ``device``, run under ``inference_mode`` and its logits copied back
+    to the CPU, as a replica does. Also reports the decoding rate (PNG to input,
+    one thread) for comparison. Bounded by ``max_seconds`` and ``max_batches``.
+    """
+    import torch
+
+    from .serving import load_image, to_model_input
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        t = time.perf_counter()
+        decoded = [load_image(b, image_size) for b in pngs]
+        decode_s = time.perf_counter() - t
+        reps = math.ceil(batch_size / len(decoded))
+        x = to_model_input((decoded * reps)[:batch_size])
+        classifier = classifier.eval()
+
+        def step() -> None:
+            with torch.inference_mode():
+                classifier(x.to(device)).float().cpu()
+
+        for _ in range(max(0, warmup)):
+            step()
+        n, t0 = 0, time.perf_counter()
+        while n < max_batches and (n == 0 or time.perf_counter() - t0 < max_seconds):
+            step()
+            n += 1
+        secs = time.perf_counter() - t0
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    return {"images_per_s": round(n * batch_size / secs, 3), "batch_size": int(batch_size), "batches": n,
+            "seconds": round(secs, 3), "ms_per_batch": round(1000 * secs / n, 3), "threads": used,
+            "device": device, "decode_images_per_s": round(len(decoded) / max(decode_s, 1e-9), 1)}
+
+
+# ---------------------------------------------------------------- CPU accounting (Linux /proc)
+
+
+def _ticks_per_s() -> float:
+    try:
+        return float(os.sysconf("SC_CLK_TCK"))
+    except (ValueError, OSError, AttributeError):
+        return 100.0
+
+
+def thread_cpu_ticks(pid: int) -> dict[int, int]:
+    """utime + stime (clock ticks) of every thread of ``pid``; empty when it cannot be read."""
+    out: dict[int, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(tid)] = int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def process_cpu_ticks() -> dict[int, tuple[str, int]]:
+    """(name, utime + stime ticks) of every process of this user: Ray's process title when set, else its command."""
+    out: dict[int, tuple[str, int]] = {}
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+            fields = rest.split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        # Ray titles a worker "ray::<actor>" or "ray::<actor>.<method running now>": keep the actor part
+        name = cmd.split("  ")[0].strip().split(".")[0] if cmd.startswith("ray::") else head.split("(", 1)[-1]
+        if pid == os.getpid():
+            name = "this process (load generator)"
+        out[pid] = (name[:80], int(fields[11]) + int(fields[12]))
+    return out
+
+
+def top_processes(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], wall_s: float,
+                  min_cores: float = 0.03, limit: int = 12) -> list[dict[str, Any]]:
+    """The processes that used the most CPU between two ``process_cpu_ticks`` samples (cores, busiest first)."""
+    hz = _ticks_per_s()
+    rows = []
+    for pid, (name, ticks) in after.items():
+        cores = (ticks - before.get(pid, (name, 0))[1]) / hz / max(wall_s, 1e-9)
+        if cores >= min_cores:
+            rows.append({"name": name, "pid": pid, "cores": round(cores, 3)})
+    rows.sort(key=lambda r: -r["cores"])
+    return rows[:limit]
+
+
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``; None when unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            parts = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return sum(parts) - idle, sum(parts)
+
+
+def cpu_usage(before: dict[int, int], after: dict[int, int], wall_s: float, busy_fraction: float = 0.05) -> dict[str, Any]:
+    """Cores used by a process between two ``thread_cpu_ticks`` samples and how many threads were busy."""
+    hz = _ticks_per_s()
+    per_thread = {tid: (after[tid] - before.get(tid, 0)) / hz / max(wall_s, 1e-9) for tid in after}
+    busy = sorted((round(v, 3) for v in per_thread.values() if v >= busy_fraction), reverse=True)
+    return {"cores": round(sum(per_thread.values()), 3), "busy_threads": len(busy), "busy_thread_cores": busy}
+
+
+# ---------------------------------------------------------------- machine and settings
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory, GPU and library versions of this machine."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        pass
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    for mod in ("torch", "ray", "open_clip", "httpx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing library is only missing from the report
+            info[mod] = None
+    try:
+        import torch
+
+        info["torch_default_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def parse_concurrency(text: str | Iterable[int]) -> list[int]:
+    """'1,4,16' -> [1, 4, 16] (positive, ascending, unique)."""
+    items = [int(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    if not items or any(v < 1 for v in items):
+        raise ValueError(f"concurrency levels must be positive integers, got {text!r}")
+    return sorted(set(items))
+
+
+@dataclass
+class BenchSettings:
+    """Every knob of the serving benchmark (recorded in ``bench.json``)."""
+
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
+    requests: int = 200
+    seconds: float = 15.0
+    ensemble_cap: int = 8
+    host: str = "127.0.0.1"
+    port: int = 8010
+    only: list[str] = field(default_factory=lambda: list(TARGETS))
+    ceiling: bool = True
+    num_cpus: float | None = None  # per model replica; None: an equal share that fits the largest application
+    num_gpus: float = 0.0
+    ingress_cpus: float = 0.1
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    replica_threads: int | None = None  # OMP_NUM_THREADS for every Ray worker (only when the bench starts Ray)
+    images: int = 64
+    image_size: int | None = None
+    warmup_requests: int = 32
+    request_timeout_s: float = 30.0
+    deploy_timeout_s: float = 300.0
+    ceiling_seconds: float = 10.0
+    time_budget_s: float | None = None  # the whole bench; later phases are shortened or skipped
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = TARGETS) -> dict[str, dict[str, Any]]:
+    """What each target deploys and where it is queried: model, ensemble members, route."""
+    from .export import SOUP_INFO
+    from .serving import SOUP_MODEL, ensemble_members
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "soup" / SOUP_INFO).read_text())
+    k = len(info.get("ingredients") or [])
+    has_trials = (run_dir / "results.jsonl").is_file()
+    ranked = ensemble_members(run_dir, 10**6) if has_trials else []
+    unknown = [t for t in only if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown bench targets {unknown}; choose from {', '.join(TARGETS)}")
+    plan: dict[str, dict[str, Any]] = {}
+    for name in only:
+        if name == "soup":
+            plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict"}
+        elif not ranked:
+            raise ValueError(f"target {name!r} needs completed trials in {run_dir}/results.jsonl")
+        elif name == "single":
+            plan[name] = {"model": ranked[0], "members": [], "route": "/predict"}
+        elif name == "ensemble_k":
+            plan[name] = {"model": SOUP_MODEL, "members": ranked[:max(1, k)], "route": "/predict/ensemble"}
+        elif name == "ensemble_all":
+            plan[name] = {"model": SOUP_MODEL, "members": ranked[:max(1, ensemble_cap)], "route": "/predict/ensemble"}
+    return plan
+
+
+def _replica_names(members: Sequence[str]) -> list[str]:
+    return [f"Member{i}" for i in range(len(members))] if members else ["Model"]
+
+
+def _replica_infos(names: Sequence[str], timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+    from ray import serve
+
+    out = {}
+    for name in names:
+        try:
+            handle = serve.get_deployment_handle(name, app_name=APP_NAME)
+            out[name] = handle.info.remote().result(timeout_s=timeout_s)
+        except Exception as err:  # noqa: BLE001 - statistics only; the load figures stand without them
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+    return out
+
+
+def _wait_ready(url: str, route: str, body: bytes, timeout_s: float, log: Log) -> float:
+    """Poll ``/healthz`` then the target route until they answer 200; returns the seconds waited."""
+    import httpx
+
+    t0 = time.perf_counter()
+    deadline = t0 + timeout_s
+    last = "no answer yet"
+    with httpx.Client(timeout=10.0, trust_env=False) as client:
+        for attempt in range(100_000):
+            if time.perf_counter() >= deadline:
+                break
+            try:
+                r = client.get(f"{url}/healthz")
+                if r.status_code == 200:
+                    r = client.post(f"{url}{route}", content=body, headers={"content-type": "image/png"})
+                    if r.status_code == 200:
+                        return time.perf_counter() - t0
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as err:
+                last = f"{type(err).__name__}: {err}"
+            if attempt % 20 == 19:
+                log(f"  still waiting for {route} ({time.perf_counter() - t0:.0f}s): {last}")
+            time.sleep(0.25)
+    raise TimeoutError(f"{url}{route} did not answer 200 within {timeout_s:.0f}s (last: {last})")
+
+
+def _replica_pids(infos: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Process ids of the replicas that run on this machine (a Serve replica's process title names it)."""
+    out = {}
+    for name, info in infos.items():
+        pid = info.get("pid")
+        try:
+            with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+                title = f.read(200)
+        except (OSError, TypeError, ValueError):
+            continue
+        if title.startswith(b"ray::ServeReplica"):
+            out[name] = int(pid)
+    return out
+
+
+def _batch_stats(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], requests: int) -> dict[str, Any]:
+    """Mean images per forward pass of each replica over a level (requests / batches run in it)."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        ba, bb = (a.get("batching") or {}), (b.get("batching") or {})
+        n = (ba.get("batches") or 0) - (bb.get("batches") or 0)
+        out[name] = {"batches": n, "mean_batch": round(requests / n, 2) if n > 0 else None,
+                     "largest_batch_so_far": ba.get("largest_batch")}
+    return out
+
+
+def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequence[bytes], settings: BenchSettings,
+                   share: float, log: Log, deadline: float | None = None) -> dict[str, Any]:
+    """Deploy one target as the ``bench`` application, load it at every concurrency level, delete it."""
+    from ray import serve
+
+    from .serving import serve_run
+
+    out: dict[str, Any] = {"model": plan["model"], "members": list(plan["members"]), "route": plan["route"],
+                           "levels": []}
+    t0 = time.perf_counter()
+    ensemble: int | list[str] = list(plan["members"]) if plan["members"] else 0
+    try:
+        url = serve_run(run_dir, settings.host, settings.port, blocking=False, app_name=APP_NAME, route_prefix="/",
+                        log=lambda m: None, model=plan["model"], ensemble=ensemble, follow=False, num_cpus=share,
+                        num_gpus=settings.num_gpus, ingress_cpus=settings.ingress_cpus,
+                        max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s)
+        out["deploy_s"] = round(time.perf_counter() - t0, 2)
+        wait_s = settings.deploy_timeout_s
+        if deadline is not None:
+            wait_s = max(5.0, min(wait_s, deadline - time.perf_counter()))
+        out["ready_s"] = round(_wait_ready(url, plan["route"], pngs[0], wait_s, log), 2)
+        log(f"  {name}: deployed in {out['deploy_s'] + out['ready_s']:.0f}s at {url}{plan['route']}")
+        names = _replica_names(plan["members"])
+        target_url = f"{url}{plan['route']}"
+        if settings.warmup_requests > 0:
+            w = run_level(target_url, pngs, max(settings.concurrency), settings.warmup_requests,
+                          min(10.0, settings.seconds), timeout_s=settings.request_timeout_s)
+            out["warmup"] = {"sent": w.sent, "ok": w.ok, "errors": w.errors}
+        for c in settings.concurrency:
+            seconds = settings.seconds
+            if deadline is not None:
+                seconds = min(seconds, deadline - time.perf_counter() - settings.request_timeout_s)
+                if seconds < 1.0:
+                    log(f"  {name}: time budget spent; skipping concurrency {c} and above")
+                    out["skipped_levels"] = [v for v in settings.concurrency if v >= c]
+                    break
+            infos = _replica_infos(names)
+            pids = _replica_pids(infos)
+            ticks = {n: thread_cpu_ticks(p) for n, p in pids.items()}
+            machine0, procs0 = machine_cpu_ticks(), process_cpu_ticks()
+            w0 = time.perf_counter()
+            level = run_level(target_url, pngs, c, settings.requests, seconds, timeout_s=settings.request_timeout_s)
+            wall = time.perf_counter() - w0
+            machine1, procs1 = machine_cpu_ticks(), process_cpu_ticks()
+            level.extra["top_processes"] = top_processes(procs0, procs1, wall)
+            after = _replica_infos(names)
+            level.extra["replica_cpu"] = {n: cpu_usage(ticks[n], thread_cpu_ticks(p), wall) for n, p in pids.items()}
+            level.extra["batching"] = _batch_stats(infos, after, level.ok)
+            if machine0 and machine1 and machine1[1] > machine0[1]:
+                level.extra["machine_busy_cores"] = round(
+                    (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * (os.cpu_count() or 1), 2)
+            out["levels"].append(level.to_json())
+            lat = level.latency_ms
+            log(f"  {name} c={c}: {level.ok}/{level.sent} ok in {level.duration_s:.1f}s -> "
+                f"{level.throughput_rps:.1f} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms"
+                + (f", errors {level.errors}" if level.errors else ""))
+        infos = _replica_infos(names)
+        out["replicas"] = {n: {k: i.get(k) for k in ("pid", "model", "batching", "error") if k in i}
+                           for n, i in infos.items()}
+    finally:
+        try:
+            serve.delete(APP_NAME)  # blocks until its replicas are gone: the next target gets the CPUs back
+        except Exception as err:  # noqa: BLE001 - Serve may not have started; the original error matters more
+            log(f"  {name}: could not delete the {APP_NAME!r} application: {type(err).__name__}: {err}")
+    out["total_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _replica_share(settings: BenchSettings, plan: dict[str, dict[str, Any]]) -> float:
+    """CPUs per model replica: the override, or an equal share that fits the largest application on this Ray."""
+    import ray
+
+    if settings.num_cpus is not None:
+        return float(settings.num_cpus)
+    cpus = float(ray.available_resources().get("CPU", 0.0))
+    replicas = max((len(p["members"]) + 1 for p in plan.values()), default=1)  # members + the Model deployment
+    has_ensemble = any(p["members"] for p in plan.values())
+    free = cpus - settings.ingress_cpus * (2 if has_ensemble else 1)
+    share = min(1.0, math.floor(100 * free / replicas) / 100)
+    if share <= 0:
+        raise ValueError(f"{cpus} free CPUs cannot hold {replicas} model replicas plus the ingress; "
+                         "lower --ensemble-cap or pass --num-cpus")
+    return share
+
+
+def probe_replica_threads(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
+    """Torch threads and OMP_NUM_THREADS that an actor with a replica's resources gets (in a worker thread)."""
+    import ray
+
+    @ray.remote
+    class ThreadProbe:
+        async def probe(self) -> dict[str, Any]:
+            import asyncio
+
+            import torch
+
+            def inner() -> tuple[int, str | None]:
+                return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
+            threads, omp = await asyncio.to_thread(inner)  # replicas run the forward in a worker thread too
+            return {"torch_threads": threads, "omp_num_threads": omp, "pid": os.getpid()}
+
+    actor = ThreadProbe.options(num_cpus=num_cpus, num_gpus=num_gpus).remote()
+    try:
+        return ray.get(actor.probe.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+
+
+def _start_ray(settings: BenchSettings, log: Log) -> bool:
+    """Start an embedded local Ray for the bench unless one is initialised; returns whether it started one."""
+    import ray
+
+    from .serving import repo_root
+
+    if ray.is_initialized():
+        if settings.replica_threads:
+            log("Ray is already initialised: --replica-threads cannot be applied (replicas keep Ray's default)")
+        return False
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE") if k in os.environ}
+    paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if settings.replica_threads:
+        env["OMP_NUM_THREADS"] = str(int(settings.replica_threads))
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        log(f"starting an embedded local Ray ({os.cpu_count()} CPUs)")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=False)
+    return True
+
+
+def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print) -> dict[str, Any]:
+    """Measure every target and the in-process ceiling; returns the figures (``compute_ratios`` adds ratios)."""
+    import ray
+    from ray import serve
+
+    from .serving import load_model, resolve_run_dir
+
+    settings = settings or BenchSettings()
+    started = time.perf_counter()
+    deadline = started + settings.time_budget_s if settings.time_budget_s else None
+    run_dir = resolve_run_dir(run_dir)
+    soup_info = json.loads((run_dir / "soup" / "soup.json").read_text())
+    plan = plan_targets(run_dir, settings.ensemble_cap, settings.only)
+    base = json.loads((run_dir / "base" / "base.json").read_text())
+    pngs = sample_pngs(run_dir, settings.images, settings.image_size)
+    log(f"bench of {run_dir}: soup of {len(soup_info.get('ingredients') or [])} ingredient(s); targets "
+        + ", ".join(f"{n} ({len(p['members']) or 1} model(s))" for n, p in plan.items())
+        + f"; {len(pngs)} test PNGs, concurrency {settings.concurrency}")
+    figures: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "settings": asdict(settings),
+        "machine": machine_info(),
+        "soup": {"ingredients": list(soup_info.get("ingredients") or []), "version": soup_info.get("version"),
+                 "heldout_accuracy": soup_info.get("heldout_accuracy"), "image_size": int(base["image_size"])},
+        "request_bytes": {"mean": round(float(np.mean([len(b) for b in pngs])), 1),
+                          "image_size": settings.image_size or int(base["image_size"])},
+        "targets": {},
+    }
+    own_ray = _start_ray(settings, log)
+    try:
+        share = _replica_share(settings, plan)
+        probe = probe_replica_threads(share, settings.num_gpus)
+        figures["replica"] = {"num_cpus": share, "num_gpus": settings.num_gpus, "ingress_cpus": settings.ingress_cpus,
+                              "max_batch_size": settings.max_batch_size,
+                              "batch_wait_timeout_s": settings.batch_wait_timeout_s, "probe": probe,
+                              "ray_cpus": ray.cluster_resources().get("CPU")}
+        log(f"each model replica: {share} CPU(s), {settings.num_gpus} GPU(s); an actor with those resources runs "
+            f"torch with {probe['torch_threads']} thread(s) (OMP_NUM_THREADS={probe['omp_num_threads']})")
+        if settings.ceiling:
+            device = "cuda" if settings.num_gpus > 0 else "cpu"
+            loaded = load_model(run_dir, "soup", device=device)
+            seconds = settings.ceiling_seconds
+            if deadline is not None:
+                seconds = max(1.0, min(seconds, (deadline - time.perf_counter()) / 10))
+            figures["ceiling"] = forward_ceiling(loaded.classifier, pngs, loaded.image_size, settings.max_batch_size,
+                                                 int(probe["torch_threads"]), max_seconds=seconds, device=device)
+            del loaded
+            c = figures["ceiling"]
+            log(f"in-process ceiling: {c['images_per_s']:.1f} images/s (batch {c['batch_size']}, {c['threads']} "
+                f"thread(s), {c['ms_per_batch']:.1f} ms/batch); decoding {c['decode_images_per_s']:.0f} images/s")
+        measured: dict[tuple, str] = {}
+        for name, p in plan.items():
+            key = (p["model"], tuple(p["members"]), p["route"])
+            if key in measured:  # e.g. ensemble_all == ensemble_k when there are only K candidates
+                figures["targets"][name] = {**figures["targets"][measured[key]], "same_as": measured[key]}
+                log(f"  {name}: same application as {measured[key]}; figures reused")
+                continue
+            if deadline is not None and deadline - time.perf_counter() < settings.request_timeout_s + 10:
+                log(f"  {name}: skipped (time budget spent)")
+                figures["targets"][name] = {"skipped": "time budget spent", **p, "levels": []}
+                continue
+            log(f"target {name}: {p['route']} with {len(p['members']) or 1} model replica(s)")
+            try:
+                figures["targets"][name] = measure_target(name, p, run_dir, pngs, settings, share, log, deadline)
+            except Exception as err:  # noqa: BLE001 - one failed target must not lose the others' figures
+                log(f"  {name}: FAILED: {type(err).__name__}: {err}")
+                figures["targets"][name] = {**p, "error": f"{type(err).__name__}: {err}", "levels": []}
+                continue
+            measured[key] = name
+    finally:
+        if own_ray:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    figures["replica"]["observed"] = observed_threads(figures)
+    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
+    figures["ratios"] = compute_ratios(figures)
+    return figures
+
+
+def observed_threads(figures: dict[str, Any]) -> dict[str, Any] | None:
+    """What the soup replica really used at its busiest level: cores, busy threads, and whether the ceiling matched.
+
+    The forward runs in one worker thread of the replica; with one torch
+    thread that thread alone is busy (about one core when the model is the
+    bottleneck), with more torch threads the OpenMP pool threads show up too.
+    """
+    levels = (figures.get("targets", {}).get("soup") or {}).get("levels") or []
+    cpu = [(lv.get("extra", {}).get("replica_cpu") or {}).get("Model") for lv in levels]
+    cpu = [c for c in cpu if c]
+    if not cpu:
+        return None
+    busiest = max(cpu, key=lambda c: c["cores"])
+    probe = (figures.get("replica") or {}).get("probe") or {}
+    ceiling = figures.get("ceiling") or {}
+    return {"soup_replica_cores": busiest["cores"], "soup_replica_busy_threads": busiest["busy_threads"],
+            "soup_replica_busy_thread_cores": busiest["busy_thread_cores"],
+            "probe_torch_threads": probe.get("torch_threads"), "ceiling_threads": ceiling.get("threads"),
+            "ceiling_matches_probe": ceiling.get("threads") == probe.get("torch_threads") if ceiling else None}
+
+
+# ---------------------------------------------------------------- ratios, files, table
+
+
+def _peak(target: dict[str, Any] | None) -> tuple[float | None, int | None]:
+    levels = (target or {}).get("levels") or []
+    best = max(levels, key=lambda lv: lv.get("throughput_rps") or 0.0, default=None)
+    if best is None or not best.get("throughput_rps"):
+        return None, None
+    return float(best["throughput_rps"]), int(best["concurrency"])
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
+    """Soup throughput over each alternative (at the peak and per concurrency) and over the in-process ceiling."""
+    targets = figures.get("targets") or {}
+    peaks = {n: _peak(t) for n, t in targets.items()}
+    soup = peaks.get("soup", (None, None))[0]
+    k = len((figures.get("soup") or {}).get("ingredients") or []) or None
+    members_k = len((targets.get("ensemble_k") or {}).get("members") or []) or k
+    members_all = len((targets.get("ensemble_all") or {}).get("members") or []) or None
+    ceiling = (figures.get("ceiling") or {}).get("images_per_s")
+    target_k = round(0.8 * members_k, 4) if members_k else None
+    soup_over_k = _div(soup, peaks.get("ensemble_k", (None,))[0])
+    out: dict[str, Any] = {
+        "basis": "peak throughput (successful requests/s) over the concurrency levels of each target",
+        "peak_rps": {n: v for n, (v, _) in peaks.items()},
+        "peak_at_concurrency": {n: c for n, (_, c) in peaks.items()},
+        "soup_over_single": _div(soup, peaks.get("single", (None,))[0]),
+        "ensemble_k": members_k,
+        "soup_over_ensemble_k": soup_over_k,
+        "target_soup_over_ensemble_k": target_k,
+        "meets_target": None if soup_over_k is None or target_k is None else bool(soup_over_k >= target_k),
+        "ensemble_all": members_all,
+        "soup_over_ensemble_all": _div(soup, peaks.get("ensemble_all", (None,))[0]),
+        "ceiling_images_per_s": ceiling,
+        "served_soup_over_ceiling": _div(soup, ceiling),
+    }
+    by_c: dict[str, dict[str, float | None]] = {}
+    rates = {n: {lv["concurrency"]: lv.get("throughput_rps") for lv in (t.get("levels") or [])}
+             for n, t in targets.items()}
+    for c, s in sorted((rates.get("soup") or {}).items()):
+        by_c[str(c)] = {f"soup_over_{n}": _div(s, rates[n].get(c)) for n in ("single", "ensemble_k", "ensemble_all")
+                        if n in rates}
+        by_c[str(c)]["served_soup_over_ceiling"] = _div(s, ceiling)
+    out["by_concurrency"] = by_c
+    return out
+
+
+COLORS = {"soup": "tab:green", "single": "tab:blue", "ensemble_k": "tab:orange", "ensemble_all": "tab:red"}
+
+
+def plot_bench(figures: dict[str, Any], path: Path | str) -> Path:
+    """Two panels: throughput vs concurrency (with the in-process ceiling) and p50/p95/p99 latency vs concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(12, 4.8))
+    targets = figures.get("targets") or {}
+    ceiling = (figures.get("ceiling") or {}).get("images_per_s")
+    aliases = {t["same_as"]: n for n, t in targets.items() if t.get("same_as")}
+    top, xs_all = 0.0, set()
+    for name, t in targets.items():
+        levels = [lv for lv in (t.get("levels") or []) if lv.get("ok")]
+        if not levels or t.get("same_as"):
+            continue
+        label = name + (f" = {aliases[name]}" if name in aliases else "")
+        n = len(t.get("members") or [])
+        label += f" ({n} model{'s' if n != 1 else ''})" if n else ""
+        xs = [lv["concurrency"] for lv in levels]
+        xs_all.update(xs)
+        ys = [lv["throughput_rps"] for lv in levels]
+        top = max(top, max(ys))
+        color = COLORS.get(name)
+        ax_t.plot(xs, ys, "o-", color=color, label=label)
+        for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+            ax_l.plot(xs, [lv["latency_ms"][q] for lv in levels], style, marker="o", color=color,
+                      label=f"{name} {q}")
+    if ceiling:
+        ax_t.axhline(ceiling, color="black", ls="--", lw=1, label=f"in-process soup ceiling ({ceiling:.1f}/s)")
+        if top and ceiling / top > 4:
+            ax_t.set_yscale("log")
+    for ax in (ax_t, ax_l):
+        ax.set_xscale("log", base=2)
+        if xs_all:
+            ax.set_xticks(sorted(xs_all))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax_l.set_yscale("log")
+    ax_t.set_xlabel("concurrent clients")
+    ax_t.set_ylabel("throughput (successful requests/s)")
+    ax_t.set_title("throughput")
+    ax_l.set_xlabel("concurrent clients")
+    ax_l.set_ylabel("latency (ms)")
+    ax_l.set_title("latency: p50 (solid), p95 (dashed), p99 (dotted)")
+    for ax in (ax_t, ax_l):
+        ax.grid(alpha=0.3, which="both")
+    ax_t.legend(fontsize=8)
+    ax_l.legend(fontsize=7, ncol=2)
+    replica = figures.get("replica") or {}
+    machine = figures.get("machine") or {}
+    title = figures.get("title") or Path(figures.get("run_dir", "")).name
+    fig.suptitle(f"soup-ray serving bench: {title}, "
+                 f"{machine.get('gpu') or str(machine.get('cpu_count')) + ' CPUs'}, "
+                 f"{replica.get('num_cpus')} CPU" + (f" + {replica['num_gpus']} GPU" if replica.get("num_gpus") else "")
+                 + f" per model replica, batch {replica.get('max_batch_size')}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_bench(figures: dict[str, Any], out: Path | str, plot: bool = True) -> dict[str, Path]:
+    """Write ``figures`` (ratios recomputed) as JSON to ``out`` and the plot next to it (same name, ``.png``)."""
+    out = Path(out)
+    figures["ratios"] = compute_ratios(figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(figures, indent=2, default=str))
+    tmp.replace(out)
+    paths = {"json": out}
+    if plot:
+        paths["png"] = plot_bench(figures, out.with_suffix(".png"))
+    return paths
+
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(figures: dict[str, Any]) -> str:
+    """A short text table: one row per target and concurrency, then the ratios."""
+    lines = [f"{'target':<14}{'models':>7}{'conc':>6}{'ok':>7}{'errors':>9}{'req/s':>10}"
+             f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}"]
+    for name, t in (figures.get("targets") or {}).items():
+        models = len(t.get("members") or []) or 1
+        if not t.get("levels"):
+            lines.append(f"{name:<14}{models:>7}  {t.get('error') or t.get('skipped') or 'no levels'}")
+        for lv in t.get("levels") or []:
+            lat = lv.get("latency_ms") or {}
+            errs = sum((lv.get("errors") or {}).values())
+            lines.append(f"{name:<14}{models:>7}{lv['concurrency']:>6}{lv['ok']:>7}{errs:>9}"
+                         f"{_fmt(lv['throughput_rps']):>10}{_fmt(lat.get('p50')):>10}{_fmt(lat.get('p95')):>10}"
+                         f"{_fmt(lat.get('p99')):>10}")
+    r = figures.get("ratios") or compute_ratios(figures)
+    c = figures.get("ceiling") or {}
+    if c:
+        lines.append(f"in-process ceiling: {_fmt(c.get('images_per_s'))} images/s "
+                     f"(batch {c.get('batch_size')}, {c.get('threads')} thread(s), {c.get('device')})")
+    verdict = {True: "met", False: "missed"}.get(r.get("meets_target"), "n/a")
+    lines.append(f"soup/single {_fmt(r.get('soup_over_single'), '.2f')}   "
+                 f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(r.get('soup_over_ensemble_k'), '.2f')} "
+                 f"(target {_fmt(r.get('target_soup_over_ensemble_k'), '.2f')}: {verdict})   "
+                 f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(r.get('soup_over_ensemble_all'), '.2f')}   "
+                 f"served soup/ceiling {_fmt(r.get('served_soup_over_ceiling'), '.3f')}")
+    return "\n".join(lines)
+
+
+def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
+               log: Log = print) -> dict[str, Any]:
+    """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
+    from .serving import resolve_run_dir
+
+    run_dir = resolve_run_dir(run_dir)
+    figures = run_bench(run_dir, settings, log)
+    paths = write_bench(figures, Path(out) if out else run_dir / "bench.json")
+    print(format_table(figures), flush=True)
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return figures
+
+
+if __name__ == "__main__":  # pragma: no cover - use `soup-ray bench`
+    sys.exit("use `soup-ray bench RUN_DIR` (see soup-ray bench --help)")
