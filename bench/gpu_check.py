@@ -157,8 +157,8 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--eval-batch-size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=256, help="training batch (default: 256)")
+    ap.add_argument("--eval-batch-size", type=int, default=512, help="evaluation batch (default: 512)")
     ap.add_argument("--seconds", type=float, default=25.0, help="time budget of each measured training phase")
     ap.add_argument("--budget", type=float, default=340.0, help="bound on the whole check in seconds")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 1")
@@ -167,12 +167,12 @@ def main() -> None:
     ap.add_argument("--num-gpus", type=float, default=0.15, help="GPU fraction per model replica (default: 0.15)")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per model replica on the GPU machine")
     ap.add_argument("--max-batch-size", type=int, default=32, help="dynamic batching of the replicas (default: 32)")
-    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    ap.add_argument("--batch-wait-timeout-s", type=float, default=0.005, help="dynamic batching: longest wait")
     ap.add_argument("--serve-concurrency", default="1,16,64", help="HTTP concurrency levels (default: 1,16,64)")
     ap.add_argument("--serve-requests", type=int, default=4000, help="most requests per level")
     ap.add_argument("--serve-seconds", type=float, default=10.0, help="longest time per level")
-    ap.add_argument("--port", type=int, default=8012)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--port", type=int, default=8012, help="HTTP port of the served application (loopback)")
+    ap.add_argument("--out", default=None, help="output JSON (default: bench/results/gpu-<date>.json)")
     args = ap.parse_args()
 
     def stop(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: unwind so Serve and Ray are stopped

@@ -302,18 +302,15 @@ def thread_cpu_ticks(pid: int) -> dict[int, int]:
     return out
 
 
-def process_cpu_ticks() -> dict[int, tuple[str, int]]:
-    """(name, utime + stime ticks) of every process of this user: Ray's process title when set, else its command."""
-    out: dict[int, tuple[str, int]] = {}
-    uid = os.getuid() if hasattr(os, "getuid") else None
+def process_cpu_ticks() -> dict[int, tuple[str, int, int]]:
+    """(name, utime + stime ticks, parent pid) of every process: Ray's process title when set, else its command."""
+    out: dict[int, tuple[str, int, int]] = {}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return out
     for pid in pids:
         try:
-            if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
             with open(f"/proc/{pid}/stat") as f:
                 head, rest = f.read().rsplit(")", 1)
             fields = rest.split()
@@ -325,21 +322,47 @@ def process_cpu_ticks() -> dict[int, tuple[str, int]]:
         name = cmd.split("  ")[0].strip().split(".")[0] if cmd.startswith("ray::") else head.split("(", 1)[-1]
         if pid == os.getpid():
             name = "this process (load generator)"
-        out[pid] = (name[:80], int(fields[11]) + int(fields[12]))
+        try:
+            out[pid] = (name[:80], int(fields[11]) + int(fields[12]), int(fields[1]))
+        except (IndexError, ValueError):
+            continue
     return out
 
 
-def top_processes(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], wall_s: float,
-                  min_cores: float = 0.03, limit: int = 12) -> list[dict[str, Any]]:
-    """The processes that used the most CPU between two ``process_cpu_ticks`` samples (cores, busiest first)."""
+def _descendants(procs: dict[int, tuple[str, int, int]], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (_, _, ppid) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    seen, stack = {root}, [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+def top_processes(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], wall_s: float,
+                  min_cores: float = 0.03, limit: int = 12) -> dict[str, Any]:
+    """The processes that used the most CPU between two ``process_cpu_ticks`` samples, busiest first.
+
+    ``ours`` marks this process and its descendants (the embedded Ray it
+    started: raylet, Serve's proxy, controller and replicas); ``other_cores``
+    is what every other process on the machine used meanwhile, a measure of
+    how much the figures were disturbed by foreign load.
+    """
     hz = _ticks_per_s()
-    rows = []
-    for pid, (name, ticks) in after.items():
-        cores = (ticks - before.get(pid, (name, 0))[1]) / hz / max(wall_s, 1e-9)
+    ours = _descendants(after, os.getpid())
+    rows, other = [], 0.0
+    for pid, (name, ticks, _) in after.items():
+        prev = before.get(pid)
+        cores = (ticks - (prev[1] if prev else 0)) / hz / max(wall_s, 1e-9)
+        if pid not in ours:
+            other += cores
         if cores >= min_cores:
-            rows.append({"name": name, "pid": pid, "cores": round(cores, 3)})
+            rows.append({"name": name, "pid": pid, "cores": round(cores, 3), "ours": pid in ours})
     rows.sort(key=lambda r: -r["cores"])
-    return rows[:limit]
+    return {"processes": rows[:limit], "other_cores": round(other, 3)}
 
 
 def machine_cpu_ticks() -> tuple[int, int] | None:
@@ -583,7 +606,11 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
             level = run_level(target_url, pngs, c, settings.requests, seconds, timeout_s=settings.request_timeout_s)
             wall = time.perf_counter() - w0
             machine1, procs1 = machine_cpu_ticks(), process_cpu_ticks()
-            level.extra["top_processes"] = top_processes(procs0, procs1, wall)
+            top = top_processes(procs0, procs1, wall)
+            level.extra["top_processes"] = top["processes"]
+            level.extra["other_processes_cores"] = top["other_cores"]
+            if top["other_cores"] > 0.25:
+                log(f"  {name} c={c}: WARNING other processes used {top['other_cores']:.2f} cores meanwhile")
             after = _replica_infos(names)
             level.extra["replica_cpu"] = {n: cpu_usage(ticks[n], thread_cpu_ticks(p), wall) for n, p in pids.items()}
             level.extra["batching"] = _batch_stats(infos, after, level.ok)
@@ -916,7 +943,7 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def format_table(figures: dict[str, Any]) -> str:
     """A short text table: one row per target and concurrency, then the ratios."""
     lines = [f"{'target':<14}{'models':>7}{'conc':>6}{'ok':>7}{'errors':>9}{'req/s':>10}"
-             f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}"]
+             f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'other cpu':>11}"]
     for name, t in (figures.get("targets") or {}).items():
         models = len(t.get("members") or []) or 1
         if not t.get("levels"):
@@ -926,9 +953,11 @@ def format_table(figures: dict[str, Any]) -> str:
             errs = sum((lv.get("errors") or {}).values())
             lines.append(f"{name:<14}{models:>7}{lv['concurrency']:>6}{lv['ok']:>7}{errs:>9}"
                          f"{_fmt(lv['throughput_rps']):>10}{_fmt(lat.get('p50')):>10}{_fmt(lat.get('p95')):>10}"
-                         f"{_fmt(lat.get('p99')):>10}")
+                         f"{_fmt(lat.get('p99')):>10}"
+                         f"{_fmt((lv.get('extra') or {}).get('other_processes_cores'), '.2f'):>11}")
     r = figures.get("ratios") or compute_ratios(figures)
     c = figures.get("ceiling") or {}
+    lines.append("(other cpu: cores used by processes outside this bench meanwhile; high values mean a noisy machine)")
     if c:
         lines.append(f"in-process ceiling: {_fmt(c.get('images_per_s'))} images/s "
                      f"(batch {c.get('batch_size')}, {c.get('threads')} thread(s), {c.get('device')})")

@@ -52,11 +52,14 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.dumps({"ok": status == 200}).encode()
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.hits += 1  # type: ignore[attr-defined]
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout test)
+            self.close_connection = True
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -263,6 +266,8 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     # fractional-CPU replicas: Ray gives them one torch thread, and the ceiling used the same
     assert data["replica"]["probe"]["torch_threads"] == 1 and data["ceiling"]["threads"] == 1
     assert data["ceiling"]["batch_size"] == data["replica"]["max_batch_size"] == 16
+    soup_procs = [p for lv in data["targets"]["soup"]["levels"] for p in lv["extra"]["top_processes"]]
+    assert any(p["ours"] and p["name"].startswith("ray::ServeReplica:bench:") for p in soup_procs), soup_procs
     observed = data["replica"]["observed"]
     assert observed["ceiling_matches_probe"] is True and observed["soup_replica_cores"] > 0
     assert paths["png"].is_file() and paths["png"].stat().st_size > 10_000
