@@ -126,7 +126,10 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
     """Served soup vs an ensemble of ``--members`` ViT-B-32 replicas over HTTP, plus the in-process ceiling."""
     from serve_cpu import build_vit_run
 
-    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, write_bench
+    import ray
+    from ray import serve
+
+    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, start_ray, write_bench
 
     left = args.budget - elapsed()
     if left < 90:
@@ -145,7 +148,22 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
             batch_wait_timeout_s=args.batch_wait_timeout_s, images=64, warmup_requests=64,
             request_timeout_s=20.0, deploy_timeout_s=120.0, ceiling_seconds=5.0,
             time_budget_s=max(30.0, args.budget - elapsed() - 10))
-        figures = run_bench(run_dir, settings, log=lambda m: print(f"[serve] {m}", flush=True))
+        log = lambda m: print(f"[serve] {m}", flush=True)  # noqa: E731
+        own_ray = start_ray(settings, log)
+        signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own SIGTERM handler: unwind instead
+        figures: dict[str, Any] = {}
+        try:
+            run_bench(run_dir, settings, log=log, figures=figures)
+        except KeyboardInterrupt:
+            results["serving_vitb32"] = {"interrupted": True, "ceiling": figures.get("ceiling"),
+                                         "replica": figures.get("replica"), "targets": figures.get("targets")}
+            raise
+        finally:
+            if own_ray:
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
         paths = write_bench(figures, out.with_name(out.stem + "-serve.json"))
         results["serving_vitb32"] = {"ratios": figures["ratios"], "ceiling": figures.get("ceiling"),
                                      "replica": figures.get("replica"), "figures_file": str(paths["json"]),
@@ -153,6 +171,11 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
         print(format_table(figures), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """`timeout` sends SIGTERM: unwind (KeyboardInterrupt) so Serve and Ray are stopped and results written."""
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -175,10 +198,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output JSON (default: bench/results/gpu-<date>.json)")
     args = ap.parse_args()
 
-    def stop(signum: int, frame: Any) -> None:  # `timeout` sends SIGTERM: unwind so Serve and Ray are stopped
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _stop)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {
         "date": dt.date.today().isoformat(),

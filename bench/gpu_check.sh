@@ -12,5 +12,6 @@ if ! "$PY" -c "import torch, open_clip, soup_ray, httpx" 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
-# the script keeps to --budget (340 s) by itself; timeout is the backstop (SIGTERM, then SIGKILL 15 s later)
-timeout -k 15 360 "$PY" bench/gpu_check.py --seconds "${GPU_CHECK_SECONDS:-25}" --budget 340 "$@"
+# the script keeps to --budget (340 s) by itself; timeout is the backstop: SIGTERM to the script only
+# (--foreground: Ray's own processes must outlive it long enough for it to stop Serve), SIGKILL 15 s later
+timeout --foreground -k 15 360 "$PY" bench/gpu_check.py --seconds "${GPU_CHECK_SECONDS:-25}" --budget 340 "$@"

@@ -141,6 +141,7 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
         client = httpx.Client(timeout=timeout_s, limits=limits, trust_env=False)
     headers = {"content-type": content_type}
     lock = threading.Lock()
+    stop = threading.Event()  # set when the level ends or is interrupted: no worker starts another request
     issued = 0
     records: list[tuple[str, float, float]] = []  # (status key, latency s, completion time)
 
@@ -151,7 +152,7 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     def claim() -> int | None:
         nonlocal issued
         with lock:
-            if issued >= max_requests or time.perf_counter() >= deadline:
+            if stop.is_set() or issued >= max_requests or time.perf_counter() >= deadline:
                 return None
             issued += 1
             return issued - 1
@@ -163,7 +164,7 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
             try:
                 resp = client.post(url, content=body, headers=headers)
                 key = _status_key(resp)
-            except httpx.HTTPError as err:
+            except Exception as err:  # noqa: BLE001 - timeouts, refused connections, a client closed under us
                 key = _status_key(error=err)
             end = time.perf_counter()
             with lock:
@@ -173,10 +174,13 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     for t in threads:
         t.start()
     join_until = deadline + timeout_s + JOIN_GRACE_S
-    for t in threads:
-        t.join(timeout=max(0.0, join_until - time.perf_counter()))
-    if own:
-        client.close()
+    try:
+        for t in threads:
+            t.join(timeout=max(0.0, join_until - time.perf_counter()))
+    finally:  # also on KeyboardInterrupt: the workers must not keep loading a server that is being stopped
+        stop.set()
+        if own:
+            client.close()
     with lock:
         done = list(records)
         sent = issued
@@ -563,14 +567,19 @@ def _batch_stats(before: dict[str, dict[str, Any]], after: dict[str, dict[str, A
 
 
 def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequence[bytes], settings: BenchSettings,
-                   share: float, log: Log, deadline: float | None = None) -> dict[str, Any]:
-    """Deploy one target as the ``bench`` application, load it at every concurrency level, delete it."""
+                   share: float, log: Log, deadline: float | None = None,
+                   out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Deploy one target as the ``bench`` application, load it at every concurrency level, delete it.
+
+    The figures go into ``out`` (a new dict by default) level by level, so an
+    interrupted caller keeps the levels already measured.
+    """
     from ray import serve
 
     from .serving import serve_run
 
-    out: dict[str, Any] = {"model": plan["model"], "members": list(plan["members"]), "route": plan["route"],
-                           "levels": []}
+    out = out if out is not None else {}
+    out.update({"model": plan["model"], "members": list(plan["members"]), "route": plan["route"], "levels": []})
     t0 = time.perf_counter()
     ensemble: int | list[str] = list(plan["members"]) if plan["members"] else 0
     try:
@@ -675,15 +684,18 @@ def probe_replica_threads(num_cpus: float, num_gpus: float = 0.0) -> dict[str, A
         ray.kill(actor)
 
 
-def _start_ray(settings: BenchSettings, log: Log) -> bool:
-    """Start an embedded local Ray for the bench unless one is initialised; returns whether it started one."""
+def start_ray(settings: BenchSettings, log: Log) -> bool:
+    """Start an embedded local Ray for the bench unless one is initialised; returns whether it started one.
+
+    ``settings.replica_threads`` becomes ``OMP_NUM_THREADS`` of every Ray
+    worker, so it only applies to a Ray started here (the thread probe reports
+    what replicas really get either way). ``RAY_ADDRESS`` joins a cluster.
+    """
     import ray
 
     from .serving import repo_root
 
     if ray.is_initialized():
-        if settings.replica_threads:
-            log("Ray is already initialised: --replica-threads cannot be applied (replicas keep Ray's default)")
         return False
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE") if k in os.environ}
     paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -701,8 +713,13 @@ def _start_ray(settings: BenchSettings, log: Log) -> bool:
     return True
 
 
-def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print) -> dict[str, Any]:
-    """Measure every target and the in-process ceiling; returns the figures (``compute_ratios`` adds ratios)."""
+def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print,
+              figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure every target and the in-process ceiling; returns the figures (``compute_ratios`` adds ratios).
+
+    ``figures``, when given, is filled in place as the bench goes, so a caller
+    that is interrupted still holds what was measured.
+    """
     import ray
     from ray import serve
 
@@ -719,7 +736,8 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
     log(f"bench of {run_dir}: soup of {len(soup_info.get('ingredients') or [])} ingredient(s); targets "
         + ", ".join(f"{n} ({len(p['members']) or 1} model(s))" for n, p in plan.items())
         + f"; {len(pngs)} test PNGs, concurrency {settings.concurrency}")
-    figures: dict[str, Any] = {
+    figures = figures if figures is not None else {}
+    figures.update({
         "run_dir": str(run_dir),
         "settings": asdict(settings),
         "machine": machine_info(),
@@ -728,11 +746,14 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
         "request_bytes": {"mean": round(float(np.mean([len(b) for b in pngs])), 1),
                           "image_size": settings.image_size or int(base["image_size"])},
         "targets": {},
-    }
-    own_ray = _start_ray(settings, log)
+    })
+    own_ray = start_ray(settings, log)
     try:
         share = _replica_share(settings, plan)
         probe = probe_replica_threads(share, settings.num_gpus)
+        if settings.replica_threads and int(probe["torch_threads"]) != int(settings.replica_threads):
+            log(f"WARNING: {settings.replica_threads} thread(s) per replica were asked for, but replicas get "
+                f"{probe['torch_threads']}: the running Ray was not started with OMP_NUM_THREADS set")
         figures["replica"] = {"num_cpus": share, "num_gpus": settings.num_gpus, "ingress_cpus": settings.ingress_cpus,
                               "max_batch_size": settings.max_batch_size,
                               "batch_wait_timeout_s": settings.batch_wait_timeout_s, "probe": probe,
@@ -763,11 +784,14 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
                 figures["targets"][name] = {"skipped": "time budget spent", **p, "levels": []}
                 continue
             log(f"target {name}: {p['route']} with {len(p['members']) or 1} model replica(s)")
+            figures["targets"][name] = {}
             try:
-                figures["targets"][name] = measure_target(name, p, run_dir, pngs, settings, share, log, deadline)
+                measure_target(name, p, run_dir, pngs, settings, share, log, deadline, out=figures["targets"][name])
             except Exception as err:  # noqa: BLE001 - one failed target must not lose the others' figures
                 log(f"  {name}: FAILED: {type(err).__name__}: {err}")
-                figures["targets"][name] = {**p, "error": f"{type(err).__name__}: {err}", "levels": []}
+                entry = figures["targets"][name]
+                entry.update({**p, **entry, "error": f"{type(err).__name__}: {err}"})
+                entry.setdefault("levels", [])
                 continue
             measured[key] = name
     finally:
@@ -851,6 +875,19 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
                         if n in rates}
         by_c[str(c)]["served_soup_over_ceiling"] = _div(s, ceiling)
     out["by_concurrency"] = by_c
+    # per busy core: the same peaks divided by the cores the whole machine used at that level (replicas, Serve,
+    # load generator), i.e. requests per CPU-second; it separates "cheaper" from "allowed to use more cores"
+    per_core: dict[str, float | None] = {}
+    for n, t in targets.items():
+        c = peaks[n][1]
+        lv = next((lv for lv in (t.get("levels") or []) if lv.get("concurrency") == c), None)
+        busy = ((lv or {}).get("extra") or {}).get("machine_busy_cores")
+        per_core[n] = round(peaks[n][0] / busy, 3) if peaks[n][0] and busy else None
+    soup_pc = per_core.get("soup")
+    out["per_busy_core"] = {
+        "rps_per_core": per_core,
+        **{f"soup_over_{n}": _div(soup_pc, per_core.get(n)) for n in ("single", "ensemble_k", "ensemble_all")},
+    }
     return out
 
 
@@ -967,16 +1004,46 @@ def format_table(figures: dict[str, Any]) -> str:
                  f"(target {_fmt(r.get('target_soup_over_ensemble_k'), '.2f')}: {verdict})   "
                  f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(r.get('soup_over_ensemble_all'), '.2f')}   "
                  f"served soup/ceiling {_fmt(r.get('served_soup_over_ceiling'), '.3f')}")
+    pc = r.get("per_busy_core") or {}
+    if any(v is not None for v in (pc.get("rps_per_core") or {}).values()):
+        lines.append(f"per busy core: soup/single {_fmt(pc.get('soup_over_single'), '.2f')}   "
+                     f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(pc.get('soup_over_ensemble_k'), '.2f')}   "
+                     f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(pc.get('soup_over_ensemble_all'), '.2f')}")
     return "\n".join(lines)
+
+
+def _sigterm_unwinds() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, so Serve and Ray are stopped on the way out."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
                log: Log = print) -> dict[str, Any]:
     """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
+    import ray
+    from ray import serve
+
     from .serving import resolve_run_dir
 
     run_dir = resolve_run_dir(run_dir)
-    figures = run_bench(run_dir, settings, log)
+    own_ray = start_ray(settings, log)
+    _sigterm_unwinds()  # after ray.init, which installs its own handler: SIGTERM now runs the finally below
+    try:
+        figures = run_bench(run_dir, settings, log)
+    finally:
+        if own_ray:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
     paths = write_bench(figures, Path(out) if out else run_dir / "bench.json")
     print(format_table(figures), flush=True)
     log("wrote " + ", ".join(str(p) for p in paths.values()))

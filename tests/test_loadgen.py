@@ -47,11 +47,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.inflight += 1  # type: ignore[attr-defined]
+            self.server.peak = max(self.server.peak, self.server.inflight)  # type: ignore[attr-defined]
         time.sleep(self.server.slow_delay if body.startswith(b"slow") else self.server.delay)  # type: ignore[attr-defined]
         status = 400 if body.startswith(b"bad") else 200
         payload = json.dumps({"ok": status == 200}).encode()
         with self.server.lock:  # type: ignore[attr-defined]
             self.server.hits += 1  # type: ignore[attr-defined]
+            self.server.inflight -= 1  # type: ignore[attr-defined]
         try:
             self.send_response(status)
             self.send_header("content-type", "application/json")
@@ -71,6 +75,7 @@ def tiny_server() -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     server.delay, server.slow_delay, server.hits, server.lock = 0.01, 2.0, 0, threading.Lock()  # type: ignore[attr-defined]
+    server.inflight, server.peak = 0, 0  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -119,8 +124,8 @@ def test_level_counts_successes_errors_and_percentiles(tiny_server: ThreadingHTT
     lat = lv.latency_ms
     assert lat["min"] >= 20.0 and lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     assert lv.throughput_rps == pytest.approx(lv.ok / lv.duration_s, rel=1e-3)
-    # 4 clients, 20 ms per answer: about 200 answers/s, of which 3/4 succeed; far from 1 client's 50/s
-    assert 60 < lv.throughput_rps < 170
+    # the 4 clients really overlap (a server-side count, not a wall-clock figure that a loaded machine skews)
+    assert 2 <= tiny_server.peak <= 4  # type: ignore[attr-defined]
     assert json.loads(json.dumps(lv.to_json()))["errors"] == {"400": 10}
 
 
@@ -130,14 +135,14 @@ def test_level_stops_at_its_time_limit(tiny_server: ThreadingHTTPServer) -> None
     lv = run_level(_url(tiny_server), [b"png"], concurrency=2, max_requests=100_000, max_seconds=0.6, timeout_s=5.0)
     wall = time.perf_counter() - t0
     assert lv.stopped_by == "time" and lv.sent < 100_000
-    assert wall < 0.6 + 0.05 + 1.0  # the last requests in flight finish, nothing new starts
+    assert wall < 0.6 + 0.05 + 3.0  # the last requests in flight finish, nothing new starts (margin: a busy machine)
     assert lv.sent <= 2 * (0.6 / 0.05 + 2) and lv.ok == lv.sent and lv.errors == {}
 
 
 def test_timeouts_and_refused_connections_are_counted_and_bounded(tiny_server: ThreadingHTTPServer) -> None:
     t0 = time.perf_counter()
     lv = run_level(_url(tiny_server), [b"slow"], concurrency=2, max_requests=50, max_seconds=0.5, timeout_s=0.3)
-    assert time.perf_counter() - t0 < 0.5 + 0.3 + 1.5
+    assert time.perf_counter() - t0 < 0.5 + 0.3 + 3.0
     assert lv.ok == 0 and set(lv.errors) == {"exc:ReadTimeout"} and sum(lv.errors.values()) == lv.sent >= 2
     assert lv.latency_ms["p50"] is None and lv.throughput_rps == 0.0
 
@@ -158,21 +163,21 @@ def test_level_refuses_meaningless_bounds() -> None:
 # ---------------------------------------------------------------- ratios, JSON and plot
 
 
-def _level(c: int, rps: float, p50: float) -> dict[str, Any]:
+def _level(c: int, rps: float, p50: float, busy: float = 2.0) -> dict[str, Any]:
     return {"concurrency": c, "max_requests": 100, "max_seconds": 5.0, "sent": 100, "ok": 100, "errors": {},
             "unfinished": 0, "stopped_by": "count", "duration_s": 100 / rps, "throughput_rps": rps,
             "latency_ms": {"p50": p50, "p95": 1.5 * p50, "p99": 2 * p50, "mean": p50, "min": p50 / 2, "max": 3 * p50},
-            "client_cpu_s": 0.1, "extra": {}}
+            "client_cpu_s": 0.1, "extra": {"machine_busy_cores": busy, "other_processes_cores": 0.01}}
 
 
 def synthetic_figures() -> dict[str, Any]:
     return {
-        "run_dir": "/tmp/run", "settings": {"concurrency": [1, 4]}, "machine": {"cpu_count": 2},
+        "run_dir": "runs/example", "settings": {"concurrency": [1, 4]}, "machine": {"cpu_count": 2},
         "soup": {"ingredients": ["a", "b", "c"]},
         "replica": {"num_cpus": 0.2, "max_batch_size": 16},
         "ceiling": {"images_per_s": 1000.0, "batch_size": 16, "threads": 1, "device": "cpu"},
         "targets": {
-            "soup": {"members": [], "levels": [_level(1, 30.0, 30.0), _level(4, 80.0, 50.0)]},
+            "soup": {"members": [], "levels": [_level(1, 30.0, 30.0), _level(4, 80.0, 50.0, busy=1.0)]},
             "single": {"members": [], "levels": [_level(1, 30.0, 30.0), _level(4, 100.0, 40.0)]},
             "ensemble_k": {"members": ["a", "b", "c"], "levels": [_level(1, 20.0, 45.0), _level(4, 25.0, 150.0)]},
             "ensemble_all": {"members": list("abcdefgh"), "levels": [_level(1, 10.0, 90.0), _level(4, 10.0, 400.0)]},
@@ -192,6 +197,9 @@ def test_ratios_json_and_plot_from_synthetic_figures(tmp_path: Path) -> None:
     assert r["served_soup_over_ceiling"] == pytest.approx(0.08)
     assert r["by_concurrency"]["1"]["soup_over_ensemble_k"] == pytest.approx(1.5)
     assert r["peak_at_concurrency"] == {"soup": 4, "single": 4, "ensemble_k": 4, "ensemble_all": 1}
+    # per busy core: the soup used 1 core for 80/s, the K ensemble 2 cores for 25/s
+    assert r["per_busy_core"]["rps_per_core"]["soup"] == pytest.approx(80.0)
+    assert r["per_busy_core"]["soup_over_ensemble_k"] == pytest.approx(80.0 / 12.5)
 
     paths = write_bench(figures, tmp_path / "out" / "bench.json")
     data = json.loads(paths["json"].read_text())
@@ -206,6 +214,7 @@ def test_ratios_json_and_plot_from_synthetic_figures(tmp_path: Path) -> None:
         assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 300
     table = format_table(data)
     assert "ensemble_all" in table and "soup/ensemble-of-3 3.20 (target 2.40: met)" in table
+    assert "per busy core: soup/single 1.60   soup/ensemble-of-3 6.40" in table
 
     missing = synthetic_figures()
     del missing["targets"]["single"], missing["ceiling"]
