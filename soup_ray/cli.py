@@ -25,8 +25,23 @@ def _log(msg: str) -> None:
     print(f"[soup-ray] {msg}", flush=True)
 
 
+def parse_set(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: a dotted config key and a YAML value (``soup.resources.gpu=0.25``)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise argparse.ArgumentTypeError(f"--set {item!r}: expected KEY=VALUE with a dotted config key, "
+                                         "e.g. --set trial_resources.gpu=1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+    return key.strip(), value
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    out = {}
+    out = dict(getattr(args, "set", None) or [])
     if getattr(args, "num_samples", None):
         out["tune.num_samples"] = args.num_samples
     if getattr(args, "seed", None) is not None:
@@ -229,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", metavar="DIR", help="run folder (default: <storage>/<name>-<timestamp>)")
         sp.add_argument("--num-samples", type=int, metavar="N", help="override tune.num_samples")
         sp.add_argument("--seed", type=int, help="override tune.seed (the search's random state)")
+        sp.add_argument("--set", action="append", type=parse_set, metavar="KEY=VALUE",
+                        help="override one config key (dotted, YAML value), repeatable: "
+                             "--set trial_resources.gpu=1 --set search_space.epochs=2")
         sp.add_argument("--dry-run", action="store_true",
                         help="only check the config, data paths, Ray resources, model and two training steps; "
                              "start nothing (exit 0: ready, 1: problems, 2: invalid config)")

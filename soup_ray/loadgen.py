@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .ray_env import worker_env_vars
+
 if TYPE_CHECKING:
     import httpx
 
@@ -697,7 +699,7 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE") if k in os.environ}
+    env = worker_env_vars()
     paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if settings.replica_threads:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .ray_env import worker_env_vars
+
 if TYPE_CHECKING:  # torch is imported lazily: the HTTP ingress never needs it
     import torch
 
@@ -534,7 +536,7 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     started = False
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or "local"
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE") if k in os.environ}
+        env = worker_env_vars()
         if target == "local":
             paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             env["PYTHONPATH"] = os.pathsep.join(paths)

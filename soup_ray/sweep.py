@@ -97,7 +97,9 @@ def init_ray(cfg: SweepConfig, log: Log = print) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.resolved_address()
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE") if k in os.environ}
+    from .ray_env import worker_env_vars
+
+    env = worker_env_vars()
     kwargs: dict[str, Any] = {"namespace": cfg.ray.namespace, "runtime_env": {"env_vars": env} if env else None,
                               "log_to_driver": True}
     if address == "local":
