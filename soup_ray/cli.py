@@ -203,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's soup until Ctrl-C."""
     from .serving import serve_run
 
-    serve_run(args.run_dir, args.host, args.port, blocking=True, log=_log, model=args.model,
+    serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=_log, model=args.model,
               ensemble=args.ensemble, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     return 0
 
@@ -228,7 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import format_status, status
 
     st, live = status(Path(args.run_dir) if args.run_dir else None, args.namespace, args.address)
-    print(json.dumps(st, indent=2, default=str) if args.json else format_status(st, live))
+    print(json.dumps({"source": "live" if live else "disk", **st}, indent=2, default=str) if args.json
+          else format_status(st, live))
     return 0
 
 
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ensemble", type=int, default=3, metavar="K", help="members of /predict/ensemble: top-K trials (0: off)")
     sp.add_argument("--num-cpus", type=float, default=0.25, help="CPUs per model replica (fractions allowed)")
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")
+    sp.add_argument("--address", default=None,
+                    help="Ray cluster to serve on, e.g. auto on a cluster node (default: RAY_ADDRESS, else an "
+                         "embedded local Ray)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("bench", help="benchmark serving: soup vs best trial vs ensembles, and the ceiling",
