@@ -151,11 +151,17 @@ def test_token_auth_on_every_ray_start(cluster: dict[str, Any]) -> None:
     assert "~/.ray/auth_token" in setup and "RAY_AUTH_MODE=token" in setup
 
 
-def test_s3_bucket_is_the_gpu_sweeps_storage(cluster: dict[str, Any]) -> None:
+def test_the_mounted_s3_bucket_is_the_gpu_sweeps_storage(cluster: dict[str, Any]) -> None:
+    """The bucket is mounted at the config's storage path on every node and passed into the container."""
     cfg = load_config(GPU_CONFIG)
-    assert cfg.storage.startswith("s3://") and "CHANGE-ME" in cfg.storage
-    exported = re.findall(r"SOUP_RAY_RUNS=(s3://[^'\" ]+)", " ".join(cluster["setup_commands"]))
-    assert exported == [cfg.storage]
+    mount = cfg.storage
+    assert mount.startswith("/") and "://" not in mount
+    init = " ".join(cluster["initialization_commands"])
+    assert re.search(rf"s3fs CHANGE-ME-soup-ray-runs {re.escape(mount)} ", init), "the bucket is mounted at storage"
+    assert "iam_role=auto" in init and "allow_other" in init
+    assert f"-v {mount}:{mount}" in cluster["docker"]["run_options"]
+    exported = re.findall(r"SOUP_RAY_RUNS=(\S+?)'", " ".join(cluster["setup_commands"]))
+    assert exported == [mount]
     for name in _gpu_types(cluster):
         assert "IamInstanceProfile" in cluster["available_node_types"][name]["node_config"], \
             "GPU workers write checkpoints to the bucket"
@@ -317,8 +323,23 @@ def test_dry_run_invalid_config_exits_2(tmp_path: Path) -> None:
     assert report.exit_code == 2 and "tune.num_sample" in report.format()
 
 
-def test_storage_check_local_path_on_a_cluster_warns(tmp_path: Path) -> None:
-    cfg = load_config(TEMPLATE, {"storage": str(tmp_path), "ray.address": "auto"})
-    check = check_storage(cfg)
-    assert check.status == "warn" and "shared filesystem" in _text(check)
-    assert check_storage(load_config(GPU_CONFIG)).status == "fail"
+def test_storage_check_on_a_cluster_wants_a_shared_filesystem(tmp_path: Path) -> None:
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"overlay / overlay rw 0 0\n"
+                      f"s3fs {shared} fuse.s3fs rw,nosuid,nodev 0 0\n"
+                      f"10.0.0.5:/ {shared}/nfs nfs4 rw 0 0\n")
+    on_cluster = {"ray.address": "auto"}
+    check = check_storage(load_config(TEMPLATE, {"storage": str(local), **on_cluster}), mounts_file=mounts)
+    assert check.status == "warn" and "overlay" in _text(check) and "shared" in _text(check)
+    check = check_storage(load_config(TEMPLATE, {"storage": str(shared / "runs"), **on_cluster}), mounts_file=mounts)
+    assert check.status == "ok" and "fuse.s3fs" in check.summary
+    (shared / "nfs").mkdir()
+    check = check_storage(load_config(TEMPLATE, {"storage": str(shared / "nfs"), **on_cluster}), mounts_file=mounts)
+    assert check.status == "ok" and "nfs4" in check.summary  # the longest mount point wins
+    # on an embedded local Ray any writable folder will do
+    assert check_storage(load_config(TEMPLATE, {"storage": str(local)}), mounts_file=mounts).status == "ok"
+    # a URI is not a folder
+    assert check_storage(load_config(TEMPLATE), out="s3://bucket/run").status == "fail"
