@@ -943,34 +943,24 @@ def _uniform_method(
     return uniform_soup(candidates, evaluate, heldout_size=heldout_size)
 
 
-@register_soup_method("greedy")
-def _greedy_method(
-    candidates: Iterable[Candidate],
-    evaluate: Evaluate,
-    *,
-    heldout_size: int,
-    early_rejection: bool = True,
-) -> GreedyResult:
-    """Greedy soup keeping ties (paper rule)."""
-    return greedy_soup(
-        candidates, evaluate, heldout_size=heldout_size, tie=">=",
-        early_rejection=early_rejection,
-    )
+def _greedy_method_with(tie: Tie, doc: str) -> SoupMethod:
+    """A registry entry for the greedy soup with one tie rule."""
+
+    def method(
+        candidates: Iterable[Candidate],
+        evaluate: Evaluate,
+        *,
+        heldout_size: int,
+        early_rejection: bool = True,
+    ) -> GreedyResult:
+        return greedy_soup(candidates, evaluate, heldout_size=heldout_size, tie=tie, early_rejection=early_rejection)
+
+    method.__doc__ = doc
+    return method
 
 
-@register_soup_method("greedy_strict")
-def _greedy_strict_method(
-    candidates: Iterable[Candidate],
-    evaluate: Evaluate,
-    *,
-    heldout_size: int,
-    early_rejection: bool = True,
-) -> GreedyResult:
-    """Greedy soup requiring strict improvement."""
-    return greedy_soup(
-        candidates, evaluate, heldout_size=heldout_size, tie=">",
-        early_rejection=early_rejection,
-    )
+register_soup_method("greedy")(_greedy_method_with(">=", "Greedy soup keeping ties (paper rule)."))
+register_soup_method("greedy_strict")(_greedy_method_with(">", "Greedy soup requiring strict improvement."))
 
 
 @register_soup_method("best")
