@@ -152,6 +152,60 @@ class DigitsData(_Strict):
         return v
 
 
+class ShiftDir(_Strict):
+    """One shifted test set: a folder of class sub-folders and the head columns it is scored on.
+
+    Written in YAML as a bare path (the full head; the class folders must be training
+    classes) or as an object: ``{path, classes: subset}`` restricts the head to the
+    training classes whose folders are present (ImageNet-R, ImageNet-A);
+    ``{path, mapping: file.json}`` scores the shift's own classes, each the maximum over
+    the training classes the JSON file lists for its folder (ObjectNet). See
+    :mod:`soup_ray.label_space`.
+    """
+
+    path: Path
+    classes: Literal["all", "subset"] | None = Field(
+        None, description="all: the full head (the default); subset: only the training classes present")
+    mapping: Path | None = Field(
+        None, description="JSON file {shift class folder: [train class folder, ...]}; folders it omits are skipped")
+    border_crop: int | None = Field(
+        None, ge=0, description="pixels cut from every image side before resizing; "
+                                "default 2 with a mapping (ObjectNet's border), else 0")
+
+    @model_validator(mode="after")
+    def _one_label_space(self) -> "ShiftDir":
+        if self.mapping is not None and self.classes is not None:
+            raise ValueError("give either classes (all or subset) or mapping, not both")
+        return self
+
+    @property
+    def label_space(self) -> Literal["all", "subset", "mapping"]:
+        """How the shift's classes meet the head."""
+        return "mapping" if self.mapping is not None else (self.classes or "all")
+
+    @property
+    def crop_pixels(self) -> int:
+        """Pixels cropped from every side (``border_crop``, or its default)."""
+        if self.border_crop is not None:
+            return self.border_crop
+        from .label_space import OBJECTNET_BORDER_PX
+
+        return OBJECTNET_BORDER_PX if self.mapping is not None else 0
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _shift_dir_form(name: str, v: Any) -> Any:
+    """A bare path stands for ``{path: ...}`` (the full head)."""
+    if isinstance(v, (str, os.PathLike)):
+        return {"path": v}
+    if not isinstance(v, (dict, ShiftDir)):
+        raise ValueError(f"shift_dirs.{name} must be a folder path or an object {{path, classes or mapping, "
+                         f"border_crop}}, got {v!r}")
+    return v
+
+
 class ImageFolderData(_Strict):
     """A user's dataset laid out as ``root/<class>/<image>`` folders."""
 
@@ -160,11 +214,16 @@ class ImageFolderData(_Strict):
     test_dir: Path
     heldout_fraction: float | None = Field(None, gt=0.0, lt=0.5)
     heldout_index: Path | None = None
-    shift_dirs: dict[str, Path] = Field(default_factory=dict)
+    shift_dirs: dict[str, ShiftDir] = Field(default_factory=dict)
     classnames: list[str] | None = None
     templates: Literal["openai_imagenet", "simple"] = "simple"
     seed: int = 0
     num_workers: int = Field(2, ge=0)
+
+    @field_validator("shift_dirs", mode="before")
+    @classmethod
+    def _shift_dir_forms(cls, v: Any) -> Any:
+        return {k: _shift_dir_form(k, d) for k, d in v.items()} if isinstance(v, dict) else v
 
     @field_validator("classnames", mode="before")
     @classmethod

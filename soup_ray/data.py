@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .config import DataConfig, DigitsData, ImageFolderData
+from .config import DataConfig, DigitsData, ImageFolderData, ShiftDir
+from .label_space import ClassGroups, mapping_groups, read_class_mapping, subset_groups
 from .shifts import apply_shift
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -124,11 +125,25 @@ def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
 # ---------------------------------------------------------------- image folders
 
 
-def _folder_transform(image_size: int) -> Callable:
+class BorderCrop:
+    """Cut ``pixels`` from every side of a PIL image (ObjectNet's images carry a red border)."""
+
+    def __init__(self, pixels: int):
+        self.pixels = int(pixels)
+
+    def __call__(self, im):
+        w, h, p = im.width, im.height, self.pixels
+        if w <= 2 * p or h <= 2 * p:
+            raise ValueError(f"a {w}x{h} image is too small to crop {p} pixels from every side")
+        return im.crop((p, p, w - p, h - p))
+
+
+def _folder_transform(image_size: int, border_crop: int = 0) -> Callable:
     from torchvision import transforms as T
 
+    steps: list[Callable] = [BorderCrop(border_crop)] if border_crop > 0 else []
     return T.Compose(
-        [
+        steps + [
             T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(image_size),
             T.Lambda(lambda im: im.convert("RGB")),
@@ -148,19 +163,49 @@ def _require_dir(path: Path, what: str) -> None:
         raise FileNotFoundError(f"data.{what}: {path} is not a directory (expected one sub-folder per class)")
 
 
-class _Relabel(Dataset):
-    """A shifted folder whose class folders are mapped onto the training classes."""
+class ShiftFolder(Dataset):
+    """An image folder relabelled into a shift's label space (see :mod:`soup_ray.label_space`).
 
-    def __init__(self, base: Dataset, mapping: list[int]):
-        self.base, self.mapping = base, mapping
-        self.targets = [mapping[t] for t in base.targets]  # type: ignore[attr-defined]
+    ``folder_labels`` gives each kept class folder index of ``base`` its label; images
+    of other folders are left out. ``class_groups`` (None: the full head) tells
+    ``evaluate.iter_logits`` how to project the head's logits onto the labels.
+    """
+
+    def __init__(self, base: Dataset, folder_labels: dict[int, int], class_groups: ClassGroups | None = None):
+        self.base, self.class_groups = base, class_groups
+        base_targets = base.targets  # type: ignore[attr-defined]
+        self.indices = [i for i, t in enumerate(base_targets) if t in folder_labels]
+        self.targets = [folder_labels[base_targets[i]] for i in self.indices]
 
     def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
+        return len(self.indices)
 
     def __getitem__(self, i: int):
-        img, t = self.base[i]
-        return img, self.mapping[t]
+        img, _ = self.base[self.indices[i]]
+        return img, self.targets[i]
+
+
+def _full_head(ds, classes: list[str], where: str) -> ShiftFolder:
+    """Every class folder scored with the whole head: each must be a training class."""
+    subset_groups(ds.classes, classes, where)  # raises on unknown folders
+    return ShiftFolder(ds, {i: classes.index(c) for i, c in enumerate(ds.classes)})
+
+
+def build_shift(name: str, spec: ShiftDir, classes: list[str], image_size: int) -> ShiftFolder:
+    """One shift folder in the label space its config asks for."""
+    from torchvision.datasets import ImageFolder
+
+    where = f"data.shift_dirs.{name}"
+    _require_dir(spec.path, f"shift_dirs.{name}")
+    mapping = read_class_mapping(spec.mapping, where) if spec.mapping is not None else None
+    ds = ImageFolder(str(spec.path), transform=_folder_transform(image_size, spec.crop_pixels))
+    if spec.label_space == "all":
+        return _full_head(ds, classes, where)
+    if mapping is None:
+        groups = subset_groups(ds.classes, classes, where)
+        return ShiftFolder(ds, {i: i for i in range(len(ds.classes))}, groups)
+    kept, groups = mapping_groups(mapping, ds.classes, classes, where)
+    return ShiftFolder(ds, {ds.class_to_idx[c]: k for k, c in enumerate(kept)}, groups)
 
 
 def build_imagefolder(cfg: ImageFolderData, image_size: int) -> DatasetBundle:
@@ -180,15 +225,10 @@ def build_imagefolder(cfg: ImageFolderData, image_size: int) -> DatasetBundle:
     classes = train_all.classes
     test = ImageFolder(str(cfg.test_dir), transform=tf)
     shifts: dict[str, Dataset] = {}
-    for name, d in cfg.shift_dirs.items():
-        _require_dir(d, f"shift_dirs.{name}")
-        ds = ImageFolder(str(d), transform=tf)
-        unknown = [c for c in ds.classes if c not in classes]
-        if unknown:
-            raise ValueError(f"data.shift_dirs.{name}: class folders {unknown[:5]} are not training classes")
-        shifts[name] = _Relabel(ds, [classes.index(c) for c in ds.classes])
+    for name, spec in cfg.shift_dirs.items():
+        shifts[name] = build_shift(name, spec, classes, image_size)
     if test.classes != classes:
-        test = _Relabel(test, [classes.index(c) for c in test.classes])  # type: ignore[assignment]
+        test = _full_head(test, classes, "data.test_dir")  # type: ignore[assignment]
     names = cfg.classnames or [c.replace("_", " ") for c in classes]
     if len(names) != len(classes):
         raise ValueError(f"data.classnames has {len(names)} names but {cfg.train_dir} has {len(classes)} class folders")

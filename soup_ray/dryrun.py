@@ -11,9 +11,11 @@ check (OK, WARN, FAIL) with the details under it:
    as a failure together with what would happen and the workaround (``--out`` on a
    filesystem every node mounts).
 4. **data**: every dataset path exists on this machine (train, test, held-out index,
-   each shift), each class folder has an image, test and shift classes are training
-   classes, the class names match the class folders. Every missing path is listed;
-   nothing is scanned beyond the top-level folders, so ImageNet takes seconds.
+   each shift and its mapping file), each class folder has an image, test and shift
+   classes are training classes (for a mapped shift: every mapped folder exists and
+   maps to training classes), the class names match the class folders. Every missing
+   path is listed; nothing is scanned beyond the top-level folders, so ImageNet takes
+   seconds.
 5. **resources**: what Ray offers (an embedded local Ray when ``ray.address`` is
    ``local``, else the cluster: ``ray.cluster_resources()`` and the live nodes, plus
    the autoscaling node types when run on a cluster-launcher head) against what one
@@ -52,7 +54,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from .config import (Choice, ConfigError, Const, DigitsData, ImageFolderData, LogUniform, RandInt, SearchSpace,
-                     SweepConfig, Uniform, load_config)
+                     ShiftDir, SweepConfig, Uniform, load_config)
+from .label_space import mapping_groups, read_class_mapping
 
 Log = Callable[[str], None]
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -232,6 +235,34 @@ def _check_folder(key: str, path: Path, missing: list[str], problems: list[str],
     return classes
 
 
+def _check_shift(name: str, spec: ShiftDir, missing: list[str], problems: list[str], notes: list[str],
+                 train: list[str] | None) -> None:
+    """A shift folder, plus its mapping file and its label space when it has one."""
+    key = f"shift_dirs.{name}"
+    mapped = spec.label_space == "mapping"
+    folders = _check_folder(key, spec.path, missing, problems, notes, None if mapped else train)
+    if spec.label_space == "subset" and folders:
+        notes.append(f"data.{key}: scored on the {len(folders)} training classes present (classes: subset)")
+    if not mapped or spec.mapping is None:
+        return
+    if not spec.mapping.is_file():
+        missing.append(f"data.{key}.mapping: {spec.mapping} (a JSON object {{shift class folder: [train class "
+                       "folder, ...]}; for ObjectNet write it with soup_ray.label_space.write_objectnet_mapping)")
+        return
+    try:
+        mapping = read_class_mapping(spec.mapping, f"data.{key}")
+        if folders is None or train is None:
+            return
+        kept, groups = mapping_groups(mapping, folders, train, f"data.{key}")
+    except ValueError as err:
+        problems.append(str(err))
+        return
+    columns = len({c for g in groups for c in g})
+    notes.append(f"data.{key}: {len(kept)} mapped classes over {columns} training classes (max over each "
+                 f"class's columns), {len(folders) - len(kept)} unmapped folder(s) skipped, "
+                 f"border crop {spec.crop_pixels}px")
+
+
 def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
     """Check the dataset paths on this machine; returns the check and the class names for the model.
 
@@ -268,8 +299,8 @@ def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
                                         f"e.g. {absent[:3]}")
     else:
         notes.append(f"held-out: {data.heldout_fraction:g} of every class of train_dir (seed {data.seed})")
-    for name, d in data.shift_dirs.items():
-        _check_folder(f"shift_dirs.{name}", d, missing, problems, notes, train)
+    for name, spec in data.shift_dirs.items():
+        _check_shift(name, spec, missing, problems, notes, train)
     if data.classnames is not None and train:
         if len(data.classnames) != len(train):
             problems.append(f"data.classnames has {len(data.classnames)} names but {data.train_dir} has "

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .data import loader
+from .label_space import class_groups_of, project_logits
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -23,16 +24,24 @@ def pick_device(gpus: float = 1.0) -> str:
 
 @torch.no_grad()
 def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(logits, labels)`` on the CPU batch by batch (the model may be on a GPU), so a caller may stop early."""
+    """Yield ``(logits, labels)`` on the CPU batch by batch (the model may be on a GPU), so a caller may stop early.
+
+    A dataset with ``class_groups`` (a shift with its own label space) gets its logits
+    projected onto those groups (:func:`soup_ray.label_space.project_logits`), so its
+    logits are ``[B, k]`` and its labels 0..k-1.
+    """
     model.eval()
     device = model_device(model)
+    groups = class_groups_of(ds)
     for x, y in loader(ds, batch_size, num_workers=num_workers):
-        yield model(x.to(device, non_blocking=True)).float().cpu(), y
+        logits = model(x.to(device, non_blocking=True)).float().cpu()
+        yield (logits if groups is None else project_logits(logits, groups)), y
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits ``[N, C]`` and labels ``[N]`` of a split, in order (on the CPU)."""
+    """All logits ``[N, C]`` and labels ``[N]`` of a split, in order (on the CPU); ``C`` is the
+    projected width for a shift with ``class_groups``."""
     parts = list(iter_logits(model, ds, batch_size, num_workers))
     if not parts:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

@@ -221,7 +221,14 @@ def _read_logits(path: Path, names: Iterable[str]) -> dict[str, tuple[torch.Tens
 
 
 class _LogitStore:
-    """Cached logits of the admitted checkpoints, read one file at a time."""
+    """Cached logits of the admitted checkpoints, read one file at a time.
+
+    Each eval set keeps its own sum and shape, so shifts with their own label space
+    (fewer columns, see :mod:`soup_ray.label_space`) average like any other set. Those
+    logits were projected by each trial: for a mapped shift (ObjectNet, a max over
+    ImageNet columns) the ensemble is the mean of per-model projected logits, not the
+    projection of the mean (max is not linear); that is accepted.
+    """
 
     def __init__(self, run: AdmittedRun, names: Sequence[str], log: Log):
         self.run = run
