@@ -126,10 +126,8 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
     """Served soup vs an ensemble of ``--members`` ViT-B-32 replicas over HTTP, plus the in-process ceiling."""
     from serve_cpu import build_vit_run
 
-    import ray
-    from ray import serve
-
-    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, start_ray, write_bench
+    from soup_ray.loadgen import (BenchSettings, format_table, parse_concurrency, run_bench, start_ray,
+                                  stop_serve_and_ray, write_bench)
 
     left = args.budget - elapsed()
     if left < 90:
@@ -160,10 +158,7 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
             raise
         finally:
             if own_ray:
-                try:
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+                stop_serve_and_ray()
         paths = write_bench(figures, out.with_name(out.stem + "-serve.json"))
         results["serving_vitb32"] = {"ratios": figures["ratios"], "ceiling": figures.get("ceiling"),
                                      "replica": figures.get("replica"), "figures_file": str(paths["json"]),

@@ -8,6 +8,7 @@ and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -294,6 +295,18 @@ class SweepConfig(_Strict):
     ray: RayConfig = RayConfig()
     eval_batch_size: int = Field(256, ge=1)
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_a_folder(cls, v: str) -> str:
+        """Run folders are POSIX folders every node sees at one path; a bucket is mounted, not named."""
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
+            raise ValueError(f"{v!r} is a URI, but storage must be a folder that every node sees at the same path: "
+                             "mount the bucket there (cluster.yaml mounts s3://... at /mnt/soup-ray-runs with s3fs) "
+                             "and give that path")
+        if not v.strip():
+            raise ValueError("storage is empty: give the folder under which run folders are made (e.g. runs)")
+        return v
+
     def resolved_address(self) -> str:
         """The Ray address to use: ``RAY_ADDRESS`` wins over the file when the file says local."""
         env = os.environ.get("RAY_ADDRESS")
@@ -343,6 +356,9 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            where = ".".join(keys[: i + 1])
+            raise ConfigError(f"override {dotted}: {where} is a single value ({node!r}), not a section with keys")
     node[keys[-1]] = value

@@ -158,28 +158,39 @@ def check_placeholders(cfg: SweepConfig) -> Check:
     return Check("placeholders", "ok", f"no {PLACEHOLDER} left")
 
 
-def check_storage(cfg: SweepConfig, out: str | None = None) -> Check:
-    """Where the run folder would go, and whether this version can actually write it there."""
+#: filesystem types that every node of a cluster can mount at the same path
+SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "efs", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse",
+                   "fuse.juicefs", "fuse.sshfs", "beegfs", "gpfs", "ceph", "fuse.ceph-fuse", "glusterfs",
+                   "fuse.glusterfs", "9p")
+
+
+def filesystem_of(path: Path, mounts_file: Path = Path("/proc/mounts")) -> tuple[str, str] | None:
+    """``(mount point, filesystem type)`` holding ``path`` (the longest matching mount), or None if unknown."""
+    try:
+        lines = mounts_file.read_text().splitlines()
+    except OSError:
+        return None
+    best: tuple[str, str] | None = None
+    target = str(path.resolve())
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > len(best[0])):
+            best = (mount, parts[2])
+    return best
+
+
+def check_storage(cfg: SweepConfig, out: str | None = None, mounts_file: Path = Path("/proc/mounts")) -> Check:
+    """Where the run folder would go, whether it is writable and, on a cluster, whether every node can share it."""
     key = "--out" if out else "storage"
     target = out or cfg.storage
-    if is_uri(target):
-        scheme = target.split("://", 1)[0]
-        as_path = Path(target) if out else Path(target) / f"{cfg.name}-<timestamp>"
-        return Check(
-            "storage", "fail",
-            f"{key} is the URI {target!r}, which this version cannot use as a run folder",
-            [
-                f"run folders are built with pathlib (sweep.default_run_dir / prepare_run): Path({target!r}) "
-                f"is {str(Path(target))!r}, so the run would be written to the LOCAL folder "
-                f"{Path.cwd() / as_path} on the machine that starts it, not to {scheme} (under `ray job submit "
-                "--working-dir`, inside the job's temporary working directory)",
-                "that local folder would become Tune's storage_path and the soup actor's run folder: trials "
-                "on other nodes could not read its base/ model (the shared initialisation) and their "
-                "checkpoints would not land where the soup actor reads them",
-                "until URIs are supported: keep the config and pass `--out DIR` with DIR on a filesystem "
-                "mounted at the same path on every node (NFS, EFS, FSx)",
-            ],
-        )
+    if is_uri(target):  # the config refuses URIs; --out is a plain CLI string
+        return Check("storage", "fail", f"{key} is the URI {target!r}, not a folder",
+                     ["run folders are POSIX folders that every node sees at the same path: mount the bucket "
+                      "(cluster.yaml mounts s3://... at /mnt/soup-ray-runs) and pass that path"])
     run_dir = Path(target) if out else Path(target) / f"{cfg.name}-<timestamp>"
     absolute = run_dir if run_dir.is_absolute() else Path.cwd() / run_dir
     existing = Path(target).absolute()
@@ -189,11 +200,18 @@ def check_storage(cfg: SweepConfig, out: str | None = None) -> Check:
         return Check("storage", "fail", f"{key} {target!r}: {existing} is not writable here",
                      [f"the run folder would be {absolute}"])
     details = [f"the run folder would be {absolute}"]
-    if cfg.resolved_address() != "local":
-        details.append("a local path on a multi-node cluster: every node must see it at the same path "
-                       "(a shared filesystem), or trials cannot read the base model")
-        return Check("storage", "warn", f"{key} {target!r} is a local path", details)
-    return Check("storage", "ok", f"{key} {target!r} is writable", details)
+    if cfg.resolved_address() == "local":
+        return Check("storage", "ok", f"{key} {target!r} is writable", details)
+    fs = filesystem_of(existing, mounts_file)
+    if fs is not None and (fs[1] in SHARED_FS_TYPES or fs[1].startswith("nfs")):
+        details.append(f"{existing} is on {fs[1]} mounted at {fs[0]}: a shared filesystem")
+        return Check("storage", "ok", f"{key} {target!r} is on a shared filesystem ({fs[1]})", details)
+    found = f"{existing} is on {fs[1]} (mounted at {fs[0]})" if fs else f"the filesystem of {existing} is unknown"
+    details += [found + ": not a network or FUSE filesystem that other nodes share",
+                "on a multi-node cluster every node must see the run folder at the same path, or trials "
+                "cannot read the base model and the soup actor cannot read their checkpoints: mount the "
+                "runs' bucket or an NFS/EFS share there (cluster.yaml's initialization_commands do)"]
+    return Check("storage", "warn", f"{key} {target!r} is not on a shared filesystem", details)
 
 
 # ---------------------------------------------------------------- data
@@ -414,6 +432,34 @@ def evaluate_fit(trial: tuple[float, float], actor: tuple[float, float], shapes:
     return (any(fit_count(s, *trial) >= 1 for s in shapes), any(fit_count(s, *actor) >= 1 for s in shapes))
 
 
+def gcs_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why the Ray cluster at ``address`` (``auto``, ``host:port`` or ``ray://``) cannot be reached, or None.
+
+    A quick TCP probe of its GCS port, so that a dry run against a stopped cluster
+    says so in seconds instead of waiting out Ray's own reconnect timeouts.
+    """
+    import socket
+
+    if address.startswith("ray://") or address.startswith("http"):
+        return None  # Ray Client / job server addresses: leave them to Ray
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            target = get_ray_address_from_environment("auto", None)
+        except Exception as err:  # noqa: BLE001 - no running Ray found on this machine
+            return f"address 'auto' found no running Ray on this machine ({str(err).strip()[:200]})"
+    host, _, port = str(target).rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return f"nothing answers at {host}:{port} (the GCS of {address!r}): {err}"
+
+
 def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | None = None) -> Check:
     """What Ray offers here against what one trial and the soup actor ask for."""
     import ray
@@ -430,6 +476,10 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
         if ray.is_initialized():
             source = "the Ray this process is already connected to"
         else:
+            if address != "local":
+                unreachable = gcs_unreachable(address)
+                if unreachable:
+                    raise ConnectionError(unreachable)
             started = init_ray(cfg, log=log)
             source = "an embedded local Ray (this machine)" if address == "local" else f"the Ray cluster at {address!r}"
         totals = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
@@ -597,11 +647,10 @@ def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 
                 cpu_batch_cap: int = CPU_BATCH_CAP, log: Log = print) -> Check:
     """A few optimisation steps on synthetic images, exactly as ``train.fine_tune`` takes them."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import TensorDataset
 
     from .evaluate import predict_logits
-    from .train import _hp, cosine_with_warmup, mixup, randaugment
+    from .train import _hp, cosine_with_warmup, train_step
 
     hp = _hp(representative_hparams(cfg.search_space))
     batch = min(hp["batch_size"], cpu_batch_cap)
@@ -622,22 +671,12 @@ def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 
             t0 = time.time()
             x = torch.rand(batch, 3, size, size, generator=g)
             y = torch.randint(0, n_classes, (batch,), generator=g)
-            x = randaugment(x, hp["randaug_n"], hp["randaug_m"], g)
-            x, ya, yb, lam = mixup(x, y, float(hp.get("mixup_alpha", 0.0)), g)
             model.train()
-            with autocast:
-                logits = model(x).float()
-            ls = float(hp.get("label_smoothing", 0.0))
-            loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(logits, yb, label_smoothing=ls)
+            lrs.append(opt.param_groups[0]["lr"])
+            loss = train_step(model, opt, sched, x, y, hp, g, autocast)
             if not torch.isfinite(loss):
                 return Check("steps", "fail", f"the loss became {float(loss)} at step {len(losses) + 1}")
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.get("grad_clip", 1.0)))
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
             seconds.append(time.time() - t0)
         changed = any(not torch.equal(p.detach(), small[n]) for n, p in model.named_parameters() if n in small)
         eval_logits, _ = predict_logits(model, TensorDataset(torch.rand(batch, 3, size, size, generator=g),

@@ -715,6 +715,17 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
     return True
 
 
+def stop_serve_and_ray() -> None:
+    """Shut Serve down, then Ray (even when Serve's shutdown fails): for a Ray this process started."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
 def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print,
               figures: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure every target and the in-process ceiling; returns the figures (``compute_ratios`` adds ratios).
@@ -723,7 +734,6 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
     that is interrupted still holds what was measured.
     """
     import ray
-    from ray import serve
 
     from .serving import load_model, resolve_run_dir
 
@@ -798,10 +808,7 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
             measured[key] = name
     finally:
         if own_ray:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            stop_serve_and_ray()
     figures["replica"]["observed"] = observed_threads(figures)
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
     figures["ratios"] = compute_ratios(figures)
@@ -1030,9 +1037,6 @@ def _sigterm_unwinds() -> None:
 def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
                log: Log = print) -> dict[str, Any]:
     """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
-    import ray
-    from ray import serve
-
     from .serving import resolve_run_dir
 
     run_dir = resolve_run_dir(run_dir)
@@ -1042,10 +1046,7 @@ def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | N
         figures = run_bench(run_dir, settings, log)
     finally:
         if own_ray:
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+            stop_serve_and_ray()
     paths = write_bench(figures, Path(out) if out else run_dir / "bench.json")
     print(format_table(figures), flush=True)
     log("wrote " + ", ".join(str(p) for p in paths.values()))

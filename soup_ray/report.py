@@ -545,9 +545,15 @@ def plot_scatter(report: Mapping[str, Any], path: Path) -> Path:
         ax.scatter([100 * r["test"]], [100 * r["shift_mean"]], marker=marker, s=size, c=color,
                    edgecolors="k", linewidths=0.6, label=_LABELS.get(r["model_name"], r["model_name"]),
                    zorder=3)
-    ax.set_xlabel("test accuracy (%)")
-    ax.set_ylabel(f"mean accuracy over {len(report['shifts'])} shifts (%)")
-    ax.set_title("Soups and ensembles vs. individual fine-tuned models")
+    return _finish(plt, fig, ax, path, "test accuracy (%)", f"mean accuracy over {len(report['shifts'])} shifts (%)",
+                   "Soups and ensembles vs. individual fine-tuned models")
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, grid and legend a one-axis figure, write it to ``path`` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -575,15 +581,8 @@ def plot_greedy(report: Mapping[str, Any], path: Path) -> Path:
     if rej:
         ax.scatter([x for x, _ in rej], [y for _, y in rej], marker="x", s=30, c="tab:blue",
                    zorder=3, label="rejected (soup with it)")
-    ax.set_xlabel("candidate (sorted by held-out accuracy)")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("Greedy soup: held-out accuracy as candidates are considered")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "candidate (sorted by held-out accuracy)", "held-out accuracy (%)",
+                   "Greedy soup: held-out accuracy as candidates are considered")
 
 
 def _is_summary(row: Mapping[str, Any]) -> bool:

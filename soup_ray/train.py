@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import DigitsData, ImageFolderData
 from .data import build_dataset, loader
@@ -117,6 +118,30 @@ def _hp(config: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+               hp: dict[str, Any], g: torch.Generator, autocast: Any, device: str = "cpu") -> torch.Tensor:
+    """One optimisation step: RandAugment, mixup, forward, label-smoothed cross-entropy, clip, AdamW and schedule.
+
+    Returns the (detached) loss. A non-finite loss is returned before any update:
+    the weights stay as they were and the caller decides what diverging means.
+    """
+    x = randaugment(x, hp["randaug_n"], hp["randaug_m"], g)
+    x, ya, yb, lam = mixup(x, y, float(hp.get("mixup_alpha", 0.0)), g)
+    x, ya, yb = x.to(device, non_blocking=True), ya.to(device), yb.to(device)
+    with autocast:
+        logits = model(x).float()
+    ls = float(hp.get("label_smoothing", 0.0))
+    loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(logits, yb, label_smoothing=ls)
+    if not torch.isfinite(loss):
+        return loss.detach()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(hp.get("grad_clip", 1.0)))
+    opt.step()
+    sched.step()
+    return loss.detach()
+
+
 def fine_tune(
     config: dict[str, Any],
     ctx: TrialContext,
@@ -148,13 +173,7 @@ def fine_tune(
         batches = loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch,
                          num_workers=ctx.num_workers)
         for x, y in batches:
-            x = randaugment(x, hp["randaug_n"], hp["randaug_m"], g)
-            x, ya, yb, lam = mixup(x, y, float(config.get("mixup_alpha", 0.0)), g)
-            x, ya, yb = x.to(device, non_blocking=True), ya.to(device), yb.to(device)
-            with autocast:
-                logits = model(x).float()
-            ls = float(config.get("label_smoothing", 0.0))
-            loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(logits, yb, label_smoothing=ls)
+            loss = train_step(model, opt, sched, x, y, hp, g, autocast, device)
             if not torch.isfinite(loss):
                 metrics = {
                     "epoch": epoch, "heldout_acc": 0.0, "train_loss": float("nan"), "status": "diverged",
@@ -162,12 +181,7 @@ def fine_tune(
                 }
                 report(metrics, None)
                 return metrics
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.get("grad_clip", 1.0)))
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
         held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers)
         metrics = {
             "epoch": epoch,

@@ -255,10 +255,11 @@ def test_dry_run_gpu_config_on_tiny_imagefolders(local_ray, tiny_folders: dict[s
     checks = _by_name(report)
     text = report.format()
     assert report.exit_code == 1
-    assert {c.name for c in report.problems} == {"placeholders", "storage", "resources", "model"}, text
+    # storage is the bucket's mount point, which this machine lacks: a problem only if its parent is read-only here
+    assert {c.name for c in report.problems} - {"storage"} == {"resources", "model"}, text
+    assert checks["placeholders"].status == "ok"  # the bucket and account placeholders live in cluster.yaml
     assert checks["data"].status == "ok" and "3 classes" in checks["data"].summary
-    # s3:// storage: the pathlib collapse is named, with the workaround
-    assert "s3:/CHANGE-ME-soup-ray-runs" in _text(checks["storage"]) and "--out" in _text(checks["storage"])
+    assert "/mnt/soup-ray-runs/vitb32-imagenet-<timestamp>" in _text(checks["storage"])
     # a 1-GPU trial on a 2-CPU, 0-GPU Ray: does not fit here, and what it needs
     res = _text(checks["resources"])
     assert "does not fit here" in res and "6 CPU + 1 GPU" in res and "0.25 GPU" in res
@@ -271,7 +272,7 @@ def test_dry_run_gpu_config_on_tiny_imagefolders(local_ray, tiny_folders: dict[s
 def test_dry_run_names_every_missing_data_path(local_ray) -> None:
     report = dry_run(GPU_CONFIG, check_model_steps=False, log=lambda m: None)
     data = _by_name(report)["data"]
-    assert data.status == "fail" and "8 path(s) missing on this machine" in data.summary
+    assert data.status == "fail" and "9 path(s) missing on this machine" in data.summary
     cfg = load_config(GPU_CONFIG)
     for path in [cfg.data.train_dir, cfg.data.test_dir, cfg.data.heldout_index, *cfg.data.shift_dirs.values()]:
         assert any(str(path) in d for d in data.details), path
@@ -343,3 +344,16 @@ def test_storage_check_on_a_cluster_wants_a_shared_filesystem(tmp_path: Path) ->
     assert check_storage(load_config(TEMPLATE, {"storage": str(local)}), mounts_file=mounts).status == "ok"
     # a URI is not a folder
     assert check_storage(load_config(TEMPLATE), out="s3://bucket/run").status == "fail"
+
+
+def test_gcs_probe_answers_in_seconds_for_a_stopped_cluster() -> None:
+    from soup_ray.dryrun import gcs_unreachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert gcs_unreachable(f"127.0.0.1:{port}") is None
+    why = gcs_unreachable(f"127.0.0.1:{port}", timeout_s=2.0)  # closed now
+    assert why is not None and f"127.0.0.1:{port}" in why
+    assert gcs_unreachable("ray://127.0.0.1:10001") is None  # Ray Client addresses are left to Ray

@@ -103,3 +103,33 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "tune.num_sample" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
+
+
+def test_storage_must_be_a_folder_not_a_uri(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, tiny_config_dict(storage="s3://my-bucket/runs")))
+    assert "storage" in str(err.value) and "mount the bucket" in str(err.value)
+    assert load_config(write(tmp_path, tiny_config_dict(storage="/mnt/soup-ray-runs"))).storage == "/mnt/soup-ray-runs"
+
+
+def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
+    import argparse
+
+    from soup_ray.cli import build_parser, parse_set
+
+    assert parse_set("trial_resources.gpu=0.5") == ("trial_resources.gpu", 0.5)
+    assert parse_set("search_space.lr={loguniform: [1.0e-5, 1.0e-3]}") == ("search_space.lr", {"loguniform": [1e-5, 1e-3]})
+    for bad in ("no_equals", "=1", "a..b=1", "x=[unclosed"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_set(bad)
+    args = build_parser().parse_args(["sweep", str(write(tmp_path, tiny_config_dict())), "--set", "tune.num_samples=5",
+                                      "--set", "search_space.epochs=3", "--num-samples", "7"])
+    from soup_ray.cli import _overrides
+
+    cfg = load_config(args.config, _overrides(args))
+    assert cfg.tune.num_samples == 7  # --num-samples wins over --set for the same key
+    assert cfg.search_space.epochs.value == 3
+    with pytest.raises(ConfigError, match="search_space.batch_size is a single value"):
+        load_config(args.config, {"search_space.batch_size.x": 1})
+    with pytest.raises(ConfigError, match="trial_resources.gpux: unknown key"):
+        load_config(args.config, {"trial_resources.gpux": 1})

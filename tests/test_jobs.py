@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TINY_STANDIN_STEPS
+from tests.conftest import TINY_STANDIN_STEPS
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
