@@ -69,6 +69,7 @@ class SoupKeeper:
         self._wake = threading.Condition(self._lock)
         self.busy = False
         self.last_error: str | None = None
+        self.last_offer_at = self.last_change_at = time.time()  # for retiring an idle actor
         state = read_state(self.run_dir)
         if state is None:
             self.soup = IncrementalGreedySoup(self.kitchen.evaluate, heldout_size=self.kitchen.heldout_size,
@@ -128,6 +129,7 @@ class SoupKeeper:
         return self._inbox_dir() / f"{safe}.json"
 
     def _persist(self) -> None:
+        self.last_change_at = time.time()
         _write_json_atomic(self.run_dir / STATE_DIR / STATE_FILE, self._state())
 
     def _make_snapshot(self) -> dict[str, Any]:
@@ -158,6 +160,7 @@ class SoupKeeper:
     def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
         """Queue a finished trial (idempotent by trial id); returns at once."""
         tid = str(trial["trial_id"])
+        self.last_offer_at = time.time()
         with self._lock:
             known = tid in self.records or tid in self.rejected or any(r["trial_id"] == tid for r in self.inbox)
             if known:
@@ -317,6 +320,31 @@ class SoupActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def retire_when_idle(self, idle_s: float, poll_s: float = 1.0) -> float:
+        """Exit for good once nothing was offered or evaluated for ``idle_s`` seconds; returns at once.
+
+        On a cluster the actor is detached and holds its CPU/GPU share until it
+        exits, which would keep a GPU node (and its bill) from scaling down. Its
+        state stays in the run folder (``soup-ray status`` reads it from there),
+        and a new ``start_soup_actor`` for the run resumes from it. An offer in
+        the meantime restarts the count. Returns the seconds it will wait at least.
+        """
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+        self.keeper.last_offer_at = time.time()
+
+        def watch() -> None:
+            while not self._stop.wait(poll_s):
+                quiet = time.time() - max(self.keeper.last_offer_at, self.keeper.last_change_at)
+                if self.keeper.pending() == 0 and quiet >= idle_s:
+                    self._stop.set()
+                    ray.kill(me, no_restart=True)  # intentional: Ray does not restart it
+                    return
+
+        threading.Thread(target=watch, daemon=True, name="soup-retire").start()
+        return float(idle_s)
 
 
 def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",

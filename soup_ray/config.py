@@ -272,6 +272,9 @@ class SoupSettings(_Strict):
                                     "smaller batches let early rejection stop sooner")
     hardest_first: bool = Field(True, description="score held-out images that the candidates get wrong most often first")
     resources: Resources = Resources(cpu=0.25)
+    keep_alive_minutes: float | None = Field(
+        60.0, ge=0, description="on a cluster, how long the detached soup actor stays up once the run is done and "
+        "it is idle (for `soup-ray status`) before it exits and frees its CPU/GPU share; null: until killed")
 
 
 class RayConfig(_Strict):

@@ -179,6 +179,10 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(prep.run_dir / RESULTS_FILE, rows)
         soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
+        if actor is not None and cfg.resolved_address() != "local" and cfg.soup.keep_alive_minutes is not None:
+            ray.get(actor.retire_when_idle.remote(60.0 * cfg.soup.keep_alive_minutes))
+            log(f"the soup actor stays up {cfg.soup.keep_alive_minutes:g} more minute(s) while idle, then exits and "
+                f"frees its resources; its state stays in {prep.run_dir}")
         return SweepOutcome(rows, soup)
     finally:
         if started:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,39 @@ def test_status_answers_while_an_evaluation_runs(run_copy: Path) -> None:
         worker.join(60)
     keeper.process_inbox()
     assert keeper.status()["candidates_seen"] == 3 and keeper.status()["busy"] is False
+
+
+def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> None:
+    """On a cluster the detached actor must not hold its GPU share forever: once idle it exits, not restarted."""
+    import ray
+
+    from soup_ray.actor import actor_name, read_state, start_soup_actor
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="retire-test")
+    try:
+        actor = start_soup_actor(run_copy, cpu=0.25)
+        for o in offers(run_copy)[:2]:
+            ray.get(actor.offer.remote(o))
+        assert ray.get(actor.wait_idle.remote(120.0))
+        before = ray.get(actor.status.remote())
+        assert ray.get(actor.retire_when_idle.remote(1.0, 0.2)) == 1.0  # returns at once
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                ray.get(actor.status.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the idle actor did not exit")
+        time.sleep(1.0)
+        with pytest.raises(ValueError):  # dead for good: max_restarts=-1 did not bring it back
+            ray.get_actor(actor_name(run_copy), namespace="retire-test")
+        state = read_state(run_copy)
+        assert state is not None and state["version"] == before["version"]
+        # a new actor for the run resumes from the persisted state
+        again = start_soup_actor(run_copy, cpu=0.25)
+        st = ray.get(again.status.remote())
+        assert st["ingredients"] == before["ingredients"] and st["restarts"] == before["restarts"] + 1
+    finally:
+        ray.shutdown()

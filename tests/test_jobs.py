@@ -182,6 +182,7 @@ def test_submitted_job_succeeds_and_its_trials_ran(head: Head, job: dict[str, An
     assert info["status"] == "SUCCEEDED" and "soup-ray run tune_configs/local.yaml" in info["entrypoint"]
     logs = head.cli(RAY, "job", "logs", job["id"], "--address", head.dashboard).stdout
     assert f"{NUM_TRIALS} completed, 0 diverged, 0 failed" in logs and "greedy_soup" in logs
+    assert "the soup actor stays up 60 more minute(s) while idle, then exits" in logs  # frees its GPU share later
     rows = [json.loads(line) for line in (job["run_dir"] / "results.jsonl").read_text().splitlines()]
     trials = [r for r in rows if r["kind"] == "individual" and not r.get("summary")]
     assert len(trials) == NUM_TRIALS and all(r["status"] == "completed" for r in trials)
