@@ -169,6 +169,29 @@ def cmd_standin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heldout_index(args: argparse.Namespace) -> int:
+    """Write the held-out split of an image folder as an index file (never over an existing one)."""
+    from .data import write_heldout_index
+
+    train, out = Path(args.train_dir), Path(args.out)
+    if not train.is_dir():
+        raise FileNotFoundError(f"{train}: no such training folder (expected <class>/<image> folders)")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists: it may define the held-out split of earlier runs; pass --force to "
+                              "replace it or choose another path")
+    if args.per_class is not None and args.per_class < 1:
+        raise ValueError(f"--per-class {args.per_class}: give at least 1 image per class")
+    if args.fraction is not None and not 0.0 < args.fraction < 1.0:
+        raise ValueError(f"--fraction {args.fraction}: give a fraction between 0 and 1, e.g. 0.02")
+    amount: float | int = args.per_class if args.per_class is not None else args.fraction
+    _log(f"scanning {train} ...")
+    rel = write_heldout_index(out, train, amount, seed=args.seed)
+    classes = len({Path(r).parts[0] for r in rel})
+    _log(f"wrote {out}: {len(rel)} held-out images from {classes} classes (seed {args.seed}); "
+         f"set data.heldout_index: {out} in the sweep config")
+    return 0
+
+
 def cmd_soup(args: argparse.Namespace) -> int:
     """Recompute a soup method offline from the run's checkpoints (and optionally the report)."""
     from .report import (admit_run, compute_report, effective_tie, method_ingredients, results_path,
@@ -267,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_args(sp)
     sp.set_defaults(func=cmd_sweep)
 
+    sp = sub.add_parser("heldout-index", help="write the held-out split of an image folder as an index file",
+                        description="Choose a deterministic held-out subset of TRAIN_DIR (<class>/<image> folders) "
+                                    "and write it as a JSON list of relative paths, for data.heldout_index: every "
+                                    "trial and the soup actor then agree on the split. The paper holds out 26 "
+                                    "ImageNet training images per class.")
+    sp.add_argument("train_dir", metavar="TRAIN_DIR", help="the training image folder")
+    sp.add_argument("out", metavar="OUT", help="the index file to write (.json)")
+    amount = sp.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--per-class", type=int, metavar="N", help="N images of every class (the paper: 26)")
+    amount.add_argument("--fraction", type=float, metavar="F", help="this fraction of every class (0 < F < 1)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed of the choice (default: 0)")
+    sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    sp.set_defaults(func=cmd_heldout_index)
+
     sp = sub.add_parser("standin", help="build or show the cached offline stand-in CLIP",
                         description="Pretrain the small stand-in CLIP on rendered digit glyphs (cached).")
     sp.add_argument("--model", default="soupray-digits-tiny")
@@ -346,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"soup-ray: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"soup-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from soup_ray.config import DigitsData
@@ -59,3 +62,36 @@ def test_stratified_split_fraction() -> None:
     assert len(part) == 100 and len(rest) == 400
     assert set(rest).isdisjoint(part)
     assert np.bincount(labels[part]).tolist() == [20] * 5
+
+
+def test_heldout_index_command_is_deterministic_and_never_overwrites(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from soup_ray.cli import main
+    from soup_ray.data import read_heldout_index
+
+    train = tmp_path / "train"
+    for c in ("n01", "n02", "n03"):
+        (train / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(train / c / f"{i}.png")
+    out = tmp_path / "heldout.json"
+    assert main(["heldout-index", str(train), str(out), "--per-class", "3", "--seed", "1"]) == 0
+    first = json.loads(out.read_text())
+    assert len(first) == 9 and sorted({p.split("/")[0] for p in first}) == ["n01", "n02", "n03"]
+    # the index names images of the folder, read back as positions in the ImageFolder
+    from torchvision.datasets import ImageFolder
+
+    assert len(read_heldout_index(out, ImageFolder(str(train)))) == 9
+    # never over an existing split without --force; same seed, same split
+    assert main(["heldout-index", str(train), str(out), "--fraction", "0.5"]) == 2
+    assert "--force" in capsys.readouterr().err and json.loads(out.read_text()) == first
+    assert main(["heldout-index", str(train), str(out), "--per-class", "3", "--seed", "1", "--force"]) == 0
+    assert json.loads(out.read_text()) == first
+    assert main(["heldout-index", str(train), str(out), "--per-class", "3", "--seed", "2", "--force"]) == 0
+    assert json.loads(out.read_text()) != first
+    # bad amounts and a missing folder are clear errors
+    assert main(["heldout-index", str(train), str(tmp_path / "x.json"), "--fraction", "1.5"]) == 2
+    assert main(["heldout-index", str(tmp_path / "nope"), str(tmp_path / "y.json"), "--per-class", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--fraction 1.5" in err and "no such training folder" in err
