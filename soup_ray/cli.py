@@ -96,10 +96,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (run_dir / "soup" / "soup.json").is_file():
         _log("no soup was published (no trial completed); nothing to serve")
         return 1
-    from .serving import _sigterm_as_interrupt, serve_run
+    from .serving import sigterm_as_interrupt, serve_run
 
     url = serve_run(run_dir, args.host, args.port, blocking=False, log=_log)
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     try:
         show_queries(url, run_dir)
         _log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")

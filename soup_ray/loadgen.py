@@ -1021,27 +1021,14 @@ def format_table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _sigterm_unwinds() -> None:
-    """Make SIGTERM raise KeyboardInterrupt in the main thread, so Serve and Ray are stopped on the way out."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
                log: Log = print) -> dict[str, Any]:
     """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
-    from .serving import resolve_run_dir
+    from .serving import resolve_run_dir, sigterm_as_interrupt
 
     run_dir = resolve_run_dir(run_dir)
     own_ray = start_ray(settings, log)
-    _sigterm_unwinds()  # after ray.init, which installs its own handler: SIGTERM now runs the finally below
+    sigterm_as_interrupt()  # after ray.init, which installs its own handler: SIGTERM now runs the finally below
     try:
         figures = run_bench(run_dir, settings, log)
     finally:

@@ -552,7 +552,7 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
     if not blocking:
         return url
-    _sigterm_as_interrupt()
+    sigterm_as_interrupt()
     try:
         while True:
             time.sleep(1.0)
@@ -566,8 +566,11 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     return url
 
 
-def _sigterm_as_interrupt() -> None:
-    """Let SIGTERM stop a blocking ``serve_run`` like Ctrl-C does (main thread only)."""
+def sigterm_as_interrupt() -> None:
+    """Let SIGTERM stop blocking work (``serve_run``, a bench) like Ctrl-C does: Serve and Ray stop on the way out.
+
+    Main thread only; call it after ``ray.init``, which installs a SIGTERM handler of its own.
+    """
     import signal
     import threading
 
