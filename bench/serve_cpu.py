@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             images=args.images, warmup_requests=8, request_timeout_s=60.0, deploy_timeout_s=300.0,
             ceiling_seconds=args.ceiling_seconds, time_budget_s=args.time_budget)
         figures = run_bench(run_dir, settings, log=_log)
+        if tmp is not None:  # a temporary folder, deleted below: the path would mean nothing later
+            figures["run_dir"] = "(temporary synthetic run)"
         figures["title"] = "ViT-B-32 (random init, 224 px) on CPU"
         figures["case"] = {"model": "ViT-B-32, random init (pretrained=None), 224 px, digits class names",
                            "synthetic_run": True, "members": args.members,
