@@ -70,6 +70,7 @@ class SoupKeeper:
         self.busy = False
         self.last_error: str | None = None
         self.last_offer_at = self.last_change_at = time.time()  # for retiring an idle actor
+        self.retiring = False
         state = read_state(self.run_dir)
         if state is None:
             self.soup = IncrementalGreedySoup(self.kitchen.evaluate, heldout_size=self.kitchen.heldout_size,
@@ -160,8 +161,11 @@ class SoupKeeper:
     def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
         """Queue a finished trial (idempotent by trial id); returns at once."""
         tid = str(trial["trial_id"])
-        self.last_offer_at = time.time()
         with self._lock:
+            if self.retiring:
+                raise RuntimeError(f"the soup actor of {self.run_dir} is retiring: offer {tid} to a new one "
+                                   "(start_soup_actor resumes from the run folder)")
+            self.last_offer_at = time.time()
             known = tid in self.records or tid in self.rejected or any(r["trial_id"] == tid for r in self.inbox)
             if known:
                 return {"trial_id": tid, "queued": False, "duplicate": True}
@@ -281,6 +285,7 @@ class SoupActor:
         self._setup_metrics()
         self.keeper.metrics_hook = self._record_metrics  # type: ignore[attr-defined]
         self._stop = threading.Event()
+        self._retire_generation = 0
         self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
                                         name="soup-worker")
         self._thread.start()
@@ -328,23 +333,38 @@ class SoupActor:
         exits, which would keep a GPU node (and its bill) from scaling down. Its
         state stays in the run folder (``soup-ray status`` reads it from there),
         and a new ``start_soup_actor`` for the run resumes from it. An offer in
-        the meantime restarts the count. Returns the seconds it will wait at least.
+        the meantime restarts the count; ``keep_alive`` cancels it (a new sweep
+        on the same run folder calls it). Returns the seconds it will wait at least.
         """
         import ray
 
         me = ray.get_runtime_context().current_actor
-        self.keeper.last_offer_at = time.time()
+        keeper = self.keeper
+        with keeper._lock:
+            keeper.last_offer_at = time.time()
+            self._retire_generation += 1
+            generation = self._retire_generation
 
         def watch() -> None:
             while not self._stop.wait(poll_s):
-                quiet = time.time() - max(self.keeper.last_offer_at, self.keeper.last_change_at)
-                if self.keeper.pending() == 0 and quiet >= idle_s:
-                    self._stop.set()
-                    ray.kill(me, no_restart=True)  # intentional: Ray does not restart it
-                    return
+                with keeper._lock:  # offers take this lock too: none can slip in between the check and the flag
+                    if generation != self._retire_generation:
+                        return  # cancelled, or replaced by a newer request
+                    quiet = time.time() - max(keeper.last_offer_at, keeper.last_change_at)
+                    if keeper.inbox or keeper.busy or quiet < idle_s:
+                        continue
+                    keeper.retiring = True
+                self._stop.set()
+                ray.kill(me, no_restart=True)  # intentional: Ray does not restart it
+                return
 
         threading.Thread(target=watch, daemon=True, name="soup-retire").start()
         return float(idle_s)
+
+    def keep_alive(self) -> None:
+        """Cancel a pending ``retire_when_idle`` (the run folder is in use again)."""
+        with self.keeper._lock:
+            self._retire_generation += 1
 
 
 def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",

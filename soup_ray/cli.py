@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,21 @@ def parse_set(item: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"--set {item!r}: the value is not valid YAML ({err})") from None
-    return key.strip(), value
+    return key.strip(), _numbers(value)
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _numbers(value: object) -> object:
+    """YAML 1.1 reads ``1e-4`` as a string: make such strings numbers again (inside lists and mappings too)."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -52,6 +67,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _run_dir(cfg: SweepConfig, out: str | None) -> Path:
     from .sweep import default_run_dir
 
+    if out and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
+        raise ValueError(f"--out {out!r} is a URI: a run folder is a folder that every node sees at the same path "
+                         "(mount the bucket, e.g. at /mnt/soup-ray-runs, and give a path under it)")
     return Path(out) if out else default_run_dir(cfg)
 
 
@@ -176,13 +194,15 @@ def cmd_heldout_index(args: argparse.Namespace) -> int:
     train, out = Path(args.train_dir), Path(args.out)
     if not train.is_dir():
         raise FileNotFoundError(f"{train}: no such training folder (expected <class>/<image> folders)")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder: give the path of the index file to write, e.g. {out}/heldout.json")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists: it may define the held-out split of earlier runs; pass --force to "
                               "replace it or choose another path")
     if args.per_class is not None and args.per_class < 1:
         raise ValueError(f"--per-class {args.per_class}: give at least 1 image per class")
-    if args.fraction is not None and not 0.0 < args.fraction < 1.0:
-        raise ValueError(f"--fraction {args.fraction}: give a fraction between 0 and 1, e.g. 0.02")
+    if args.fraction is not None and not 0.0 < args.fraction < 0.5:
+        raise ValueError(f"--fraction {args.fraction}: give a fraction above 0 and below 0.5, e.g. 0.02")
     amount: float | int = args.per_class if args.per_class is not None else args.fraction
     _log(f"scanning {train} ...")
     rel = write_heldout_index(out, train, amount, seed=args.seed)
@@ -299,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", metavar="OUT", help="the index file to write (.json)")
     amount = sp.add_mutually_exclusive_group(required=True)
     amount.add_argument("--per-class", type=int, metavar="N", help="N images of every class (the paper: 26)")
-    amount.add_argument("--fraction", type=float, metavar="F", help="this fraction of every class (0 < F < 1)")
+    amount.add_argument("--fraction", type=float, metavar="F", help="this fraction of every class (0 < F < 0.5)")
     sp.add_argument("--seed", type=int, default=0, help="random seed of the choice (default: 0)")
     sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     sp.set_defaults(func=cmd_heldout_index)
@@ -383,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"soup-ray: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as err:
         print(f"soup-ray: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

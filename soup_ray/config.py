@@ -30,13 +30,13 @@ class _Strict(BaseModel):
 class Const(_Strict):
     """A fixed value (written in YAML as a bare number or ``{value: x}``)."""
 
-    value: float | int | bool | str
+    value: int | float  # every hyperparameter is a number (YAML's "1e-4" string is read as one)
 
 
 class Choice(_Strict):
     """One of ``values``, uniformly at random (``tune.choice``)."""
 
-    choice: list[float | int | bool | str] = Field(min_length=1)
+    choice: list[int | float] = Field(min_length=1)
 
 
 class Uniform(_Strict):
@@ -110,6 +110,14 @@ class SearchSpace(_Strict):
     @classmethod
     def _wrap_scalars(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, str):
+                    try:
+                        float(v)
+                    except ValueError:
+                        raise ValueError(f"{k}: {v!r} is not a number; give a number or a distribution such as "
+                                         "{loguniform: [1.0e-5, 1.0e-3]}, {uniform: [lo, hi]}, {randint: [lo, hi]} "
+                                         "or {choice: [...]}") from None
             return {k: _as_distribution(v) for k, v in data.items()}
         return data
 

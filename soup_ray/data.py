@@ -273,7 +273,13 @@ def write_heldout_index(path: Path, train_dir: Path, fraction_or_per_class: floa
         k = fraction_or_per_class if isinstance(fraction_or_per_class, int) else round(fraction_or_per_class * len(idx))
         chosen.extend(idx[: min(k, len(idx) - 1)].tolist())
     rel = sorted(str(Path(ds.samples[i][0]).relative_to(train_dir)) for i in chosen)
-    Path(path).write_text(json.dumps(rel, indent=0))
+    empty = sorted(set(ds.classes) - {Path(r).parts[0] for r in rel})
+    if empty:
+        raise ValueError(f"{train_dir}: {len(empty)} class(es) would have no held-out image ({empty[:5]}): "
+                         "every class needs at least 2 images, and a fraction large enough for one of them")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(rel, indent=0))
+    tmp.replace(path)  # whole or not at all: the file defines which images no trial may train on
     return rel
 
 

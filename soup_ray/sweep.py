@@ -125,6 +125,7 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
 
     prep = prepared or prepare_run(cfg, run_dir, log)
     started = init_ray(cfg, log)
+    actor = None
     try:
         ctx = TrialContext(
             base_dir=str(prep.base_dir),
@@ -136,7 +137,6 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             gpus=cfg.trial_resources.gpu,
             num_workers=getattr(cfg.data, "num_workers", 0),
         )
-        actor = None
         cbs = list(callbacks or [])
         if live_soup:
             from .actor import actor_name, start_soup_actor
@@ -147,6 +147,7 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                 cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
                 detached=cfg.resolved_address() != "local",
             )
+            ray.get(actor.keep_alive.remote())  # an actor kept from an earlier sweep of this run must not retire now
             cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace))
             log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
                 f"(watch it with: soup-ray status {prep.run_dir})")
@@ -179,14 +180,32 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(prep.run_dir / RESULTS_FILE, rows)
         soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
-        if actor is not None and cfg.resolved_address() != "local" and cfg.soup.keep_alive_minutes is not None:
-            ray.get(actor.retire_when_idle.remote(60.0 * cfg.soup.keep_alive_minutes))
-            log(f"the soup actor stays up {cfg.soup.keep_alive_minutes:g} more minute(s) while idle, then exits and "
-                f"frees its resources; its state stays in {prep.run_dir}")
         return SweepOutcome(rows, soup)
     finally:
+        if actor is not None:
+            _retire_later(actor, cfg, prep.run_dir, log)  # also when the sweep failed: never hold a GPU forever
         if started:
             ray.shutdown()
+
+
+def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None:
+    """On a cluster, let the detached soup actor exit after ``soup.keep_alive_minutes`` of idleness."""
+    import ray
+
+    from .actor import actor_name as actor_name_of
+
+    minutes = cfg.soup.keep_alive_minutes
+    if cfg.resolved_address() == "local" or minutes is None:
+        return
+    try:
+        ray.get(actor.retire_when_idle.remote(60.0 * minutes), timeout=60)
+    except Exception as err:  # noqa: BLE001 - the actor may already be gone; its state is on disk either way
+        log(f"could not schedule the soup actor's exit ({type(err).__name__}: {err}); if the dashboard still "
+            f"lists it, stop it with ray.kill(ray.get_actor({actor_name_of(run_dir)!r}, "
+            f"namespace={cfg.ray.namespace!r}))")
+        return
+    log(f"the soup actor stays up {minutes:g} more minute(s) while idle, then exits and frees its resources; "
+        f"its state stays in {run_dir}")
 
 
 def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log: Log = print,

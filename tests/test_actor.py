@@ -203,6 +203,11 @@ def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> N
             ray.get(actor.offer.remote(o))
         assert ray.get(actor.wait_idle.remote(120.0))
         before = ray.get(actor.status.remote())
+        # a new sweep on the run cancels a pending retirement
+        ray.get(actor.retire_when_idle.remote(1.0, 0.2))
+        ray.get(actor.keep_alive.remote())
+        time.sleep(2.5)
+        assert ray.get(actor.status.remote(), timeout=10)["version"] == before["version"]
         assert ray.get(actor.retire_when_idle.remote(1.0, 0.2)) == 1.0  # returns at once
         deadline = time.time() + 60
         while time.time() < deadline:

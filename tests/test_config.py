@@ -119,6 +119,10 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
 
     assert parse_set("trial_resources.gpu=0.5") == ("trial_resources.gpu", 0.5)
     assert parse_set("search_space.lr={loguniform: [1.0e-5, 1.0e-3]}") == ("search_space.lr", {"loguniform": [1e-5, 1e-3]})
+    # YAML 1.1 would leave 1e-4 a string: it must reach the config as a number
+    assert parse_set("search_space.lr=1e-4") == ("search_space.lr", 1e-4)
+    assert parse_set("search_space.lr={loguniform: [1e-5, 1e-3]}") == ("search_space.lr", {"loguniform": [1e-5, 1e-3]})
+    assert parse_set("name=run-1e") == ("name", "run-1e")
     for bad in ("no_equals", "=1", "a..b=1", "x=[unclosed"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_set(bad)
@@ -133,3 +137,19 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
         load_config(args.config, {"search_space.batch_size.x": 1})
     with pytest.raises(ConfigError, match="trial_resources.gpux: unknown key"):
         load_config(args.config, {"trial_resources.gpux": 1})
+
+
+def test_out_must_not_be_a_uri(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "soup_ray.cli", "sweep", str(write(tmp_path, tiny_config_dict())),
+                        "--out", "s3://bucket/run"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "is a URI" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_hyperparameters_are_numbers() -> None:
+    cfg = parse_config(tiny_config_dict(**{"search_space.lr": "1e-3"}))  # YAML 1.1 leaves 1e-3 a string
+    assert cfg.search_space.lr.value == pytest.approx(1e-3) and isinstance(cfg.search_space.lr.value, float)
+    with pytest.raises(ConfigError, match=r"lr: 'fast' is not a number"):
+        parse_config(tiny_config_dict(**{"search_space.lr": "fast"}))
+    with pytest.raises(ConfigError, match="search_space.epochs"):
+        parse_config(tiny_config_dict(**{"search_space.epochs": {"choice": ["two", "four"]}}))

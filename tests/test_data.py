@@ -95,3 +95,21 @@ def test_heldout_index_command_is_deterministic_and_never_overwrites(tmp_path: P
     assert main(["heldout-index", str(tmp_path / "nope"), str(tmp_path / "y.json"), "--per-class", "2"]) == 2
     err = capsys.readouterr().err
     assert "--fraction 1.5" in err and "no such training folder" in err
+
+
+def test_heldout_index_refuses_a_split_that_leaves_a_class_out(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from soup_ray.cli import main
+
+    train = tmp_path / "train"
+    for c, n in (("big", 40), ("small", 3)):
+        (train / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4)).save(train / c / f"{i}.png")
+    out = tmp_path / "heldout.json"
+    assert main(["heldout-index", str(train), str(out), "--fraction", "0.05"]) == 2  # 3 * 0.05 rounds to 0
+    assert "small" in capsys.readouterr().err and not out.exists()
+    assert main(["heldout-index", str(train), str(tmp_path), "--per-class", "1"]) == 2  # a folder, not a file
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["heldout-index", str(train), str(out), "--per-class", "1"]) == 0 and len(json.loads(out.read_text())) == 2
