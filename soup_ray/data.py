@@ -134,7 +134,7 @@ class BorderCrop:
     def __call__(self, im):
         w, h, p = im.width, im.height, self.pixels
         if w <= 2 * p or h <= 2 * p:
-            raise ValueError(f"a {w}x{h} image is too small to crop {p} pixels from every side")
+            return im  # too small to have a border worth cutting: keep it whole rather than fail the whole run
         return im.crop((p, p, w - p, h - p))
 
 

@@ -32,8 +32,9 @@ check (OK, WARN, FAIL) with the details under it:
 7. **steps**: two optimisation steps on synthetic images of the model's input size,
    through the same RandAugment, mixup, label smoothing, AdamW, cosine-with-warm-up
    schedule and gradient clipping as ``train.fine_tune`` (reusing its functions), at
-   the upper end of every search range, then one evaluation forward pass. ``train.py``
-   trains on the CPU, so the batch is capped for the CPU (``min(batch_size, 8)``).
+   the upper end of every search range, then one evaluation forward pass. The dry run
+   steps on this machine's CPU, so the batch is capped (``min(batch_size, 8)``); trials
+   train on the GPU Ray gives them.
 
 Exit status: 0 when every check passes (warnings allowed); 1 when any check fails; all
 checks still run and the whole report is printed, so a missing dataset on a laptop
@@ -176,7 +177,7 @@ def filesystem_of(path: Path, mounts_file: Path = Path("/proc/mounts")) -> tuple
         parts = line.split()
         if len(parts) < 3:
             continue
-        mount = parts[1].replace("\\040", " ")
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])  # \040 is a space
         inside = target == mount or target.startswith(mount.rstrip("/") + "/")
         if inside and (best is None or len(mount) > len(best[0])):
             best = (mount, parts[2])
@@ -440,8 +441,11 @@ def gcs_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
     """
     import socket
 
-    if address.startswith("ray://") or address.startswith("http"):
-        return None  # Ray Client / job server addresses: leave them to Ray
+    def left_to_ray(a: str) -> bool:  # Ray Client / job server addresses: not a GCS to probe
+        return a.startswith(("ray://", "http://", "https://"))
+
+    if left_to_ray(address):
+        return None
     target = address
     if address == "auto":
         try:
@@ -450,7 +454,10 @@ def gcs_unreachable(address: str, timeout_s: float = 5.0) -> str | None:
             target = get_ray_address_from_environment("auto", None)
         except Exception as err:  # noqa: BLE001 - no running Ray found on this machine
             return f"address 'auto' found no running Ray on this machine ({str(err).strip()[:200]})"
+    if target is None or left_to_ray(str(target)):
+        return None
     host, _, port = str(target).rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
     if not host or not port.isdigit():
         return None
     try:
@@ -691,7 +698,7 @@ def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 
              if k not in ("seed", "batch_size")}
     details = [
         f"batch {batch}" + (f" (batch_size {hp['batch_size']} capped to {cpu_batch_cap} on the CPU; "
-                            "train.py trains on the CPU in this version)" if capped else "")
+                            "the dry run steps on the CPU; trials use the GPU Ray gives them)" if capped else "")
         + f", synthetic {size}px images, {n_classes} classes",
         "hyperparameters (upper end of every range): " + ", ".join(f"{k}={v}" for k, v in shown.items()),
         "AdamW + linear warm-up/cosine schedule: lr " + " -> ".join(f"{v:.3g}" for v in lrs),

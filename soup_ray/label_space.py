@@ -161,6 +161,13 @@ def objectnet_mapping(mappings_dir: Path, wnids: Sequence[str]) -> dict[str, lis
     name_to_index = {line.strip(): id_to_index[i] for i, line in enumerate(lines) if line.strip()}
     out: dict[str, list[str]] = {}
     for label, names in objectnet_to_names.items():
+        if label not in label_to_folder:
+            raise ValueError(f"{d / OBJECTNET_FILES[1]}: ObjectNet label {label!r} is not in "
+                             f"{OBJECTNET_FILES[0]}: are both files from the same ObjectNet release?")
+        unknown = [n for n in names.split("; ") if n not in name_to_index]
+        if unknown:
+            raise ValueError(f"{d / OBJECTNET_FILES[1]}: ImageNet class name(s) {unknown[:3]} of {label!r} are not in "
+                             f"{OBJECTNET_FILES[3]}: are both files from the same ObjectNet release?")
         out[label_to_folder[label]] = [wnids[name_to_index[n]] for n in names.split("; ")]
     return dict(sorted(out.items()))
 

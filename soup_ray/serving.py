@@ -533,18 +533,21 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     _ensure_app_importable()
     from serve.app import build_app
 
-    started = False
+    started = own_ray = False
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or "local"
         env = worker_env_vars()
+        # serve/ is not an installed package: replicas import it from the repository, which a cluster has at the
+        # same path on every node (cluster.yaml's file_mounts), whatever folder this command runs in
+        paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         if target == "local":
-            paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            env["PYTHONPATH"] = os.pathsep.join(paths)
             log("starting an embedded local Ray (address='local')")
             ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+            own_ray = True
         else:
             log(f"connecting to the Ray cluster at {target}")
-            ray.init(address=target, runtime_env={"env_vars": env} if env else None)
+            ray.init(address=target, runtime_env={"env_vars": env})
         started = True
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False)
@@ -559,9 +562,10 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     except KeyboardInterrupt:
         log("stopping the server")
     finally:
-        serve.delete(app_name)
-        if started:
+        serve.delete(app_name)  # on a shared cluster only this application: other Serve apps keep running
+        if own_ray:
             serve.shutdown()
+        if started:
             ray.shutdown()
     return url
 

@@ -159,7 +159,8 @@ def test_the_mounted_s3_bucket_is_the_gpu_sweeps_storage(cluster: dict[str, Any]
     init = " ".join(cluster["initialization_commands"])
     assert re.search(rf"s3fs CHANGE-ME-soup-ray-runs {re.escape(mount)} ", init), "the bucket is mounted at storage"
     assert "iam_role=auto" in init and "allow_other" in init
-    assert f"-v {mount}:{mount}" in cluster["docker"]["run_options"]
+    assert f"--mount type=bind,src={mount},dst={mount},bind-propagation=rslave" in cluster["docker"]["run_options"]
+    assert "uid=1000 -o gid=100" in init  # the rayproject image's `ray` user
     exported = re.findall(r"SOUP_RAY_RUNS=(\S+?)'", " ".join(cluster["setup_commands"]))
     assert exported == [mount]
     for name in _gpu_types(cluster):
@@ -357,3 +358,16 @@ def test_gcs_probe_answers_in_seconds_for_a_stopped_cluster() -> None:
     why = gcs_unreachable(f"127.0.0.1:{port}", timeout_s=2.0)  # closed now
     assert why is not None and f"127.0.0.1:{port}" in why
     assert gcs_unreachable("ray://127.0.0.1:10001") is None  # Ray Client addresses are left to Ray
+    assert gcs_unreachable("http://127.0.0.1:8265") is None
+    assert f"::1:{port}" in (gcs_unreachable(f"[::1]:{port}", timeout_s=2.0) or "")  # brackets stripped, probed
+
+
+def test_filesystem_of_decodes_octal_escapes_in_mount_points(tmp_path: Path) -> None:
+    from soup_ray.dryrun import filesystem_of
+
+    spaced = tmp_path / "my runs"
+    spaced.mkdir()
+    mounts = tmp_path / "mounts"
+    escaped = str(spaced).replace(" ", "\\040")
+    mounts.write_text(f"overlay / overlay rw 0 0\nfs:/ {escaped} nfs4 rw 0 0\n")
+    assert filesystem_of(spaced / "x", mounts) == (str(spaced), "nfs4")

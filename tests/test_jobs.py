@@ -85,6 +85,9 @@ def stop_session(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: flo
         except ProcessLookupError:
             pass
     proc.wait(timeout=10)
+    deadline = time.monotonic() + 10  # SIGKILLed processes take a moment to go
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @dataclass
@@ -251,8 +254,9 @@ def test_the_run_is_served_from_the_cluster_over_http(head: Head, job: dict[str,
 
     port = free_port()
     log = open(head.tmp / "serve.log", "w")
+    # from another folder, as `ray exec` runs it: the replicas must find serve/ without the driver's working dir
     proc = subprocess.Popen([SOUP_RAY, "serve", str(job["run_dir"]), "--address", head.gcs, "--port", str(port),
-                             "--ensemble", "0"], env=head.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             "--ensemble", "0"], env=head.env, cwd=head.tmp, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
