@@ -166,6 +166,8 @@ def job(head: Head) -> dict[str, Any]:
                     "--submission-id", submission_id, "--runtime-env-json", json.dumps(runtime_env), "--",
                     "soup-ray", "run", "tune_configs/local.yaml", "--out", str(run_dir), *JOB_ARGS,
                     timeout=600, check=False)
+    if done.returncode != 0:  # the job's driver runs in a session of its own: stop it through Ray, not by PID
+        head.cli(RAY, "job", "stop", submission_id, "--address", head.dashboard, check=False)
     return {"id": submission_id, "run_dir": run_dir, "rc": done.returncode, "out": done.stdout + done.stderr,
             "seconds": time.monotonic() - t0}
 
