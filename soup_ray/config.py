@@ -16,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def is_uri(value: str) -> bool:
+    """True for ``scheme://...`` values such as ``s3://bucket/prefix`` (which are not folders)."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
+
+
 class ConfigError(ValueError):
     """A sweep file that cannot be used; the message says what to fix."""
 
@@ -310,7 +315,7 @@ class SweepConfig(_Strict):
     @classmethod
     def _storage_is_a_folder(cls, v: str) -> str:
         """Run folders are POSIX folders every node sees at one path; a bucket is mounted, not named."""
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", v):
+        if is_uri(v):
             raise ValueError(f"{v!r} is a URI, but storage must be a folder that every node sees at the same path: "
                              "mount the bucket there (cluster.yaml mounts s3://... at /mnt/soup-ray-runs with s3fs) "
                              "and give that path")

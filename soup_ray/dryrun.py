@@ -5,11 +5,9 @@ check (OK, WARN, FAIL) with the details under it:
 
 1. **config**: the file validates (the same ``load_config`` as the real run).
 2. **placeholders**: no value still contains ``CHANGE-ME``.
-3. **storage**: where the run folder would go, and whether this version can write it
-   there. ``sweep.default_run_dir`` builds run folders with :mod:`pathlib`, so an
-   ``s3://`` URI would silently become a *local* folder named ``s3:``; that is reported
-   as a failure together with what would happen and the workaround (``--out`` on a
-   filesystem every node mounts).
+3. **storage**: where the run folder would go, whether it is writable and, on a
+   cluster, whether it is on a shared (network or FUSE) filesystem that every node
+   mounts at the same path; a URI given as ``--out`` is a failure (mount the bucket).
 4. **data**: every dataset path exists on this machine (train, test, held-out index,
    each shift and its mapping file), each class folder has an image, test and shift
    classes are training classes (for a mapped shift: every mapped folder exists and
@@ -55,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from .config import (Choice, ConfigError, Const, DigitsData, ImageFolderData, LogUniform, RandInt, SearchSpace,
-                     ShiftDir, SweepConfig, Uniform, load_config)
+                     ShiftDir, SweepConfig, Uniform, is_uri, load_config)
 from .label_space import mapping_groups, read_class_mapping
 
 Log = Callable[[str], None]
@@ -140,11 +138,6 @@ def _find_placeholders(value: Any, prefix: str = "") -> list[str]:
     elif isinstance(value, str) and PLACEHOLDER in value:
         out.append(f"{prefix}: {value}")
     return out
-
-
-def is_uri(value: str) -> bool:
-    """True for ``scheme://...`` values such as ``s3://bucket/prefix``."""
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
 
 
 # ---------------------------------------------------------------- storage

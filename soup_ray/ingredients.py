@@ -107,8 +107,7 @@ class Kitchen:
         self.model.to(self.device).eval()
         self.fingerprint: str = self.base_meta["fingerprint"]
         self.reference = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()}
-        num_workers = getattr(cfg.data, "num_workers", 0)
-        self.num_workers = num_workers
+        self.num_workers = getattr(cfg.data, "num_workers", 0)
         self.bundle = build_dataset(cfg.data, int(self.base_meta["image_size"]))
         self.heldout = self.bundle.heldout
         self.heldout_size = len(self.heldout)
