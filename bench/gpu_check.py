@@ -25,7 +25,6 @@ import gc
 import json
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 for p in (str(HERE), str(HERE.parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+from soup_ray.serving import sigterm_as_interrupt  # noqa: E402 - after the path setup above
 
 T0 = time.perf_counter()
 
@@ -126,8 +127,8 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
     """Served soup vs an ensemble of ``--members`` ViT-B-32 replicas over HTTP, plus the in-process ceiling."""
     from serve_cpu import build_vit_run
 
-    from soup_ray.loadgen import (BenchSettings, format_table, parse_concurrency, run_bench, start_ray,
-                                  stop_serve_and_ray, write_bench)
+    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, start_ray, write_bench
+    from soup_ray.serving import stop_serve_and_ray
 
     left = args.budget - elapsed()
     if left < 90:
@@ -148,7 +149,7 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
             time_budget_s=max(30.0, args.budget - elapsed() - 10))
         log = lambda m: print(f"[serve] {m}", flush=True)  # noqa: E731
         own_ray = start_ray(settings, log)
-        signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own SIGTERM handler: unwind instead
+        sigterm_as_interrupt()  # ray.init installed its own SIGTERM handler: unwind instead
         figures: dict[str, Any] = {}
         try:
             run_bench(run_dir, settings, log=log, figures=figures)
@@ -166,11 +167,6 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
         print(format_table(figures), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _stop(signum: int, frame: Any) -> None:
-    """`timeout` sends SIGTERM: unwind (KeyboardInterrupt) so Serve and Ray are stopped and results written."""
-    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -193,7 +189,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output JSON (default: bench/results/gpu-<date>.json)")
     args = ap.parse_args()
 
-    signal.signal(signal.SIGTERM, _stop)
+    sigterm_as_interrupt()  # `timeout` sends SIGTERM: unwind so Serve and Ray are stopped and results written
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict[str, Any] = {
         "date": dt.date.today().isoformat(),

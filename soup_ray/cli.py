@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, SweepConfig, load_config
+from .config import ConfigError, SweepConfig, is_uri, load_config
 
 
 def _log(msg: str) -> None:
@@ -67,7 +66,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _run_dir(cfg: SweepConfig, out: str | None) -> Path:
     from .sweep import default_run_dir
 
-    if out and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
+    if out and is_uri(out):
         raise ValueError(f"--out {out!r} is a URI: a run folder is a folder that every node sees at the same path "
                          "(mount the bucket, e.g. at /mnt/soup-ray-runs, and give a path under it)")
     return Path(out) if out else default_run_dir(cfg)
@@ -114,30 +113,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (run_dir / "soup" / "soup.json").is_file():
         _log("no soup was published (no trial completed); nothing to serve")
         return 1
-    from .serving import sigterm_as_interrupt, serve_run
+    from .serving import serve_run
 
-    url = serve_run(run_dir, args.host, args.port, blocking=False, log=_log)
-    sigterm_as_interrupt()
-    try:
+    def ready(url: str) -> None:
         show_queries(url, run_dir)
         _log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        _log("stopping the server")
-    finally:
-        _stop_serving()
+
+    serve_run(run_dir, args.host, args.port, blocking=True, log=_log, on_ready=ready)
     return 0
-
-
-def _stop_serving() -> None:
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
 
 
 def show_queries(url: str, run_dir: Path, n: int = 5) -> None:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .ray_env import worker_env_vars
+from .serving import stop_serve_and_ray
 
 if TYPE_CHECKING:
     import httpx
@@ -713,17 +714,6 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=False)
     return True
-
-
-def stop_serve_and_ray() -> None:
-    """Shut Serve down, then Ray (even when Serve's shutdown fails): for a Ray this process started."""
-    import ray
-    from ray import serve
-
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
 
 
 def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print,

@@ -510,7 +510,8 @@ def _ensure_app_importable() -> None:
 
 def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, *,
               address: str | None = None, app_name: str = APP_NAME, route_prefix: str = "/",
-              log: Callable[[str], None] = print, **options: Any) -> str:
+              log: Callable[[str], None] = print, on_ready: Callable[[str], None] | None = None,
+              **options: Any) -> str:
     """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
 
     Starts an embedded local Ray (or joins the cluster named by ``address`` or
@@ -519,8 +520,8 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     other ``ServeOptions`` fields (``model``, ``ensemble``, ``num_cpus``,
     ``num_gpus``, ``max_batch_size``, ``batch_wait_timeout_s``, ``follow``,
     ``poll_interval_s``, ``max_body_bytes``, ``max_pixels``, ...). With
-    ``blocking`` it waits until Ctrl-C, then deletes the application and stops
-    whatever it started. Serve's HTTP options are fixed when Serve first starts on
+    ``blocking`` it calls ``on_ready(url)`` once deployed, waits until Ctrl-C (or
+    SIGTERM), then deletes the application and stops whatever it started. Serve's HTTP options are fixed when Serve first starts on
     a cluster: a running Serve keeps its own host and port.
     """
     import ray
@@ -557,6 +558,8 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
         return url
     sigterm_as_interrupt()
     try:
+        if on_ready is not None:
+            on_ready(url)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
@@ -564,10 +567,21 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     finally:
         serve.delete(app_name)  # on a shared cluster only this application: other Serve apps keep running
         if own_ray:
-            serve.shutdown()
-        if started:
+            stop_serve_and_ray()
+        elif started:
             ray.shutdown()
     return url
+
+
+def stop_serve_and_ray() -> None:
+    """Shut Serve down, then Ray (even when Serve's shutdown fails): for a Ray this process started itself."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def sigterm_as_interrupt() -> None:
