@@ -6,7 +6,7 @@ the same classifier soup-ray fine-tunes (image tower + linear head).
 
 Part 2 (serving, over HTTP on one local Ray): a synthetic run folder with a
 random-init ViT-B-32 base, its "soup" and ``--members`` fake trials of the same
-weights (``bench/serve_cpu.py``'s ``build_vit_run``) is served with Ray Serve,
+weights (``soup_ray.bench.synthetic_run.build_vit_run``) is served with Ray Serve,
 one application at a time: the soup on ``POST /predict`` and an ensemble of
 ``--members`` replicas on ``POST /predict/ensemble``, each model replica holding
 ``--num-gpus`` of the GPU; plus the in-process ceiling (batched forward of the
@@ -25,7 +25,6 @@ import gc
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,12 +33,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-for p in (str(HERE), str(HERE.parent)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+from soup_ray.serving import sigterm_as_interrupt
 
-from soup_ray.serving import sigterm_as_interrupt  # noqa: E402 - after the path setup above
+HERE = Path(__file__).resolve().parent
 
 T0 = time.perf_counter()
 
@@ -125,9 +121,9 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
 
 def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, out: Path) -> None:
     """Served soup vs an ensemble of ``--members`` ViT-B-32 replicas over HTTP, plus the in-process ceiling."""
-    from serve_cpu import build_vit_run
-
-    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, start_ray, write_bench
+    from soup_ray.bench.loadgen import parse_concurrency
+    from soup_ray.bench.serving_bench import BenchSettings, format_table, run_bench, start_ray, write_bench
+    from soup_ray.bench.synthetic_run import build_vit_run
     from soup_ray.serving import stop_serve_and_ray
 
     left = args.budget - elapsed()

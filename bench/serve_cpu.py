@@ -2,17 +2,13 @@
 
 The stand-in CLIP of the local runs is so small that serving it measures the
 HTTP path, not the model. This script builds a synthetic run folder whose model
-has the real ViT-B-32 cost: open_clip ``ViT-B-32`` with ``pretrained=None``
-(random initialisation, no download), 224 px, the digits class names, saved
-with ``build_base``/``save_base``; the "soup" is those weights exported with
-``export_soup``; ``results.jsonl`` lists ``--members`` completed fake trials,
-all pointing at one checkpoint of the same weights, so the single-model and
-ensemble targets cost exactly what K real ViT-B-32 trials would. The soup.json
-names the fake trials as its ingredients, so K (the ensemble the soup is
-compared with) is ``--members``. Accuracy is meaningless here; only cost is
-measured. The test images are the digits test split rendered at 224 px.
+has the real ViT-B-32 cost (``soup_ray.bench.synthetic_run.build_vit_run``:
+random-init open_clip ``ViT-B-32``, 224 px, ``--members`` fake trials of the
+same weights, so K, the ensemble the soup is compared with, is ``--members``).
+Accuracy is meaningless here; only cost is measured. The test images are the
+digits test split rendered at 224 px.
 
-Then ``soup_ray.loadgen.run_bench`` measures it (one application at a time on
+Then ``soup_ray.bench.serving_bench.run_bench`` measures it (one application at a time on
 one local Ray), and the figures are written to
 ``bench/results/serve_cpu_vitb32.json`` (+ ``.png``).
 
@@ -28,79 +24,21 @@ are short and few by default; every level is bounded by --requests and
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from soup_ray.bench.loadgen import parse_concurrency
+from soup_ray.bench.serving_bench import BenchSettings, format_table, run_bench, write_bench
+from soup_ray.bench.synthetic_run import build_vit_run
+from soup_ray.run_dir import RunDir
 
-DEFAULT_OUT = ROOT / "bench" / "results" / "serve_cpu_vitb32.json"
-CHECKPOINT = "trials/synthetic"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_cpu_vitb32.json"
 
 
 def _log(msg: str) -> None:
     print(f"[serve_cpu] {msg}", flush=True)
-
-
-def build_vit_run(run_dir: Path, members: int = 5, model_name: str = "ViT-B-32", config_from: Path | None = None,
-                  seed: int = 0, log=_log) -> Path:
-    """Write a synthetic run folder: random-init ``model_name`` base, its soup, ``members`` fake trials.
-
-    The config is the digits config of ``config_from`` (a run folder) or of
-    ``tune_configs/local.yaml``, with the model replaced by ``model_name``
-    (``pretrained: null``). Returns ``run_dir``.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from soup_ray.config import ModelConfig, SweepConfig, load_config
-    from soup_ray.data import DIGIT_NAMES, DIGIT_TEMPLATES
-    from soup_ray.export import export_soup
-    from soup_ray.model import build_base, save_base
-    from soup_ray.results import write_jsonl
-    from soup_ray.train import CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
-
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config_from is not None:
-        cfg = SweepConfig.model_validate_json((Path(config_from) / "config.json").read_text())
-    else:
-        cfg = load_config(ROOT / "tune_configs" / "local.yaml")
-    cfg = cfg.model_copy(update={"name": f"synthetic-{model_name}",
-                                 "model": ModelConfig(name=model_name, pretrained=None)})
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-
-    torch.manual_seed(seed)
-    base = build_base(cfg.model, DIGIT_NAMES, DIGIT_TEMPLATES)
-    fingerprint = save_base(base, run_dir / "base")
-    state = {k: v.detach().contiguous() for k, v in base.classifier.state_dict().items()}
-    ids = [f"synthetic_{i:02d}" for i in range(members)]
-    if members:
-        ckpt = run_dir / CHECKPOINT
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(ckpt / CHECKPOINT_WEIGHTS),
-                  metadata={"base_fingerprint": fingerprint, "hyperparameters": json.dumps({"synthetic": True}),
-                            "classnames": json.dumps(list(DIGIT_NAMES))})
-        (ckpt / CHECKPOINT_METRICS).write_text(json.dumps({"base_fingerprint": fingerprint, "heldout_correct": 0,
-                                                           "status": "completed", "synthetic": True}))
-        rows = [{"model_name": f"trial_{tid}", "trial_id": tid, "status": "completed", "kind": "individual",
-                 "checkpoint": CHECKPOINT, "heldout": 0.1, "test": 0.1, "heldout_correct": 0,
-                 "note": f"synthetic: random-init {model_name}, the same weights as every other trial"}
-                for tid in ids]
-        write_jsonl(run_dir / "results.jsonl", rows)
-    export_soup(run_dir / "base", state, run_dir / "soup",
-                {"version": 1, "ingredients": ids or ["base"], "heldout_accuracy": None,
-                 "note": f"synthetic: random-init {model_name}; the ingredients all have these same weights"})
-    size = json.loads((run_dir / "base" / "base.json").read_text())["image_size"]
-    log(f"built a synthetic {model_name} run ({size} px, {members} fake trial(s)) in {run_dir} "
-        f"in {time.perf_counter() - t0:.0f}s")
-    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,16 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary run folder")
     args = ap.parse_args(argv)
 
-    from soup_ray.loadgen import BenchSettings, format_table, parse_concurrency, run_bench, write_bench
-
     tmp = None
     run_dir = args.run_dir
     if run_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="soup-ray-vitb32-"))
         run_dir = tmp / "run"
     try:
-        if not (Path(run_dir) / "soup" / "soup.json").is_file():
-            build_vit_run(Path(run_dir), args.members, config_from=args.config_from)
+        if not RunDir(run_dir).soup_info.is_file():
+            build_vit_run(Path(run_dir), args.members, config_from=args.config_from, log=_log)
         else:
             _log(f"reusing the synthetic run in {run_dir}")
         settings = BenchSettings(

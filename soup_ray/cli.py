@@ -1,4 +1,4 @@
-"""``soup-ray``: the command line.
+"""``soup-ray``: the command line. It only parses arguments and calls the pipelines in ``jobs``.
 
     soup-ray run CONFIG          the main job: stand-in (cached), sweep, table
     soup-ray sweep CONFIG        only the Tune sweep, writing results.jsonl
@@ -14,15 +14,11 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, SweepConfig, is_uri, load_config
-
-
-def _log(msg: str) -> None:
-    print(f"[soup-ray] {msg}", flush=True)
+from .config import ConfigError, load_config
+from .jobs import heldout_index_job, log_line, recompute_soup, run_job, sweep_job
 
 
 def parse_set(item: str) -> tuple[str, object]:
@@ -54,7 +50,7 @@ def _numbers(value: object) -> object:
     return value
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace) -> dict:
     out = dict(getattr(args, "set", None) or [])
     if getattr(args, "num_samples", None):
         out["tune.num_samples"] = args.num_samples
@@ -63,165 +59,43 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _run_dir(cfg: SweepConfig, out: str | None) -> Path:
-    from .sweep import default_run_dir
-
-    if out and is_uri(out):
-        raise ValueError(f"--out {out!r} is a URI: a run folder is a folder that every node sees at the same path "
-                         "(mount the bucket, e.g. at /mnt/soup-ray-runs, and give a path under it)")
-    return Path(out) if out else default_run_dir(cfg)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    if getattr(args, "dry_run", False):
-        from .dryrun import run_dry_run
+    """Only the sweep (with the live soup and the report)."""
+    if args.dry_run:
+        from .cluster.dryrun import run_dry_run
 
-        return run_dry_run(args.config, _overrides(args), out=args.out)
-    from .sweep import prepare_run, print_table, run_sweep
-
-    cfg = load_config(args.config, _overrides(args))
-    run_dir = _run_dir(cfg, args.out)
-    prep = prepare_run(cfg, run_dir, _log)
-    args._run_dir = str(prep.run_dir)
-    outcome = run_sweep(cfg, prep.run_dir, _log, prepared=prep)
-    print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
-    if outcome.soup is not None and outcome.soup.get("ingredients"):
-        from .report import compute_report, soup_table, write_report
-
-        _log("scoring the soups and ensembles on held-out, test and shifts")
-        report = compute_report(prep.run_dir, greedy_ingredients=outcome.soup["ingredients"], tie=cfg.soup.tie,
-                                early_rejection=cfg.soup.early_rejection, log=_log)
-        paths = write_report(prep.run_dir, report)
-        print()
-        print(soup_table(report))
-        _log("report: " + ", ".join(str(p) for p in paths.values()))
-        _log(f"final soup (open_clip local-dir): {prep.run_dir / 'soup'}")
-    _log(f"results: {prep.run_dir / 'results.jsonl'}")
+        return run_dry_run(args.config, overrides_from_args(args), out=args.out)
+    sweep_job(load_config(args.config, overrides_from_args(args)), args.out)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP."""
-    t0 = time.time()
-    rc = cmd_sweep(args)
-    if rc != 0 or getattr(args, "dry_run", False):
-        return rc
-    run_dir = Path(args._run_dir)
-    _log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
-    if args.no_serve:
-        return 0
-    if not (run_dir / "soup" / "soup.json").is_file():
-        _log("no soup was published (no trial completed); nothing to serve")
-        return 1
-    from .serving import serve_run
-
-    def ready(url: str) -> None:
-        show_queries(url, run_dir)
-        _log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
-
-    serve_run(run_dir, args.host, args.port, blocking=True, log=_log, on_ready=ready)
-    return 0
-
-
-def show_queries(url: str, run_dir: Path, n: int = 5) -> None:
-    """Post a few real test digits as PNG to the served soup and print what comes back."""
-    import io
-
-    import httpx
-    from PIL import Image
-
-    from .config import SweepConfig
-    from .data import build_dataset
-
-    cfg = SweepConfig.model_validate_json((run_dir / "config.json").read_text())
-    meta = json.loads((run_dir / "base" / "base.json").read_text())
-    test = build_dataset(cfg.data, int(meta["image_size"])).test
-    deadline = time.time() + 120
-    with httpx.Client(timeout=30) as client:
-        while time.time() < deadline:
-            try:
-                if client.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        info = client.get(f"{url}/info").json()
-        _log(f"GET /info -> soup version {info.get('soup_version')}, {len(info.get('ingredients') or [])} "
-             f"ingredient(s), held-out {info.get('heldout_accuracy')}")
-        for i in range(min(n, len(test))):
-            x, y = test[i]
-            buf = io.BytesIO()
-            Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
-            r = client.post(f"{url}/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
-            top = r.json()["predictions"][0] if r.status_code == 200 else r.json()
-            label = meta["classnames"][int(y)]
-            if r.status_code == 200:
-                _log(f"POST /predict (test image {i}, a {label}) -> {top['label']} ({100 * top['probability']:.1f}%)")
-            else:
-                _log(f"POST /predict (test image {i}) -> HTTP {r.status_code}: {top}")
+    if args.dry_run:
+        return cmd_sweep(args)
+    return run_job(load_config(args.config, overrides_from_args(args)), args.out, serve=not args.no_serve, host=args.host,
+                   port=args.port)
 
 
 def cmd_standin(args: argparse.Namespace) -> int:
+    """Build (or show) the cached offline stand-in CLIP."""
     from .standin import ensure_standin
 
-    folder = ensure_standin(args.model, args.steps, args.seed, log=_log)
+    folder = ensure_standin(args.model, args.steps, args.seed, log=log_line)
     print(json.dumps({"folder": str(folder), **json.loads((folder / "standin.json").read_text())}, indent=2))
     print(f"load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
     return 0
 
 
 def cmd_heldout_index(args: argparse.Namespace) -> int:
-    """Write the held-out split of an image folder as an index file (never over an existing one)."""
-    from .data import write_heldout_index
-
-    train, out = Path(args.train_dir), Path(args.out)
-    if not train.is_dir():
-        raise FileNotFoundError(f"{train}: no such training folder (expected <class>/<image> folders)")
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a folder: give the path of the index file to write, e.g. {out}/heldout.json")
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists: it may define the held-out split of earlier runs; pass --force to "
-                              "replace it or choose another path")
-    if args.per_class is not None and args.per_class < 1:
-        raise ValueError(f"--per-class {args.per_class}: give at least 1 image per class")
-    if args.fraction is not None and not 0.0 < args.fraction < 0.5:
-        raise ValueError(f"--fraction {args.fraction}: give a fraction above 0 and below 0.5, e.g. 0.02")
-    amount: float | int = args.per_class if args.per_class is not None else args.fraction
-    _log(f"scanning {train} ...")
-    rel = write_heldout_index(out, train, amount, seed=args.seed)
-    classes = len({Path(r).parts[0] for r in rel})
-    _log(f"wrote {out}: {len(rel)} held-out images from {classes} classes (seed {args.seed}); "
-         f"set data.heldout_index: {out} in the sweep config")
+    """Write the held-out split of an image folder as an index file."""
+    heldout_index_job(Path(args.train_dir), Path(args.out), args.per_class, args.fraction, args.seed, args.force)
     return 0
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
     """Recompute a soup method offline from the run's checkpoints (and optionally the report)."""
-    from .report import (admit_run, compute_report, effective_tie, method_ingredients, results_path,
-                         soup_table, write_report, write_soup_json)
-    from .soup import get_soup_method
-
-    get_soup_method(args.method)  # unknown names fail before anything is loaded
-    run_dir = Path(args.run_dir)
-    results_path(run_dir)
-    early = not args.no_early_rejection
-    run = admit_run(run_dir, _log)
-    tie = effective_tie(args.method, args.tie)
-    result = method_ingredients(run_dir, args.method, tie, early, admitted=run, log=_log)
-    h = run.kitchen.heldout_size
-    print(f"method: {args.method}" + (f" (tie {tie})" if tie else ""))
-    print(f"ingredients ({len(result.ingredients)} of {len(run.candidates)}): {', '.join(result.ingredients)}")
-    print(f"held-out accuracy: {100 * result.correct / h:.2f}% ({result.correct}/{h})")
-    print(f"evaluations: {result.evaluations}, held-out images evaluated: {result.images_evaluated}")
-    out = write_soup_json(run_dir, args.method, result, tie=tie, early_rejection=early, admitted=run)
-    _log(f"wrote {out}")
-    if args.report:
-        greedy = args.method in ("greedy", "greedy_strict")
-        report = compute_report(run_dir, tie=tie or ">=", early_rejection=early, log=_log, admitted=run,
-                                greedy_result=result if greedy else None)
-        paths = write_report(run_dir, report)
-        print(soup_table(report))
-        _log("report: " + ", ".join(str(p) for p in paths.values()))
+    recompute_soup(Path(args.run_dir), args.method, args.tie, not args.no_early_rejection, args.report)
     return 0
 
 
@@ -229,14 +103,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's soup until Ctrl-C."""
     from .serving import serve_run
 
-    serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=_log, model=args.model,
-              ensemble=args.ensemble, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=log_line,
+              model=args.model, ensemble=args.ensemble, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark serving: the soup against the best trial and ensembles over HTTP, plus the in-process ceiling."""
-    from .loadgen import TARGETS, BenchSettings, bench_main, parse_concurrency
+    from .bench.loadgen import parse_concurrency
+    from .bench.serving_bench import TARGETS, BenchSettings, bench_main
 
     only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else list(TARGETS)
     settings = BenchSettings(
@@ -245,13 +120,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads, images=args.images,
         image_size=args.image_size, time_budget_s=args.time_budget)
-    bench_main(args.run_dir, settings, args.out, log=_log)
+    bench_main(args.run_dir, settings, args.out, log=log_line)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the soup actor's live state (or its persisted state when it is not running)."""
-    from .status import format_status, status
+    from .cluster.status import format_status, status
 
     st, live = status(Path(args.run_dir) if args.run_dir else None, args.namespace, args.address)
     print(json.dumps({"source": "live" if live else "disk", **st}, indent=2, default=str) if args.json

@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .model import CLIPClassifier
+from .run_dir import BASE_META, HEAD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SOUP_INFO
 
-HEAD_FILE = "classifier_head.safetensors"
-SOUP_INFO = "soup.json"
 
 
 def clip_state_with_soup(base_clip: dict[str, torch.Tensor], soup: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,16 +39,16 @@ def clip_state_with_soup(base_clip: dict[str, torch.Tensor], soup: dict[str, tor
 def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, info: dict[str, Any]) -> Path:
     """Write the soup as an open_clip local-dir folder, atomically (readers never see half a folder)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    base_meta = json.loads((base_dir / "base.json").read_text())
-    clip = load_file(str(base_dir / "open_clip_model.safetensors"))
+    base_meta = json.loads((base_dir / BASE_META).read_text())
+    clip = load_file(str(base_dir / OPEN_CLIP_WEIGHTS))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         merged = clip_state_with_soup(clip, soup)
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / "open_clip_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / OPEN_CLIP_WEIGHTS))
         head = {"weight": soup["head.weight"].contiguous(), "bias": soup["head.bias"].contiguous()}
         save_file(head, str(tmp / HEAD_FILE), metadata={"classnames": json.dumps(base_meta["classnames"])})
-        shutil.copy(base_dir / "open_clip_config.json", tmp / "open_clip_config.json")
+        shutil.copy(base_dir / OPEN_CLIP_CONFIG, tmp / OPEN_CLIP_CONFIG)
         full_info = {
             **info,
             "base_fingerprint": base_meta["fingerprint"],
@@ -81,7 +80,7 @@ def load_soup(folder: Path, device: str = "cpu") -> tuple[CLIPClassifier, dict[s
     head_state = load_file(str(folder / HEAD_FILE))
     head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
     head.load_state_dict(head_state)
-    cfg = json.loads((folder / "open_clip_config.json").read_text())
+    cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
     pp = cfg.get("preprocess_cfg", {})
     clf = CLIPClassifier(model.visual, head, pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
                          pp.get("std", open_clip.OPENAI_DATASET_STD), int(info["image_size"]))

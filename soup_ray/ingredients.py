@@ -1,6 +1,6 @@
 """From finished trials to soup ingredients: checkpoint checks, weight loading, held-out scoring.
 
-The pure algorithms in ``soup.py`` see only ids and correct counts; this module
+The pure algorithms in ``soup/`` see only ids and correct counts; this module
 connects them to real checkpoints: it validates a trial's safetensors file
 against the shared base (fingerprint, keys, shapes, finite values), averages
 weights from disk, and scores a soup on the held-out split with early
@@ -27,7 +27,8 @@ from .data import labels_of
 from .evaluate import iter_logits, pick_device
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
-from .train import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS
+from .run_dir import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, RESULTS_FILE, RunDir
+from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 
 StateDict = dict[str, torch.Tensor]
 
@@ -100,9 +101,10 @@ class Kitchen:
         self.run_dir = Path(run_dir)
         if threads:
             torch.set_num_threads(threads)
-        cfg = SweepConfig.model_validate_json((self.run_dir / "config.json").read_text())
+        paths = RunDir(self.run_dir)
+        cfg = SweepConfig.model_validate_json(paths.config.read_text())
         self.config = cfg
-        self.model, self.base_meta = load_base(self.run_dir / "base")
+        self.model, self.base_meta = load_base(paths.base)
         self.device = pick_device(cfg.soup.resources.gpu)
         self.model.to(self.device).eval()
         self.fingerprint: str = self.base_meta["fingerprint"]
@@ -197,7 +199,7 @@ class Kitchen:
 
 def trial_records_from_results(run_dir: Path) -> list[TrialRecord]:
     """Completed trials listed in ``run_dir/results.jsonl``, as soup candidates to be checked."""
-    from .results import RESULTS_FILE, read_jsonl
+    from .results import read_jsonl
 
     out = []
     for row in read_jsonl(Path(run_dir) / RESULTS_FILE):

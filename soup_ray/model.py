@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-
-BASE_WEIGHTS = "model.safetensors"
-BASE_META = "base.json"
+from .run_dir import BASE_META, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS
+from .run_dir import WEIGHTS_FILE as BASE_WEIGHTS
 
 
 class CLIPClassifier(nn.Module):
@@ -79,7 +78,7 @@ def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str, str]:
         raise
     note = note or f"{name} pretrained={pretrained}"
     if name.startswith("local-dir:"):
-        oc_cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        oc_cfg = json.loads((Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG).read_text())
     else:
         mc = open_clip.get_model_config(name)
         pp = {"mean": list(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
@@ -149,8 +148,8 @@ def save_base(base: Base, out_dir: Path) -> str:
         "source": base.zero_shot_note,
     }
     save_file(state, str(out_dir / BASE_WEIGHTS), metadata=meta)
-    save_file({k: v.contiguous() for k, v in base.clip_state.items()}, str(out_dir / "open_clip_model.safetensors"))
-    (out_dir / "open_clip_config.json").write_text(json.dumps(base.open_clip_cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in base.clip_state.items()}, str(out_dir / OPEN_CLIP_WEIGHTS))
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(base.open_clip_cfg, indent=2))
     (out_dir / BASE_META).write_text(json.dumps({**meta, "classnames": base.classnames}, indent=2))
     return fp
 
@@ -162,7 +161,7 @@ def classifier_from_dir(base_dir: Path) -> CLIPClassifier:
     from .standin import register_model_configs
 
     register_model_configs()
-    oc_cfg = json.loads((base_dir / "open_clip_config.json").read_text())
+    oc_cfg = json.loads((base_dir / OPEN_CLIP_CONFIG).read_text())
     meta = json.loads((base_dir / BASE_META).read_text())
     root = logging.getLogger()
     level = root.level

@@ -14,7 +14,6 @@ averaged weights through the base classifier.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,18 +26,19 @@ from safetensors import SafetensorError, safe_open
 
 from .evaluate import correct_count, predict_logits
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
-from .results import RESULTS_FILE, read_jsonl, write_jsonl
+from .results import read_jsonl, write_jsonl
 from .soup import (
     Candidate,
     GreedyResult,
     SoupError,
+    SoupMethod,
     Tie,
-    get_soup_method,
+    configure_soup_method,
     greedy_ensemble,
-    greedy_soup,
+    greedy_method,
     sort_candidates,
 )
-from .train import CHECKPOINT_LOGITS
+from .run_dir import CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR
 
 Log = Callable[[str], None]
 
@@ -59,10 +59,6 @@ _LABELS = {
     "greedy_ensemble": "greedy ensemble",
 }
 
-REPORT_MD = "report.md"
-FIGURE_PNG = "figure.png"
-GREEDY_PNG = "greedy.png"
-SOUPS_DIR = "soups"
 
 
 class ReportError(ValueError):
@@ -137,39 +133,23 @@ def admit_run(run_dir: Path, log: Log = print, kitchen: Kitchen | None = None) -
 # ---------------------------------------------------------------------------
 
 
-def effective_tie(method: str, tie: Tie | None) -> Tie | None:
-    """The tie rule a method applies: ``tie`` (default ``>=``) for greedy, ``>`` for greedy_strict."""
-    if method == "greedy":
-        return tie or ">="
-    if method == "greedy_strict":
-        return ">"
-    return tie
-
-
 def method_ingredients(
     run_dir: Path,
-    method: str,
+    method: str | SoupMethod,
     tie: Tie | None = None,
     early_rejection: bool = True,
     *,
     admitted: AdmittedRun | None = None,
     log: Log = print,
 ) -> GreedyResult:
-    """Recompute a registered soup method from the run's checkpoints.
+    """Recompute a soup recipe (a registered name or a configured method object) from the run's checkpoints.
 
-    ``tie`` overrides the tie rule of the ``greedy`` method (and of any method
-    that takes a ``tie`` argument); other methods ignore it.
+    ``tie`` configures the recipes that declare a tie rule (``greedy``); the
+    others ignore it.
     """
-    fn = get_soup_method(method)
+    fn = method if isinstance(method, SoupMethod) else configure_soup_method(method, tie=tie)
     run = admitted or admit_run(Path(run_dir), log)
     k = run.kitchen
-    params = inspect.signature(fn).parameters
-    if tie is not None and "tie" in params:
-        return fn(run.candidates, k.evaluate, heldout_size=k.heldout_size,
-                  early_rejection=early_rejection, tie=tie)
-    if tie is not None and method == "greedy":
-        return greedy_soup(run.candidates, k.evaluate, heldout_size=k.heldout_size, tie=tie,
-                           early_rejection=early_rejection)
     return fn(run.candidates, k.evaluate, heldout_size=k.heldout_size, early_rejection=early_rejection)
 
 
@@ -194,7 +174,7 @@ def _row(name: str, kind: str, accs: Mapping[str, float], shifts: Sequence[str],
     return row
 
 
-def _score_weights(kitchen: Kitchen, ids: Sequence[str]) -> tuple[dict[str, float], int]:
+def score_weights(kitchen: Kitchen, ids: Sequence[str]) -> tuple[dict[str, float], int]:
     """Accuracy of the uniform weight average of ``ids`` on every eval set, and its held-out correct count."""
     model = kitchen.classifier(list(ids))
     accs: dict[str, float] = {}
@@ -220,7 +200,7 @@ def _read_logits(path: Path, names: Iterable[str]) -> dict[str, tuple[torch.Tens
     return out
 
 
-class _LogitStore:
+class LogitStore:
     """Cached logits of the admitted checkpoints, read one file at a time.
 
     Each eval set keeps its own sum and shape, so shifts with their own label space
@@ -334,10 +314,6 @@ def _history_for_ingredients(ingredients: Sequence[str], run: AdmittedRun) -> li
     return points
 
 
-def _greedy_method_name(tie: Tie) -> str:
-    return "greedy" if tie == ">=" else "greedy_strict"
-
-
 def compute_report(
     run_dir: Path,
     *,
@@ -379,7 +355,7 @@ def compute_report(
 
     # Uniform soup.
     log(f"scoring the uniform soup of {len(ids)} models")
-    uni_accs, uni_correct = _score_weights(k, ids)
+    uni_accs, uni_correct = score_weights(k, ids)
     rows["uniform_soup"] = _row("uniform_soup", "soup", uni_accs, shifts, ids, 1,
                                 heldout_correct=uni_correct)
 
@@ -398,7 +374,7 @@ def compute_report(
         source = "given"
     else:
         log(f"computing the greedy soup (tie {tie!r}, early rejection {'on' if early_rejection else 'off'})")
-        greedy_result = get_soup_method(_greedy_method_name(tie))(
+        greedy_result = greedy_method(tie)(
             run.candidates, k.evaluate, heldout_size=h, early_rejection=early_rejection)
         chosen = list(greedy_result.ingredients)
         history = _history_from_steps(greedy_result.history, run)
@@ -407,14 +383,14 @@ def compute_report(
     if chosen == ids:
         g_accs, g_correct = uni_accs, uni_correct
     else:
-        g_accs, g_correct = _score_weights(k, chosen)
+        g_accs, g_correct = score_weights(k, chosen)
     extra: dict[str, Any] = {"heldout_correct": g_correct, "tie": tie, "source": source}
     if greedy_result is not None:
         extra.update(evaluations=greedy_result.evaluations, images_evaluated=greedy_result.images_evaluated)
     rows["greedy_soup"] = _row("greedy_soup", "soup", g_accs, shifts, chosen, 1, **extra)
 
     # Ensembles from cached logits.
-    store = _LogitStore(run, eval_names, log)
+    store = LogitStore(run, eval_names, log)
     if store.usable:
         ens_accs = store.mean_accuracies(store.usable)
         rows["ensemble"] = _row("ensemble", "ensemble", ens_accs, shifts, store.usable, len(store.usable))

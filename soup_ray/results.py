@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
-
-RESULTS_FILE = "results.jsonl"
+from typing import Any, Callable, Iterable
 
 
 def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], checkpoint: str | None,
@@ -77,3 +75,18 @@ def format_table(rows: list[dict[str, Any]], shifts: list[str]) -> str:
     for b in body:
         lines.append("  ".join(x.rjust(w) for x, w in zip(b, widths)))
     return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, Any]], shifts: list[str], zero_shot: dict[str, float] | None = None,
+                log: Callable[[str], None] = print) -> None:
+    """Print the individual models, best held-out first, with the zero-shot base for reference."""
+    ordered = sorted(rows, key=lambda r: (r.get("heldout") is None, -(r.get("heldout") or 0.0)))
+    extra = []
+    if zero_shot:
+        extra.append({"model_name": "zero-shot base", "status": "base", "heldout": zero_shot.get("heldout"),
+                      "test": zero_shot.get("test")})
+    log(format_table(ordered + extra, shifts))
+    done = [r for r in rows if r.get("status") == "completed"]
+    div = [r for r in rows if r.get("status") == "diverged"]
+    err = [r for r in rows if r.get("status") == "error"]
+    log(f"{len(done)} completed, {len(div)} diverged, {len(err)} failed")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,11 +28,9 @@ from torch import nn
 from .config import DigitsData, ImageFolderData
 from .data import build_dataset, loader
 from .evaluate import accuracy, pick_device, predict_logits
-from .model import BASE_META, CLIPClassifier, load_base
-
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_LOGITS = "logits.safetensors"
-CHECKPOINT_METRICS = "metrics.json"
+from .model import CLIPClassifier, load_base
+from .run_dir import BASE_META, CHECKPOINT_LOGITS, CHECKPOINT_METRICS
+from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 HYPERPARAMETERS = (
     "lr", "weight_decay", "epochs", "label_smoothing", "mixup_alpha",
     "randaug_n", "randaug_m", "batch_size", "warmup_steps", "grad_clip", "seed",
@@ -235,15 +232,3 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
 
 def _image_size(ctx: TrialContext) -> int:
     return int(json.loads((Path(ctx.base_dir) / BASE_META).read_text())["image_size"])
-
-
-def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Entry point Ray Tune calls in each trial (wrap with ``tune.with_parameters``)."""
-    from ray import tune
-
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    fine_tune(config, ctx, report)

@@ -50,7 +50,7 @@ def tiny_config_dict(**overrides) -> dict:
 def prepared(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A run folder with the tiny stand-in's base model saved once for the whole session."""
     from soup_ray.config import parse_config
-    from soup_ray.sweep import prepare_run
+    from soup_ray.prepare import prepare_run
 
     cfg = parse_config(tiny_config_dict())
     run_dir = tmp_path_factory.mktemp("run")

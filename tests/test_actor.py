@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ray.actor import SoupKeeper, read_state
+from soup_ray.cluster.keeper import SoupKeeper, read_state
 from soup_ray.export import load_soup
 from soup_ray.ingredients import Kitchen, trial_records_from_results
 from soup_ray.soup import greedy_soup
@@ -194,7 +194,8 @@ def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> N
     """On a cluster the detached actor must not hold its GPU share forever: once idle it exits, not restarted."""
     import ray
 
-    from soup_ray.actor import actor_name, read_state, start_soup_actor
+    from soup_ray.cluster.actor import actor_name, start_soup_actor
+    from soup_ray.cluster.keeper import read_state
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="retire-test")
     try:

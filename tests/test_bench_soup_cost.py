@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,19 +14,7 @@ import torch
 from soup_ray.ingredients import Kitchen
 from soup_ray.soup import Candidate, batch_greedy_cost, greedy_soup, sort_candidates
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_soup_cost", ROOT / "bench" / "soup_cost.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sc = _load()
+import soup_ray.bench.soup_cost as sc
 
 H = 40
 BATCH = 8

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from soup_ray.config import load_config
-from soup_ray.dryrun import (NodeShape, check_storage, dry_run, fit_count, node_types_from_launcher_config,
+from soup_ray.cluster.dryrun import (NodeShape, check_storage, dry_run, fit_count, node_types_from_launcher_config,
                              trials_beside_actor)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,7 +348,7 @@ def test_storage_check_on_a_cluster_wants_a_shared_filesystem(tmp_path: Path) ->
 
 
 def test_gcs_probe_answers_in_seconds_for_a_stopped_cluster() -> None:
-    from soup_ray.dryrun import gcs_unreachable
+    from soup_ray.cluster.dryrun import gcs_unreachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -363,7 +363,7 @@ def test_gcs_probe_answers_in_seconds_for_a_stopped_cluster() -> None:
 
 
 def test_filesystem_of_decodes_octal_escapes_in_mount_points(tmp_path: Path) -> None:
-    from soup_ray.dryrun import filesystem_of
+    from soup_ray.cluster.dryrun import filesystem_of
 
     spaced = tmp_path / "my runs"
     spaced.mkdir()

@@ -128,9 +128,9 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
             parse_set(bad)
     args = build_parser().parse_args(["sweep", str(write(tmp_path, tiny_config_dict())), "--set", "tune.num_samples=5",
                                       "--set", "search_space.epochs=3", "--num-samples", "7"])
-    from soup_ray.cli import _overrides
+    from soup_ray.cli import overrides_from_args
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, overrides_from_args(args))
     assert cfg.tune.num_samples == 7  # --num-samples wins over --set for the same key
     assert cfg.search_space.epochs.value == 3
     with pytest.raises(ConfigError, match="search_space.batch_size is a single value"):

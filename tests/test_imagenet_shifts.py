@@ -245,7 +245,7 @@ def test_predict_logits_projects_each_shift(bundle) -> None:
 
 
 def test_trial_logits_report_and_ensembles_see_projected_logits(bundle, tmp_path: Path) -> None:
-    from soup_ray.report import _LogitStore, _score_weights
+    from soup_ray.report import LogitStore, score_weights
     from soup_ray.train import CHECKPOINT_LOGITS, TrialContext, save_trial_checkpoint
 
     ctx = TrialContext(base_dir="unused", data_json="{}", data_kind="imagefolder", eval_batch_size=4)
@@ -264,11 +264,11 @@ def test_trial_logits_report_and_ensembles_see_projected_logits(bundle, tmp_path
         assert f.get_tensor("objectnet").shape == (4, 2) and f.get_tensor("imagenet_r").shape == (6, 3)
         assert f.get_tensor("objectnet.labels").tolist() == [0, 0, 1, 1]
     run = SimpleNamespace(ids=list(paths), kitchen=SimpleNamespace(paths=paths))
-    store = _LogitStore(run, list(bundle.eval_sets()), log=lambda m: None)
+    store = LogitStore(run, list(bundle.eval_sets()), log=lambda m: None)
     assert store.usable == ["t0", "t1"] and store.shapes["objectnet"] == (4, 2)
     assert all(v == 1.0 for v in store.mean_accuracies(["t0", "t1"]).values())
     kitchen = SimpleNamespace(classifier=lambda ids: GreenReader(), bundle=bundle, eval_batch_size=4)
-    accs, _ = _score_weights(kitchen, ["t0"])
+    accs, _ = score_weights(kitchen, ["t0"])
     assert accs["objectnet"] == accs["imagenet_r"] == 1.0
 
 
@@ -307,7 +307,7 @@ def test_label_space_helpers_directly() -> None:
 
 
 def test_dry_run_checks_mapping_and_layout(trees: dict[str, Path], tmp_path: Path) -> None:
-    from soup_ray.dryrun import check_data
+    from soup_ray.cluster.dryrun import check_data
 
     overrides = {"data.train_dir": str(trees["train"]), "data.test_dir": str(trees["val"]),
                  "data.heldout_index": None, "data.heldout_fraction": 0.3, "data.classnames": None,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,21 +13,9 @@ from typing import Any
 
 import pytest
 
-from soup_ray.loadgen import (
-    TARGETS,
-    BenchSettings,
-    compute_ratios,
-    format_table,
-    latency_summary,
-    parse_concurrency,
-    percentile,
-    run_level,
-    write_bench,
-)
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from soup_ray.bench.loadgen import latency_summary, parse_concurrency, run_level
+from soup_ray.bench.serving_bench import TARGETS, BenchSettings, compute_ratios, format_table, write_bench
+from soup_ray.bench.stats import percentile
 
 httpx = pytest.importorskip("httpx")
 
@@ -231,9 +217,9 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     import ray
     from ray import serve
 
-    from soup_ray.actor import SoupKeeper
+    from soup_ray.cluster.keeper import SoupKeeper
     from soup_ray.ingredients import trial_records_from_results
-    from soup_ray.loadgen import run_bench
+    from soup_ray.bench.serving_bench import run_bench
 
     keeper = SoupKeeper(str(run_copy), tie=">")  # the strict rule keeps the soup (and the K ensemble) small
     for rec in trial_records_from_results(run_copy):
@@ -243,9 +229,8 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     assert (run_copy / "soup" / "soup.json").is_file() and k >= 1
 
     assert not ray.is_initialized()
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1"}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+             log_to_driver=False)
     settings = BenchSettings(concurrency=[1, 2], requests=20, seconds=4.0, ensemble_cap=2, port=free_port(),
                              images=8, warmup_requests=2, request_timeout_s=20.0, deploy_timeout_s=120.0,
                              ceiling_seconds=0.5)

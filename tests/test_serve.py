@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -33,8 +31,6 @@ from soup_ray.serving import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 httpx = pytest.importorskip("httpx")
 
@@ -172,9 +168,10 @@ def test_top_predictions_are_sorted_softmax_probabilities() -> None:
     assert len(top_predictions(logits, ["a", "b", "c"], 1)) == 1
 
 
-def test_config_yaml_is_a_valid_serve_config_naming_the_builder(small_run: Path) -> None:
+def test_config_yaml_is_a_valid_serve_config_naming_the_builder(small_run: Path, monkeypatch) -> None:
     import importlib
 
+    monkeypatch.syspath_prepend(str(ROOT))  # `serve run serve/config.yaml` runs from the repository root
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -203,7 +200,7 @@ def test_model_slot_pins_follows_and_swaps_whole_models(small_run: Path, tmp_pat
     """What a replica's ``reconfigure`` and watcher do, without Serve: pin a version, follow, swap."""
     import asyncio
 
-    from soup_ray.actor import SoupKeeper
+    from soup_ray.cluster.keeper import SoupKeeper
     from soup_ray.export import export_soup
     from soup_ray.ingredients import trial_records_from_results
     from soup_ray.serving import ModelSlot, ModelSpec
@@ -261,7 +258,7 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     import ray
     from ray import serve
 
-    from soup_ray.actor import SoupKeeper
+    from soup_ray.cluster.keeper import SoupKeeper
     from soup_ray.ingredients import trial_records_from_results
     from soup_ray.serving import serve_run
 
@@ -275,10 +272,8 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     started = not ray.is_initialized()
     if started:
-        env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "HF_HUB_OFFLINE": "1"}
-        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=False)
     port = free_port()
     try:
         url = serve_run(run, host="127.0.0.1", port=port, blocking=False, log=lambda m: None, ensemble=2,

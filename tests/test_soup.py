@@ -19,9 +19,11 @@ from soup_ray.soup import (
     IncrementalGreedySoup,
     RunningAverage,
     SoupError,
+    SoupMethod,
     accept,
     average_state_dicts,
     batch_greedy_cost,
+    configure_soup_method,
     early_rejection_evaluate,
     get_soup_method,
     greedy_ensemble,
@@ -593,17 +595,40 @@ def test_registry():
         get_soup_method("nope")
     for name in SOUP_METHODS:
         assert name in str(err.value)
-    with pytest.raises(SoupError, match="already registered"):
-        register_soup_method("greedy")(lambda *a, **k: None)
 
-    @register_soup_method("test_only_method")
-    def method(candidates, evaluate, *, heldout_size, early_rejection=True):
-        return get_soup_method("best")(candidates, evaluate, heldout_size=heldout_size)
+    class Again(SoupMethod):
+        name = "greedy"
+
+    with pytest.raises(SoupError, match="already registered"):
+        register_soup_method(Again)
+
+    @register_soup_method
+    class TestOnly(SoupMethod):
+        name = "test_only_method"
+
+        def __call__(self, candidates, evaluate, *, heldout_size, early_rejection=True):
+            return get_soup_method("best")(candidates, evaluate, heldout_size=heldout_size)
 
     try:
-        assert get_soup_method("test_only_method") is method
+        assert isinstance(get_soup_method("test_only_method"), TestOnly)
     finally:
         SOUP_METHODS.pop("test_only_method")
+
+
+def test_method_parameters_are_declared_and_checked():
+    greedy = get_soup_method("greedy")
+    assert greedy.tie == ">=" and greedy.describe() == {"method": "greedy", "tie": ">="}
+    assert get_soup_method("greedy", tie=">").tie == ">"
+    assert get_soup_method("greedy_strict").tie == ">"
+    assert get_soup_method("uniform").tie is None and get_soup_method("best").tie is None
+    with pytest.raises(SoupError, match="tie='=' is not allowed"):
+        get_soup_method("greedy", tie="=")
+    with pytest.raises(SoupError, match="has no parameter alpha"):
+        get_soup_method("uniform", alpha=0.5)
+    # a shared option reaches only the recipes that declare it
+    assert configure_soup_method("greedy", tie=">").tie == ">"
+    assert configure_soup_method("uniform", tie=">").describe() == {"method": "uniform"}
+    assert [p.name for p in SOUP_METHODS["greedy"].params] == ["tie"]
 
 
 @settings(max_examples=60, deadline=None)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from soup_ray.config import parse_config
 from soup_ray.results import read_jsonl
-from soup_ray.search_space import param_space
+from soup_ray.cluster.search_space import param_space
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def test_search_space_is_reproducible_and_in_range() -> None:
 def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from soup_ray.sweep import prepare_run, run_sweep
+    from soup_ray.cluster.sweep import run_sweep
+    from soup_ray.prepare import prepare_run
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _, prep0 = prepared
@@ -103,10 +104,11 @@ class KillSoupActor:
 def test_live_soup_survives_actor_kills_and_matches_offline(prepared, tmp_path: Path, monkeypatch) -> None:
     from safetensors.torch import load_file
 
-    from soup_ray.actor import actor_name
+    from soup_ray.cluster.actor import actor_name
     from soup_ray.ingredients import Kitchen, trial_records_from_results
     from soup_ray.soup import greedy_soup
-    from soup_ray.sweep import prepare_run, run_sweep
+    from soup_ray.cluster.sweep import run_sweep
+    from soup_ray.prepare import prepare_run
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = parse_config(tiny_config_dict(**{

@@ -7,7 +7,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search.sample import Float, Uniform as _UniformSampler, _BackwardsCompatibleNumpyRng
 
-from .config import Choice, Const, LogUniform, RandInt, SearchSpace, Uniform
+from ..config import Choice, Const, LogUniform, RandInt, SearchSpace, Uniform
 
 
 class _SometimesOff(_UniformSampler):

@@ -7,12 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .actor import actor_name, read_state
+from ..run_dir import RunDir
+from .actor import actor_name
+from .keeper import read_state
+from .session import ray_session
 
 
 def latest_run(storage: Path = Path("runs")) -> Path | None:
     """The most recently modified run folder under ``storage``."""
-    runs = [p for p in storage.glob("*") if (p / "config.json").is_file()]
+    runs = [p for p in storage.glob("*") if RunDir(p).config.is_file()]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
@@ -24,9 +27,7 @@ def live_status(run_dir: Path, namespace: str, address: str | None) -> dict[str,
 
     started = False
     try:
-        if not ray.is_initialized():
-            ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
-            started = True
+        started = ray_session(address, namespace=namespace, log_to_driver=False, quiet=True)
         actor = ray.get_actor(actor_name(run_dir), namespace=namespace)
         return ray.get(actor.status.remote(), timeout=30)
     except (ValueError, ConnectionError, ray.exceptions.RayError):
@@ -90,7 +91,7 @@ def status(run_dir: Path | None, namespace: str = "soup-ray", address: str | Non
         if run_dir is None:
             raise FileNotFoundError("no run folder under runs/; pass RUN_DIR (the folder `soup-ray run` printed)")
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.json").is_file():
+    if not RunDir(run_dir).config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a soup-ray run folder (no config.json)")
     st = live_status(run_dir, namespace, address or os.environ.get("RAY_ADDRESS"))
     if st is not None:

@@ -1,14 +1,4 @@
-"""A bounded HTTP load generator and the serving benchmark: the soup against one model and ensembles.
-
-The load generator (``run_level``) posts image bytes to one URL from a pool of
-threads sharing one ``httpx.Client``. Every level is bounded twice: it stops
-issuing requests after ``max_requests`` or after ``max_seconds`` (whichever
-comes first), and every request has its own timeout, so a level never lasts
-longer than ``max_seconds + timeout_s`` plus a small grace. It records the
-throughput (successful requests per second, over the time until the last
-answer), latency percentiles of the successful requests and the error counts
-by HTTP status (or ``exc:<ExceptionName>`` for connection failures and
-timeouts).
+"""The serving benchmark: the soup against one model and ensembles, over HTTP through Ray Serve.
 
 The benchmark (``run_bench``, ``soup-ray bench``) deploys one Serve
 application at a time on the same Ray, so the CPUs are never split between
@@ -32,207 +22,28 @@ settings) and ``bench.png``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import platform
-import sys
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .ray_env import worker_env_vars
-from .serving import stop_serve_and_ray
-
-if TYPE_CHECKING:
-    import httpx
+from ..cluster.session import ray_session
+from ..run_dir import RunDir
+from ..serving import (SOUP_MODEL, ensemble_members, load_image, load_model, resolve_run_dir, serve_run,
+                       sigterm_as_interrupt, stop_serve_and_ray, to_model_input)
+from .host import cpu_usage, machine_cpu_seconds, machine_info, process_cpu_seconds, thread_cpu_seconds, top_processes
+from .loadgen import run_level, sample_pngs
 
 Log = Callable[[str], None]
 
 TARGETS = ("soup", "single", "ensemble_k", "ensemble_all")
 APP_NAME = "bench"
-JOIN_GRACE_S = 5.0
-
-
-# ---------------------------------------------------------------- the load generator
-
-
-@dataclass
-class LevelResult:
-    """What one bounded level of load produced."""
-
-    concurrency: int
-    max_requests: int
-    max_seconds: float
-    sent: int = 0
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    unfinished: int = 0
-    stopped_by: str = "count"
-    duration_s: float = 0.0
-    throughput_rps: float = 0.0
-    latency_ms: dict[str, float | None] = field(default_factory=dict)
-    client_cpu_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    @property
-    def server_errors(self) -> int:
-        """Answers with a 5xx status."""
-        return sum(n for k, n in self.errors.items() if k.isdigit() and int(k) >= 500)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation between order statistics; None when empty."""
-    if len(values) == 0:
-        return None
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99, mean, min and max of latencies given in seconds, in milliseconds."""
-    ms = [1000.0 * v for v in latencies_s]
-
-    def r(v: float | None) -> float | None:
-        return None if v is None else round(v, 3)
-
-    return {
-        "p50": r(percentile(ms, 50)),
-        "p95": r(percentile(ms, 95)),
-        "p99": r(percentile(ms, 99)),
-        "mean": r(float(np.mean(ms))) if ms else None,
-        "min": r(min(ms)) if ms else None,
-        "max": r(max(ms)) if ms else None,
-    }
-
-
-def _status_key(response: Any = None, error: BaseException | None = None) -> str:
-    if error is not None:
-        return f"exc:{type(error).__name__}"
-    return str(int(response.status_code))
-
-
-def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float, *,
-              timeout_s: float = 30.0, content_type: str = "image/png",
-              client: httpx.Client | None = None) -> LevelResult:
-    """POST ``bodies`` (cycled) to ``url`` from ``concurrency`` threads until ``max_requests`` or ``max_seconds``.
-
-    A request counts as successful when its status is 2xx. Throughput is the
-    successful requests divided by the time from the start to the last answer.
-    Requests still running after ``max_seconds + timeout_s`` plus a grace are
-    abandoned (their threads are daemons) and counted in ``unfinished``.
-    """
-    import httpx
-
-    if not bodies:
-        raise ValueError("run_level needs at least one request body")
-    if concurrency < 1 or max_requests < 1 or max_seconds <= 0:
-        raise ValueError("concurrency and max_requests must be >= 1 and max_seconds > 0")
-    own = client is None
-    if client is None:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        client = httpx.Client(timeout=timeout_s, limits=limits, trust_env=False)
-    headers = {"content-type": content_type}
-    lock = threading.Lock()
-    stop = threading.Event()  # set when the level ends or is interrupted: no worker starts another request
-    issued = 0
-    records: list[tuple[str, float, float]] = []  # (status key, latency s, completion time)
-
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    deadline = t0 + max_seconds
-
-    def claim() -> int | None:
-        nonlocal issued
-        with lock:
-            if stop.is_set() or issued >= max_requests or time.perf_counter() >= deadline:
-                return None
-            issued += 1
-            return issued - 1
-
-    def worker() -> None:
-        while (i := claim()) is not None:
-            body = bodies[i % len(bodies)]
-            start = time.perf_counter()
-            try:
-                resp = client.post(url, content=body, headers=headers)
-                key = _status_key(resp)
-            except Exception as err:  # noqa: BLE001 - timeouts, refused connections, a client closed under us
-                key = _status_key(error=err)
-            end = time.perf_counter()
-            with lock:
-                records.append((key, end - start, end))
-
-    threads = [threading.Thread(target=worker, name=f"loadgen-{k}", daemon=True) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    join_until = deadline + timeout_s + JOIN_GRACE_S
-    try:
-        for t in threads:
-            t.join(timeout=max(0.0, join_until - time.perf_counter()))
-    finally:  # also on KeyboardInterrupt: the workers must not keep loading a server that is being stopped
-        stop.set()
-        if own:
-            client.close()
-    with lock:
-        done = list(records)
-        sent = issued
-    ok_lat = [lat for key, lat, _ in done if key.isdigit() and 200 <= int(key) < 300]
-    errors = Counter(key for key, _, _ in done if not (key.isdigit() and 200 <= int(key) < 300))
-    end = max((e for _, _, e in done), default=time.perf_counter())
-    duration = max(end - t0, 1e-9)
-    return LevelResult(
-        concurrency=concurrency, max_requests=max_requests, max_seconds=max_seconds, sent=sent, ok=len(ok_lat),
-        errors=dict(sorted(errors.items())), unfinished=sent - len(done),
-        stopped_by="count" if sent >= max_requests else "time", duration_s=round(duration, 4),
-        throughput_rps=round(len(ok_lat) / duration, 3), latency_ms=latency_summary(ok_lat),
-        client_cpu_s=round(time.process_time() - cpu0, 3))
-
-
-# ---------------------------------------------------------------- images of a run
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """An ``uint8`` image array ``[H, W, 3]`` as PNG bytes (grey ``L`` when the three channels are equal)."""
-    from PIL import Image
-
-    arr = np.asarray(array, dtype=np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 3 and np.array_equal(arr[..., 0], arr[..., 1]) \
-            and np.array_equal(arr[..., 0], arr[..., 2]):
-        img = Image.fromarray(arr[..., 0], "L")
-    else:
-        img = Image.fromarray(arr, "RGB")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def sample_pngs(run_dir: Path | str, n: int = 64, image_size: int | None = None) -> list[bytes]:
-    """The first ``n`` test images of the run's dataset as PNG bytes, at ``image_size`` (default: the base's)."""
-    from .config import SweepConfig
-    from .data import build_dataset
-
-    run_dir = Path(run_dir)
-    cfg = SweepConfig.model_validate_json((run_dir / "config.json").read_text())
-    size = int(image_size or json.loads((run_dir / "base" / "base.json").read_text())["image_size"])
-    test = build_dataset(cfg.data, size).test
-    out = []
-    for i in range(min(int(n), len(test))):
-        x, _ = test[i]
-        out.append(png_bytes((x.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)))
-    if not out:
-        raise ValueError(f"{run_dir}: the test split has no images")
-    return out
 
 
 # ---------------------------------------------------------------- the in-process ceiling
@@ -249,8 +60,6 @@ def forward_ceiling(classifier: Any, pngs: Sequence[bytes], image_size: int, bat
     one thread) for comparison. Bounded by ``max_seconds`` and ``max_batches``.
     """
     import torch
-
-    from .serving import load_image, to_model_input
 
     previous = torch.get_num_threads()
     if threads:
@@ -282,163 +91,7 @@ def forward_ceiling(classifier: Any, pngs: Sequence[bytes], image_size: int, bat
             "device": device, "decode_images_per_s": round(len(decoded) / max(decode_s, 1e-9), 1)}
 
 
-# ---------------------------------------------------------------- CPU accounting (Linux /proc)
-
-
-def _ticks_per_s() -> float:
-    try:
-        return float(os.sysconf("SC_CLK_TCK"))
-    except (ValueError, OSError, AttributeError):
-        return 100.0
-
-
-def thread_cpu_ticks(pid: int) -> dict[int, int]:
-    """utime + stime (clock ticks) of every thread of ``pid``; empty when it cannot be read."""
-    out: dict[int, int] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out[int(tid)] = int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
-def process_cpu_ticks() -> dict[int, tuple[str, int, int]]:
-    """(name, utime + stime ticks, parent pid) of every process: Ray's process title when set, else its command."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return out
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                head, rest = f.read().rsplit(")", 1)
-            fields = rest.split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        # Ray titles a worker "ray::<actor>" or "ray::<actor>.<method running now>": keep the actor part
-        name = cmd.split("  ")[0].strip().split(".")[0] if cmd.startswith("ray::") else head.split("(", 1)[-1]
-        if pid == os.getpid():
-            name = "this process (load generator)"
-        try:
-            out[pid] = (name[:80], int(fields[11]) + int(fields[12]), int(fields[1]))
-        except (IndexError, ValueError):
-            continue
-    return out
-
-
-def _descendants(procs: dict[int, tuple[str, int, int]], root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (_, _, ppid) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    seen, stack = {root}, [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return seen
-
-
-def top_processes(before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], wall_s: float,
-                  min_cores: float = 0.03, limit: int = 12) -> dict[str, Any]:
-    """The processes that used the most CPU between two ``process_cpu_ticks`` samples, busiest first.
-
-    ``ours`` marks this process and its descendants (the embedded Ray it
-    started: raylet, Serve's proxy, controller and replicas); ``other_cores``
-    is what every other process on the machine used meanwhile, a measure of
-    how much the figures were disturbed by foreign load.
-    """
-    hz = _ticks_per_s()
-    ours = _descendants(after, os.getpid())
-    rows, other = [], 0.0
-    for pid, (name, ticks, _) in after.items():
-        prev = before.get(pid)
-        cores = (ticks - (prev[1] if prev else 0)) / hz / max(wall_s, 1e-9)
-        if pid not in ours:
-            other += cores
-        if cores >= min_cores:
-            rows.append({"name": name, "pid": pid, "cores": round(cores, 3), "ours": pid in ours})
-    rows.sort(key=lambda r: -r["cores"])
-    return {"processes": rows[:limit], "other_cores": round(other, 3)}
-
-
-def machine_cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from ``/proc/stat``; None when unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            parts = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
-    return sum(parts) - idle, sum(parts)
-
-
-def cpu_usage(before: dict[int, int], after: dict[int, int], wall_s: float, busy_fraction: float = 0.05) -> dict[str, Any]:
-    """Cores used by a process between two ``thread_cpu_ticks`` samples and how many threads were busy."""
-    hz = _ticks_per_s()
-    per_thread = {tid: (after[tid] - before.get(tid, 0)) / hz / max(wall_s, 1e-9) for tid in after}
-    busy = sorted((round(v, 3) for v in per_thread.values() if v >= busy_fraction), reverse=True)
-    return {"cores": round(sum(per_thread.values()), 3), "busy_threads": len(busy), "busy_thread_cores": busy}
-
-
-# ---------------------------------------------------------------- machine and settings
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, memory, GPU and library versions of this machine."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
-    try:
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        pass
-    try:
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    for mod in ("torch", "ray", "open_clip", "httpx"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing library is only missing from the report
-            info[mod] = None
-    try:
-        import torch
-
-        info["torch_default_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001
-        pass
-    return info
-
-
-def parse_concurrency(text: str | Iterable[int]) -> list[int]:
-    """'1,4,16' -> [1, 4, 16] (positive, ascending, unique)."""
-    items = [int(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
-    if not items or any(v < 1 for v in items):
-        raise ValueError(f"concurrency levels must be positive integers, got {text!r}")
-    return sorted(set(items))
+# ---------------------------------------------------------------- settings
 
 
 @dataclass
@@ -473,13 +126,11 @@ class BenchSettings:
 
 def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = TARGETS) -> dict[str, dict[str, Any]]:
     """What each target deploys and where it is queried: model, ensemble members, route."""
-    from .export import SOUP_INFO
-    from .serving import SOUP_MODEL, ensemble_members
-
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "soup" / SOUP_INFO).read_text())
+    paths = RunDir(run_dir)
+    info = json.loads(paths.soup_info.read_text())
     k = len(info.get("ingredients") or [])
-    has_trials = (run_dir / "results.jsonl").is_file()
+    has_trials = paths.results.is_file()
     ranked = ensemble_members(run_dir, 10**6) if has_trials else []
     unknown = [t for t in only if t not in TARGETS]
     if unknown:
@@ -579,8 +230,6 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
     """
     from ray import serve
 
-    from .serving import serve_run
-
     out = out if out is not None else {}
     out.update({"model": plan["model"], "members": list(plan["members"]), "route": plan["route"], "levels": []})
     t0 = time.perf_counter()
@@ -612,21 +261,21 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
                     break
             infos = _replica_infos(names)
             pids = _replica_pids(infos)
-            ticks = {n: thread_cpu_ticks(p) for n, p in pids.items()}
-            machine0, procs0 = machine_cpu_ticks(), process_cpu_ticks()
+            ticks = {n: thread_cpu_seconds(p) for n, p in pids.items()}
+            machine0, procs0 = machine_cpu_seconds(), process_cpu_seconds()
             w0 = time.perf_counter()
             level = run_level(target_url, pngs, c, settings.requests, seconds, timeout_s=settings.request_timeout_s)
             wall = time.perf_counter() - w0
-            machine1, procs1 = machine_cpu_ticks(), process_cpu_ticks()
+            machine1, procs1 = machine_cpu_seconds(), process_cpu_seconds()
             top = top_processes(procs0, procs1, wall)
             level.extra["top_processes"] = top["processes"]
             level.extra["other_processes_cores"] = top["other_cores"]
             if top["other_cores"] > 0.25:
                 log(f"  {name} c={c}: WARNING other processes used {top['other_cores']:.2f} cores meanwhile")
             after = _replica_infos(names)
-            level.extra["replica_cpu"] = {n: cpu_usage(ticks[n], thread_cpu_ticks(p), wall) for n, p in pids.items()}
+            level.extra["replica_cpu"] = {n: cpu_usage(ticks[n], thread_cpu_seconds(p), wall) for n, p in pids.items()}
             level.extra["batching"] = _batch_stats(infos, after, level.ok)
-            if machine0 and machine1 and machine1[1] > machine0[1]:
+            if machine1[1] > machine0[1]:
                 level.extra["machine_busy_cores"] = round(
                     (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * (os.cpu_count() or 1), 2)
             out["levels"].append(level.to_json())
@@ -694,26 +343,8 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
     worker, so it only applies to a Ray started here (the thread probe reports
     what replicas really get either way). ``RAY_ADDRESS`` joins a cluster.
     """
-    import ray
-
-    from .serving import repo_root
-
-    if ray.is_initialized():
-        return False
-    env = worker_env_vars()
-    paths = [str(repo_root())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    if settings.replica_threads:
-        env["OMP_NUM_THREADS"] = str(int(settings.replica_threads))
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        log(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        log(f"starting an embedded local Ray ({os.cpu_count()} CPUs)")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
-    return True
+    env = {"OMP_NUM_THREADS": str(int(settings.replica_threads))} if settings.replica_threads else {}
+    return ray_session(None, log=log, env=env, num_cpus=os.cpu_count(), log_to_driver=False)
 
 
 def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print,
@@ -725,15 +356,14 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
     """
     import ray
 
-    from .serving import load_model, resolve_run_dir
-
     settings = settings or BenchSettings()
     started = time.perf_counter()
     deadline = started + settings.time_budget_s if settings.time_budget_s else None
     run_dir = resolve_run_dir(run_dir)
-    soup_info = json.loads((run_dir / "soup" / "soup.json").read_text())
+    paths = RunDir(run_dir)
+    soup_info = json.loads(paths.soup_info.read_text())
     plan = plan_targets(run_dir, settings.ensemble_cap, settings.only)
-    base = json.loads((run_dir / "base" / "base.json").read_text())
+    base = json.loads(paths.base_meta.read_text())
     pngs = sample_pngs(run_dir, settings.images, settings.image_size)
     log(f"bench of {run_dir}: soup of {len(soup_info.get('ingredients') or [])} ingredient(s); targets "
         + ", ".join(f"{n} ({len(p['members']) or 1} model(s))" for n, p in plan.items())
@@ -1014,8 +644,6 @@ def format_table(figures: dict[str, Any]) -> str:
 def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
                log: Log = print) -> dict[str, Any]:
     """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
-    from .serving import resolve_run_dir, sigterm_as_interrupt
-
     run_dir = resolve_run_dir(run_dir)
     own_ray = start_ray(settings, log)
     sigterm_as_interrupt()  # after ray.init, which installs its own handler: SIGTERM now runs the finally below
@@ -1028,7 +656,3 @@ def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | N
     print(format_table(figures), flush=True)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return figures
-
-
-if __name__ == "__main__":  # pragma: no cover - use `soup-ray bench`
-    sys.exit("use `soup-ray bench RUN_DIR` (see soup-ray bench --help)")

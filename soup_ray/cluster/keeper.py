@@ -1,6 +1,6 @@
-"""The soup actor: a named, restartable Ray actor keeping the greedy soup exact while a sweep runs.
+"""The soup keeper: the soup actor's logic without Ray, keeping the greedy soup exact while a sweep runs.
 
-A thin shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
+A shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
 
 - ``offer(trial)`` is idempotent by trial id and returns at once: the trial is
   written to an inbox on disk first, so an offer accepted before a crash is
@@ -9,10 +9,9 @@ A thin shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
   shapes, finite values, readable); a rejected offer leaves the soup unchanged
   and its reason is recorded.
 - After every change the state is persisted under ``RUN_DIR/soup_state/`` and a
-  restarted actor (``max_restarts=-1``) resumes exactly where it was.
+  restarted keeper resumes exactly where it was.
 - Each new soup version is published as an open_clip ``local-dir:`` folder under
   ``RUN_DIR/soup_versions/`` and mirrored to ``RUN_DIR/soup/``.
-- ``status()`` answers at once, even while an evaluation runs (threaded actor).
 """
 
 from __future__ import annotations
@@ -24,29 +23,27 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-STATE_DIR = "soup_state"
-STATE_FILE = "state.json"
-INBOX_DIR = "inbox"
-VERSIONS_DIR = "soup_versions"
-SOUP_DIR = "soup"
+from ..export import export_soup
+from ..ingredients import CheckpointRejected, Kitchen, TrialRecord
+from ..run_dir import RunDir
+from ..soup import IncrementalGreedySoup, Update
 
-
-def actor_name(run_dir: Path | str) -> str:
-    """The soup actor's name for a run (unique per run folder within the namespace)."""
-    return f"soup:{Path(run_dir).resolve().name}"
+ProcessedHook = Callable[[int, int, "Update | None", "SoupKeeper"], None]
+"""``hook(admitted, rejected, update, keeper)`` after each processed batch of offers (e.g. Ray metrics)."""
 
 
 def read_state(run_dir: Path | str) -> dict[str, Any] | None:
-    """The soup actor's last persisted state, or None when it has not written one yet."""
-    p = Path(run_dir) / STATE_DIR / STATE_FILE
+    """The soup keeper's last persisted state, or None when it has not written one yet."""
+    p = RunDir(run_dir).state_file
     if not p.is_file():
         return None
     return json.loads(p.read_text())
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -57,11 +54,10 @@ class SoupKeeper:
     """The actor's logic without Ray (so it can be tested and reused directly)."""
 
     def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
-                 keep_versions: int = 3, publish: bool = True):
-        from .ingredients import Kitchen, TrialRecord
-        from .soup import IncrementalGreedySoup
-
+                 keep_versions: int = 3, publish: bool = True, on_processed: ProcessedHook | None = None):
         self.run_dir = Path(run_dir)
+        self.paths = RunDir(self.run_dir)
+        self.on_processed = on_processed
         self.kitchen = Kitchen(self.run_dir, threads=threads)
         self.tie, self.early_rejection = tie, early_rejection
         self.keep_versions, self.publish_enabled = keep_versions, publish
@@ -109,7 +105,7 @@ class SoupKeeper:
         }
 
     def _inbox_dir(self) -> Path:
-        return self.run_dir / STATE_DIR / INBOX_DIR
+        return self.paths.inbox
 
     def _read_inbox(self) -> list[dict]:
         """Offers accepted but not yet processed (they survive a crash as one file each)."""
@@ -131,7 +127,7 @@ class SoupKeeper:
 
     def _persist(self) -> None:
         self.last_change_at = time.time()
-        _write_json_atomic(self.run_dir / STATE_DIR / STATE_FILE, self._state())
+        write_json_atomic(self.paths.state_file, self._state())
 
     def _make_snapshot(self) -> dict[str, Any]:
         return {
@@ -171,7 +167,7 @@ class SoupKeeper:
                 return {"trial_id": tid, "queued": False, "duplicate": True}
             rec = {"trial_id": tid, "checkpoint": str(trial["checkpoint"]),
                    "heldout_correct": trial.get("heldout_correct")}
-            _write_json_atomic(self._inbox_file(tid), rec)
+            write_json_atomic(self._inbox_file(tid), rec)
             self.inbox.append(rec)
             self._snapshot = {**self._snapshot, "queued": len(self.inbox)}
             self._wake.notify_all()
@@ -187,8 +183,6 @@ class SoupKeeper:
 
     def process_inbox(self) -> int:
         """Admit and offer everything queued, in one incremental update; returns how many were handled."""
-        from .ingredients import CheckpointRejected, TrialRecord
-
         with self._lock:
             batch = list(self.inbox)
             self.busy = bool(batch)
@@ -227,8 +221,6 @@ class SoupKeeper:
             raise
 
     def _publish(self) -> None:
-        from .export import export_soup
-
         ids = list(self.soup.ingredients)
         info = {
             "version": self.version,
@@ -240,18 +232,17 @@ class SoupKeeper:
             "published_at": time.time(),
         }
         weights = self.kitchen.soup_weights(ids)
-        versions = self.run_dir / VERSIONS_DIR
-        folder = export_soup(self.run_dir / "base", weights, versions / f"v{self.version:04d}", info)
-        export_soup(self.run_dir / "base", weights, self.run_dir / SOUP_DIR, info)
+        versions = self.paths.versions
+        folder = export_soup(self.paths.base, weights, self.paths.version(self.version), info)
+        export_soup(self.paths.base, weights, self.paths.soup, info)
         self.published = {"version": self.version, "folder": str(folder), "ingredients": ids}
         old = sorted(p for p in versions.glob("v*") if p.is_dir())
         for p in old[: max(0, len(old) - self.keep_versions)]:
             shutil.rmtree(p, ignore_errors=True)
 
     def _metrics(self, admitted: int, rejected: int, update: Any) -> None:
-        hook = getattr(self, "metrics_hook", None)
-        if hook is not None:
-            hook(admitted, rejected, update, self)
+        if self.on_processed is not None:
+            self.on_processed(admitted, rejected, update, self)
 
     def run_forever(self, stop: threading.Event) -> None:
         """The worker loop: wait for offers, process them, repeat."""
@@ -265,6 +256,21 @@ class SoupKeeper:
             except Exception:
                 time.sleep(1.0)  # last_error is in status(); retry later
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock every offer takes: hold it to check and change the keeper's state with no offer in between."""
+        return self._lock
+
+    def touch(self) -> None:
+        """Count now as activity (restarts an idle countdown); call with :attr:`lock` held."""
+        self.last_offer_at = time.time()
+
+    def idle_seconds(self) -> float | None:
+        """Seconds since the last offer or change, or None while offers are queued or evaluated; call with :attr:`lock` held."""
+        if self.inbox or self.busy:
+            return None
+        return time.time() - max(self.last_offer_at, self.last_change_at)
+
     def wait_idle(self, timeout: float) -> bool:
         """Block until the inbox is empty and nothing is being evaluated (or ``timeout`` passes)."""
         deadline = time.time() + timeout
@@ -273,118 +279,3 @@ class SoupKeeper:
                 return True
             time.sleep(0.05)
         return self.pending() == 0
-
-
-class SoupActor:
-    """Ray actor shell around ``SoupKeeper`` with Ray metrics and a worker thread."""
-
-    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
-                 keep_versions: int = 3):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions)
-        self._setup_metrics()
-        self.keeper.metrics_hook = self._record_metrics  # type: ignore[attr-defined]
-        self._stop = threading.Event()
-        self._retire_generation = 0
-        self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
-                                        name="soup-worker")
-        self._thread.start()
-
-    def _setup_metrics(self) -> None:
-        from ray.util.metrics import Counter, Gauge
-
-        tags = {"run": Path(self.keeper.run_dir).name}
-        keys = ("run",)
-        self._m_seen = Counter("soup_candidates_seen", "Trials offered to the soup actor", tag_keys=keys)
-        self._m_rejected = Counter("soup_candidates_rejected", "Offers rejected (bad checkpoint)", tag_keys=keys)
-        self._m_images = Counter("soup_heldout_images_evaluated", "Held-out images scored", tag_keys=keys)
-        self._m_size = Gauge("soup_size", "Ingredients in the greedy soup", tag_keys=keys)
-        self._m_acc = Gauge("soup_heldout_accuracy", "Held-out accuracy of the greedy soup", tag_keys=keys)
-        for m in (self._m_seen, self._m_rejected, self._m_images, self._m_size, self._m_acc):
-            m.set_default_tags(tags)
-
-    def _record_metrics(self, admitted: int, rejected: int, update: Any, keeper: SoupKeeper) -> None:
-        if admitted + rejected:
-            self._m_seen.inc(admitted + rejected)
-        if rejected:
-            self._m_rejected.inc(rejected)
-        if update is not None and update.images_evaluated:
-            self._m_images.inc(update.images_evaluated)
-        self._m_size.set(len(keeper.soup.ingredients))
-        if keeper.soup.accuracy is not None:
-            self._m_acc.set(keeper.soup.accuracy)
-
-    def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
-        return self.keeper.offer(trial)
-
-    def status(self) -> dict[str, Any]:
-        return self.keeper.status()
-
-    def wait_idle(self, timeout: float = 600.0) -> bool:
-        return self.keeper.wait_idle(timeout)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def retire_when_idle(self, idle_s: float, poll_s: float = 1.0) -> float:
-        """Exit for good once nothing was offered or evaluated for ``idle_s`` seconds; returns at once.
-
-        On a cluster the actor is detached and holds its CPU/GPU share until it
-        exits, which would keep a GPU node (and its bill) from scaling down. Its
-        state stays in the run folder (``soup-ray status`` reads it from there),
-        and a new ``start_soup_actor`` for the run resumes from it. An offer in
-        the meantime restarts the count; ``keep_alive`` cancels it (a new sweep
-        on the same run folder calls it). Returns the seconds it will wait at least.
-        """
-        import ray
-
-        me = ray.get_runtime_context().current_actor
-        keeper = self.keeper
-        with keeper._lock:
-            keeper.last_offer_at = time.time()
-            self._retire_generation += 1
-            generation = self._retire_generation
-
-        def watch() -> None:
-            while not self._stop.wait(poll_s):
-                with keeper._lock:  # offers take this lock too: none can slip in between the check and the flag
-                    if generation != self._retire_generation:
-                        return  # cancelled, or replaced by a newer request
-                    quiet = time.time() - max(keeper.last_offer_at, keeper.last_change_at)
-                    if keeper.inbox or keeper.busy or quiet < idle_s:
-                        continue
-                    keeper.retiring = True
-                self._stop.set()
-                ray.kill(me, no_restart=True)  # intentional: Ray does not restart it
-                return
-
-        threading.Thread(target=watch, daemon=True, name="soup-retire").start()
-        return float(idle_s)
-
-    def keep_alive(self) -> None:
-        """Cancel a pending ``retire_when_idle`` (the run folder is in use again)."""
-        with self.keeper._lock:
-            self._retire_generation += 1
-
-
-def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",
-                     early_rejection: bool = True, cpu: float = 0.25, gpu: float = 0.0, detached: bool = False,
-                     keep_versions: int = 3):
-    """Create (or reattach to) the run's named soup actor."""
-    import ray
-
-    opts: dict[str, Any] = {
-        "name": actor_name(run_dir),
-        "get_if_exists": True,
-        "max_restarts": -1,
-        "max_task_retries": -1,
-        "max_concurrency": 8,
-        "num_cpus": cpu,
-        "num_gpus": gpu,
-    }
-    if detached:
-        opts["lifetime"] = "detached"
-    opts.update(namespace_actor_options or {})
-    threads = max(1, int(round(cpu))) if cpu >= 1 else 1
-    cls = ray.remote(SoupActor)
-    return cls.options(**opts).remote(str(Path(run_dir).resolve()), tie, early_rejection, threads, keep_versions)

@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from .config import (Choice, ConfigError, Const, DigitsData, ImageFolderData, LogUniform, RandInt, SearchSpace,
+from ..config import (Choice, ConfigError, Const, DigitsData, ImageFolderData, LogUniform, RandInt, SearchSpace,
                      ShiftDir, SweepConfig, Uniform, is_uri, load_config)
-from .label_space import mapping_groups, read_class_mapping
+from ..label_space import mapping_groups, read_class_mapping
 
 Log = Callable[[str], None]
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -282,7 +282,7 @@ def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
     training folder is missing they are ``data.classnames`` if given, else two placeholders.
     """
     if isinstance(data, DigitsData):
-        from .data import DIGIT_NAMES
+        from ..data import DIGIT_NAMES
 
         return Check("data", "ok", "scikit-learn's handwritten digits: built in, no path to check"), list(DIGIT_NAMES)
     missing: list[str] = []
@@ -415,7 +415,7 @@ def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, 
 
 
 def _repo_cluster_yaml() -> Path | None:
-    for p in (Path.cwd() / "cluster.yaml", Path(__file__).resolve().parents[1] / "cluster.yaml"):
+    for p in (Path.cwd() / "cluster.yaml", Path(__file__).resolve().parents[2] / "cluster.yaml"):
         if p.is_file():
             return p
     return None
@@ -464,7 +464,7 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
     """What Ray offers here against what one trial and the soup actor ask for."""
     import ray
 
-    from .sweep import init_ray
+    from .session import ray_session
 
     trial = (cfg.trial_resources.cpu, cfg.trial_resources.gpu)
     actor = (cfg.soup.resources.cpu, cfg.soup.resources.gpu)
@@ -480,7 +480,7 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
                 unreachable = gcs_unreachable(address)
                 if unreachable:
                     raise ConnectionError(unreachable)
-            started = init_ray(cfg, log=log)
+            started = ray_session(address, namespace=cfg.ray.namespace, log=log)
             source = "an embedded local Ray (this machine)" if address == "local" else f"the Ray cluster at {address!r}"
         totals = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         live = _live_shapes()
@@ -550,10 +550,10 @@ def representative_hparams(space: SearchSpace) -> dict[str, Any]:
 
 def _templates_for(data: DigitsData | ImageFolderData) -> Sequence:
     if isinstance(data, DigitsData):
-        from .data import DIGIT_TEMPLATES
+        from ..data import DIGIT_TEMPLATES
 
         return DIGIT_TEMPLATES
-    from .data import _templates
+    from ..data import _templates
 
     return _templates(data.templates)
 
@@ -581,7 +581,7 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
 
     Returns the check and the ``model.Base`` (None when even the fallback failed).
     """
-    from .model import build_base
+    from ..model import build_base
 
     templates = list(_templates_for(cfg.data))[:1]
     m = cfg.model
@@ -598,7 +598,7 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
     random_cfg = m.model_copy(update={"pretrained": None})
     try:
         if m.pretrained == "standin":
-            from .standin import standin_dir
+            from ..standin import standin_dir
 
             folder = standin_dir(m.name, m.standin_steps, m.standin_seed)
             if (folder / "standin.json").is_file():
@@ -649,8 +649,8 @@ def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 
     import torch
     from torch.utils.data import TensorDataset
 
-    from .evaluate import predict_logits
-    from .train import _hp, cosine_with_warmup, train_step
+    from ..evaluate import predict_logits
+    from ..train import _hp, cosine_with_warmup, train_step
 
     hp = _hp(representative_hparams(cfg.search_space))
     batch = min(hp["batch_size"], cpu_batch_cap)

@@ -1,0 +1,134 @@
+"""The soup actor: a named, restartable Ray actor around ``SoupKeeper`` with Ray metrics and a worker thread.
+
+``status()`` answers at once, even while an evaluation runs (threaded actor).
+A restarted actor (``max_restarts=-1``) resumes from the run folder's state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from .keeper import SoupKeeper
+
+
+def actor_name(run_dir: Path | str) -> str:
+    """The soup actor's name for a run (unique per run folder within the namespace)."""
+    return f"soup:{Path(run_dir).resolve().name}"
+
+
+class SoupActor:
+    """Ray actor shell around ``SoupKeeper`` with Ray metrics and a worker thread."""
+
+    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
+                 keep_versions: int = 3):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self._setup_metrics(Path(run_dir).name)
+        self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions,
+                                 on_processed=self._record_metrics)
+        self._stop = threading.Event()
+        self._retire_generation = 0
+        self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
+                                        name="soup-worker")
+        self._thread.start()
+
+    def _setup_metrics(self, run: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"run": run}
+        keys = ("run",)
+        self._m_seen = Counter("soup_candidates_seen", "Trials offered to the soup actor", tag_keys=keys)
+        self._m_rejected = Counter("soup_candidates_rejected", "Offers rejected (bad checkpoint)", tag_keys=keys)
+        self._m_images = Counter("soup_heldout_images_evaluated", "Held-out images scored", tag_keys=keys)
+        self._m_size = Gauge("soup_size", "Ingredients in the greedy soup", tag_keys=keys)
+        self._m_acc = Gauge("soup_heldout_accuracy", "Held-out accuracy of the greedy soup", tag_keys=keys)
+        for m in (self._m_seen, self._m_rejected, self._m_images, self._m_size, self._m_acc):
+            m.set_default_tags(tags)
+
+    def _record_metrics(self, admitted: int, rejected: int, update: Any, keeper: SoupKeeper) -> None:
+        if admitted + rejected:
+            self._m_seen.inc(admitted + rejected)
+        if rejected:
+            self._m_rejected.inc(rejected)
+        if update is not None and update.images_evaluated:
+            self._m_images.inc(update.images_evaluated)
+        self._m_size.set(len(keeper.soup.ingredients))
+        if keeper.soup.accuracy is not None:
+            self._m_acc.set(keeper.soup.accuracy)
+
+    def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
+        return self.keeper.offer(trial)
+
+    def status(self) -> dict[str, Any]:
+        return self.keeper.status()
+
+    def wait_idle(self, timeout: float = 600.0) -> bool:
+        return self.keeper.wait_idle(timeout)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def retire_when_idle(self, idle_s: float, poll_s: float = 1.0) -> float:
+        """Exit for good once nothing was offered or evaluated for ``idle_s`` seconds; returns at once.
+
+        On a cluster the actor is detached and holds its CPU/GPU share until it
+        exits, which would keep a GPU node (and its bill) from scaling down. Its
+        state stays in the run folder (``soup-ray status`` reads it from there),
+        and a new ``start_soup_actor`` for the run resumes from it. An offer in
+        the meantime restarts the count; ``keep_alive`` cancels it (a new sweep
+        on the same run folder calls it). Returns the seconds it will wait at least.
+        """
+        import ray
+
+        me = ray.get_runtime_context().current_actor
+        keeper = self.keeper
+        with keeper.lock:
+            keeper.touch()
+            self._retire_generation += 1
+            generation = self._retire_generation
+
+        def watch() -> None:
+            while not self._stop.wait(poll_s):
+                with keeper.lock:  # offers take this lock too: none can slip in between the check and the flag
+                    if generation != self._retire_generation:
+                        return  # cancelled, or replaced by a newer request
+                    quiet = keeper.idle_seconds()
+                    if quiet is None or quiet < idle_s:
+                        continue
+                    keeper.retiring = True
+                self._stop.set()
+                ray.kill(me, no_restart=True)  # intentional: Ray does not restart it
+                return
+
+        threading.Thread(target=watch, daemon=True, name="soup-retire").start()
+        return float(idle_s)
+
+    def keep_alive(self) -> None:
+        """Cancel a pending ``retire_when_idle`` (the run folder is in use again)."""
+        with self.keeper.lock:
+            self._retire_generation += 1
+
+
+def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",
+                     early_rejection: bool = True, cpu: float = 0.25, gpu: float = 0.0, detached: bool = False,
+                     keep_versions: int = 3):
+    """Create (or reattach to) the run's named soup actor."""
+    import ray
+
+    opts: dict[str, Any] = {
+        "name": actor_name(run_dir),
+        "get_if_exists": True,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "max_concurrency": 8,
+        "num_cpus": cpu,
+        "num_gpus": gpu,
+    }
+    if detached:
+        opts["lifetime"] = "detached"
+    opts.update(namespace_actor_options or {})
+    threads = max(1, int(round(cpu))) if cpu >= 1 else 1
+    cls = ray.remote(SoupActor)
+    return cls.options(**opts).remote(str(Path(run_dir).resolve()), tie, early_rejection, threads, keep_versions)

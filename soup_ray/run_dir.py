@@ -1,0 +1,133 @@
+"""Every name in a run folder, in one place.
+
+```
+RUN_DIR/
+  config.json                       the validated config of the run
+  base/                             the shared initialisation, saved once
+    model.safetensors, base.json, zero_shot.json,
+    open_clip_model.safetensors, open_clip_config.json
+  tune/                             Ray Tune's experiment folder
+    <trial>/checkpoint_NNNNNN/      model.safetensors, logits.safetensors, metrics.json
+  results.jsonl                     one row per model, then the summary rows
+  soup/                             the latest greedy soup (open_clip local-dir + soup.json)
+  soup_versions/vNNNN/              the last few published soup versions
+  soup_state/state.json, inbox/     the soup actor's persisted state and unprocessed offers
+  report.md, figure.png, greedy.png the report
+  soups/<method>.json               recomputed soup methods
+```
+
+Modules take file names from here (the constants) or a :class:`RunDir`
+(paths); nothing else spells them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+BASE_DIR = "base"
+TUNE_DIR = "tune"
+SOUP_DIR = "soup"
+VERSIONS_DIR = "soup_versions"
+STATE_DIR = "soup_state"
+STATE_FILE = "state.json"
+INBOX_DIR = "inbox"
+SOUPS_DIR = "soups"
+REPORT_MD = "report.md"
+FIGURE_PNG = "figure.png"
+GREEDY_PNG = "greedy.png"
+
+WEIGHTS_FILE = "model.safetensors"
+"""Classifier weights (image tower + head): in ``base/`` and in every trial checkpoint."""
+BASE_META = "base.json"
+ZERO_SHOT_FILE = "zero_shot.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+SOUP_INFO = "soup.json"
+HEAD_FILE = "classifier_head.safetensors"
+CHECKPOINT_LOGITS = "logits.safetensors"
+CHECKPOINT_METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run folder."""
+
+    path: Path
+
+    def __init__(self, path: Path | str) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def base(self) -> Path:
+        return self.path / BASE_DIR
+
+    @property
+    def base_meta(self) -> Path:
+        return self.base / BASE_META
+
+    @property
+    def zero_shot(self) -> Path:
+        return self.base / ZERO_SHOT_FILE
+
+    @property
+    def tune(self) -> Path:
+        return self.path / TUNE_DIR
+
+    @property
+    def soup(self) -> Path:
+        return self.path / SOUP_DIR
+
+    @property
+    def soup_info(self) -> Path:
+        return self.soup / SOUP_INFO
+
+    @property
+    def versions(self) -> Path:
+        return self.path / VERSIONS_DIR
+
+    def version(self, number: int) -> Path:
+        """``soup_versions/vNNNN``."""
+        return self.versions / f"v{int(number):04d}"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE_DIR
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def inbox(self) -> Path:
+        return self.state_dir / INBOX_DIR
+
+    @property
+    def soups(self) -> Path:
+        return self.path / SOUPS_DIR
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / REPORT_MD
+
+    @property
+    def figure(self) -> Path:
+        return self.path / FIGURE_PNG
+
+    @property
+    def greedy_png(self) -> Path:
+        return self.path / GREEDY_PNG
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a saved base (what every reader of a run needs)."""
+        return self.base.is_dir()

@@ -1,0 +1,90 @@
+"""``serve_run``: start Serve with the soup-ray application on the local Ray or a cluster, and stop it cleanly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..cluster.session import ray_session, resolve_address
+from .models import check_model, ensemble_members, resolve_run_dir
+from .options import APP_NAME, ServeOptions
+
+
+def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, *,
+              address: str | None = None, app_name: str = APP_NAME, route_prefix: str = "/",
+              log: Callable[[str], None] = print, on_ready: Callable[[str], None] | None = None,
+              **options: Any) -> str:
+    """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
+
+    Starts an embedded local Ray (or joins the cluster named by ``address`` or
+    ``RAY_ADDRESS``) unless Ray is already initialised, starts Serve with those
+    HTTP options and deploys the ``serve/`` application. ``options`` are the
+    other ``ServeOptions`` fields (``model``, ``ensemble``, ``num_cpus``,
+    ``num_gpus``, ``max_batch_size``, ``batch_wait_timeout_s``, ``follow``,
+    ``poll_interval_s``, ``max_body_bytes``, ``max_pixels``, ...). With
+    ``blocking`` it calls ``on_ready(url)`` once deployed, waits until Ctrl-C (or
+    SIGTERM), then deletes the application and stops whatever it started. Serve's HTTP options are fixed when Serve first starts on
+    a cluster: a running Serve keeps its own host and port.
+    """
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    resolved = resolve_run_dir(run_dir)
+    opts = ServeOptions(run_dir=str(resolved), **options)
+    check_model(resolved, opts.model, opts.soup_version)
+    ensemble_members(resolved, opts.ensemble)
+    started = ray_session(address, log=log)
+    own_ray = started and resolve_address(address) == "local"
+    serve.start(http_options={"host": host, "port": int(port)})
+    serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False)
+    url = f"http://{host}:{int(port)}{route_prefix.rstrip('/')}"
+    log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
+    if not blocking:
+        return url
+    sigterm_as_interrupt()
+    try:
+        if on_ready is not None:
+            on_ready(url)
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        log("stopping the server")
+    finally:
+        serve.delete(app_name)  # on a shared cluster only this application: other Serve apps keep running
+        if own_ray:
+            stop_serve_and_ray()
+        elif started:
+            ray.shutdown()
+    return url
+
+
+def stop_serve_and_ray() -> None:
+    """Shut Serve down, then Ray (even when Serve's shutdown fails): for a Ray this process started itself."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def sigterm_as_interrupt() -> None:
+    """Let SIGTERM stop blocking work (``serve_run``, a bench) like Ctrl-C does: Serve and Ray stop on the way out.
+
+    Main thread only; call it after ``ray.init``, which installs a SIGTERM handler of its own.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,62 @@
+"""What the Serve application takes: its arguments (``serve/config.yaml``'s ``args``) and a model replica's ``user_config``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 4096 * 4096
+SOUP_MODEL = "soup"
+APP_NAME = "soup-ray"
+
+
+class ServeOptions(BaseModel):
+    """Arguments of the Serve application (the ``args`` of ``serve/config.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field(description="The run folder (absolute, or relative to the current folder / repository root)")
+    model: str = Field(SOUP_MODEL, description="'soup', a trial id from results.jsonl, or a checkpoint folder")
+    soup_version: int | None = Field(None, ge=1,
+                                     description="Pin RUN_DIR/soup_versions/vNNNN instead of following RUN_DIR/soup")
+    follow: bool = Field(True, description="Reload the soup when a new version is published to RUN_DIR/soup")
+    poll_interval_s: float = Field(2.0, gt=0, description="How often the model replica checks RUN_DIR/soup/soup.json")
+    ensemble: int | list[str] = Field(
+        3, description="Ensemble members: the top-K trials by held-out accuracy, or trial ids; 0 disables")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per model replica (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed)")
+    ingress_cpus: float = Field(0.1, ge=0, description="CPUs of the HTTP ingress and of the ensemble replica")
+    max_batch_size: int = Field(16, ge=1, description="Dynamic batching: most images per forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest accepted request body")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest accepted image (width x height)")
+
+    @field_validator("ensemble")
+    @classmethod
+    def _check_ensemble(cls, v: int | list[str]) -> int | list[str]:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("ensemble must be >= 0 (0 disables the ensemble endpoint)")
+        return v
+
+
+class ModelSpec(BaseModel):
+    """The ``user_config`` of one model deployment: what to load and how to batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str
+    model: str = SOUP_MODEL
+    soup_version: int | None = None
+    follow: bool = True
+    poll_interval_s: float = Field(2.0, gt=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    device: str = "cpu"
+
+    def source_key(self) -> tuple:
+        """What is loaded (a change of it means loading another model)."""
+        return (self.run_dir, self.model, self.soup_version, self.device)
+
+    def follows_soup(self) -> bool:
+        """Whether the replica should watch ``RUN_DIR/soup`` for new versions."""
+        return self.model == SOUP_MODEL and self.soup_version is None and self.follow
