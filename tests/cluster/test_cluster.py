@@ -17,7 +17,7 @@ from soup_ray.config import load_config
 from soup_ray.cluster.dryrun import (NodeShape, check_storage, dry_run, fit_count, node_types_from_launcher_config,
                              trials_beside_actor)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
 GPU_CONFIG = ROOT / "tune_configs" / "vitb32_imagenet.yaml"
 TEMPLATE = ROOT / "tune_configs" / "imagefolder.yaml"

@@ -30,7 +30,7 @@ from soup_ray.serving import (
     top_predictions,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 httpx = pytest.importorskip("httpx")
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 httpx = pytest.importorskip("httpx")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 SOUP_RAY = str(BIN / "soup-ray")
