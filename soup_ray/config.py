@@ -144,6 +144,10 @@ class ModelConfig(_Strict):
     standin_steps: int = Field(600, ge=1, description="contrastive pre-training steps of the stand-in")
     standin_seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    head_init: Literal["zeroshot", "linear_probe"] = Field(
+        "zeroshot", description="the head every trial starts from: the zero-shot head built from class names "
+        "and prompt templates (the paper's CLIP fine-tunes), or a linear probe fitted once on the frozen "
+        "features of the train split (LP-FT)")
 
 
 class DigitsData(_Strict):

@@ -189,6 +189,13 @@ class Kitchen:
             ds = Subset(self.heldout, order)
         yield from iter_logits(model, ds, self.heldout_batch_size, self.num_workers)
 
+    def evaluate_weights(self, state: StateDict) -> EvalResult:
+        """Score arbitrary weights (e.g. a point between two ingredients) on the whole held-out split."""
+        self.model.load_state_dict(state)
+        result = early_rejection_evaluate(self._batches(self.model), None)
+        self.images_evaluated += result.evaluated
+        return result
+
     def evaluate(self, ids: list[str], max_wrong: int | None) -> EvalResult:
         """Score the soup of ``ids`` on the held-out split, stopping once it has more than ``max_wrong`` errors."""
         model = self.classifier(list(ids))

@@ -61,6 +61,7 @@ def sweep_job(cfg: SweepConfig, out: str | None = None, log: Log = log_line) -> 
         written = write_report(prep.run_dir, report)
         print()
         print(soup_table(report))
+        log("why: " + report["diagnostics"]["verdict"])
         log("report: " + ", ".join(str(p) for p in written.values()))
         log(f"final soup (open_clip local-dir): {paths.soup}")
     log(f"results: {paths.results}")

@@ -11,6 +11,7 @@ from typing import Callable
 from .config import SweepConfig
 from .data import DatasetBundle, build_dataset
 from .evaluate import accuracy, predict_logits
+from .linear_probe import fit_linear_probe
 from .model import build_base, save_base
 from .run_dir import OPEN_CLIP_CONFIG, RunDir
 
@@ -53,13 +54,18 @@ def prepare_run(cfg: SweepConfig, run_dir: Path, log: Log = print) -> PreparedRu
     sizes = bundle.sizes()
     log("data: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     base = build_base(cfg.model, bundle.classnames, bundle.templates)
+    head_note = "zero-shot head"
+    if cfg.model.head_init == "linear_probe":
+        probe = fit_linear_probe(base.classifier, bundle.train, bundle.heldout, cfg.eval_batch_size)
+        head_note = f"linear-probe head (C={probe['C']:g}, chosen on held-out)"
     fp = save_base(base, base_dir)
     zs = {}
     for name, ds in (("heldout", bundle.heldout), ("test", bundle.test)):
         lg, lb = predict_logits(base.classifier, ds, cfg.eval_batch_size)
         zs[name] = accuracy(lg, lb)
+    zs["head_init"] = cfg.model.head_init
     paths.zero_shot.write_text(json.dumps(zs, indent=2))
-    log(f"base: {base.zero_shot_note}; zero-shot held-out {100 * zs['heldout']:.1f}%, test {100 * zs['test']:.1f}% "
+    log(f"base: {base.zero_shot_note}, {head_note}; held-out {100 * zs['heldout']:.1f}%, test {100 * zs['test']:.1f}% "
         f"(fingerprint {fp[:12]}, {time.time() - t0:.0f}s)")
     return PreparedRun(run_dir, base_dir, fp, bundle, zs)
 

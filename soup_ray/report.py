@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .diagnostics import soup_diagnostics
 from .evaluate import correct_count, predict_logits
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
 from .results import read_jsonl, write_jsonl
@@ -38,7 +39,7 @@ from .soup import (
     greedy_method,
     sort_candidates,
 )
-from .run_dir import CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR
+from .run_dir import CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, INTERPOLATION_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR
 
 Log = Callable[[str], None]
 
@@ -389,6 +390,11 @@ def compute_report(
         extra.update(evaluations=greedy_result.evaluations, images_evaluated=greedy_result.images_evaluated)
     rows["greedy_soup"] = _row("greedy_soup", "soup", g_accs, shifts, chosen, 1, **extra)
 
+    # Why the greedy soup kept what it kept.
+    log("measuring interpolation barriers and distances from the base")
+    uniform_drop = 100 * (best.heldout_correct - uni_correct) / h
+    diagnostics = soup_diagnostics(k, run.candidates, run.rows, chosen, uniform_drop_points=uniform_drop)
+
     # Ensembles from cached logits.
     store = LogitStore(run, eval_names, log)
     if store.usable:
@@ -417,6 +423,7 @@ def compute_report(
         "rows": [rows[n] for n in SUMMARY_NAMES if n in rows],
         "individuals": individuals,
         "history": history,
+        "diagnostics": diagnostics.to_json(),
     }
 
 
@@ -483,7 +490,33 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     if excluded:
         lines += ["", "Left out of the ensembles (no usable cached logits): "
                   + "; ".join(f"{e['trial_id']}: {e['reason']}" for e in excluded)]
+    lines += diagnostics_markdown(report.get("diagnostics"))
     return "\n".join(lines) + "\n"
+
+
+def diagnostics_markdown(diag: Mapping[str, Any] | None) -> list[str]:
+    """The "why" section of ``report.md``: the verdict, the barriers and each run's distance from the base."""
+    if not diag:
+        return []
+    lines = ["", "## Why the greedy soup kept what it kept", "", f"**Verdict:** {diag['verdict']}", "",
+             f"Held-out accuracy (%) on the straight line from the best run `{diag['curves'][0]['best']}` to each "
+             "partner (alpha 0 = the best run, 1 = the partner); the barrier is the drop at the midpoint below the "
+             "mean of the ends (`interpolation.png`)." if diag.get("curves") else "Only one candidate: no barrier to "
+             "measure.", ""]
+    if diag.get("curves"):
+        alphas = diag["curves"][0]["alphas"]
+        lines += ["| partner | in soup | " + " | ".join(f"a={a:g}" for a in alphas) + " | barrier (points) |",
+                  "|---|---|" + "---:|" * len(alphas) + "---:|"]
+        for c in diag["curves"]:
+            lines.append(f"| `{c['partner']}` | {'yes' if c['partner_in_soup'] else 'no'} | "
+                         + " | ".join(f"{100 * v:.1f}" for v in c["heldout"]) + f" | {c['barrier_points']:.1f} |")
+    lines += ["", "Distance of each run from the shared base (relative L2 of the weight change), best held-out first:",
+              "", "| run | lr | held-out | distance | in soup |", "|---|---:|---:|---:|---|"]
+    for r in diag["distances"]:
+        lr = "-" if r.get("lr") is None else f"{r['lr']:.2g}"
+        lines.append(f"| `{r['trial_id']}` | {lr} | {100 * r['heldout']:.1f} | {r['distance']:.4f} | "
+                     f"{'yes' if r['in_soup'] else ''} |")
+    return lines
 
 
 def _plt():
@@ -579,7 +612,22 @@ def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
         "report": md,
         "figure": plot_scatter(report, run_dir / FIGURE_PNG),
         "greedy": plot_greedy(report, run_dir / GREEDY_PNG),
+        **({"interpolation": plot_interpolation(report, run_dir / INTERPOLATION_PNG)}
+           if (report.get("diagnostics") or {}).get("curves") else {}),
     }
+
+
+def plot_interpolation(report: Mapping[str, Any], path: Path) -> Path:
+    """Held-out accuracy along the line from the best run to each partner: a dip in the middle is a barrier."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for c in report["diagnostics"]["curves"]:
+        style = "-" if c["partner_in_soup"] else "--"
+        ax.plot(c["alphas"], [100 * v for v in c["heldout"]], style, marker="o", ms=4,
+                label=f"{c['partner']} ({'in soup' if c['partner_in_soup'] else 'rejected'}; "
+                      f"barrier {c['barrier_points']:.1f})")
+    return _finish(plt, fig, ax, path, "alpha (0 = best run, 1 = partner)", "held-out accuracy (%)",
+                   "Interpolating the best run with the next candidates")
 
 
 def write_soup_json(run_dir: Path, method: str, result: GreedyResult, *, tie: Tie | None,

@@ -83,7 +83,8 @@ def print_table(rows: list[dict[str, Any]], shifts: list[str], zero_shot: dict[s
     ordered = sorted(rows, key=lambda r: (r.get("heldout") is None, -(r.get("heldout") or 0.0)))
     extra = []
     if zero_shot:
-        extra.append({"model_name": "zero-shot base", "status": "base", "heldout": zero_shot.get("heldout"),
+        label = "linear-probe base" if zero_shot.get("head_init") == "linear_probe" else "zero-shot base"
+        extra.append({"model_name": label, "status": "base", "heldout": zero_shot.get("heldout"),
                       "test": zero_shot.get("test")})
     log(format_table(ordered + extra, shifts))
     done = [r for r in rows if r.get("status") == "completed"]

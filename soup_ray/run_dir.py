@@ -12,7 +12,7 @@ RUN_DIR/
   soup/                             the latest greedy soup (open_clip local-dir + soup.json)
   soup_versions/vNNNN/              the last few published soup versions
   soup_state/state.json, inbox/     the soup actor's persisted state and unprocessed offers
-  report.md, figure.png, greedy.png the report
+  report.md, figure.png, greedy.png, interpolation.png   the report
   soups/<method>.json               recomputed soup methods
 ```
 
@@ -38,6 +38,7 @@ SOUPS_DIR = "soups"
 REPORT_MD = "report.md"
 FIGURE_PNG = "figure.png"
 GREEDY_PNG = "greedy.png"
+INTERPOLATION_PNG = "interpolation.png"
 
 WEIGHTS_FILE = "model.safetensors"
 """Classifier weights (image tower + head): in ``base/`` and in every trial checkpoint."""

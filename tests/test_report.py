@@ -15,9 +15,11 @@ from soup_ray.evaluate import accuracy, predict_logits
 from soup_ray.ingredients import Kitchen, trial_records_from_results
 from soup_ray.model import load_base
 from soup_ray.report import SUMMARY_NAMES, compute_report, soup_table, write_report
-from soup_ray.results import RESULTS_FILE, read_jsonl, trial_row, write_jsonl
+from soup_ray.results import read_jsonl, trial_row, write_jsonl
+from soup_ray.run_dir import RESULTS_FILE
 from soup_ray.soup import SOUP_METHODS, greedy_soup
-from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_WEIGHTS
+from soup_ray.run_dir import CHECKPOINT_LOGITS
+from soup_ray.run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
