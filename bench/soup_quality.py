@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Soup quality of the local default over sweep seeds: runs `soup-ray run` per seed, or reads finished runs.
+
+    python bench/soup_quality.py                          # seeds 0 1 2 of tune_configs/local.yaml
+    python bench/soup_quality.py --seeds 0 --config tune_configs/local.yaml --set tune.num_samples=8
+    python bench/soup_quality.py --runs runs/a runs/b     # summarise finished run folders
+
+Writes bench/results/soup_quality.json (per run, mean over runs, the targets
+and whether they hold) and prints the table. Each run is the quick-start main
+job (`soup-ray run CONFIG --no-serve --seed S`), timed as a whole; runs are
+sequential, since two at once would share the CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from soup_ray.bench.soup_quality import format_table, summarise
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tune_configs/local.yaml", help="sweep file (default: the local default)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="tune.seed values (default: 0 1 2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to soup-ray run")
+    ap.add_argument("--runs", type=Path, nargs="+", help="summarise these finished run folders instead")
+    ap.add_argument("--out-dir", type=Path, default=Path("runs"), help="where the new runs go (default: runs/)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_quality.json", help="JSON to write")
+    args = ap.parse_args(argv)
+    walls: dict[str, float] = {}
+    runs = list(args.runs or [])
+    if not runs:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for seed in args.seeds:
+            run = args.out_dir / f"quality-{stamp}-seed{seed}"
+            cmd = [sys.executable, "-m", "soup_ray.cli", "run", args.config, "--no-serve", "--seed", str(seed),
+                   "--out", str(run)] + [a for s in args.set for a in ("--set", s)]
+            print(f"[soup_quality] {' '.join(cmd[2:])}", flush=True)
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd)
+            walls[str(run)] = round(time.perf_counter() - t0, 1)
+            if done.returncode != 0:
+                print(f"[soup_quality] seed {seed} failed (exit {done.returncode})", file=sys.stderr)
+                return done.returncode
+            runs.append(run)
+    summary = summarise(runs, walls)
+    summary["command"] = "python bench/soup_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Soup quality over several sweep seeds: every summary method's held-out / test / shift mean, and the targets.
+
+``summarise(runs)`` reads finished run folders (their ``results.jsonl``
+summary rows, ``base/zero_shot.json`` and the stand-in's build record) and
+returns the per-run figures, their mean over runs and the acceptance checks
+of the local default: greedy soup test >= best individual + 0.5 points and
+shift mean >= + 1.5 points (means over runs), at least 3 greedy ingredients on
+average, and in every run the greedy soup at least 1 point above the uniform
+soup on test.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import SweepConfig
+from ..results import read_jsonl
+from ..run_dir import RunDir
+
+METHODS = ("best_individual", "uniform_soup", "greedy_soup", "ensemble", "greedy_ensemble")
+METRICS = ("heldout", "test", "shift_mean")
+
+
+def _standin_seconds(cfg: SweepConfig) -> float | None:
+    if cfg.model.pretrained != "standin":
+        return None
+    from ..standin import standin_dir
+
+    try:
+        meta = json.loads((standin_dir(cfg.model.name, cfg.model.standin_steps, cfg.model.standin_seed)
+                           / "standin.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("seconds")
+
+
+def run_figures(run: Path) -> dict[str, Any]:
+    """One finished run: per method accuracies and ingredient counts, the base's accuracy, stand-in seconds."""
+    paths = RunDir(run)
+    rows = read_jsonl(paths.results)
+    by_name = {r["model_name"]: r for r in rows if r.get("status") == "summary" or r.get("summary")}
+    missing = [m for m in METHODS if m not in by_name]
+    if missing:
+        raise ValueError(f"{run}: no summary rows for {missing}; run `soup-ray soup {run} --report` first")
+    cfg = SweepConfig.model_validate_json(paths.config.read_text())
+    zs = json.loads(paths.zero_shot.read_text()) if paths.zero_shot.is_file() else {}
+    trials = [r for r in rows if r.get("kind", "individual") == "individual" and r.get("trial_id") is not None]
+    return {
+        "methods": {m: {**{k: by_name[m].get(k) for k in METRICS}, "ingredients": len(by_name[m].get("ingredients") or [])}
+                    for m in METHODS},
+        "base_heldout": zs.get("heldout"),
+        "head_init": zs.get("head_init", "zeroshot"),
+        "standin_build_s": _standin_seconds(cfg),
+        "trials": len(trials),
+        "completed": sum(r.get("status") == "completed" for r in trials),
+        "seed": cfg.tune.seed,
+    }
+
+
+def checks(per_run: Sequence[Mapping[str, Any]], mean: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """The local default's targets, each with the measured figure (points) and whether it holds."""
+    g, b = mean["greedy_soup"], mean["best_individual"]
+    test_gain = 100 * (g["test"] - b["test"])
+    shift_gain = 100 * (g["shift_mean"] - b["shift_mean"])
+    over_uniform = [100 * (r["methods"]["greedy_soup"]["test"] - r["methods"]["uniform_soup"]["test"]) for r in per_run]
+    return {
+        "greedy_test_minus_best_points": {"value": round(test_gain, 2), "target": ">= 0.5", "ok": test_gain >= 0.5},
+        "greedy_shift_minus_best_points": {"value": round(shift_gain, 2), "target": ">= 1.5", "ok": shift_gain >= 1.5},
+        "greedy_ingredients_mean": {"value": round(g["ingredients"], 2), "target": ">= 3", "ok": g["ingredients"] >= 3},
+        "greedy_test_minus_uniform_points_per_run": {"value": [round(v, 2) for v in over_uniform],
+                                                      "target": ">= 1 in every run",
+                                                      "ok": all(v >= 1.0 for v in over_uniform)},
+    }
+
+
+def summarise(runs: Sequence[Path], walls: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Per-run figures, their mean over runs and the checks; ``walls`` adds each run's measured wall seconds."""
+    per_run = []
+    for run in runs:
+        fig = run_figures(Path(run))
+        fig["run_dir"] = str(run)
+        fig["wall_s"] = (walls or {}).get(str(run))
+        per_run.append(fig)
+    mean = {m: {k: statistics.fmean(r["methods"][m][k] for r in per_run) for k in (*METRICS, "ingredients")}
+            for m in METHODS}
+    bases = [r["base_heldout"] for r in per_run if r["base_heldout"] is not None]
+    return {"runs": per_run, "mean": mean, "n_runs": len(per_run),
+            "base_heldout_mean": statistics.fmean(bases) if bases else None,
+            "checks": checks(per_run, mean)}
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """Mean over runs per method, then one line per run and the checks."""
+    lines = [f"{'method':16s} {'held-out':>8s} {'test':>6s} {'shifts':>7s} {'models':>7s}   "
+             f"(mean of {summary['n_runs']} run(s))"]
+    for m, v in summary["mean"].items():
+        lines.append(f"{m:16s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
+                     f"{v['ingredients']:7.1f}")
+    lines.append("")
+    for r in summary["runs"]:
+        g, b, u = (r["methods"][k] for k in ("greedy_soup", "best_individual", "uniform_soup"))
+        wall = f", {r['wall_s']:.0f}s wall" if r.get("wall_s") else ""
+        lines.append(f"seed {r['seed']}: best {100 * b['test']:.1f}/{100 * b['shift_mean']:.1f}, uniform "
+                     f"{100 * u['test']:.1f}/{100 * u['shift_mean']:.1f}, greedy {100 * g['test']:.1f}/"
+                     f"{100 * g['shift_mean']:.1f} ({g['ingredients']} models) test/shifts; base held-out "
+                     f"{100 * (r['base_heldout'] or 0):.1f}{wall}")
+    lines.append("")
+    for name, c in summary["checks"].items():
+        lines.append(f"{'ok  ' if c['ok'] else 'MISS'} {name}: {c['value']} (target {c['target']})")
+    return "\n".join(lines)
