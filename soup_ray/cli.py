@@ -104,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import serve_run
 
     serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=log_line,
-              model=args.model, ensemble=args.ensemble, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+              model=args.model, method=args.method, ensemble=args.ensemble, num_cpus=args.num_cpus,
+              num_gpus=args.num_gpus)
     return 0
 
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     sp.add_argument("--model", default="soup", help="'soup' (default) or a trial id from results.jsonl")
+    sp.add_argument("--method", metavar="NAME", help="serve the computed recipe RUN_DIR/soups/NAME (e.g. model_stock) "
+                                                     "instead of the live greedy soup")
     sp.add_argument("--ensemble", type=int, default=3, metavar="K", help="members of /predict/ensemble: top-K trials (0: off)")
     sp.add_argument("--num-cpus", type=float, default=0.25, help="CPUs per model replica (fractions allowed)")
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")

@@ -13,7 +13,7 @@ RUN_DIR/
   soup_versions/vNNNN/              the last few published soup versions
   soup_state/state.json, inbox/     the soup actor's persisted state and unprocessed offers
   report.md, figure.png, greedy.png, interpolation.png   the report
-  soups/<method>.json               recomputed soup methods
+  soups/<method>/                   computed recipes (open_clip local-dir + soup.json)
 ```
 
 Modules take file names from here (the constants) or a :class:`RunDir`
@@ -116,6 +116,10 @@ class RunDir:
     @property
     def soups(self) -> Path:
         return self.path / SOUPS_DIR
+
+    def recipe(self, method: str) -> Path:
+        """``soups/NAME``: a computed recipe as an open_clip local-dir folder."""
+        return self.soups / method
 
     @property
     def report_md(self) -> Path:

@@ -403,14 +403,14 @@ def build_app(args: dict | ServeOptions) -> Application:
     actor = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
     ongoing = max(32, 2 * opts.max_batch_size)
 
-    def spec(model: str, follow: bool, version: int | None) -> dict[str, Any]:
-        return ModelSpec(run_dir=run_dir, model=model, soup_version=version, follow=follow,
+    def spec(model: str, follow: bool, version: int | None, method: str | None = None) -> dict[str, Any]:
+        return ModelSpec(run_dir=run_dir, model=model, soup_version=version, method=method, follow=follow,
                          poll_interval_s=opts.poll_interval_s, max_batch_size=opts.max_batch_size,
                          batch_wait_timeout_s=opts.batch_wait_timeout_s, device=device).model_dump()
 
     model = ClassifierModel.options(name="Model", ray_actor_options=actor, max_ongoing_requests=ongoing,
-                                    user_config=spec(opts.model, opts.follow, opts.soup_version)).bind()
-    check_model(run_dir, opts.model, opts.soup_version)
+                                    user_config=spec(opts.model, opts.follow, opts.soup_version, opts.method)).bind()
+    check_model(run_dir, opts.model, opts.soup_version, opts.method)
     members = ensemble_members(run_dir, opts.ensemble)
     ensemble = None
     if members:

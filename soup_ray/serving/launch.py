@@ -35,7 +35,7 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
 
     resolved = resolve_run_dir(run_dir)
     opts = ServeOptions(run_dir=str(resolved), **options)
-    check_model(resolved, opts.model, opts.soup_version)
+    check_model(resolved, opts.model, opts.soup_version, opts.method)
     ensemble_members(resolved, opts.ensemble)
     started = ray_session(address, log=log)
     own_ray = started and resolve_address(address) == "local"

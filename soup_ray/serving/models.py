@@ -44,6 +44,7 @@ class LoadedModel:
     image_size: int
     source: str
     stamp: tuple | None
+    recipe: str | None = None
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
@@ -56,13 +57,17 @@ class LoadedModel:
             "classes": list(self.classnames),
             "image_size": self.image_size,
             "source": self.source,
+            "recipe": self.recipe,
             "loaded_at": self.loaded_at,
         }
 
 
-def soup_folder(run_dir: Path | str, soup_version: int | None = None) -> Path:
-    """``RUN_DIR/soup`` (the latest soup) or ``RUN_DIR/soup_versions/vNNNN`` (a pinned version)."""
+def soup_folder(run_dir: Path | str, soup_version: int | None = None, method: str | None = None) -> Path:
+    """``RUN_DIR/soup`` (the live greedy soup), ``RUN_DIR/soup_versions/vNNNN`` (a pinned version) or
+    ``RUN_DIR/soups/NAME`` (a computed recipe)."""
     paths = RunDir(run_dir)
+    if method is not None:
+        return paths.recipe(method)
     return paths.soup if soup_version is None else paths.version(soup_version)
 
 
@@ -97,7 +102,7 @@ def _load_soup_folder(folder: Path, device: str, attempts: int = 3) -> LoadedMod
             continue
         return LoadedModel(clf.eval(), SOUP_MODEL, info.get("version"), list(info.get("ingredients") or []),
                            info.get("heldout_accuracy"), list(info["classnames"]), int(info["image_size"]),
-                           str(folder), stamp_of(info))
+                           str(folder), stamp_of(info), recipe=info.get("method", "greedy"))
     raise ModelUnavailable(f"could not read a stable soup from {folder}: {last}")
 
 
@@ -120,12 +125,21 @@ def resolve_trial(run_dir: Path | str, model: str) -> TrialRecord:
                      "nor a checkpoint folder")
 
 
-def check_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None) -> None:
+def check_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None,
+                method: str | None = None) -> None:
     """Fail fast (before any replica starts) when ``model``/``soup_version`` cannot exist in ``run_dir``.
 
     The latest soup may be missing: a server started during a sweep waits for it.
     """
-    if model != SOUP_MODEL:
+    if method is not None:
+        if model != SOUP_MODEL or soup_version is not None:
+            raise ValueError("method names a computed recipe: leave model ('soup') and soup_version unset with it")
+        folder = soup_folder(run_dir, None, method)
+        if soup_stamp(folder) is None:
+            have = sorted(p.name for p in folder.parent.glob("*") if (p / SOUP_INFO).is_file()) if folder.parent.is_dir() else []
+            raise ValueError(f"no recipe {method!r} in {folder.parent} (computed: {', '.join(have) or 'none'}); "
+                             f"compute it with `soup-ray soup {run_dir} --method {method}`")
+    elif model != SOUP_MODEL:
         resolve_trial(run_dir, model)
     elif soup_version is not None and soup_stamp(soup_folder(run_dir, soup_version)) is None:
         raise ValueError(f"soup version {soup_version} is not in {soup_folder(run_dir, soup_version).parent} "
@@ -151,11 +165,11 @@ def _load_trial(run_dir: Path, model: str, device: str) -> LoadedModel:
 
 
 def load_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", method: str | None = None) -> LoadedModel:
     """Load the soup (latest or pinned version) or one trial checkpoint of ``run_dir``, fully, ready to predict."""
     run_dir = Path(run_dir)
     if model == SOUP_MODEL:
-        return _load_soup_folder(soup_folder(run_dir, soup_version), device)
+        return _load_soup_folder(soup_folder(run_dir, soup_version, method), device)
     return _load_trial(run_dir, model, device)
 
 
@@ -222,10 +236,11 @@ class ModelSlot:
 
         async with self._lock:
             if only_if_changed:
-                stamp = await asyncio.to_thread(soup_stamp, soup_folder(spec.run_dir, spec.soup_version))
+                stamp = await asyncio.to_thread(soup_stamp, soup_folder(spec.run_dir, spec.soup_version, spec.method))
                 if stamp is None or (self.current is not None and stamp == self.current.stamp):
                     return False
-            loaded = await asyncio.to_thread(load_model, spec.run_dir, spec.model, spec.soup_version, spec.device)
+            loaded = await asyncio.to_thread(load_model, spec.run_dir, spec.model, spec.soup_version, spec.device,
+                                             spec.method)
             if spec is not self.spec:  # reconfigured while loading: the newer spec wins
                 return False
             self.current = loaded  # the swap: one assignment, readers see the old or the new model, whole

@@ -19,6 +19,9 @@ class ServeOptions(BaseModel):
     model: str = Field(SOUP_MODEL, description="'soup', a trial id from results.jsonl, or a checkpoint folder")
     soup_version: int | None = Field(None, ge=1,
                                      description="Pin RUN_DIR/soup_versions/vNNNN instead of following RUN_DIR/soup")
+    method: str | None = Field(None, description="Serve the recipe RUN_DIR/soups/NAME (written by `soup-ray soup "
+                                                 "RUN_DIR --method NAME` or at the end of `soup-ray run`) instead of "
+                                                 "the live greedy soup in RUN_DIR/soup")
     follow: bool = Field(True, description="Reload the soup when a new version is published to RUN_DIR/soup")
     poll_interval_s: float = Field(2.0, gt=0, description="How often the model replica checks RUN_DIR/soup/soup.json")
     ensemble: int | list[str] = Field(
@@ -30,6 +33,13 @@ class ServeOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest accepted image (width x height)")
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v.startswith(".")):
+            raise ValueError(f"method {v!r} is not a recipe name (e.g. greedy, uniform, model_stock)")
+        return v
 
     @field_validator("ensemble")
     @classmethod
@@ -47,6 +57,7 @@ class ModelSpec(BaseModel):
     run_dir: str
     model: str = SOUP_MODEL
     soup_version: int | None = None
+    method: str | None = None
     follow: bool = True
     poll_interval_s: float = Field(2.0, gt=0)
     max_batch_size: int = Field(16, ge=1)
@@ -55,7 +66,7 @@ class ModelSpec(BaseModel):
 
     def source_key(self) -> tuple:
         """What is loaded (a change of it means loading another model)."""
-        return (self.run_dir, self.model, self.soup_version, self.device)
+        return (self.run_dir, self.model, self.soup_version, self.method, self.device)
 
     def follows_soup(self) -> bool:
         """Whether the replica should watch ``RUN_DIR/soup`` for new versions."""
