@@ -184,8 +184,25 @@ def greedy_soup(
     a strict improvement.  Early rejection stops scoring hopeless soups and
     never changes a decision.
     """
+    return greedy_in_order(sort_candidates(candidates), evaluate, heldout_size=heldout_size, tie=tie,
+                           early_rejection=early_rejection)
+
+
+def greedy_in_order(
+    ordered: Sequence[Candidate],
+    evaluate: Evaluate,
+    *,
+    heldout_size: int,
+    tie: Tie = ">=",
+    early_rejection: bool = True,
+) -> GreedyResult:
+    """The greedy rule over candidates in the given order: the first starts the soup.
+
+    :func:`greedy_soup` passes them best held-out first; the paper's ablation
+    ("greedy soup, random order") passes a shuffled order.
+    """
     check_tie(tie)
-    ordered = sort_candidates(candidates)
+    ordered = list(ordered)
     if not ordered:
         raise SoupError("greedy soup needs at least one candidate")
     validate_candidates(ordered, heldout_size)

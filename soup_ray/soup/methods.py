@@ -10,12 +10,13 @@ back from the configured object (``method.tie``), never re-derived elsewhere.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from .base import TIES, Candidate, Evaluate, GreedyResult, SoupError, Tie
-from .greedy import best_candidate, greedy_soup, uniform_soup
+from .base import TIES, Candidate, Evaluate, GreedyResult, SoupError, Tie, sort_candidates
+from .greedy import best_candidate, greedy_in_order, uniform_soup
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,10 @@ class Greedy(SoupMethod):
     name = "greedy"
     doc = "greedy soup; tie '>=' keeps equal-accuracy soups as the paper does, '>' the reference code's strict rule"
     params = (Param("tie", ">=", "accept a candidate when the soup's held-out accuracy is >= (or >) the current one",
-                    choices=TIES),)
+                    choices=TIES),
+              Param("order", "heldout", "consider candidates best held-out first (the paper's rule), or in a seeded "
+                    "random order (the paper's ablation)", choices=("heldout", "random")),
+              Param("seed", 0, "seed of the random order"))
 
     @property
     def tie(self) -> Tie:
@@ -146,8 +150,11 @@ class Greedy(SoupMethod):
 
     def __call__(self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int,
                  early_rejection: bool = True) -> GreedyResult:
-        return greedy_soup(candidates, evaluate, heldout_size=heldout_size, tie=self.tie,
-                           early_rejection=early_rejection)
+        ordered = sort_candidates(candidates)
+        if self.options.get("order") == "random":
+            random.Random(int(self.options["seed"])).shuffle(ordered)
+        return greedy_in_order(ordered, evaluate, heldout_size=heldout_size, tie=self.tie,
+                               early_rejection=early_rejection)
 
 
 @register_soup_method

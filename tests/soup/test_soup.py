@@ -27,6 +27,7 @@ from soup_ray.soup import (
     early_rejection_evaluate,
     get_soup_method,
     greedy_ensemble,
+    greedy_in_order,
     greedy_soup,
     logit_ensemble,
     max_wrong_for,
@@ -617,7 +618,7 @@ def test_registry():
 
 def test_method_parameters_are_declared_and_checked():
     greedy = get_soup_method("greedy")
-    assert greedy.tie == ">=" and greedy.describe() == {"method": "greedy", "tie": ">="}
+    assert greedy.tie == ">=" and greedy.describe() == {"method": "greedy", "tie": ">=", "order": "heldout", "seed": 0}
     assert get_soup_method("greedy", tie=">").tie == ">"
     assert get_soup_method("greedy_strict").tie == ">"
     assert get_soup_method("uniform").tie is None and get_soup_method("best").tie is None
@@ -628,7 +629,24 @@ def test_method_parameters_are_declared_and_checked():
     # a shared option reaches only the recipes that declare it
     assert configure_soup_method("greedy", tie=">").tie == ">"
     assert configure_soup_method("uniform", tie=">").describe() == {"method": "uniform"}
-    assert [p.name for p in SOUP_METHODS["greedy"].params] == ["tie"]
+    assert [p.name for p in SOUP_METHODS["greedy"].params] == ["tie", "order", "seed"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(scenarios(), st.integers(0, 10_000))
+def test_greedy_in_random_order_is_the_greedy_rule_over_a_seeded_shuffle(sc, seed):
+    import random as _random
+
+    cands, h = sc["candidates"], sc["heldout_size"]
+    ev = SyntheticEvaluator(sc["vectors"])
+    res = get_soup_method("greedy", order="random", seed=seed)(cands, ev, heldout_size=h)
+    order = sort_candidates(cands)
+    _random.Random(seed).shuffle(order)
+    ref = greedy_in_order(order, ev, heldout_size=h)
+    assert (res.ingredients, res.correct) == (ref.ingredients, ref.correct)
+    assert res.ingredients[0] == order[0].id  # a random order starts from its first candidate, not the best
+    again = get_soup_method("greedy", order="random", seed=seed)(cands, ev, heldout_size=h)
+    assert again.ingredients == res.ingredients  # seeded: the same order every time
 
 
 @settings(max_examples=60, deadline=None)
