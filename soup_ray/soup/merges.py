@@ -362,13 +362,7 @@ def model_stock(base: StateDictSource, ingredients: Iterable[StateDictSource]) -
             state = load_state(item, f"model_stock: ingredient {i}")
             layout.check(state, f"model_stock: ingredient {i}")
             for key in keys:
-                theta = as_acc(state[key], base[key])
-                sums[key].add_(theta)
-                delta = theta - as_acc(base[key], base[key])
-                norm = float(delta.to(torch.float64).norm())
-                if norm > 0.0 and math.isfinite(norm):
-                    units[key].add_(delta / norm)
-                    nonzero[key] += 1
+                nonzero[key] += stock_add(sums[key], units[key], state[key], base[key])
             del state
             count += 1
         if count == 0:
@@ -379,6 +373,18 @@ def model_stock(base: StateDictSource, ingredients: Iterable[StateDictSource]) -
             ratios[key] = t
             merged[key] = (sums[key] / count) * t + as_acc(base[key], base[key]) * (1.0 - t)
     return finish(base, layout, merged), ratios
+
+
+def stock_add(total: Tensor, unit_sum: Tensor, theta: Tensor, base: Tensor) -> int:
+    """Add ``theta`` to ``total`` and its unit task vector to ``unit_sum``; 1 if the task vector is nonzero, else 0."""
+    value = as_acc(theta, base)
+    total.add_(value)
+    delta = value - as_acc(base, base)
+    norm = float(delta.to(torch.float64).norm())
+    if norm > 0.0 and math.isfinite(norm):
+        unit_sum.add_(delta / norm)
+        return 1
+    return 0
 
 
 def mean_pairwise_cosine(unit_sum: Tensor, nonzero: int, n: int) -> float:
