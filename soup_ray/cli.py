@@ -95,7 +95,8 @@ def cmd_heldout_index(args: argparse.Namespace) -> int:
 
 def cmd_soup(args: argparse.Namespace) -> int:
     """Recompute a soup method offline from the run's checkpoints (and optionally the report)."""
-    recompute_soup(Path(args.run_dir), args.method, args.tie, not args.no_early_rejection, args.report)
+    recompute_soup(Path(args.run_dir), args.method, args.tie, not args.no_early_rejection, args.report,
+                   options=dict(args.param or []))
     return 0
 
 
@@ -190,11 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_standin)
 
-    sp = sub.add_parser("soup", help="recompute a soup method offline from a run's checkpoints",
-                        description="Recompute a registered soup method (greedy, greedy_strict, uniform, best) "
-                                    "from RUN_DIR's checkpoints and write RUN_DIR/soups/<method>.json.")
+    from .soup import SOUP_METHODS
+
+    recipes = "\n".join(f"  {name:17s} {cls.doc}" + "".join(f"\n  {'':17s}   {p.name} (default {p.default!r}): {p.doc}"
+                                                           for p in cls.params)
+                        for name, cls in sorted(SOUP_METHODS.items()))
+    sp = sub.add_parser("soup", help="compute a soup recipe offline from a run's checkpoints",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Compute a registered soup recipe from RUN_DIR's checkpoints (hyperparameters "
+                                    "chosen on held-out only) and write RUN_DIR/soups/<method>/ (an open_clip "
+                                    "local-dir folder, servable with `soup-ray serve RUN_DIR --method NAME`) and "
+                                    "its row in results.jsonl.\n\nrecipes and their parameters:\n" + recipes)
     sp.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (with results.jsonl)")
-    sp.add_argument("--method", default="greedy", metavar="NAME", help="registered soup method (default: greedy)")
+    sp.add_argument("--method", default="greedy", metavar="NAME", help="registered soup recipe (default: greedy)")
+    sp.add_argument("--param", action="append", type=parse_set, metavar="KEY=VALUE",
+                    help="a recipe parameter (YAML value), repeatable: --param alphas=[0.5,1.0] --param target=best")
     sp.add_argument("--tie", choices=[">=", ">"], help="greedy tie rule: keep equal soups (>=, default) or only better (>)")
     sp.add_argument("--no-early-rejection", action="store_true", help="score every held-out image for every decision")
     sp.add_argument("--report", action="store_true", help="also write report.md, figure.png, greedy.png and summary rows")

@@ -283,6 +283,10 @@ class SoupSettings(_Strict):
     """How the soup actor builds the soup."""
 
     method: str = "greedy"
+    methods: list[str | dict[str, Any]] | Literal["all"] = Field(
+        default_factory=list, description="recipes computed at the end of the run and compared in the report: "
+        "names (greedy, uniform, wise_ft, model_stock, task_arithmetic, ties, dare, learned, learned_by_layer, ...), "
+        "{method: NAME, label: ROW, OPTION: VALUE} entries, or all")
     tie: Literal[">=", ">"] = ">="
     early_rejection: bool = True
     heldout_batch_size: int = Field(32, ge=1, description="held-out images per forward pass when scoring a soup; "
@@ -292,6 +296,22 @@ class SoupSettings(_Strict):
     keep_alive_minutes: float | None = Field(
         60.0, ge=0, description="on a cluster, how long the detached soup actor stays up once the run is done and "
         "it is idle (for `soup-ray status`) before it exits and frees its CPU/GPU share; null: until killed")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_recipes(cls, v: Any) -> Any:
+        from .soup import SoupError, configure_soup_method
+
+        for entry in ([] if v == "all" else v):
+            if isinstance(entry, dict) and "method" not in entry:
+                raise ValueError(f"{entry}: a recipe entry needs `method: NAME`")
+            name = entry if isinstance(entry, str) else str(entry["method"])
+            options = {} if isinstance(entry, str) else {k: x for k, x in entry.items() if k not in ("method", "label")}
+            try:
+                configure_soup_method(name, options)
+            except SoupError as err:
+                raise ValueError(str(err)) from None
+        return v
 
 
 class RayConfig(_Strict):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .data import labels_of
+from .data import labels_of, loader
 from .evaluate import iter_logits, pick_device
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
@@ -122,6 +122,7 @@ class Kitchen:
         self.paths: dict[str, TrialRecord] = {}
         self._cache: OrderedDict[str, StateDict] = OrderedDict()
         self._cache_size = cache_size
+        self._base_state: StateDict | None = None
         self.images_evaluated = 0
 
     # -- ingredients ---------------------------------------------------------
@@ -188,6 +189,34 @@ class Kitchen:
         else:
             ds = Subset(self.heldout, order)
         yield from iter_logits(model, ds, self.heldout_batch_size, self.num_workers)
+
+    def base_state(self) -> StateDict:
+        """The shared base's weights (read from ``base/`` once)."""
+        if self._base_state is None:
+            base, _ = load_base(RunDir(self.run_dir).base)
+            self._base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        return self._base_state
+
+    def heldout_loss_and_grad(self, state: StateDict) -> tuple[float, dict[str, torch.Tensor]]:
+        """Mean cross-entropy of ``state`` on the held-out split and its gradient with respect to every weight.
+
+        What the learned soup descends on; the held-out images are scored in
+        batches and the gradients summed, so memory holds one batch at a time.
+        """
+        from torch.func import functional_call
+
+        params = {k: v.detach().to(self.device).requires_grad_(v.is_floating_point()) for k, v in state.items()}
+        total, n = 0.0, 0
+        self.model.train(False)
+        for x, y in loader(self.heldout, self.eval_batch_size):
+            logits = functional_call(self.model, params, (x.to(self.device),))
+            loss = torch.nn.functional.cross_entropy(logits.float(), y.to(self.device), reduction="sum")
+            loss.backward()
+            total += float(loss.detach())
+            n += len(y)
+        grads = {k: (p.grad / n).cpu() if p.grad is not None else torch.zeros_like(p).cpu()
+                 for k, p in params.items() if p.is_floating_point()}
+        return total / n, grads
 
     def evaluate_weights(self, state: StateDict) -> EvalResult:
         """Score arbitrary weights (e.g. a point between two ingredients) on the whole held-out split."""

@@ -57,11 +57,13 @@ def sweep_job(cfg: SweepConfig, out: str | None = None, log: Log = log_line) -> 
     if has_soup:
         log("scoring the soups and ensembles on held-out, test and shifts")
         report = compute_report(prep.run_dir, greedy_ingredients=outcome.soup["ingredients"], tie=cfg.soup.tie,
-                                early_rejection=cfg.soup.early_rejection, log=log)
+                                early_rejection=cfg.soup.early_rejection, log=log, recipes=cfg.soup.methods)
         written = write_report(prep.run_dir, report)
         print()
         print(soup_table(report))
         log("why: " + report["diagnostics"]["verdict"])
+        if report.get("recipes"):
+            log(f"best recipe on held-out: {report['winner']} (all recipes under {paths.soups})")
         log("report: " + ", ".join(str(p) for p in written.values()))
         log(f"final soup (open_clip local-dir): {paths.soup}")
     log(f"results: {paths.results}")
@@ -128,16 +130,39 @@ def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line) -> No
 
 
 def recompute_soup(run_dir: Path, method: str = "greedy", tie: str | None = None, early_rejection: bool = True,
-                   report: bool = False, log: Log = log_line) -> dict:
-    """Recompute a soup recipe offline from the run's checkpoints; writes ``soups/<method>.json`` (and the report)."""
+                   report: bool = False, log: Log = log_line, options: dict | None = None) -> dict:
+    """Compute a soup recipe offline from the run's checkpoints.
+
+    Writes ``soups/<method>/`` (an open_clip local-dir folder, servable with
+    ``--method``), its summary row in ``results.jsonl``, ``soups/<method>.json``
+    for the id recipes (greedy, uniform, best: ingredients and search cost),
+    and with ``report`` the whole report.
+    """
+    from .cookbook import RecipeSpec, cook_one
     from .report import admit_run, compute_report, method_ingredients, results_path, soup_table, write_report, \
         write_soup_json
-    from .soup import configure_soup_method
+    from .results import upsert_summary_row
+    from .soup import GreedyResult, WeightRecipe, configure_soup_method, greedy_method
 
-    recipe = configure_soup_method(method, tie=tie)  # an unknown name or option fails before anything is loaded
+    recipe = configure_soup_method(method, options, tie=tie)  # an unknown name or option fails before any work
     run_dir = Path(run_dir)
     results_path(run_dir)
     run = admit_run(run_dir, log)
+    spec = RecipeSpec(method, {k: v for k, v in recipe.options.items()}, method)
+    shifts = list(run.kitchen.bundle.shifts)
+    if isinstance(recipe, WeightRecipe):
+        greedy = greedy_method(">=")(run.candidates, run.kitchen.evaluate, heldout_size=run.kitchen.heldout_size,
+                                     early_rejection=early_rejection)
+        cooked = cook_one(run.kitchen, run.candidates, greedy, spec, run_dir, shifts, log)
+        upsert_summary_row(RunDir(run_dir).results, cooked.row)
+        r = cooked.row
+        print(f"method: {method} ({', '.join(f'{k}={v}' for k, v in r['params'].items() if not isinstance(v, (list, tuple, dict)))})")
+        print(f"ingredients ({r['n_ingredients']} of {len(run.candidates)}): {', '.join(r['ingredients'])}")
+        print(f"held-out accuracy: {100 * r['heldout']:.2f}%, test {100 * r['test']:.2f}%"
+              + (f", shift mean {100 * r['shift_mean']:.2f}%" if r.get("shift_mean") is not None else ""))
+        log(f"wrote {RunDir(run_dir).recipe(method)}")
+        return {"ingredients": r["ingredients"], "correct": r["heldout_correct"],
+                "heldout_size": run.kitchen.heldout_size, "folder": str(RunDir(run_dir).recipe(method))}
     result = method_ingredients(run_dir, recipe, early_rejection=early_rejection, admitted=run, log=log)
     h = run.kitchen.heldout_size
     print(f"method: {method}" + (f" (tie {recipe.tie})" if recipe.tie else ""))
@@ -145,7 +170,10 @@ def recompute_soup(run_dir: Path, method: str = "greedy", tie: str | None = None
     print(f"held-out accuracy: {100 * result.correct / h:.2f}% ({result.correct}/{h})")
     print(f"evaluations: {result.evaluations}, held-out images evaluated: {result.images_evaluated}")
     out = write_soup_json(run_dir, method, result, tie=recipe.tie, early_rejection=early_rejection, admitted=run)
-    log(f"wrote {out}")
+    cooked = cook_one(run.kitchen, run.candidates, GreedyResult(list(result.ingredients), result.correct), spec,
+                      run_dir, shifts, log)
+    upsert_summary_row(RunDir(run_dir).results, cooked.row)
+    log(f"wrote {out} and {RunDir(run_dir).recipe(method)}")
     if report:
         full = compute_report(run_dir, tie=recipe.tie or ">=", early_rejection=early_rejection, log=log, admitted=run,
                               greedy_result=result if recipe.tie is not None else None)

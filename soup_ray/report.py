@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .cookbook import cook, recipe_specs, winner
 from .diagnostics import soup_diagnostics
 from .evaluate import correct_count, predict_logits
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
@@ -39,7 +40,8 @@ from .soup import (
     greedy_method,
     sort_candidates,
 )
-from .run_dir import CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, INTERPOLATION_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR
+from .run_dir import (CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, INTERPOLATION_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR,
+                      WISE_FT_PNG)
 
 Log = Callable[[str], None]
 
@@ -324,6 +326,7 @@ def compute_report(
     log: Log = print,
     admitted: AdmittedRun | None = None,
     greedy_result: GreedyResult | None = None,
+    recipes: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Score the best model, the uniform and greedy soups and both ensembles of a finished run.
 
@@ -395,6 +398,10 @@ def compute_report(
     uniform_drop = 100 * (best.heldout_correct - uni_correct) / h
     diagnostics = soup_diagnostics(k, run.candidates, run.rows, chosen, uniform_drop_points=uniform_drop)
 
+    # Every other recipe asked for, from the same candidates.
+    specs = recipe_specs(recipes) if recipes else []
+    cooked = cook(k, run.candidates, specs, run_dir, shifts, greedy=GreedyResult(chosen, g_correct), log=log)
+
     # Ensembles from cached logits.
     store = LogitStore(run, eval_names, log)
     if store.usable:
@@ -424,6 +431,9 @@ def compute_report(
         "individuals": individuals,
         "history": history,
         "diagnostics": diagnostics.to_json(),
+        "recipes": [c.row for c in cooked],
+        "recipe_extras": {c.label: c.extra for c in cooked},
+        "winner": winner([rows[n] for n in SUMMARY_NAMES if n in rows] + [c.row for c in cooked]),
     }
 
 
@@ -442,7 +452,7 @@ def _table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     shifts = list(report["shifts"])
     header = ["method", "held-out", "test", *shifts, "shift mean", "forward passes", "models"]
     body = []
-    for r in report["rows"]:
+    for r in [*report["rows"], *report.get("recipes", [])]:
         body.append([r["model_name"], _pct(r.get("heldout")), _pct(r.get("test")),
                      *[_pct(r.get(s)) for s in shifts], _pct(r.get("shift_mean")),
                      str(r.get("forward_passes", "")), str(len(r.get("ingredients") or []))])
@@ -483,6 +493,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     for b in body:
         lines.append("| " + " | ".join(b) + " |")
     lines += ["", counts_line(report)]
+    if report.get("winner"):
+        lines += ["", f"Best one-model soup on held-out (chosen without looking at test): **{report['winner']}**."]
+    lines += recipes_markdown(report)
     greedy = next((r for r in report["rows"] if r["model_name"] == "greedy_soup"), None)
     if greedy is not None:
         lines += ["", "Greedy soup ingredients (in order): " + ", ".join(f"`{i}`" for i in greedy["ingredients"])]
@@ -492,6 +505,22 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                   + "; ".join(f"{e['trial_id']}: {e['reason']}" for e in excluded)]
     lines += diagnostics_markdown(report.get("diagnostics"))
     return "\n".join(lines) + "\n"
+
+
+def recipes_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The parameters each recipe chose on held-out, and where it was written."""
+    recipes = report.get("recipes") or []
+    if not recipes:
+        return []
+    lines = ["", "## Recipes", "", "Each recipe's hyperparameters were chosen on the held-out split only; each is "
+             "an open_clip `local-dir:` folder under `soups/` (serve one with `soup-ray serve RUN_DIR --method NAME`).",
+             "", "| recipe | method | chosen parameters | models | seconds |", "|---|---|---|---:|---:|"]
+    for r in recipes:
+        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()
+                           if not isinstance(v, (list, tuple, dict)))
+        lines.append(f"| `{r['model_name']}` | {r['method']} | {params or '-'} | {r['n_ingredients']} | "
+                     f"{r.get('seconds', '-')} |")
+    return lines
 
 
 def diagnostics_markdown(diag: Mapping[str, Any] | None) -> list[str]:
@@ -546,6 +575,13 @@ def plot_scatter(report: Mapping[str, Any], path: Path) -> Path:
     if pts:
         ax.scatter([100 * x for x, _ in pts], [100 * y for _, y in pts], s=14, c="0.55", alpha=0.8,
                    label="fine-tuned models", zorder=2)
+    for r in report.get("recipes", []):
+        if r.get("test") is None or r.get("shift_mean") is None or r["model_name"] in ("greedy", "uniform"):
+            continue  # the greedy and uniform recipes sit on the greedy and uniform soups' markers
+        ax.scatter([100 * r["test"]], [100 * r["shift_mean"]], marker="P", s=60, c="tab:cyan", edgecolors="k",
+                   linewidths=0.5, zorder=3)
+        ax.annotate(r["model_name"], (100 * r["test"], 100 * r["shift_mean"]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)
     for r in report["rows"]:
         if r.get("test") is None or r.get("shift_mean") is None:
             continue
@@ -604,7 +640,7 @@ def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
     run_dir = Path(run_dir)
     path = results_path(run_dir)
     kept = [r for r in read_jsonl(path) if not _is_summary(r)]
-    write_jsonl(path, kept + [dict(r) for r in report["rows"]])
+    write_jsonl(path, kept + [dict(r) for r in report["rows"]] + [dict(r) for r in report.get("recipes", [])])
     md = run_dir / REPORT_MD
     md.write_text(markdown_report(report))
     return {
@@ -614,7 +650,29 @@ def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
         "greedy": plot_greedy(report, run_dir / GREEDY_PNG),
         **({"interpolation": plot_interpolation(report, run_dir / INTERPOLATION_PNG)}
            if (report.get("diagnostics") or {}).get("curves") else {}),
+        **({"wise_ft": plot_wise_ft(report, run_dir / WISE_FT_PNG)}
+           if any("curve" in e for e in (report.get("recipe_extras") or {}).values()) else {}),
     }
+
+
+def plot_wise_ft(report: Mapping[str, Any], path: Path) -> Path:
+    """The WiSE-FT figure: test (x) against mean shift accuracy (y) as alpha goes from the base to the soup."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for label, extra in (report.get("recipe_extras") or {}).items():
+        curve = [p for p in extra.get("curve", []) if p.get("test") is not None and p.get("shift_mean") is not None]
+        if not curve:
+            continue
+        xs, ys = [100 * p["test"] for p in curve], [100 * p["shift_mean"] for p in curve]
+        ax.plot(xs, ys, "-o", ms=4, label=f"{label}: alpha 0 (base) to 1")
+        for p, x, y in zip(curve, xs, ys):
+            ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        chosen = next((r for r in report.get("recipes", []) if r["model_name"] == label), None)
+        if chosen is not None and chosen.get("test") is not None:
+            ax.scatter([100 * chosen["test"]], [100 * chosen["shift_mean"]], marker="*", s=200, c="tab:red",
+                       edgecolors="k", zorder=3, label=f"chosen on held-out (alpha {chosen['params'].get('alpha')})")
+    return _finish(plt, fig, ax, path, "test accuracy (%)", "mean shift accuracy (%)",
+                   "WiSE-FT: interpolating the base and the fine-tuned weights")
 
 
 def plot_interpolation(report: Mapping[str, Any], path: Path) -> Path:

@@ -42,6 +42,12 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def upsert_summary_row(path: Path, row: dict[str, Any]) -> None:
+    """Put one summary row into ``results.jsonl``, replacing an earlier row of the same name."""
+    rows = [r for r in read_jsonl(path) if not (r.get("summary") and r.get("model_name") == row["model_name"])]
+    write_jsonl(path, rows + [row])
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read JSON Lines rows."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

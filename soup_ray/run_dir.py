@@ -39,6 +39,7 @@ REPORT_MD = "report.md"
 FIGURE_PNG = "figure.png"
 GREEDY_PNG = "greedy.png"
 INTERPOLATION_PNG = "interpolation.png"
+WISE_FT_PNG = "wise_ft.png"
 
 WEIGHTS_FILE = "model.safetensors"
 """Classifier weights (image tower + head): in ``base/`` and in every trial checkpoint."""

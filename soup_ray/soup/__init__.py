@@ -10,6 +10,9 @@ averaging and the ensembles touch tensors.
 - ``incremental``: the exact incremental greedy soup and its persisted state
 - ``ensemble``: logit ensembles
 - ``methods``: the recipe objects and their registry
+- ``merges``, ``learned``: task-vector merges and the learned soup (pure functions)
+- ``recipes``: the weight recipes built on them (WiSE-FT, Model Stock, task arithmetic, TIES, DARE, learned)
+- ``geometry``: interpolation, barriers and distances from the base
 """
 
 from .average import RunningAverage, average_state_dicts
@@ -18,6 +21,7 @@ from .ensemble import greedy_ensemble, logit_ensemble
 from .greedy import (accept, batch_greedy_cost, best_candidate, early_rejection_evaluate, greedy_in_order, greedy_soup,
                      max_wrong_for, uniform_soup)
 from .incremental import IncrementalGreedySoup, Update
+from .recipes import RecipeContext, RecipeResult, WeightRecipe
 from .methods import (SOUP_METHODS, Param, SoupMethod, configure_soup_method, get_soup_method, greedy_method,
                       register_soup_method, soup_method_class)
 
@@ -27,5 +31,5 @@ __all__ = [
     "early_rejection_evaluate", "greedy_soup", "greedy_in_order", "batch_greedy_cost", "uniform_soup", "best_candidate",
     "IncrementalGreedySoup", "logit_ensemble", "greedy_ensemble",
     "Param", "SoupMethod", "SOUP_METHODS", "register_soup_method", "get_soup_method", "configure_soup_method",
-    "soup_method_class", "greedy_method",
+    "soup_method_class", "greedy_method", "RecipeContext", "RecipeResult", "WeightRecipe",
 ]

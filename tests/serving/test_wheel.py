@@ -4,7 +4,8 @@
 repository installs it (its dependencies are taken from the project's
 environment through a ``.pth`` line, so nothing is downloaded but the build
 backend); ``soup-ray serve RUN_DIR`` then runs in a temporary folder, answers
-``/predict`` over loopback, and stops on Ctrl-C (SIGINT).
+``/predict`` over loopback with a non-greedy recipe (Model Stock, computed
+by ``soup-ray soup --method model_stock``), and stops on Ctrl-C (SIGINT).
 """
 
 from __future__ import annotations
@@ -58,18 +59,16 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
-def test_installed_wheel_serves_a_run_from_a_folder_outside_the_checkout(wheel_env: Path, run_copy: Path,
-                                                                           tmp_path: Path) -> None:
+def test_installed_wheel_serves_a_recipe_from_a_folder_outside_the_checkout(wheel_env: Path, run_copy: Path,
+                                                                             tmp_path: Path) -> None:
     from PIL import Image
 
-    from soup_ray.cluster.keeper import SoupKeeper
-    from soup_ray.ingredients import trial_records_from_results
+    from soup_ray.cli import main
+    from soup_ray.data import build_dataset
+    from soup_ray.config import SweepConfig
 
-    keeper = SoupKeeper(str(run_copy))
-    for rec in trial_records_from_results(run_copy):
-        keeper.offer(rec.to_json())
-    keeper.process_inbox()
-    assert (run_copy / "soup" / "soup.json").is_file()
+    assert main(["soup", str(run_copy), "--method", "model_stock"]) == 0
+    assert (run_copy / "soups" / "model_stock" / "soup.json").is_file()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -85,10 +84,13 @@ def test_installed_wheel_serves_a_run_from_a_folder_outside_the_checkout(wheel_e
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([str(wheel_env / "soup-ray"), "serve", str(run_copy), "--port", str(port),
-                             "--ensemble", "0", "--num-cpus", "0.25"], cwd=elsewhere, env=env, stdout=log,
+                             "--method", "model_stock", "--ensemble", "0", "--num-cpus", "0.25"], cwd=elsewhere,
+                            env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        img = Image.fromarray((keeper.kitchen.heldout[0][0].permute(1, 2, 0).numpy() * 255).astype("uint8"))
+        cfg = SweepConfig.model_validate_json((run_copy / "config.json").read_text())
+        x, _ = build_dataset(cfg.data, 32).test[0]
+        img = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         deadline = time.time() + 180
@@ -99,6 +101,7 @@ def test_installed_wheel_serves_a_run_from_a_folder_outside_the_checkout(wheel_e
                     if client.get("/healthz").status_code == 200:
                         answer = client.post("/predict", content=buf.getvalue(),
                                              headers={"content-type": "image/png"})
+                        info = client.get("/info").json()
                         break
                 except httpx.HTTPError:
                     pass
@@ -106,7 +109,8 @@ def test_installed_wheel_serves_a_run_from_a_folder_outside_the_checkout(wheel_e
         assert answer is not None, f"the server never became healthy:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
         assert answer.status_code == 200, answer.text
         body = answer.json()
-        assert body["soup_version"] == 1 and body["predictions"][0]["label"]
+        assert body["predictions"][0]["label"] and info["recipe"] == "model_stock"
+        assert info["source"].endswith("soups/model_stock")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
