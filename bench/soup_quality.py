@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, nargs="+", help="summarise these finished run folders instead")
     ap.add_argument("--out-dir", type=Path, default=Path("runs"), help="where the new runs go (default: runs/)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_quality.json", help="JSON to write")
+    ap.add_argument("--recipes-out", type=Path, default=HERE / "results" / "recipes_local.json",
+                    help="JSON of the per-recipe means (written when the runs computed recipes)")
     args = ap.parse_args(argv)
     walls: dict[str, float] = {}
     runs = list(args.runs or [])
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
     print(f"wrote {args.out}")
+    if summary["recipes_mean"]:
+        args.recipes_out.write_text(json.dumps({"n_runs": summary["n_runs"], "mean": summary["recipes_mean"],
+                                                "recipe_seconds_per_run": summary["recipe_seconds_per_run"],
+                                                "runs": [r["run_dir"] for r in summary["runs"]],
+                                                "command": summary["command"]}, indent=2))
+        print(f"wrote {args.recipes_out}")
     return 0
 
 

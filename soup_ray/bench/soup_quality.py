@@ -49,7 +49,11 @@ def run_figures(run: Path) -> dict[str, Any]:
     cfg = SweepConfig.model_validate_json(paths.config.read_text())
     zs = json.loads(paths.zero_shot.read_text()) if paths.zero_shot.is_file() else {}
     trials = [r for r in rows if r.get("kind", "individual") == "individual" and r.get("trial_id") is not None]
+    recipes = {r["model_name"]: {**{k: r.get(k) for k in METRICS}, "ingredients": r.get("n_ingredients"),
+                                 "seconds": r.get("seconds"), "params": r.get("params")}
+               for r in rows if r.get("recipe")}
     return {
+        "recipes": recipes,
         "methods": {m: {**{k: by_name[m].get(k) for k in METRICS}, "ingredients": len(by_name[m].get("ingredients") or [])}
                     for m in METHODS},
         "base_heldout": zs.get("heldout"),
@@ -88,7 +92,12 @@ def summarise(runs: Sequence[Path], walls: Mapping[str, float] | None = None) ->
     mean = {m: {k: statistics.fmean(r["methods"][m][k] for r in per_run) for k in (*METRICS, "ingredients")}
             for m in METHODS}
     bases = [r["base_heldout"] for r in per_run if r["base_heldout"] is not None]
-    return {"runs": per_run, "mean": mean, "n_runs": len(per_run),
+    labels = [k for k in per_run[0]["recipes"] if all(k in r["recipes"] for r in per_run)] if per_run else []
+    recipes_mean = {k: {m: statistics.fmean(r["recipes"][k][m] for r in per_run) for m in (*METRICS, "ingredients")}
+                    for k in labels}
+    seconds = [sum(v.get("seconds") or 0 for v in r["recipes"].values()) for r in per_run]
+    return {"runs": per_run, "mean": mean, "n_runs": len(per_run), "recipes_mean": recipes_mean,
+            "recipe_seconds_per_run": seconds,
             "base_heldout_mean": statistics.fmean(bases) if bases else None,
             "checks": checks(per_run, mean)}
 
@@ -108,6 +117,13 @@ def format_table(summary: Mapping[str, Any]) -> str:
                      f"{100 * u['test']:.1f}/{100 * u['shift_mean']:.1f}, greedy {100 * g['test']:.1f}/"
                      f"{100 * g['shift_mean']:.1f} ({g['ingredients']} models) test/shifts; base held-out "
                      f"{100 * (r['base_heldout'] or 0):.1f}{wall}")
+    if summary.get("recipes_mean"):
+        lines.append("")
+        lines.append(f"{'recipe':20s} {'held-out':>8s} {'test':>6s} {'shifts':>7s} {'models':>7s}")
+        for k, v in summary["recipes_mean"].items():
+            lines.append(f"{k:20s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
+                         f"{v['ingredients']:7.1f}")
+        lines.append("recipe seconds per run: " + ", ".join(f"{s:.0f}" for s in summary["recipe_seconds_per_run"]))
     lines.append("")
     for name, c in summary["checks"].items():
         lines.append(f"{'ok  ' if c['ok'] else 'MISS'} {name}: {c['value']} (target {c['target']})")
