@@ -85,7 +85,9 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                 storage_path=str(prep.run_dir),
                 callbacks=cbs,
                 verbose=1,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # each trial reports one checkpoint, at its end: nothing to prune, and num_to_keep would force an
+                # experiment-state snapshot after every trial (Tune's "snapshotting triggered multiple times" warning)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             ),
         )
         t0 = time.time()
