@@ -293,6 +293,8 @@ class SoupSettings(_Strict):
                                     "smaller batches let early rejection stop sooner")
     hardest_first: bool = Field(True, description="score held-out images that the candidates get wrong most often first")
     resources: Resources = Resources(cpu=0.25)
+    cache_mb: float = Field(2048.0, gt=0, description="memory the soup actor may keep ingredient weights in (MiB); "
+                            "a ViT-B/32 checkpoint is about 350 MiB")
     keep_alive_minutes: float | None = Field(
         60.0, ge=0, description="on a cluster, how long the detached soup actor stays up once the run is done and "
         "it is idle (for `soup-ray status`) before it exits and frees its CPU/GPU share; null: until killed")

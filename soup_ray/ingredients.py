@@ -82,6 +82,8 @@ def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[
     if bad:
         raise CheckpointRejected(f"non-finite values (NaN/inf) in {bad[:5]}")
     correct = record.heldout_correct
+    if correct is not None and (isinstance(correct, bool) or not isinstance(correct, int)):
+        raise CheckpointRejected(f"held-out correct count {correct!r} of {record.trial_id} is not a whole number")
     if correct is None:
         mpath = folder / CHECKPOINT_METRICS
         try:
@@ -94,7 +96,8 @@ def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[
 class Kitchen:
     """The run's base, held-out split and a bounded cache of ingredient weights."""
 
-    def __init__(self, run_dir: Path, eval_batch_size: int = 256, cache_size: int = 64, threads: int | None = None):
+    def __init__(self, run_dir: Path, eval_batch_size: int = 256, cache_bytes: int | None = None,
+                 threads: int | None = None):
         from .config import SweepConfig
         from .data import build_dataset
 
@@ -121,7 +124,7 @@ class Kitchen:
         self.wrong_counts = torch.zeros(self.heldout_size, dtype=torch.long)
         self.paths: dict[str, TrialRecord] = {}
         self._cache: OrderedDict[str, StateDict] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_bytes = int(cache_bytes if cache_bytes is not None else cfg.soup.cache_mb * 2**20)
         self._base_state: StateDict | None = None
         self.images_evaluated = 0
 
@@ -130,6 +133,9 @@ class Kitchen:
     def admit(self, record: TrialRecord) -> Candidate:
         """Check a trial's checkpoint and turn it into a soup candidate (raises ``CheckpointRejected``)."""
         state, correct = read_checkpoint(record, self.fingerprint, self.reference)
+        if not 0 <= correct <= self.heldout_size:
+            raise CheckpointRejected(f"held-out correct count {correct} of {record.trial_id} is outside "
+                                     f"[0, {self.heldout_size}] (another held-out split?)")
         self.paths[record.trial_id] = record
         self._remember(record.trial_id, state)
         self._count_mistakes(Path(record.checkpoint))
@@ -165,10 +171,15 @@ class Kitchen:
         return state
 
     def _remember(self, trial_id: str, state: StateDict) -> None:
+        """Keep recently used weights, least recently used out first, within ``soup.cache_mb`` (the newest stays)."""
         self._cache[trial_id] = state
         self._cache.move_to_end(trial_id)
-        while len(self._cache) > self._cache_size:
+        while len(self._cache) > 1 and self.cache_bytes_used() > self._cache_bytes:
             self._cache.popitem(last=False)
+
+    def cache_bytes_used(self) -> int:
+        """Bytes of the ingredient weights held in memory."""
+        return sum(t.numel() * t.element_size() for state in self._cache.values() for t in state.values())
 
     def soup_weights(self, ids: list[str]) -> StateDict:
         """The uniform average of the given ingredients' weights (streamed, fp32 accumulation)."""

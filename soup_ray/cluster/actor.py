@@ -6,6 +6,7 @@ A restarted actor (``max_restarts=-1``) resumes from the run folder's state.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -15,8 +16,10 @@ from .keeper import SoupKeeper
 
 
 def actor_name(run_dir: Path | str) -> str:
-    """The soup actor's name for a run (unique per run folder within the namespace)."""
-    return f"soup:{Path(run_dir).resolve().name}"
+    """The soup actor's name for a run: the folder's name and a digest of its full path, so two runs named
+    alike in one namespace never share an actor."""
+    folder = Path(run_dir).resolve()
+    return f"soup:{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
 
 
 class SoupActor:

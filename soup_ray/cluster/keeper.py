@@ -43,11 +43,23 @@ def read_state(run_dir: Path | str) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
+    """Write JSON to ``path`` durably: a synced temporary file, a rename, then the folder synced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+TRANSIENT_ATTEMPTS = 5
+"""A checkpoint that cannot be read (OSError: a network mount not caught up yet) is retried this many times."""
 
 
 class SoupKeeper:
@@ -59,6 +71,8 @@ class SoupKeeper:
         self.paths = RunDir(self.run_dir)
         self.on_processed = on_processed
         self.kitchen = Kitchen(self.run_dir, threads=threads)
+        self.attempts: dict[str, int] = {}
+        self.retry_at: dict[str, float] = {}
         self.tie, self.early_rejection = tie, early_rejection
         self.keep_versions, self.publish_enabled = keep_versions, publish
         self._lock = threading.Lock()
@@ -77,6 +91,15 @@ class SoupKeeper:
             self.published: dict[str, Any] = {}
             self.restarts = 0
         else:
+            if state.get("tie", tie) != tie:
+                raise ValueError(f"{self.paths.state_file} was written with tie {state.get('tie')!r}, but this "
+                                 f"keeper was asked for {tie!r}: keep soup.tie as the run had it, or start a new run "
+                                 "folder")
+            saved_size = (state.get("soup") or {}).get("heldout_size")
+            if saved_size is not None and int(saved_size) != self.kitchen.heldout_size:
+                raise ValueError(f"{self.paths.state_file} was written for {saved_size} held-out images, but the "
+                                 f"run's data now gives {self.kitchen.heldout_size}: the held-out split changed; "
+                                 "start a new run folder")
             self.records = state["records"]
             self.rejected = state["rejected"]
             self.version = state["version"]
@@ -113,13 +136,26 @@ class SoupKeeper:
         for p in sorted(self._inbox_dir().glob("*.json"), key=lambda q: q.stat().st_mtime_ns):
             try:
                 rec = json.loads(p.read_text())
-            except (OSError, ValueError):
+                if not isinstance(rec, dict) or not isinstance(rec.get("trial_id"), str):
+                    raise ValueError("not an offer object with a trial_id")
+            except (OSError, ValueError) as err:
+                self._set_aside(p, f"unreadable inbox file {p.name}: {err}")
                 continue
             if rec["trial_id"] not in self.records and rec["trial_id"] not in self.rejected:
                 out.append(rec)
             else:
                 p.unlink(missing_ok=True)
         return out
+
+    def _set_aside(self, path: Path, reason: str) -> None:
+        """Move an inbox file nobody can read to ``soup_state/unreadable/`` and record why (never lose it silently)."""
+        aside = self.paths.state_dir / "unreadable"
+        aside.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, aside / f"{path.stem}.{time.time_ns()}{path.suffix}")
+        except OSError:
+            pass
+        self.rejected[path.name] = reason
 
     def _inbox_file(self, trial_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in trial_id)
@@ -183,28 +219,40 @@ class SoupKeeper:
 
     def process_inbox(self) -> int:
         """Admit and offer everything queued, in one incremental update; returns how many were handled."""
+        now = time.time()
         with self._lock:
-            batch = list(self.inbox)
+            batch = [r for r in self.inbox if self.retry_at.get(str(r.get("trial_id")), 0.0) <= now]
             self.busy = bool(batch)
             self._snapshot = {**self._snapshot, "busy": self.busy}
         if not batch:
             return 0
         try:
             candidates = []
+            retry: set[str] = set()
             for rec in batch:
-                record = TrialRecord.from_json(rec)
+                tid = str(rec.get("trial_id"))
                 try:
+                    record = TrialRecord.from_json(rec)
                     candidates.append(self.kitchen.admit(record))
                     self.records[record.trial_id] = {**rec, "heldout_correct": candidates[-1].heldout_correct}
                 except CheckpointRejected as err:
-                    self.rejected[record.trial_id] = str(err)
+                    self.rejected[tid] = str(err)
+                except OSError as err:  # e.g. a network mount that has not caught up yet: try again later
+                    self.attempts[tid] = self.attempts.get(tid, 0) + 1
+                    if self.attempts[tid] < TRANSIENT_ATTEMPTS:
+                        retry.add(tid)
+                        self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])  # backoff
+                    else:
+                        self.rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
+                except Exception as err:  # noqa: BLE001 - a poison offer must never block the ones after it
+                    self.rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
             update = self.soup.offer(candidates) if candidates else None
             if update is not None and update.changed:
                 self.version += 1
                 if self.publish_enabled:
                     self._publish()
             with self._lock:
-                done = {r["trial_id"] for r in batch}
+                done = {r["trial_id"] for r in batch} - retry
                 self.inbox = [r for r in self.inbox if r["trial_id"] not in done]
                 self._persist()
                 for tid in done:
@@ -252,7 +300,8 @@ class SoupKeeper:
                     self._wake.wait(timeout=0.5)
                     continue
             try:
-                self.process_inbox()
+                if self.process_inbox() == 0:
+                    time.sleep(0.5)  # only offers waiting for a retry: their backoff has not run out yet
             except Exception:
                 time.sleep(1.0)  # last_error is in status(); retry later
 

@@ -40,7 +40,7 @@ TRIAL_CPU, TRIAL_GPU, SOUP_CPU, SOUP_GPU, NUM_TRIALS = 0.75, 0.5, 0.25, 0.25, 3
 JOB_ARGS = [
     "--no-serve", "--num-samples", str(NUM_TRIALS),
     "--set", f"model.standin_steps={TINY_STANDIN_STEPS}",  # the session's cached tiny stand-in: nothing to build
-    "--set", "search_space.epochs=1",
+    "--set", "search_space.epochs=1", "--set", "soup.methods=[]",  # recipes have tests of their own
     "--set", f"trial_resources.cpu={TRIAL_CPU}", "--set", f"trial_resources.gpu={TRIAL_GPU}",
     "--set", f"soup.resources.cpu={SOUP_CPU}", "--set", f"soup.resources.gpu={SOUP_GPU}",
 ]
@@ -218,7 +218,9 @@ def test_trials_and_soup_actor_hold_exactly_the_configured_resources(head: Head,
     soup = [a for a in actors if a["class_name"] == "SoupActor"]
     assert len(soup) == 1
     assert soup[0]["state"] == "ALIVE"  # detached on a cluster: it outlives the job that started it
-    assert soup[0]["name"] == "soup:job-run" and soup[0]["ray_namespace"] == "soup-ray"
+    from soup_ray.cluster.actor import actor_name
+
+    assert soup[0]["name"] == actor_name(job["run_dir"]) and soup[0]["ray_namespace"] == "soup-ray"
     assert soup[0]["required_resources"] == {"CPU": SOUP_CPU, "GPU": SOUP_GPU}
     # the node advertises exactly the fake GPUs it was started with
     status = head.cli(RAY, "status", "--address", head.gcs).stdout
