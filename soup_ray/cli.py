@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("standin", help="build or show the cached offline stand-in CLIP",
                         description="Pretrain the small stand-in CLIP on rendered digit glyphs (cached).")
     sp.add_argument("--model", default="soupray-digits-tiny")
-    sp.add_argument("--steps", type=int, default=600)
+    sp.add_argument("--steps", type=int, default=800, help="pre-training steps (default: 800, as the local default)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_standin)
 

@@ -141,7 +141,7 @@ class ModelConfig(_Strict):
 
     name: str = "soupray-digits-tiny"
     pretrained: str | None = "standin"
-    standin_steps: int = Field(600, ge=1, description="contrastive pre-training steps of the stand-in")
+    standin_steps: int = Field(800, ge=1, description="pre-training steps of the stand-in")
     standin_seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     head_init: Literal["zeroshot", "linear_probe"] = Field(

@@ -607,7 +607,7 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
             else:
                 status = "warn"
                 notes.append(f"the offline stand-in is not built yet ({folder}): the real run builds it first "
-                             f"({m.standin_steps} contrastive steps; 600 take about 2 minutes on 2 CPUs), or build it now with "
+                             f"({m.standin_steps} pre-training steps; 800 take about 2 minutes on 2 CPUs), or build it now with "
                              "`soup-ray standin`")
                 notes.append(f"RANDOM INIT of {m.name} used for the checks below")
                 log(f"dry run: stand-in not cached; building a random {m.name} instead")
