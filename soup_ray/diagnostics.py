@@ -83,12 +83,14 @@ def interpolation_curve(kitchen: Kitchen, a: str, b: str, alphas: Sequence[float
 def lr_split(distances: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The learning rate that best separates runs that moved far from the base from the rest, and the ratio.
 
-    Runs are sorted by learning rate; for every cut with at least one run on each side the ratio of the
-    mean distance above the cut to the mean below it is computed; the largest ratio wins.
+    Runs are sorted by learning rate; for every cut that leaves at least a quarter of the runs (one at least)
+    on each side, the ratio of the mean distance above the cut to the mean below it is computed; the largest
+    ratio wins.
     """
     rows = sorted((d for d in distances if d.get("lr") is not None), key=lambda d: d["lr"])
+    side = max(1, len(rows) // 4)
     best: dict[str, Any] | None = None
-    for i in range(1, len(rows)):
+    for i in range(side, len(rows) - side + 1):
         low, high = rows[:i], rows[i:]
         lo = statistics.fmean(d["distance"] for d in low)
         hi = statistics.fmean(d["distance"] for d in high)

@@ -87,6 +87,12 @@ def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str, str]:
     return model, oc_cfg, note, name
 
 
+def config_image_size(model_cfg: dict) -> int:
+    """The input size an open_clip model config declares (``vision_cfg.image_size``, an int or a pair)."""
+    size = model_cfg["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def zero_shot_weights(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
     """Zero-shot head weights ``[n_classes, embed_dim]``: normalised mean text embedding per class."""
     from open_clip import build_zero_shot_classifier
@@ -112,9 +118,7 @@ def build_base(cfg: ModelConfig, classnames: Sequence[str], templates: Sequence)
     pp = oc_cfg.get("preprocess_cfg", {})
     mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = pp.get("std", open_clip.OPENAI_DATASET_STD)
-    size = oc_cfg["model_cfg"]["vision_cfg"]["image_size"]
-    size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    clf = CLIPClassifier(model.visual, head, mean, std, size)
+    clf = CLIPClassifier(model.visual, head, mean, std, config_image_size(oc_cfg["model_cfg"]))
     clip_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Base(clf, oc_cfg, clip_state, list(classnames), note)
 

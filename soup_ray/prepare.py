@@ -12,7 +12,7 @@ from .config import SweepConfig
 from .data import DatasetBundle, build_dataset
 from .evaluate import accuracy, predict_logits
 from .linear_probe import fit_linear_probe
-from .model import build_base, save_base
+from .model import build_base, config_image_size, save_base
 from .run_dir import OPEN_CLIP_CONFIG, RunDir
 
 Log = Callable[[str], None]
@@ -84,5 +84,4 @@ def image_size_for(cfg: SweepConfig) -> int:
         mc = open_clip.get_model_config(name)
         if mc is None:
             raise ValueError(f"model.name {name!r} is not an open_clip model; see open_clip.list_models()")
-    size = mc["vision_cfg"]["image_size"]
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
+    return config_image_size(mc)

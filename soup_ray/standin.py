@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import DIGIT_NAMES
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 STANDIN_VERSION = 3  # bump when the recipe changes, so old caches are not reused
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [
     "a photo of the number {w}.",
     "a photo of the digit {d}.",
@@ -262,7 +263,7 @@ def augment_glyphs(bank: torch.Tensor, idx: torch.Tensor, out_size: int, g: torc
 
 def caption_tokens(tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenised captions for every (digit, template): ``[10, T, ctx]`` plus the caption texts' count."""
-    texts = [t.format(w=DIGIT_WORDS[d], d=d) for d in range(10) for t in CAPTION_TEMPLATES]
+    texts = [t.format(w=DIGIT_NAMES[d], d=d) for d in range(10) for t in CAPTION_TEMPLATES]
     toks = tokenizer(texts).view(10, len(CAPTION_TEMPLATES), -1)
     return toks, torch.tensor(len(CAPTION_TEMPLATES))
 

@@ -161,7 +161,7 @@ class Ties(WeightRecipe):
     name = "ties"
     doc = "TIES (Yadav et al. 2023): trim to a density, elect signs, disjoint mean; density and scale on held-out"
     params = (_CANDIDATES, Param("densities", (0.2, 0.5, 0.8), "the grid of density"),
-              Param("scales", (1.0, 0.5, 1.5), "the grid of scale"))
+              Param("scales", (1.0,), "the grid of scale (TIES's own default is 1)"))
 
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         ids = self._pool(candidates, ctx)
