@@ -74,9 +74,11 @@ def stop_serve_and_ray() -> None:
 
 
 def sigterm_as_interrupt() -> None:
-    """Let SIGTERM stop blocking work (``serve_run``, a bench) like Ctrl-C does: Serve and Ray stop on the way out.
+    """Let Ctrl-C and SIGTERM stop blocking work (``serve_run``, a bench): Serve and Ray stop on the way out.
 
-    Main thread only; call it after ``ray.init``, which installs a SIGTERM handler of its own.
+    Main thread only; call it after ``ray.init``, which installs a SIGTERM handler of its own. It also puts
+    back Python's own Ctrl-C handler: a Tune sweep earlier in the same process leaves its SIGINT handler
+    installed, and that one would swallow every Ctrl-C while the soup is served.
     """
     import signal
     import threading
@@ -88,3 +90,4 @@ def sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
