@@ -76,14 +76,24 @@ class Cooked:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def score_state(kitchen: Kitchen, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Accuracy of some weights on every eval set of the run (held-out, test, each shift)."""
+def score_state(kitchen: Kitchen, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+    """Accuracy of some weights on every eval set of the run (held-out, test, each shift) and their held-out
+    correct count."""
     kitchen.model.load_state_dict(dict(state))
+    return score_model(kitchen, kitchen.model)
+
+
+def score_model(kitchen: Kitchen, model: torch.nn.Module) -> tuple[dict[str, float], int]:
+    """Accuracy of a classifier on every eval set of the run and its held-out correct count."""
     accs: dict[str, float] = {}
+    heldout_correct = 0
     for name, ds in kitchen.bundle.eval_sets().items():
-        logits, labels = predict_logits(kitchen.model, ds, kitchen.eval_batch_size)
-        accs[name] = correct_count(logits, labels) / len(labels) if len(labels) else float("nan")
-    return accs
+        logits, labels = predict_logits(model, ds, kitchen.eval_batch_size)
+        n = correct_count(logits, labels)
+        accs[name] = n / len(labels) if len(labels) else float("nan")
+        if name == "heldout":
+            heldout_correct = n
+    return accs, heldout_correct
 
 
 def context(kitchen: Kitchen, candidates: Sequence[Candidate], greedy: GreedyResult, log: Log) -> RecipeContext:
@@ -130,7 +140,7 @@ def cook_one(kitchen: Kitchen, candidates: Sequence[Candidate], greedy: GreedyRe
         ids, correct, params = list(chosen.ingredients), chosen.correct, recipe.describe()
         params.pop("method", None)
         weights = kitchen.soup_weights(ids)
-    accs = score_state(kitchen, weights)
+    accs, _ = score_state(kitchen, weights)
     row = _summary_row(spec.label, spec.method, accs, shifts, ids, params, correct)
     folder = RunDir(run_dir).recipe(spec.label)
     export_soup(RunDir(run_dir).base, weights, folder,
@@ -153,7 +163,7 @@ def wise_ft_curve(kitchen: Kitchen, result: Any, alphas: Sequence[float], shifts
     base = kitchen.base_state()
     curve = []
     for alpha in sorted(float(a) for a in alphas):
-        accs = score_state(kitchen, wise_ft(base, target, alpha))
+        accs, _ = score_state(kitchen, wise_ft(base, target, alpha))
         vals = [accs[s] for s in shifts if s in accs]
         curve.append({"alpha": alpha, "heldout": accs.get("heldout"), "test": accs.get("test"),
                       "shift_mean": sum(vals) / len(vals) if vals else None})

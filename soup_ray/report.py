@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .cookbook import cook, recipe_specs, winner
+from .cookbook import cook, recipe_specs, score_model, winner
 from .diagnostics import soup_diagnostics
-from .evaluate import correct_count, predict_logits
+from .evaluate import correct_count
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
 from .results import read_jsonl, write_jsonl
 from .soup import (
@@ -179,16 +179,7 @@ def _row(name: str, kind: str, accs: Mapping[str, float], shifts: Sequence[str],
 
 def score_weights(kitchen: Kitchen, ids: Sequence[str]) -> tuple[dict[str, float], int]:
     """Accuracy of the uniform weight average of ``ids`` on every eval set, and its held-out correct count."""
-    model = kitchen.classifier(list(ids))
-    accs: dict[str, float] = {}
-    heldout_correct = 0
-    for name, ds in kitchen.bundle.eval_sets().items():
-        logits, labels = predict_logits(model, ds, kitchen.eval_batch_size)
-        n = correct_count(logits, labels)
-        accs[name] = n / len(labels) if len(labels) else float("nan")
-        if name == "heldout":
-            heldout_correct = n
-    return accs, heldout_correct
+    return score_model(kitchen, kitchen.classifier(list(ids)))
 
 
 def _read_logits(path: Path, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

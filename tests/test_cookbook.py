@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from soup_ray.cli import main
 from soup_ray.config import ConfigError, parse_config

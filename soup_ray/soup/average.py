@@ -8,7 +8,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .base import SoupError, StateDict, fmt_names
+from .base import SoupError, StateDict, key_set_difference
 
 def is_averaged(t: Tensor) -> bool:
     """Whether a tensor is averaged (floating/complex) or must match exactly."""
@@ -86,16 +86,9 @@ class RunningAverage:
         """Check keys, shapes and exact buffers before mutating the sum."""
         for key, value in state_dict.items():
             self._check_tensor(key, value)
-        expected, got = set(self._order), set(state_dict)
-        if expected != got:
-            parts = []
-            if expected - got:
-                parts.append(f"missing keys: {fmt_names(expected - got)}")
-            if got - expected:
-                parts.append(f"unexpected keys: {fmt_names(got - expected)}")
-            raise SoupError(
-                f"ingredient {self._count} has a different key set ({'; '.join(parts)})"
-            )
+        difference = key_set_difference(self._order, state_dict)
+        if difference:
+            raise SoupError(f"ingredient {self._count} has a different key set ({difference})")
         bad_shapes = [
             f"{key!r}: {tuple(self._shapes[key])} vs {tuple(state_dict[key].shape)}"
             for key in self._order

@@ -25,6 +25,17 @@ def fmt_names(names: Iterable[str], limit: int = 10) -> str:
     return shown
 
 
+def key_set_difference(expected: Iterable[str], got: Iterable[str]) -> str | None:
+    """``"missing keys: ...; unexpected keys: ..."`` between two key sets, or None when they are equal."""
+    want, have = set(expected), set(got)
+    parts = []
+    if want - have:
+        parts.append(f"missing keys: {fmt_names(want - have)}")
+    if have - want:
+        parts.append(f"unexpected keys: {fmt_names(have - want)}")
+    return "; ".join(parts) or None
+
+
 
 @dataclass(frozen=True)
 class Candidate:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .average import StateDictSource, accumulator_dtype, is_averaged
-from .base import SoupError, StateDict, fmt_names
+from .base import SoupError, StateDict, key_set_difference
 
 # ---------------------------------------------------------------------------
 # Loading and checking inputs
@@ -67,14 +67,9 @@ class Layout:
         """Raise :class:`SoupError` naming what differs between ``state`` and this layout."""
         for key, value in state.items():
             check_tensor(key, value, what)
-        expected, got = set(self.order), set(state)
-        if expected != got:
-            parts = []
-            if expected - got:
-                parts.append(f"missing keys: {fmt_names(expected - got)}")
-            if got - expected:
-                parts.append(f"unexpected keys: {fmt_names(got - expected)}")
-            raise SoupError(f"{what} has a different key set ({'; '.join(parts)})")
+        difference = key_set_difference(self.order, state)
+        if difference:
+            raise SoupError(f"{what} has a different key set ({difference})")
         bad = [f"{k!r}: {tuple(self.shapes[k])} vs {tuple(state[k].shape)}"
                for k in self.order if state[k].shape != self.shapes[k]]
         if bad:
@@ -161,21 +156,31 @@ def wise_ft(base: StateDictSource, target: StateDictSource, alpha: float) -> dic
 def task_arithmetic(base: StateDictSource, ingredients: Iterable[StateDictSource], scale: float) -> dict[str, Tensor]:
     """Task arithmetic: ``base + scale * sum_i (theta_i - base)``, streaming one ingredient at a time."""
     base, layout = prepare(base, "task_arithmetic")
+    sums, _ = sum_task_vectors(base, layout, ingredients, "task_arithmetic")
+    with torch.no_grad():
+        merged = {k: as_acc(base[k], base[k]) + scale * acc for k, acc in sums.items()}
+    return finish(base, layout, merged)
+
+
+def sum_task_vectors(base: StateDict, layout: Layout, ingredients: Iterable[StateDictSource], method: str,
+                     transform: Callable[[int, str, Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], int]:
+    """Sum of the ingredients' task vectors per floating key (``transform(index, key, delta)`` applied first),
+    loading one ingredient at a time; returns the sums and the number of ingredients (at least one)."""
     sums = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
             for k in layout.floating}
     count = 0
     with torch.no_grad():
         for i, item in enumerate(ingredients):
-            state = load_state(item, f"task_arithmetic: ingredient {i}")
-            layout.check(state, f"task_arithmetic: ingredient {i}")
+            state = load_state(item, f"{method}: ingredient {i}")
+            layout.check(state, f"{method}: ingredient {i}")
             for key, acc in sums.items():
-                acc.add_(as_acc(state[key], base[key]) - as_acc(base[key], base[key]))
+                delta = as_acc(state[key], base[key]) - as_acc(base[key], base[key])
+                acc.add_(delta if transform is None else transform(i, key, delta))
             del state
             count += 1
-        if count == 0:
-            raise SoupError("task_arithmetic needs at least one ingredient")
-        merged = {k: as_acc(base[k], base[k]) + scale * acc for k, acc in sums.items()}
-    return finish(base, layout, merged)
+    if count == 0:
+        raise SoupError(f"{method} needs at least one ingredient")
+    return sums, count
 
 
 # ---------------------------------------------------------------------------
@@ -297,23 +302,14 @@ def dare_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], dr
         raise SoupError(f"dare_merge: drop_rate must be in [0, 1), got {drop_rate!r}")
     base, layout = prepare(base, "dare_merge")
     keep_scale = 1.0 / (1.0 - drop_rate)
-    sums = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
-            for k in layout.floating}
-    count = 0
+
+    def drop_and_rescale(i: int, key: str, delta: Tensor) -> Tensor:
+        mask = dare_mask(delta.shape, drop_rate, dare_seed(seed, i, key)).to(delta.device)
+        return torch.where(mask, delta * keep_scale, torch.zeros_like(delta))
+
+    sums, count = sum_task_vectors(base, layout, ingredients, "dare_merge",
+                                   drop_and_rescale if drop_rate > 0.0 else None)
     with torch.no_grad():
-        for i, item in enumerate(ingredients):
-            state = load_state(item, f"dare_merge: ingredient {i}")
-            layout.check(state, f"dare_merge: ingredient {i}")
-            for key, acc in sums.items():
-                delta = as_acc(state[key], base[key]) - as_acc(base[key], base[key])
-                if drop_rate > 0.0:
-                    mask = dare_mask(delta.shape, drop_rate, dare_seed(seed, i, key)).to(delta.device)
-                    delta = torch.where(mask, delta * keep_scale, torch.zeros_like(delta))
-                acc.add_(delta)
-            del state
-            count += 1
-        if count == 0:
-            raise SoupError("dare_merge needs at least one ingredient")
         merged = {k: as_acc(base[k], base[k]) + (scale / count) * acc for k, acc in sums.items()}
     return finish(base, layout, merged)
 
