@@ -51,6 +51,8 @@ SOUP_INFO = "soup.json"
 HEAD_FILE = "classifier_head.safetensors"
 CHECKPOINT_LOGITS = "logits.safetensors"
 CHECKPOINT_METRICS = "metrics.json"
+TRAINING_STATE_TENSORS = "training_state.safetensors"
+TRAINING_STATE_JSON = "training_state.json"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from .evaluate import accuracy, pick_device, predict_logits
 from .model import CLIPClassifier, load_base
 from .run_dir import BASE_META, CHECKPOINT_LOGITS, CHECKPOINT_METRICS
 from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+from .trial_state import restore_training_state, save_training_state
+
 HYPERPARAMETERS = (
     "lr", "weight_decay", "epochs", "label_smoothing", "mixup_alpha",
     "randaug_n", "randaug_m", "batch_size", "warmup_steps", "grad_clip", "seed",
@@ -143,10 +145,15 @@ def fine_tune(
     config: dict[str, Any],
     ctx: TrialContext,
     report: Callable[[dict[str, Any], str | None], None],
+    resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune one model; ``report(metrics, checkpoint_dir_or_None)`` is called after every epoch.
+    """Fine-tune one model; ``report(metrics, checkpoint_dir)`` is called after every epoch.
 
-    Plain Python (no Ray): the Tune trainable below and the tests both call it.
+    Every epoch but the last reports a resumable training state (``trial_state``);
+    the last reports the soup candidate (weights, cached logits, metrics).
+    ``resume_from`` (a folder an earlier epoch reported) continues after that
+    epoch and ends with the same weights as an uninterrupted run.
+    Plain Python (no Ray): the Tune trainable and the tests both call it.
     Returns the final metrics.
     """
     torch.set_num_threads(max(1, ctx.threads))
@@ -164,7 +171,13 @@ def fine_tune(
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=ctx.precision == "bf16")
     t0 = time.time()
     metrics: dict[str, Any] = {}
-    for epoch in range(1, hp["epochs"] + 1):
+    first_epoch = 1
+    if resume_from is not None:
+        resumed = restore_training_state(resume_from, model=model, optimizer=opt, scheduler=sched, generator=g,
+                                         hyperparameters=hp, base_fingerprint=meta["fingerprint"])
+        first_epoch, metrics = resumed.epoch + 1, resumed.metrics
+        t0 -= float(metrics.get("seconds", 0.0))
+    for epoch in range(first_epoch, hp["epochs"] + 1):
         model.train()
         losses = []
         batches = loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch,
@@ -186,9 +199,14 @@ def fine_tune(
             "train_loss": sum(losses) / len(losses),
             "status": "running",
             "seconds": time.time() - t0,
+            "resumed_from_epoch": first_epoch - 1,
         }
         if epoch < hp["epochs"]:
-            report(metrics, None)
+            with tempfile.TemporaryDirectory(prefix="soup-ray-epoch-") as tmp:
+                save_training_state(Path(tmp), epoch=epoch, model=model, optimizer=opt, scheduler=sched,
+                                    generator=g, hyperparameters=hp, base_fingerprint=meta["fingerprint"],
+                                    metrics=metrics)
+                report(metrics, tmp)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         metrics.update(status="diverged", heldout_acc=0.0)
         report(metrics, None)

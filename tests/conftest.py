@@ -73,7 +73,7 @@ def make_trials(cfg, prep, out_dir: Path, lrs: list[float], epochs: int = 1) -> 
         dest = out_dir / "trials" / tid
 
         def report(metrics, ckpt, dest=dest):
-            if ckpt:
+            if ckpt and metrics.get("status") == "completed":
                 shutil.copytree(ckpt, dest)
 
         final = fine_tune(hp, ctx, report)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from soup_ray.trial_state import TrainingStateError, has_training_state
 from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS, TrialContext, cosine_with_warmup, fine_tune
 
 
@@ -23,7 +24,11 @@ def hp(**kw):
     return base
 
 
-def run_trial(cfg, prep, tmp_path: Path, **kw):
+class Preempted(Exception):
+    """Stands for the node going away right after a report."""
+
+
+def run_trial(cfg, prep, tmp_path: Path, resume_from=None, stop_after_epoch: int | None = None, **kw):
     reports = []
 
     def report(metrics, ckpt):
@@ -34,8 +39,10 @@ def run_trial(cfg, prep, tmp_path: Path, **kw):
 
             shutil.copytree(ckpt, saved)
         reports.append((dict(metrics), saved))
+        if stop_after_epoch is not None and metrics["epoch"] == stop_after_epoch:
+            raise Preempted
 
-    final = fine_tune(hp(**kw), ctx_for(cfg, prep), report)
+    final = fine_tune(hp(**kw), ctx_for(cfg, prep), report, resume_from=resume_from)
     return final, reports
 
 
@@ -44,7 +51,8 @@ def test_trial_reports_every_epoch_and_saves_a_checkpoint(prepared, tmp_path: Pa
     cfg, prep = prepared
     final, reports = run_trial(cfg, prep, tmp_path, **extra)
     assert [r[0]["epoch"] for r in reports] == [1, 2]
-    assert reports[0][1] is None and reports[-1][1] is not None
+    assert has_training_state(reports[0][1]) and not (reports[0][1] / CHECKPOINT_WEIGHTS).exists()
+    assert reports[-1][1] is not None and (reports[-1][1] / CHECKPOINT_WEIGHTS).is_file()
     assert final["status"] == "completed"
     for key in ("heldout_acc", "test_acc", "shift_rotate_acc", "shift_noise_acc", "shift_mean_acc"):
         assert 0.0 <= final[key] <= 1.0
@@ -79,7 +87,7 @@ def test_diverged_trial_ends_cleanly_without_checkpoint(prepared, tmp_path: Path
     final, reports = run_trial(cfg, prep, tmp_path, lr=1e30, warmup_steps=0, epochs=3)
     assert final["status"] == "diverged"
     assert final["heldout_acc"] == 0.0
-    assert all(ckpt is None for _, ckpt in reports)
+    assert not any(ckpt is not None and (ckpt / CHECKPOINT_WEIGHTS).exists() for _, ckpt in reports)
     assert reports[-1][0]["status"] == "diverged"
 
 
@@ -88,3 +96,39 @@ def test_cosine_schedule_warms_up_then_decays() -> None:
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / CHECKPOINT_WEIGHTS), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_trial_killed_after_an_epoch_resumes_to_the_same_weights(prepared, tmp_path: Path) -> None:
+    cfg, prep = prepared
+    extra = {"mixup_alpha": 0.4, "randaug_n": 2, "randaug_m": 12, "seed": 3}  # every random draw of a step
+    final, reports = run_trial(cfg, prep, tmp_path / "whole", epochs=2, **extra)
+    with pytest.raises(Preempted):
+        run_trial(cfg, prep, tmp_path / "cut", epochs=2, stop_after_epoch=1, **extra)
+    epoch1 = tmp_path / "cut" / "ckpt0"
+    assert has_training_state(epoch1)
+    resumed, reports_cut = run_trial(cfg, prep, tmp_path / "resumed", resume_from=epoch1, epochs=2, **extra)
+    assert [m["epoch"] for m, _ in reports_cut] == [2]  # epoch 1 is not trained again
+    assert reports_cut[0][0]["resumed_from_epoch"] == 1
+    a, b = load_weights(reports[-1][1]), load_weights(reports_cut[-1][1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["heldout_correct"] == final["heldout_correct"]
+
+
+def test_resume_refuses_a_state_of_other_hyperparameters_or_a_damaged_one(prepared, tmp_path: Path) -> None:
+    cfg, prep = prepared
+    with pytest.raises(Preempted):
+        run_trial(cfg, prep, tmp_path / "cut", epochs=2, stop_after_epoch=1)
+    state = tmp_path / "cut" / "ckpt0"
+    with pytest.raises(TrainingStateError, match="other hyperparameters"):
+        run_trial(cfg, prep, tmp_path / "x", resume_from=state, epochs=2, lr=5e-3)
+    tensors = state / "training_state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    with pytest.raises(TrainingStateError, match="cannot be read"):
+        run_trial(cfg, prep, tmp_path / "y", resume_from=state, epochs=2)
+    with pytest.raises(TrainingStateError, match="holds no training state"):
+        run_trial(cfg, prep, tmp_path / "z", resume_from=tmp_path, epochs=2)

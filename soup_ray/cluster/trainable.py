@@ -8,13 +8,26 @@ from typing import Any
 from ray import tune
 
 from ..train import TrialContext, fine_tune
+from ..trial_state import has_training_state
 
 
 def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
-    """Entry point Ray Tune calls in each trial (wrap with ``tune.with_parameters``)."""
+    """Entry point Ray Tune calls in each trial (wrap with ``tune.with_parameters``).
+
+    A trial Tune restarts (a lost node, ``max_failures``, a resumed sweep) gets its
+    last per-epoch checkpoint from ``tune.get_checkpoint()`` and continues there.
+    """
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    fine_tune(config, ctx, report)
+    last = tune.get_checkpoint()
+    if last is None:
+        fine_tune(config, ctx, report)
+        return
+    with last.as_directory() as folder:
+        if has_training_state(folder):
+            fine_tune(config, ctx, report, resume_from=folder)
+            return
+    fine_tune(config, ctx, report)  # the last checkpoint is a finished one's: nothing to resume, train afresh
