@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .checkpoint_average import average_checkpoints
 from .data import labels_of, loader
 from .evaluate import iter_logits, pick_device
 from .model import CLIPClassifier, load_base
-from .soup import Candidate, EvalResult, average_state_dicts, early_rejection_evaluate
+from .soup import Candidate, EvalResult, early_rejection_evaluate
 from .run_dir import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, RESULTS_FILE, RunDir
 from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 
@@ -182,8 +183,17 @@ class Kitchen:
         return sum(t.numel() * t.element_size() for state in self._cache.values() for t in state.values())
 
     def soup_weights(self, ids: list[str]) -> StateDict:
-        """The uniform average of the given ingredients' weights (streamed, fp32 accumulation)."""
-        return average_state_dicts([lambda t=t: self.weights(t) for t in ids])
+        """The uniform average of the given ingredients' weights (fp32 accumulation).
+
+        Cached ingredients are read from memory, the others memory-mapped from
+        their checkpoint and added tensor by tensor
+        (:func:`soup_ray.checkpoint_average.average_checkpoints`, equal to
+        ``average_state_dicts`` bit for bit), so a soup of many ingredients never
+        holds more than the running sums and one mapped file.
+        """
+        sources = [self._cache[t] if t in self._cache else Path(self.paths[t].checkpoint) / CHECKPOINT_WEIGHTS
+                   for t in ids]
+        return average_checkpoints(sources)
 
     def classifier(self, ids: list[str]) -> CLIPClassifier:
         """The base classifier loaded with the soup of ``ids``."""
