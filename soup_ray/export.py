@@ -71,12 +71,19 @@ def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, in
 
 
 def load_soup(folder: Path, device: str = "cpu") -> tuple[CLIPClassifier, dict[str, Any]]:
-    """Load an exported soup through open_clip's ``local-dir:`` factory plus its head."""
+    """Load an exported soup: open_clip's ``local-dir:`` architecture, then its weights and head.
+
+    Only the folder's safetensors files are read, every key of them (strict):
+    a missing weights file is an error, never a randomly initialised model, and
+    a pickle beside them (``*.bin``, ``*.pth``) is never loaded.
+    """
     import open_clip
 
     folder = Path(folder)
     info = json.loads((folder / SOUP_INFO).read_text())
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+    model = open_clip.create_model(f"local-dir:{folder}", pretrained=None, load_weights=False)
+    model.load_state_dict(load_file(str(folder / OPEN_CLIP_WEIGHTS)), strict=True)
+    model = model.to(device)
     head_state = load_file(str(folder / HEAD_FILE))
     head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
     head.load_state_dict(head_state)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .options import DEFAULT_MAX_PIXELS
+from .options import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:  # torch is imported lazily: the HTTP ingress never needs it
     import torch
@@ -59,24 +59,52 @@ def _identify(data: bytes) -> str | None:
         return None
 
 
+# PNG colour type -> samples per pixel (grey, -, RGB, palette, grey+alpha, -, RGBA)
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# 16-bit sample -> 8-bit, round(v / 257) exactly, as a lookup table (no float copy of the image)
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def declared_bytes_per_pixel(data: bytes, img: Any) -> int:
+    """Bytes one pixel takes as the image's header declares it (samples x bytes per sample).
+
+    PNG: from IHDR (a 16-bit RGBA pixel is 8 bytes); otherwise from the bands
+    of the mode Pillow reads from the header (a JPEG pixel is 1 byte per band).
+    """
+    if data.startswith(PNG_MAGIC) and len(data) >= 26 and data[12:16] == b"IHDR":
+        depth, colour = data[24], data[25]
+        return PNG_SAMPLES.get(colour, 4) * (2 if depth == 16 else 1)
+    bands = len(img.getbands())
+    wide = img.mode.startswith("I;16") or img.mode in ("I", "F")
+    return bands * (4 if img.mode in ("I", "F") else 2 if wide else 1)
+
+
 def _to_8bit(img: Any) -> Any:
-    """A Pillow image in a mode ``convert('RGB')`` handles without clipping (16-bit grey is rescaled)."""
+    """A Pillow image in a mode ``convert('RGB')`` handles without clipping (16-bit grey is rescaled).
+
+    16-bit grey goes through a 64K-entry table: one uint16 copy and one uint8
+    result, never a float copy of the whole image.
+    """
     from PIL import Image
 
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(arr / 257.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr)
+    if img.mode.startswith("I;16"):
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[np.asarray(img)], "L")
+    if img.mode == "I":
+        return img.point(lambda v: v * (1 / 257) + 0.5).convert("L")
     return img
 
 
-def load_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
     """PNG or JPEG bytes -> ``uint8`` array ``[image_size, image_size, 3]`` (RGB, bilinear resize).
 
     Raises ``ImageError``: 400 empty body, not an image, truncated or corrupt
     image; 415 another image format (GIF, BMP, TIFF, WebP, ...); 422 more than
-    ``max_pixels`` pixels (checked from the header, before anything is decoded).
-    Grey images become three equal channels; alpha is dropped; no inversion.
+    ``max_pixels`` pixels or more than ``max_decoded_bytes`` decoded (width x
+    height x the header's bytes per pixel), both checked from the header,
+    before anything is decoded. Grey images become three equal channels
+    (resized while still grey: the same result, a third of the memory); alpha
+    is dropped; no inversion.
     """
     from PIL import Image, ImageOps
 
@@ -96,9 +124,17 @@ def load_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
             if width * height > max_pixels:
                 raise ImageError(422, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; "
                                                          f"at most {max_pixels} are accepted")
+            per_pixel = declared_bytes_per_pixel(data, img)
+            if width * height * per_pixel > max_decoded_bytes:
+                raise ImageError(422, "too_large_decoded",
+                                 f"the {width}x{height} image decodes to {width * height * per_pixel} bytes "
+                                 f"({per_pixel} per pixel); at most {max_decoded_bytes} are accepted")
             img.load()
             img = ImageOps.exif_transpose(img) if fmt == "JPEG" else img
-            rgb = _to_8bit(img).convert("RGB")
+            img = _to_8bit(img)
+            if img.mode == "L" and img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            rgb = img.convert("RGB")
             if rgb.size != (image_size, image_size):
                 rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8).copy()
@@ -118,9 +154,10 @@ def to_model_input(images: Sequence[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
     """PNG or JPEG bytes -> float tensor ``[3, S, S]`` in [0, 1], exactly as the server feeds the model."""
-    return to_model_input([load_image(data, image_size, max_pixels)])[0]
+    return to_model_input([load_image(data, image_size, max_pixels, max_decoded_bytes)])[0]
 
 
 def image_from_json(body: bytes) -> bytes:

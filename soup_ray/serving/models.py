@@ -24,6 +24,8 @@ from ..run_dir import BASE_META, SOUP_INFO, RunDir
 from .options import SOUP_MODEL, ModelSpec
 
 if TYPE_CHECKING:
+    import torch
+
     from ..model import CLIPClassifier
 
 
@@ -85,15 +87,29 @@ def soup_stamp(folder: Path | str) -> tuple | None:
     return stamp_of(info)
 
 
+def check_finite(clf: torch.nn.Module) -> None:
+    """Refuse a model with a NaN or infinite weight (a corrupt file can parse and still be garbage)."""
+    import torch
+
+    for name, t in clf.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"weight {name} holds NaN or infinite values")
+
+
 def _load_soup_folder(folder: Path, device: str, attempts: int = 3) -> LoadedModel:
-    """Load a soup folder; retry when a new version replaced it while it was being read."""
+    """Load a soup folder whole (safetensors only, every key, finite values); retry when a new version
+    replaced it while it was being read. Any failure is a ``ModelUnavailable`` naming the version and why."""
     last: Exception | None = None
+    version = None
     for _ in range(attempts):
-        if soup_stamp(folder) is None:
+        stamp = soup_stamp(folder)
+        if stamp is None:
             raise ModelUnavailable(f"no soup published in {folder} yet")
+        version = stamp[0]
         try:
             clf, info = load_soup(folder, device=device)
-        except (OSError, RuntimeError, ValueError, KeyError) as err:  # replaced mid-read: try again
+            check_finite(clf)
+        except Exception as err:  # noqa: BLE001 - replaced mid-read, half-written or corrupt: try again, then refuse
             last = err
             time.sleep(0.2)
             continue
@@ -103,7 +119,8 @@ def _load_soup_folder(folder: Path, device: str, attempts: int = 3) -> LoadedMod
         return LoadedModel(clf.eval(), SOUP_MODEL, info.get("version"), list(info.get("ingredients") or []),
                            info.get("heldout_accuracy"), list(info["classnames"]), int(info["image_size"]),
                            str(folder), stamp_of(info), recipe=info.get("method", "greedy"))
-    raise ModelUnavailable(f"could not read a stable soup from {folder}: {last}")
+    reason = f"{type(last).__name__}: {last}" if last is not None else "it kept changing while being read"
+    raise ModelUnavailable(f"soup version {version} in {folder} cannot be loaded ({reason})")
 
 
 def _results_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -182,6 +199,8 @@ class ModelSlot:
     ``slot.current`` once and use that object for a whole batch.
     """
 
+    RETRY_MAX_S = 60.0  # a soup version that failed to load is tried again after 1, 2, 4 ... at most 60 polls' time
+
     def __init__(self) -> None:
         import asyncio
 
@@ -189,6 +208,8 @@ class ModelSlot:
         self.spec: ModelSpec | None = None
         self.last_error: str | None = None
         self.reloads = 0
+        self.rejected: dict[str, Any] | None = None  # the last published version that could not be loaded
+        self._failed: tuple | None = None  # (stamp, failures, when to try again)
         self._lock = asyncio.Lock()
 
     async def configure(self, spec: ModelSpec) -> bool:
@@ -227,6 +248,8 @@ class ModelSlot:
                     on_change()
             except asyncio.CancelledError:
                 raise
+            except ModelUnavailable:  # a version that cannot be loaded: keep the current model, retry later
+                log(self.last_error or "the new soup cannot be loaded")
             except Exception as err:  # noqa: BLE001 - keep serving the current model; retry at the next poll
                 self.last_error = f"reloading the soup failed: {err}"
                 log(self.last_error)
@@ -235,18 +258,44 @@ class ModelSlot:
         import asyncio
 
         async with self._lock:
+            stamp = None
             if only_if_changed:
                 stamp = await asyncio.to_thread(soup_stamp, soup_folder(spec.run_dir, spec.soup_version, spec.method))
                 if stamp is None or (self.current is not None and stamp == self.current.stamp):
                     return False
-            loaded = await asyncio.to_thread(load_model, spec.run_dir, spec.model, spec.soup_version, spec.device,
-                                             spec.method)
+                if self._failed is not None and self._failed[0] == stamp and time.monotonic() < self._failed[2]:
+                    return False  # this version failed to load: not again before its back-off ends
+            try:
+                loaded = await asyncio.to_thread(load_model, spec.run_dir, spec.model, spec.soup_version,
+                                                 spec.device, spec.method)
+            except ModelUnavailable as err:
+                self._note_failure(spec, stamp, err)
+                raise
             if spec is not self.spec:  # reconfigured while loading: the newer spec wins
                 return False
             self.current = loaded  # the swap: one assignment, readers see the old or the new model, whole
             self.last_error = None
+            self.rejected = None
+            self._failed = None
             self.reloads += 1
             return True
+
+    def _note_failure(self, spec: ModelSpec, stamp: tuple | None, err: Exception) -> None:
+        """Remember a published version that cannot be loaded: the current model stays, /info says why."""
+        if stamp is None:
+            stamp = soup_stamp(soup_folder(spec.run_dir, spec.soup_version, spec.method))
+        if stamp is None:  # nothing published (yet): not a rejected version
+            return
+        failures = self._failed[1] + 1 if self._failed is not None and self._failed[0] == stamp else 1
+        wait = min(self.RETRY_MAX_S, spec.poll_interval_s * 2 ** (failures - 1))
+        self._failed = (stamp, failures, time.monotonic() + wait)
+        self.rejected = {"soup_version": stamp[0], "error": str(err), "failures": failures, "at": time.time(),
+                         "retry_in_s": round(wait, 2)}
+        if self.current is not None:
+            self.last_error = (f"{err}; still serving soup version {self.current.soup_version}, "
+                               f"trying again in {wait:.0f}s")
+        else:
+            self.last_error = str(err)
 
 
 def ensemble_members(run_dir: Path | str, ensemble: int | list[str]) -> list[str]:

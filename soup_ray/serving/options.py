@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 SOUP_MODEL = "soup"
 APP_NAME = "soup-ray"
 
@@ -33,6 +34,27 @@ class ServeOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest accepted image (width x height)")
+    max_decoded_bytes: int = Field(
+        DEFAULT_MAX_DECODED_BYTES, ge=1, description="Largest accepted decoded image: width x height x bytes per "
+        "pixel as the header declares it (a 16-bit RGBA pixel is 8 bytes), checked before anything is decoded")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest time to receive a request body (then 408)")
+    model_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a model replica's answer (then 504)")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a model replica works on at once (default: max(32, 2 x max_batch_size))")
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting for a busy model replica; beyond that the answer is 503 with "
+                              "Retry-After, never an unbounded wait")
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="Requests the HTTP ingress handles at once")
+    ingress_max_queued_requests: int = Field(
+        256, ge=1, description="Requests waiting for the ingress; beyond that Serve's proxy answers 503 with Retry-After")
+    retry_after_s: float = Field(1.0, ge=0, description="The Retry-After (seconds) sent with 503 answers")
+    auth_token_file: str | None = Field(
+        None, description="A file holding a bearer token: every endpoint but /healthz then wants "
+                          "`Authorization: Bearer TOKEN` (401 otherwise). Read on the ingress replica's node")
+
+    def model_max_ongoing(self) -> int:
+        """``max_ongoing_requests`` of each model replica."""
+        return self.max_ongoing_requests or max(32, 2 * self.max_batch_size)
 
     @field_validator("method")
     @classmethod
