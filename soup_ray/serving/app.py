@@ -11,7 +11,8 @@ Deployments:
 - ``Member0..K-1`` + ``Ensemble``: K trial checkpoints composed through
   DeploymentHandles; the ensemble averages their logits.
 - ``Ingress`` (FastAPI): ``POST /predict``, ``POST /predict/ensemble``,
-  ``GET /info``, ``GET /healthz``; OpenAPI at ``/docs``. Images are decoded,
+  ``GET /info``, ``GET /healthz``, the live soup page at ``GET /`` (its data at
+  ``GET /soup.json``); OpenAPI at ``/docs``. Images are decoded,
   checked and resized here, before batching; bad input gets a 4xx JSON error.
 
 ``build_app`` is the application builder that ``serve/config.yaml`` names
@@ -28,17 +29,19 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..live import snapshot, with_digest
 from ..run_dir import RunDir
 from .images import ACCEPTED_FORMATS, ImageError, image_from_json, load_image, to_model_input, top_predictions
 from .models import LoadedModel, ModelSlot, check_model, ensemble_members, resolve_run_dir
 from .options import ModelSpec, ServeOptions
+from .page import JSON_PATH, render_page
 
 logger = logging.getLogger("ray.serve")
 
@@ -377,6 +380,29 @@ class SoupIngress:
         out["run_dir"] = self.settings["run_dir"]
         out["ingress_pid"] = os.getpid()
         return out
+
+    async def _live_snapshot(self) -> dict[str, Any]:
+        """The run folder's live snapshot plus what the model replica serves right now."""
+        snap = await asyncio.to_thread(snapshot, self.settings["run_dir"])
+        try:
+            m = await self._model_info()
+            served = {"ready": bool(m.get("ready")), "model": m.get("model"), "soup_version": m.get("soup_version"),
+                      "detail": m.get("last_error")}
+        except ApiError as err:
+            served = {"ready": False, "model": None, "soup_version": None, "detail": err.message}
+        return with_digest({**snap, "served": served})
+
+    @app.get("/", response_class=HTMLResponse, summary="The live soup page")
+    async def live_page(self, request: Request) -> HTMLResponse:
+        """An HTML page (inline SVG, no external resources) of the soup, its greedy curve, the test vs shift
+        scatter and the trials; it polls ``/soup.json`` and redraws itself when the run folder changes."""
+        json_url = str(request.scope.get("root_path") or "").rstrip("/") + "/" + JSON_PATH
+        return HTMLResponse(render_page(await self._live_snapshot(), json_url))
+
+    @app.get("/" + JSON_PATH, summary="The live soup page's data")
+    async def live_json(self) -> dict[str, Any]:
+        """Soup, keeper state, greedy curve, scatter points and trials of the run folder, with a change ``digest``."""
+        return await self._live_snapshot()
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz(self) -> JSONResponse:

@@ -339,6 +339,23 @@ def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
+def test_live_page_at_the_root_shows_the_version_info_reports(served: dict[str, Any]) -> None:
+    import re
+
+    client = served["client"]
+    info = client.get("/info").json()
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    shown = re.search(r'id="soup-version" data-version="(\d+)"', page.text)
+    served_version = re.search(r'id="served-version">(\d+)<', page.text)
+    assert shown and served_version, page.text[:2000]
+    assert int(shown.group(1)) == int(served_version.group(1)) == info["soup_version"]
+    data = client.get("/soup.json").json()
+    assert data["soup"]["version"] == data["served"]["soup_version"] == info["soup_version"]
+    assert [i["trial_id"] for i in data["soup"]["ingredients"]] == info["ingredients"]
+    assert f'data-digest="{data["digest"]}"' in client.get("/").text  # the digest the page polls for
+
+
 def test_ensemble_returns_the_mean_logit_prediction_of_its_trials(served: dict[str, Any]) -> None:
     client, run = served["client"], served["run"]
     members = client.get("/info").json()["ensemble"]["members"]
