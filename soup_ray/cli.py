@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, load_config
-from .jobs import heldout_index_job, log_line, recompute_soup, run_job, sweep_job
+from .config import ConfigError, SweepConfig, load_config
+from .jobs import INTERRUPTED, heldout_index_job, log_line, recompute_soup, run_job, sweep_job
+from .run_dir import RunDir
 
 
 def parse_set(item: str) -> tuple[str, object]:
@@ -64,17 +65,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .cluster.dryrun import run_dry_run
 
+        if args.config is None:
+            raise ValueError("--dry-run checks a sweep file: give CONFIG")
+
         return run_dry_run(args.config, overrides_from_args(args), out=args.out)
-    sweep_job(load_config(args.config, overrides_from_args(args)), args.out)
-    return 0
+    job = sweep_job(sweep_config(args), args.out, resume=args.resume)
+    return INTERRUPTED if job.interrupted else 0
+
+
+def sweep_config(args: argparse.Namespace) -> SweepConfig | None:
+    """The config of ``run``/``sweep``: CONFIG, or with ``--resume RUN_DIR`` alone the run folder's own."""
+    path = args.config
+    if path is None and args.resume is not None and RunDir(args.resume).config.is_file():
+        path = str(RunDir(args.resume).config)
+    if path is None:
+        if args.resume is None:
+            raise ValueError("give a sweep file (e.g. tune_configs/local.yaml), or --resume RUN_DIR")
+        return None  # sweep_job names what is missing in the folder
+    return load_config(path, overrides_from_args(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP."""
     if args.dry_run:
         return cmd_sweep(args)
-    return run_job(load_config(args.config, overrides_from_args(args)), args.out, serve=not args.no_serve, host=args.host,
-                   port=args.port)
+    return run_job(sweep_config(args), args.out, serve=not args.no_serve, host=args.host, port=args.port,
+                   resume=args.resume)
 
 
 def cmd_standin(args: argparse.Namespace) -> int:
@@ -144,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def sweep_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("config", help="sweep file, e.g. tune_configs/local.yaml")
+        sp.add_argument("config", nargs="?", help="sweep file, e.g. tune_configs/local.yaml (optional with --resume)")
+        sp.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the sweep in RUN_DIR (after Ctrl-C, a lost driver or node): finished trials "
+                             "are kept, unfinished ones go on from their last epoch checkpoint")
         sp.add_argument("--out", metavar="DIR", help="run folder (default: <storage>/<name>-<timestamp>)")
         sp.add_argument("--num-samples", type=int, metavar="N", help="override tune.num_samples")
         sp.add_argument("--seed", type=int, help="override tune.seed (the search's random state)")

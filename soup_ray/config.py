@@ -277,6 +277,22 @@ class TuneSettings(_Strict):
     seed: int = 0
     max_concurrent_trials: int | None = Field(None, ge=1)
     metric: str = "heldout_acc"
+    max_failures: int | None = Field(
+        None, ge=-1, description="times Tune restarts a failed trial from its last epoch checkpoint (-1: always); "
+        "null: 3 on a cluster (preemptible nodes), 0 on the embedded local Ray")
+    checkpoint_interval_s: float = Field(
+        30.0, ge=0, description="a trial saves a resumable state (weights, optimizer, schedule, RNG) after an epoch "
+        "when this many seconds passed since its last one; 0: after every epoch. The final epoch always checkpoints")
+    loggers: list[Literal["tensorboard", "csv", "json", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard", "csv", "json"],
+        description="Tune's logger callbacks: tensorboard, csv and json (Tune's own), mlflow and wandb (need the "
+        "mlflow / wandb package)")
+
+    def resolved_max_failures(self, address: str) -> int:
+        """``max_failures``, or its default for where the sweep runs."""
+        if self.max_failures is not None:
+            return self.max_failures
+        return 0 if address == "local" else 3
 
 
 class SoupSettings(_Strict):

@@ -36,22 +36,60 @@ def run_dir_for(cfg: SweepConfig, out: str | None) -> Path:
 
 @dataclass
 class SweepJob:
-    """What ``sweep_job`` produced: the run folder and whether a soup was published."""
+    """What ``sweep_job`` produced: the run folder, whether a soup was published, whether it was stopped."""
 
     run_dir: Path
     has_soup: bool
+    interrupted: bool = False
 
 
-def sweep_job(cfg: SweepConfig, out: str | None = None, log: Log = log_line) -> SweepJob:
-    """Prepare the base, run the sweep with the live soup actor, print the tables and write the report."""
-    from .cluster.sweep import run_sweep
+INTERRUPTED = 130
+"""Exit status of a sweep stopped with Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def resume_config(run_dir: Path, cfg: SweepConfig | None) -> SweepConfig:
+    """The config a resumed sweep runs with: the run folder's own; a given one must not change what was swept."""
+    paths = RunDir(run_dir)
+    if not paths.config.is_file():
+        raise ValueError(f"--resume {run_dir}: no {paths.config.name} there, so it is not a soup-ray run folder "
+                         "(give the folder that `soup-ray sweep` or `soup-ray run` printed)")
+    saved = SweepConfig.model_validate_json(paths.config.read_text())
+    if cfg is None:
+        return saved
+    fixed = ("model", "data", "search_space", "tune", "soup")
+    changed = [k for k in fixed if getattr(cfg, k).model_dump() != getattr(saved, k).model_dump()]
+    if changed:
+        raise ValueError(f"--resume {run_dir}: the config differs from the run's own in {', '.join(changed)}; a "
+                         "resumed sweep keeps what it was started with (omit CONFIG to use the run's own)")
+    return cfg
+
+
+def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_line,
+              resume: str | Path | None = None) -> SweepJob:
+    """Prepare the base, run the sweep with the live soup actor, print the tables and write the report.
+
+    ``resume`` (a run folder) continues the sweep there instead of starting a new one.
+    """
+    from .cluster.sweep import resume_hint, run_sweep
     from .prepare import prepare_run
     from .report import compute_report, soup_table, write_report
     from .results import print_table
 
-    prep = prepare_run(cfg, run_dir_for(cfg, out), log)
-    outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep)
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        cfg = resume_config(run_dir, cfg)
+    else:
+        assert cfg is not None, "a config is needed to start a sweep"
+        run_dir = run_dir_for(cfg, out)
+    prep = prepare_run(cfg, run_dir, log)
+    try:
+        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None)
+    except KeyboardInterrupt:
+        log(f"stopped; what finished is kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
+        return SweepJob(prep.run_dir, False, interrupted=True)
     paths = RunDir(prep.run_dir)
+    if outcome.interrupted:
+        return SweepJob(prep.run_dir, False, interrupted=True)
     print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
     has_soup = bool(outcome.soup is not None and outcome.soup.get("ingredients"))
     if has_soup:
@@ -70,11 +108,13 @@ def sweep_job(cfg: SweepConfig, out: str | None = None, log: Log = log_line) -> 
     return SweepJob(prep.run_dir, has_soup)
 
 
-def run_job(cfg: SweepConfig, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
-            port: int = 8000, log: Log = log_line) -> int:
+def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
+            port: int = 8000, log: Log = log_line, resume: str | Path | None = None) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP until Ctrl-C."""
     t0 = time.time()
-    job = sweep_job(cfg, out, log)
+    job = sweep_job(cfg, out, log, resume=resume)
+    if job.interrupted:
+        return INTERRUPTED
     log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
     if not serve:
         return 0

@@ -24,22 +24,49 @@ Log = Callable[[str], None]
 
 @dataclass
 class SweepOutcome:
-    """What a finished sweep produced: one row per trial and the soup actor's final state."""
+    """What a sweep produced: one row per finished trial, the soup actor's final state, whether it was stopped."""
 
     rows: list[dict[str, Any]]
     soup: dict[str, Any] | None
+    interrupted: bool = False
+    unfinished: int = 0
+
+
+class NothingToResume(ValueError):
+    """``--resume`` on a folder without a sweep Tune can restore."""
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that resumes the sweep of ``run_dir``."""
+    return f"soup-ray sweep --resume {run_dir}"
+
+
+def can_resume(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a Tune experiment that ``Tuner.restore`` can continue."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(RunDir(run_dir).tune))
 
 
 def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list | None = None,
-              prepared: PreparedRun | None = None, live_soup: bool = True) -> SweepOutcome:
+              prepared: PreparedRun | None = None, live_soup: bool = True, resume: bool = False) -> SweepOutcome:
     """Run the Tune sweep for ``cfg`` into ``run_dir`` with the live soup actor.
 
+    ``resume`` continues the sweep already in ``run_dir`` through ``Tuner.restore``:
+    finished trials are not trained again, unfinished ones go on from their last
+    epoch checkpoint, the soup actor from its state on disk. Ctrl-C stops the
+    sweep (Tune saves its state); the outcome says so and keeps what finished.
     Writes ``results.jsonl``; returns its rows and the soup actor's final status.
     """
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    if resume and not can_resume(run_dir):
+        raise NothingToResume(f"{run_dir} has no sweep to resume ({RunDir(run_dir).tune} holds no Tune experiment "
+                              "state): start it without --resume")
+    loggers = logger_callbacks(cfg.tune.loggers)  # a missing package fails here, before anything starts
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # exactly the loggers tune.loggers names
     prep = prepared or prepare_run(cfg, run_dir, log)
     started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log)
     actor = None
@@ -53,6 +80,7 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             precision=cfg.model.precision,
             gpus=cfg.trial_resources.gpu,
             num_workers=getattr(cfg.data, "num_workers", 0),
+            checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
         )
         cbs = list(callbacks or [])
         if live_soup:
@@ -69,30 +97,47 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             tune.with_parameters(tune_trainable, ctx=ctx),
             {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
         )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(cfg.search_space),
-            tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric,
-                mode="max",
-                num_samples=cfg.tune.num_samples,
-                search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
-                max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=TUNE_DIR,
-                storage_path=str(prep.run_dir),
-                callbacks=cbs,
-                verbose=1,
-                # each trial reports one checkpoint, at its end: nothing to prune, and num_to_keep would force an
-                # experiment-state snapshot after every trial (Tune's "snapshotting triggered multiple times" warning)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            ),
-        )
+        if resume:
+            log(f"resuming the sweep in {RunDir(prep.run_dir).tune} (finished trials are kept, unfinished ones "
+                "continue from their last epoch checkpoint)")
+            tuner = tune.Tuner.restore(str(RunDir(prep.run_dir).tune), trainable, resume_unfinished=True,
+                                       resume_errored=True, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg.search_space),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.tune.metric,
+                    mode="max",
+                    num_samples=cfg.tune.num_samples,
+                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR,
+                    storage_path=str(prep.run_dir),
+                    callbacks=cbs + loggers,
+                    verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(
+                        cfg.resolved_address())),
+                    # at most two checkpoints per trial on disk: the newest resumable state and the final weights.
+                    # Tune snapshots its experiment state once a trial has reported num_to_keep checkpoints since
+                    # the last snapshot; checkpoint_interval_s keeps short local trials at one checkpoint each
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
         t0 = time.time()
         grid = tuner.fit()
-        log(f"sweep finished: {len(grid)} trials in {time.time() - t0:.0f}s")
+        unfinished = sum(1 for r in grid if not _finished(r))
+        log(f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
+            f"finished in {time.time() - t0:.0f}s")
+        if unfinished:
+            rows = collect_rows([r for r in grid if _finished(r)], prep.run_dir, list(prep.bundle.shifts))
+            write_jsonl(RunDir(prep.run_dir).results, rows)
+            log(f"sweep interrupted with {unfinished} trial(s) unfinished; the {len(rows)} finished one(s), their "
+                f"checkpoints and the soup are kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
+            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished)
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(RunDir(prep.run_dir).results, rows)
         soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
@@ -102,6 +147,47 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             _retire_later(actor, cfg, prep.run_dir, log)  # also when the sweep failed: never hold a GPU forever
         if started:
             ray.shutdown()
+
+
+def _finished(result: Any) -> bool:
+    """Whether a trial of the grid ended (completed, diverged or failed for good), not stopped half-way."""
+    status = (result.metrics or {}).get("status")
+    return result.error is not None or status in ("completed", "diverged")
+
+
+def logger_callbacks(names: list[str]) -> list[Any]:
+    """Tune's own logger callbacks for ``tune.loggers``; a missing package is named with its install command."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    out: list[Any] = []
+    for name in names:
+        if name == "tensorboard":
+            out.append(TBXLoggerCallback())
+        elif name == "csv":
+            out.append(CSVLoggerCallback())
+        elif name == "json":
+            out.append(JsonLoggerCallback())
+        elif name == "mlflow":
+            _need("mlflow", name)
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            out.append(MLflowLoggerCallback(experiment_name="soup-ray", save_artifact=False))
+        elif name == "wandb":
+            _need("wandb", name)
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            out.append(WandbLoggerCallback(project="soup-ray"))
+        else:
+            raise ValueError(f"tune.loggers: unknown logger {name!r} (tensorboard, csv, json, mlflow, wandb)")
+    return out
+
+
+def _need(package: str, logger: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"tune.loggers names {logger!r}, but the {package!r} package is not installed: "
+                         f"pip install {package} (or remove {logger!r} from tune.loggers)")
 
 
 def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None:

@@ -1,0 +1,88 @@
+"""Ctrl-C in the middle of a real sweep, then ``--resume``: nothing finished is trained again or lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from soup_ray.results import read_jsonl
+from soup_ray.run_dir import RunDir
+from tests.conftest import tiny_config_dict
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def finished_checkpoints(run_dir: Path) -> list[Path]:
+    """Final trial checkpoints Tune has written so far (the soup candidates)."""
+    return sorted(run_dir.glob("tune/*/checkpoint_*/model.safetensors"))
+
+
+def result_lines(trial_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
+
+
+def test_ctrl_c_stops_the_sweep_and_resume_finishes_it_without_training_anything_twice(
+        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soup_ray.jobs import sweep_job
+    from soup_ray.soup import greedy_soup
+    from soup_ray.ingredients import Kitchen, trial_records_from_results
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = tiny_config_dict(**{
+        "search_space.epochs": 2, "tune.num_samples": 3, "tune.max_concurrent_trials": 1,
+        "tune.checkpoint_interval_s": 0, "trial_resources.cpu": 1, "soup.methods": [],
+    })
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "soup_ray.cli", "sweep", str(cfg_file), "--out", str(run_dir)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not finished_checkpoints(run_dir) and proc.poll() is None:
+            time.sleep(0.5)
+        assert finished_checkpoints(run_dir), "no trial finished in time"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert f"soup-ray sweep --resume {run_dir.resolve()}" in out, out[-3000:]
+    first = read_jsonl(RunDir(run_dir).results)
+    assert 1 <= len(first) < 3 and all(r["status"] == "completed" for r in first)
+    done_before = {r["trial_id"]: r for r in first}
+
+    job = sweep_job(None, resume=run_dir, log=lambda m: None)
+    assert not job.interrupted and job.has_soup
+    rows = [r for r in read_jsonl(RunDir(run_dir).results) if "trial_id" in r]
+    assert sorted(r["trial_id"] for r in rows) == sorted({r["trial_id"] for r in rows}) and len(rows) == 3
+    assert all(r["status"] == "completed" for r in rows)
+    for tid in done_before:
+        lines = [x for d in (run_dir / "tune").iterdir() if d.is_dir() and tid in d.name
+                 for x in result_lines(d)]
+        assert [x["epoch"] for x in lines] == [1, 2], f"{tid} finished before Ctrl-C and trained again"
+        assert rows[[r["trial_id"] for r in rows].index(tid)]["heldout"] == done_before[tid]["heldout"]
+    # at most two checkpoints per trial on disk (the last resumable state and the final weights)
+    for d in (run_dir / "tune").iterdir():
+        if d.is_dir():
+            assert len(list(d.glob("checkpoint_*"))) <= 2, d
+    # the live soup, resumed from its state on disk, equals the batch greedy soup over the same trials
+    state = json.loads(RunDir(run_dir).state_file.read_text())
+    assert set(state["records"]) == {r["trial_id"] for r in rows}
+    kitchen = Kitchen(run_dir)
+    candidates = [kitchen.admit(r) for r in trial_records_from_results(run_dir)]
+    oracle = greedy_soup(candidates, kitchen.evaluate, heldout_size=kitchen.heldout_size, tie=">=")
+    assert state["soup"]["soups"][-1]["ingredients"] == oracle.ingredients
