@@ -20,24 +20,33 @@ Deployments:
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..live import snapshot, with_digest
 from ..run_dir import RunDir
+from .auth import BearerAuth, read_token
 from .images import ACCEPTED_FORMATS, ImageError, image_from_json, load_image, to_model_input, top_predictions
 from .models import LoadedModel, ModelSlot, check_model, ensemble_members, resolve_run_dir
 from .options import ModelSpec, ServeOptions
@@ -120,11 +129,12 @@ class ClassifierModel:
         return out.tolist()
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves, its process id and batching statistics."""
+        """What this replica serves, its process id and actor name, a rejected soup version, batching statistics."""
         spec = self.slot.spec
         current = self.slot.current
         out: dict[str, Any] = {"ready": current is not None, "pid": os.getpid(), "last_error": self.slot.last_error,
-                               "reloads": self.slot.reloads,
+                               "actor": ray.get_runtime_context().get_actor_name(),
+                               "rejected": self.slot.rejected, "reloads": self.slot.reloads,
                                "follow": bool(spec and spec.follows_soup()),
                                "batching": {"max_batch_size": spec.max_batch_size if spec else None,
                                             "batch_wait_timeout_s": spec.batch_wait_timeout_s if spec else None,
@@ -187,29 +197,47 @@ class ErrorResponse(BaseModel):
     detail: Any = None
 
 
+# Standard base64 (RFC 4648 section 4, padded), at least one byte, optionally behind a `data:` URL prefix.
+BASE64_PATTERN = (r"^(data:image/(png|jpeg);base64,)?([A-Za-z0-9+/]{4})*"
+                  r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
+_BINARY = {"type": "string", "format": "binary", "minLength": 1,
+           "description": "The bytes of one PNG or JPEG image (recognised from its first bytes)"}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
-        "description": "A PNG or JPEG image: a multipart upload in field `file`, the raw bytes, "
-                       "or JSON `{\"image_base64\": \"...\"}`.",
+        "description": "One PNG or JPEG image: a multipart upload in field `file`, the raw bytes "
+                       "(image/png, image/jpeg or application/octet-stream), or JSON `{\"image_base64\": \"...\"}`. "
+                       "Bytes that are no PNG or JPEG are refused (400 not an image or corrupt, 415 another format).",
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": {"type": "object", "required": ["image_base64"],
-                                            "properties": {"image_base64": {"type": "string", "format": "byte"}}}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                           "properties": {"file": dict(_BINARY)}},
+                "encoding": {"file": {"contentType": "image/png, image/jpeg, application/octet-stream"}},
+            },
+            **{kind: {"schema": dict(_BINARY)} for kind in IMAGE_MEDIA_TYPES},
+            "application/json": {"schema": {
+                "type": "object", "required": ["image_base64"],
+                "properties": {"image_base64": {
+                    "type": "string", "minLength": 4, "pattern": BASE64_PATTERN,
+                    "description": "The image's bytes in standard, padded base64 (non-empty), optionally as a "
+                                   "`data:image/png;base64,...` URL"}}}},
         },
     }
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse,
           "description": "Empty body, not an image, truncated/corrupt image, malformed JSON or multipart"},
+    401: {"model": ErrorResponse, "description": "A bearer token is configured and the request lacks it (or it is "
+                                                 "wrong); see the WWW-Authenticate header"},
+    408: {"model": ErrorResponse, "description": "The body did not arrive within the configured time"},
     413: {"model": ErrorResponse, "description": "Body larger than the configured limit"},
     415: {"model": ErrorResponse, "description": "An image format other than PNG or JPEG"},
-    422: {"model": ErrorResponse, "description": "Too many pixels, a missing field or an invalid parameter"},
-    503: {"model": ErrorResponse, "description": "The model is not loaded yet (no soup published)"},
+    422: {"model": ErrorResponse, "description": "Too many pixels, too large once decoded, a missing field or an "
+                                                 "invalid parameter"},
+    503: {"model": ErrorResponse, "description": "The model is not loaded yet, cannot be loaded, is restarting or "
+                                                 "is overloaded; retry after the Retry-After header's seconds"},
+    504: {"model": ErrorResponse, "description": "The model did not answer within the configured time"},
 }
 
 app = FastAPI(
@@ -220,12 +248,21 @@ app = FastAPI(
 )
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": code, "detail": message}`` with ``status``."""
+def _ingress_token() -> bytes | None:
+    """The bearer token of the ingress replica serving this request (None: the API is open)."""
+    return getattr(serve.get_replica_context().servable_object, "auth_token", None)
 
-    def __init__(self, status: int, code: str, message: Any):
+
+# Added before `serve.ingress` copies the app: every route, whoever adds it, is behind the token.
+app.add_middleware(BearerAuth, token=_ingress_token, open_paths=("/healthz",))
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": code, "detail": message}`` with ``status`` (and ``headers``)."""
+
+    def __init__(self, status: int, code: str, message: Any, headers: dict[str, str] | None = None):
         super().__init__(str(message))
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 @app.exception_handler(ImageError)
@@ -235,7 +272,7 @@ async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status)
+    return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -251,8 +288,40 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 when its Content-Length or its actual size exceeds ``limit``."""
+PRIVATE_INFO = ("pid", "actor", "source", "run_dir", "ingress_pid")  # in /info only with ?detail=local from loopback
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def public_text(text: Any, run_dir: str) -> Any:
+    """``text`` without the run folder's or any other absolute path (they say nothing a client needs)."""
+    if not isinstance(text, str):
+        return text
+    for root in {run_dir, str(Path(run_dir).resolve())}:
+        text = text.replace(root, "RUN_DIR")
+    return _ABS_PATH.sub("<path>", text)
+
+
+def is_loopback(request: Request) -> bool:
+    """Whether the client's address is a loopback address (the proxy passes the client's own address on)."""
+    host = request.client.host if request.client is not None else ""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refused with 413 when its Content-Length or its actual size exceeds ``limit``,
+    and with 408 when it has not arrived whole within ``timeout_s`` (a stalled or trickling client)."""
+    if timeout_s is not None:
+        try:
+            return await asyncio.wait_for(read_body(request, limit), timeout_s)
+        except asyncio.TimeoutError:
+            raise ImageError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -298,9 +367,9 @@ async def multipart_file(request: Request, body: bytes) -> bytes:
         await form.close()
 
 
-async def image_bytes(request: Request, limit: int) -> bytes:
+async def image_bytes(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The image bytes of a request: multipart field ``file``, JSON ``image_base64``, or the raw body."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout_s)
     if not body:
         raise ImageError(400, "empty_body", "the request body is empty; send a PNG or JPEG image")
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -328,28 +397,58 @@ class SoupIngress:
         self.classnames = list(base["classnames"])
         self.max_body_bytes = int(settings["max_body_bytes"])
         self.max_pixels = int(settings["max_pixels"])
+        defaults = ServeOptions.model_fields
+        self.max_decoded_bytes = int(settings.get("max_decoded_bytes", defaults["max_decoded_bytes"].default))
+        self.body_timeout_s = float(settings.get("body_timeout_s", defaults["body_timeout_s"].default))
+        self.model_timeout_s = float(settings.get("model_timeout_s", defaults["model_timeout_s"].default))
+        retry = float(settings.get("retry_after_s", defaults["retry_after_s"].default))
+        self.retry_after = {"Retry-After": str(max(0, math.ceil(retry)))}
+        token_file = settings.get("auth_token_file")
+        self.auth_token = read_token(token_file) if token_file else None  # read here, on the replica's node
+
+    async def _call(self, call: Callable[[], Any], what: str, timeout_status: int) -> Any:
+        """A handle call awaited at most ``model_timeout_s``; overload, failure and time-out become JSON errors."""
+        response = None
+        try:
+            response = call()
+            return await asyncio.wait_for(_awaited(response), self.model_timeout_s)
+        except asyncio.TimeoutError:
+            cancel = getattr(response, "cancel", None)
+            if callable(cancel):
+                cancel()
+            raise ApiError(timeout_status, "model_timeout", f"the {what} did not answer within "
+                           f"{self.model_timeout_s:g}s", self.retry_after) from None
+        except BackPressureError as err:  # its queue is full: Serve rejects rather than queue without bound
+            raise ApiError(503, "overloaded", f"the {what} is overloaded ({err.message}); retry later",
+                           self.retry_after) from None
+        except Exception as err:  # noqa: BLE001 - the replica died or is restarting: not the client's fault
+            logger.warning("the %s could not answer: %s: %s", what, type(err).__name__, err)
+            raise ApiError(503, "model_error", f"the {what} could not answer ({type(err).__name__}); it may be "
+                           "restarting", self.retry_after) from None
 
     async def _answer(self, request: Request, top_k: int, target: DeploymentHandle) -> dict[str, Any]:
-        data = await image_bytes(request, self.max_body_bytes)
-        image = await asyncio.to_thread(load_image, data, self.image_size, self.max_pixels)
-        try:
-            out = await target.predict.remote(image)
-        except Exception as err:  # the model replica failed (not the client's fault)
-            raise ApiError(503, "model_error", f"the model could not answer: {type(err).__name__}: {err}") from None
+        data = await image_bytes(request, self.max_body_bytes, self.body_timeout_s)
+        image = await asyncio.to_thread(load_image, data, self.image_size, self.max_pixels, self.max_decoded_bytes)
+        what = "ensemble" if target is self.ensemble else "model"
+        out = await self._call(lambda: target.predict.remote(image), what, 504)
         if not out.get("ready"):
-            raise ApiError(503, "model_unavailable", out.get("detail", "the model is not loaded yet"))
+            detail = public_text(out.get("detail") or "the model is not loaded yet", self.settings["run_dir"])
+            raise ApiError(503, "model_unavailable", detail, self.retry_after)
         answer = {"predictions": top_predictions(out["logits"], self.classnames, top_k),
                   "soup_version": out.get("soup_version"), "model": out.get("model")}
         if "members" in out:
             answer["members"] = out["members"]
         return answer
 
-    async def _model_info(self) -> dict[str, Any]:
-        try:
-            return await self.model.info.remote()
-        except Exception as err:  # the model replica is down or restarting
-            detail = f"the model replica did not answer: {type(err).__name__}: {err}"
-            raise ApiError(503, "model_error", detail) from None
+    async def _model_info(self, local: bool = False) -> dict[str, Any]:
+        """The model replica's ``info``; its messages without absolute paths unless ``local``."""
+        info = dict(await self._call(lambda: self.model.info.remote(), "model replica", 503))
+        if not local:
+            run_dir = self.settings["run_dir"]
+            info["last_error"] = public_text(info.get("last_error"), run_dir)
+            if isinstance(info.get("rejected"), dict):
+                info["rejected"] = {**info["rejected"], "error": public_text(info["rejected"].get("error"), run_dir)}
+        return info
 
     @app.post("/predict", response_model=PredictionResponse, response_model_exclude_unset=True,
               responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY, summary="Classify an image with the served model")
@@ -368,17 +467,26 @@ class SoupIngress:
             raise ApiError(404, "ensemble_disabled", "no ensemble is configured (ensemble: 0)")
         return await self._answer(request, top_k, self.ensemble)
 
-    @app.get("/info", summary="What is served")
-    async def info(self) -> dict[str, Any]:
-        """Model, soup version, ingredients, held-out accuracy, classes, replica pid, ensemble and limits."""
-        out = dict(await self._model_info())
+    @app.get("/info", summary="What is served", responses={503: ERROR_RESPONSES[503]})
+    async def info(self, request: Request, detail: Literal["local"] | None = Query(
+            None, description="`local`: also the run folder, model source, process ids and replica actor name; "
+                              "honoured only for a loopback client")) -> dict[str, Any]:
+        """Model, soup version, ingredients, held-out accuracy, classes, a rejected soup version, ensemble, limits."""
+        local = detail == "local" and is_loopback(request)
+        out = await self._model_info(local)
         out["classes"] = out.get("classes") or self.classnames
         out["image_size"] = out.get("image_size") or self.image_size
         out["ensemble"] = {"members": self.settings.get("members", [])} if self.ensemble is not None else None
         out["limits"] = {"max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels,
-                         "formats": list(ACCEPTED_FORMATS)}
-        out["run_dir"] = self.settings["run_dir"]
-        out["ingress_pid"] = os.getpid()
+                         "max_decoded_bytes": self.max_decoded_bytes, "body_timeout_s": self.body_timeout_s,
+                         "model_timeout_s": self.model_timeout_s, "formats": list(ACCEPTED_FORMATS)}
+        out["auth"] = "bearer" if self.auth_token is not None else None
+        if local:
+            out["run_dir"] = self.settings["run_dir"]
+            out["ingress_pid"] = os.getpid()
+        else:
+            for key in PRIVATE_INFO:
+                out.pop(key, None)
         return out
 
     async def _live_snapshot(self) -> dict[str, Any]:
@@ -404,18 +512,28 @@ class SoupIngress:
         """Soup, keeper state, greedy curve, scatter points and trials of the run folder, with a change ``digest``."""
         return await self._live_snapshot()
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Liveness and readiness", responses={503: ERROR_RESPONSES[503]})
     async def healthz(self) -> JSONResponse:
-        """200 when the model is loaded (with its version and replica pid), 503 while it is not."""
+        """200 while a model is loaded and answers (with its version; ``warning`` when a newer soup version could
+        not be loaded and the previous one is still served), 503 while none can be loaded or the replica does not
+        answer. Open even when a bearer token is configured."""
         started = time.perf_counter()
-        info = await self._model_info()
+        try:
+            info = await self._model_info()
+        except ApiError as err:
+            return JSONResponse({"status": "unavailable", "error": err.code, "detail": err.message,
+                                 "latency_ms": round(1000 * (time.perf_counter() - started), 2)},
+                                status_code=503, headers=self.retry_after)
         body = {"status": "ok" if info["ready"] else "loading", "model": info.get("model"),
-                "soup_version": info.get("soup_version"), "pid": info["pid"],
+                "soup_version": info.get("soup_version"),
                 "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
         if not info["ready"]:
             body["error"] = "model_unavailable"
             body["detail"] = info.get("last_error")
-        return JSONResponse(body, status_code=200 if info["ready"] else 503)
+            return JSONResponse(body, status_code=503, headers=self.retry_after)
+        if info.get("last_error"):
+            body["warning"] = info["last_error"]
+        return JSONResponse(body, status_code=200)
 
 
 # ---------------------------------------------------------------- builder
@@ -427,23 +545,35 @@ def build_app(args: dict | ServeOptions) -> Application:
     run_dir = str(resolve_run_dir(opts.run_dir))
     device = "cuda" if opts.num_gpus > 0 else "cpu"
     actor = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
-    ongoing = max(32, 2 * opts.max_batch_size)
+    ongoing = opts.model_max_ongoing()
+    backpressure = BackpressureConfig(retry_after_s=opts.retry_after_s)  # a full queue: 503 with Retry-After
+    queue = {"max_ongoing_requests": ongoing, "max_queued_requests": opts.max_queued_requests,
+             "backpressure_config": backpressure}
+    token_file = None
+    if opts.auth_token_file:
+        token_file = str(Path(opts.auth_token_file).expanduser().resolve())
+        read_token(token_file)  # fail here, before any replica starts, on a missing or empty file
 
     def spec(model: str, follow: bool, version: int | None, method: str | None = None) -> dict[str, Any]:
         return ModelSpec(run_dir=run_dir, model=model, soup_version=version, method=method, follow=follow,
                          poll_interval_s=opts.poll_interval_s, max_batch_size=opts.max_batch_size,
                          batch_wait_timeout_s=opts.batch_wait_timeout_s, device=device).model_dump()
 
-    model = ClassifierModel.options(name="Model", ray_actor_options=actor, max_ongoing_requests=ongoing,
+    model = ClassifierModel.options(name="Model", ray_actor_options=actor, **queue,
                                     user_config=spec(opts.model, opts.follow, opts.soup_version, opts.method)).bind()
     check_model(run_dir, opts.model, opts.soup_version, opts.method)
     members = ensemble_members(run_dir, opts.ensemble)
     ensemble = None
     if members:
-        handles = [ClassifierModel.options(name=f"Member{i}", ray_actor_options=actor, max_ongoing_requests=ongoing,
+        handles = [ClassifierModel.options(name=f"Member{i}", ray_actor_options=actor, **queue,
                                            user_config=spec(tid, False, None)).bind()
                    for i, tid in enumerate(members)]
-        ensemble = Ensemble.options(ray_actor_options={"num_cpus": opts.ingress_cpus}).bind(handles, members)
+        ensemble = Ensemble.options(ray_actor_options={"num_cpus": opts.ingress_cpus}, **queue).bind(handles, members)
     settings = {"run_dir": run_dir, "max_body_bytes": opts.max_body_bytes, "max_pixels": opts.max_pixels,
-                "members": members}
-    return SoupIngress.options(ray_actor_options={"num_cpus": opts.ingress_cpus}).bind(model, ensemble, settings)
+                "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
+                "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
+                "auth_token_file": token_file, "members": members}
+    return SoupIngress.options(ray_actor_options={"num_cpus": opts.ingress_cpus},
+                               max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
+                               max_queued_requests=opts.ingress_max_queued_requests,
+                               backpressure_config=backpressure).bind(model, ensemble, settings)

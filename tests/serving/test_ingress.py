@@ -1,0 +1,312 @@
+"""The HTTP ingress in-process, without Ray: its FastAPI app driven over ASGI against fake model handles.
+
+Timeouts (a stalled body, a stuck model), overload answered 503 with Retry-After, /info without paths or
+PIDs unless asked locally, the optional bearer token, and a schema-driven fuzz run of the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+
+GUARD_S = 10.0  # no request below may take this long: a hang fails the test instead of stalling the suite
+CLASSES = ["zero", "one", "two"]
+LOOPBACK, REMOTE = ("127.0.0.1", 40000), ("203.0.113.7", 40000)
+
+
+# ---------------------------------------------------------------- fakes
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class FakeModel:
+    """Stands in for a model DeploymentHandle: ``predict.remote`` / ``info.remote`` return awaitables."""
+
+    def __init__(self, predict: Any = None, info: Any = None) -> None:
+        self.predict = _Method(predict or self._predict)
+        self.info = _Method(info or self._info)
+
+    @staticmethod
+    async def _predict(image: np.ndarray) -> dict[str, Any]:
+        assert image.dtype == np.uint8 and image.shape[-1] == 3
+        return {"ready": True, "logits": [0.0, 2.0, 1.0], "model": "soup", "soup_version": 4}
+
+    @staticmethod
+    async def _info() -> dict[str, Any]:
+        return {"ready": True, "pid": 4242, "last_error": None, "model": "soup", "soup_version": 4,
+                "source": "/abs/where/run/soup", "classes": CLASSES, "image_size": 8,
+                "actor": "SERVE_REPLICA::soup-ray#Model#x"}
+
+
+@pytest.fixture()
+def fake_run(tmp_path: Path) -> Path:
+    """The least of a run folder the ingress reads: ``base/base.json``."""
+    base = tmp_path / "run" / "base"
+    base.mkdir(parents=True)
+    (base / "base.json").write_text(json.dumps({"image_size": 8, "classnames": CLASSES, "fingerprint": "x"}))
+    return tmp_path / "run"
+
+
+def ingress_class() -> type:
+    """The user class under Serve's ingress wrapper (its routes take the instance as ``self``)."""
+    from soup_ray.serving import app as app_module
+
+    wrapper = app_module.SoupIngress.func_or_class
+    return next(c for c in wrapper.__mro__ if "_answer" in vars(c))
+
+
+def make_ingress(run: Path, monkeypatch: pytest.MonkeyPatch, model: Any = None, ensemble: Any = None,
+                 **settings: Any) -> Any:
+    """An ingress over fake handles, installed as the current servable object (what Serve's routes look up)."""
+    from ray import serve
+
+    from soup_ray.serving import ServeOptions
+
+    opts = ServeOptions(run_dir=str(run), ensemble=0)
+    base = {"run_dir": str(run), "max_body_bytes": opts.max_body_bytes, "max_pixels": opts.max_pixels,
+            "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
+            "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
+            "auth_token_file": None, "members": ["t000", "t001"] if ensemble is not None else []}
+    base.update(settings)
+    ingress = ingress_class()(model or FakeModel(), ensemble, base)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
+    return ingress
+
+
+async def _request(method: str, path: str, client: tuple[str, int], **kw: Any) -> Any:
+    from soup_ray.serving.app import app
+
+    transport = httpx.ASGITransport(app=app, client=client)
+    async with httpx.AsyncClient(transport=transport, base_url="http://soup.test") as c:
+        return await asyncio.wait_for(c.request(method, path, **kw), GUARD_S)
+
+
+def call(method: str, path: str, client: tuple[str, int] = REMOTE, **kw: Any) -> Any:
+    return asyncio.run(_request(method, path, client, **kw))
+
+
+def png(size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), 200, np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the plain path
+
+
+def test_predict_and_info_answer_over_asgi(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ingress(fake_run, monkeypatch)
+    r = call("POST", "/predict?top_k=2", content=png(), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["label"] for p in body["predictions"]] == ["one", "two"] and body["soup_version"] == 4
+    by_json = call("POST", "/predict", json={"image_base64": base64.b64encode(png()).decode()})
+    assert by_json.status_code == 200 and by_json.json()["predictions"][0]["label"] == "one"
+
+
+# ---------------------------------------------------------------- timeouts and overload
+
+
+def test_a_stalled_request_body_times_out_with_a_408(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends part of its body and stops holds no ingress slot for longer than body_timeout_s."""
+    from soup_ray.serving.app import app
+
+    make_ingress(fake_run, monkeypatch, body_timeout_s=0.3)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": png()[:10], "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+        return {"type": "http.disconnect"}
+
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/predict", "raw_path": b"/predict", "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"soup.test"), (b"content-type", b"image/png"), (b"content-length", b"500")],
+             "client": REMOTE, "server": ("soup.test", 80)}
+
+    async def run() -> None:
+        await asyncio.wait_for(app(scope, receive, send), GUARD_S)
+
+    asyncio.run(run())
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    assert start["status"] == 408, body
+    assert json.loads(body)["error"] == "body_timeout"
+
+
+def test_a_stuck_model_replica_gets_a_504_and_healthz_a_503(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def stuck(*args: Any) -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {}
+
+    make_ingress(fake_run, monkeypatch, model=FakeModel(predict=stuck, info=stuck), model_timeout_s=0.3)
+    r = call("POST", "/predict", content=png())
+    assert r.status_code == 504 and r.json()["error"] == "model_timeout"
+    assert r.headers.get("retry-after") == "1"
+    h = call("GET", "/healthz")
+    assert h.status_code == 503 and h.json()["error"] == "model_timeout"
+    assert call("GET", "/info").status_code == 503
+
+
+def _backpressure() -> Exception:
+    from ray.serve.exceptions import BackPressureError
+
+    return BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=2.0)
+
+
+@pytest.mark.parametrize("failure, code", [("backpressure", "overloaded"), ("replica_died", "model_error")])
+def test_an_overloaded_or_failing_model_is_a_json_503_with_retry_after(
+        fake_run: Path, monkeypatch: pytest.MonkeyPatch, failure: str, code: str) -> None:
+    from ray.exceptions import RayActorError
+
+    async def fail(*args: Any) -> dict[str, Any]:
+        if failure == "backpressure":
+            raise _backpressure()
+        raise RayActorError(error_msg=f"The actor died. Traceback: File \"{fake_run}/x.py\", line 1")
+
+    make_ingress(fake_run, monkeypatch, model=FakeModel(predict=fail), retry_after_s=3.0)
+    r = call("POST", "/predict", content=png())
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"] == code and r.json()["detail"]
+    assert r.headers.get("retry-after") == "3"
+    assert str(fake_run) not in r.text  # no traceback or path of the replica in the answer
+
+
+def test_the_ensemble_maps_backpressure_the_same_way(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def fail(*args: Any) -> dict[str, Any]:
+        raise _backpressure()
+
+    make_ingress(fake_run, monkeypatch, ensemble=FakeModel(predict=fail))
+    r = call("POST", "/predict/ensemble", content=png())
+    assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers.get("retry-after")
+
+
+def test_an_unready_model_is_503_with_retry_after(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unready(*args: Any) -> dict[str, Any]:
+        return {"ready": False, "detail": f"soup version 2 in {fake_run}/soup cannot be loaded (truncated)"}
+
+    async def info() -> dict[str, Any]:
+        return {"ready": False, "pid": 1, "last_error": f"soup version 2 in {fake_run}/soup cannot be loaded",
+                "model": "soup"}
+
+    make_ingress(fake_run, monkeypatch, model=FakeModel(predict=unready, info=info))
+    r = call("POST", "/predict", content=png())
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable" and r.headers.get("retry-after")
+    h = call("GET", "/healthz")
+    assert h.status_code == 503 and "cannot be loaded" in h.json()["detail"]
+    assert str(fake_run) not in h.text and str(fake_run) not in r.text
+
+
+# ---------------------------------------------------------------- what /info tells whom
+
+
+def test_info_hides_paths_and_pids_unless_asked_for_locally(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ingress(fake_run, monkeypatch)
+    for client, query in [(REMOTE, ""), (REMOTE, "?detail=local"), (LOOPBACK, "")]:
+        r = call("GET", "/info" + query, client=client)
+        assert r.status_code == 200, r.text
+        info = r.json()
+        assert not {"pid", "ingress_pid", "run_dir", "source", "actor"} & set(info), (client, query, info)
+        assert str(fake_run) not in r.text and "/abs/where" not in r.text
+        assert info["soup_version"] == 4 and info["classes"] == CLASSES
+    local = call("GET", "/info?detail=local", client=LOOPBACK).json()
+    assert local["pid"] == 4242 and local["ingress_pid"] == os.getpid()
+    assert local["run_dir"] == str(fake_run) and local["source"] == "/abs/where/run/soup"
+    health = call("GET", "/healthz")
+    assert health.status_code == 200 and "pid" not in health.json()
+
+
+# ---------------------------------------------------------------- bearer token
+
+
+@pytest.fixture()
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text("s3cret-token-0123456789\n")
+    return path
+
+
+def test_a_token_guards_every_endpoint_but_healthz(fake_run: Path, token_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import soup_ray.serving.auth as auth
+
+    compared: list[int] = []
+    real = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    make_ingress(fake_run, monkeypatch, auth_token_file=str(token_file))
+    good = {"authorization": "Bearer s3cret-token-0123456789"}
+    for method, path in [("POST", "/predict"), ("GET", "/info"), ("GET", "/openapi.json"), ("GET", "/docs"),
+                         ("POST", "/predict/ensemble"), ("GET", "/nowhere")]:
+        kw = {"content": png()} if method == "POST" else {}
+        r = call(method, path, **kw)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
+        wrong = call(method, path, headers={"authorization": "Bearer s3cret-token-0123456780"}, **kw)
+        assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_token"
+        assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+        basic = call(method, path, headers={"authorization": "Basic czNjcmV0"}, **kw)
+        assert basic.status_code == 401
+    assert compared, "the token is compared with hmac.compare_digest"
+    assert call("POST", "/predict", content=png(), headers=good).status_code == 200
+    assert call("GET", "/info", headers=good).status_code == 200
+    assert call("GET", "/healthz").status_code == 200  # open: load balancers and probes carry no token
+
+
+def test_token_files_that_cannot_be_used_are_refused(tmp_path: Path, fake_run: Path) -> None:
+    from soup_ray.serving.app import build_app
+    from soup_ray.serving.auth import AuthTokenError, read_token
+
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    spaced = tmp_path / "spaced"
+    spaced.write_text("two words\n")
+    for path, match in [(tmp_path / "missing", "cannot be read"), (empty, "empty"), (spaced, "printable")]:
+        with pytest.raises(AuthTokenError, match=match):
+            read_token(path)
+        with pytest.raises(AuthTokenError, match=match):
+            build_app({"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(path)})
+
+
+def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(
+        fake_run: Path, token_file: Path) -> None:
+    from soup_ray.serving.app import build_app
+
+    application = build_app({"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(token_file),
+                             "max_queued_requests": 7, "retry_after_s": 2})
+    ingress = application._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert model.max_queued_requests == 7 and model.max_ongoing_requests == 32
+    assert ingress.max_queued_requests > 0 and ingress.max_ongoing_requests >= model.max_ongoing_requests
+    for d in (ingress, model):
+        assert d._deployment_config.backpressure_config.retry_after_s == 2
+    settings = ingress.init_args[2]
+    assert settings["auth_token_file"] == str(token_file)
+    assert "s3cret" not in json.dumps(settings, default=str)  # the secret never travels in a deployment config
