@@ -300,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("soup-ray: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from .cluster.sweep import SoupActorFailed
+
+        if not isinstance(err, SoupActorFailed):
+            raise
+        print(f"soup-ray: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class CheckpointRejected(ValueError):
     """A checkpoint that cannot join the soup; ``reason`` says why."""
 
 
+class CheckpointUnavailable(CheckpointRejected):
+    """A checkpoint that cannot be read *yet* (not visible on a network mount, an I/O error): worth retrying."""
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     """What the soup needs to know about one finished trial."""
@@ -59,12 +63,14 @@ def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[
     folder = Path(record.checkpoint)
     path = folder / CHECKPOINT_WEIGHTS
     if not path.is_file():
-        raise CheckpointRejected(f"no {CHECKPOINT_WEIGHTS} in {folder}")
+        raise CheckpointUnavailable(f"no {CHECKPOINT_WEIGHTS} in {folder} (yet)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except OSError as err:
+        raise CheckpointUnavailable(f"cannot read {path}: {err}") from None
+    except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointRejected(f"unreadable checkpoint {path}: {err}") from None
     fp = meta.get("base_fingerprint")
     if fp != base_fingerprint:

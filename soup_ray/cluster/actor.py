@@ -15,6 +15,10 @@ from typing import Any
 from .keeper import SoupKeeper
 
 
+class SoupActorBroken(RuntimeError):
+    """The soup actor is up but could not build its keeper (a corrupt state file, missing data)."""
+
+
 def actor_name(run_dir: Path | str) -> str:
     """The soup actor's name for a run: the folder's name and a digest of its full path, so two runs named
     alike in one namespace never share an actor."""
@@ -28,14 +32,30 @@ class SoupActor:
     def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
                  keep_versions: int = 3):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self._setup_metrics(Path(run_dir).name)
-        self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions,
-                                 on_processed=self._record_metrics)
+        self.run_dir = run_dir
         self._stop = threading.Event()
         self._retire_generation = 0
+        self.fatal_error: str | None = None
+        self._setup_metrics(Path(run_dir).name)
+        try:
+            self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions,
+                                     on_processed=self._record_metrics)
+        except Exception as err:  # noqa: BLE001 - a failing constructor would make Ray restart it forever
+            # stay up and say why: every call answers with the reason instead of hanging the driver
+            self.fatal_error = f"{type(err).__name__}: {err}"
+            return
         self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
                                         name="soup-worker")
         self._thread.start()
+        if self.keeper.retire_idle_s is not None:  # a restarted actor keeps its predecessor's exit plan
+            try:
+                self.retire_when_idle(self.keeper.retire_idle_s)
+            except Exception as err:  # noqa: BLE001 - outside Ray (tests) there is no actor to retire
+                self.keeper.last_error = f"could not re-arm the idle exit: {err}"
+
+    def _check(self) -> None:
+        if self.fatal_error is not None:
+            raise SoupActorBroken(f"the soup actor of {self.run_dir} could not start: {self.fatal_error}")
 
     def _setup_metrics(self, run: str) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -62,12 +82,16 @@ class SoupActor:
             self._m_acc.set(keeper.soup.accuracy)
 
     def offer(self, trial: dict[str, Any]) -> dict[str, Any]:
+        self._check()
         return self.keeper.offer(trial)
 
     def status(self) -> dict[str, Any]:
+        if self.fatal_error is not None:
+            return {"run_dir": self.run_dir, "fatal_error": self.fatal_error, "pid": os.getpid()}
         return self.keeper.status()
 
     def wait_idle(self, timeout: float = 600.0) -> bool:
+        self._check()
         return self.keeper.wait_idle(timeout)
 
     def pid(self) -> int:
@@ -85,12 +109,14 @@ class SoupActor:
         """
         import ray
 
+        self._check()
         me = ray.get_runtime_context().current_actor
         keeper = self.keeper
         with keeper.lock:
             keeper.touch()
             self._retire_generation += 1
             generation = self._retire_generation
+            keeper.set_retirement(idle_s)
 
         def watch() -> None:
             while not self._stop.wait(poll_s):
@@ -110,8 +136,10 @@ class SoupActor:
 
     def keep_alive(self) -> None:
         """Cancel a pending ``retire_when_idle`` (the run folder is in use again)."""
+        self._check()
         with self.keeper.lock:
             self._retire_generation += 1
+            self.keeper.set_retirement(None)
 
 
 def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..export import export_soup
-from ..ingredients import CheckpointRejected, Kitchen, TrialRecord
+from ..ingredients import CheckpointRejected, CheckpointUnavailable, Kitchen, TrialRecord
 from ..run_dir import RunDir
 from ..soup import IncrementalGreedySoup, Update
 
@@ -59,7 +59,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 TRANSIENT_ATTEMPTS = 5
-"""A checkpoint that cannot be read (OSError: a network mount not caught up yet) is retried this many times."""
+"""A checkpoint that cannot be read yet (not visible on a network mount, an I/O error) is tried this many times,
+with a growing pause between tries; a later re-offer of the same trial tries again."""
+
+
+def published_versions(versions_dir: Path) -> list[int]:
+    """Version numbers of the soup folders already published (``soup_versions/v000N``)."""
+    out = []
+    for p in versions_dir.glob("v*"):
+        if p.is_dir() and p.name[1:].isdigit():
+            out.append(int(p.name[1:]))
+    return sorted(out)
 
 
 class SoupKeeper:
@@ -79,6 +89,10 @@ class SoupKeeper:
         self._wake = threading.Condition(self._lock)
         self.busy = False
         self.last_error: str | None = None
+        self.publish_pending = False  # the soup changed but its folder is not written yet (retried)
+        self.publish_retry_at = 0.0
+        self.transient: set[str] = set()  # rejected only for being unreadable so far: a re-offer retries
+        self.retire_idle_s: float | None = None  # a pending retire_when_idle request (survives a restart)
         self.last_offer_at = self.last_change_at = time.time()  # for retiring an idle actor
         self.retiring = False
         state = read_state(self.run_dir)
@@ -105,6 +119,15 @@ class SoupKeeper:
             self.version = state["version"]
             self.published = state.get("published", {})
             self.restarts = state.get("restarts", 0) + 1
+            self.transient = set(state.get("transient_rejections", []))
+            self.retire_idle_s = state.get("retire_idle_s")
+            self.publish_pending = bool(state.get("publish_pending", False))
+            # a crash between writing a version folder and this state leaves a folder newer than the state's
+            # number: never reuse a number, so each version number names one soup only
+            on_disk = published_versions(self.paths.versions)
+            if on_disk and on_disk[-1] > self.version:
+                self.version = on_disk[-1]
+                self.publish_pending = True
             for rec in self.records.values():
                 self.kitchen.paths[rec["trial_id"]] = TrialRecord.from_json(rec)
             self.soup = IncrementalGreedySoup.from_state(state["soup"], self.kitchen.evaluate)
@@ -124,6 +147,9 @@ class SoupKeeper:
             "published": self.published,
             "restarts": self.restarts,
             "tie": self.tie,
+            "transient_rejections": sorted(self.transient),
+            "retire_idle_s": self.retire_idle_s,
+            "publish_pending": self.publish_pending,
             "updated_at": time.time(),
         }
 
@@ -186,6 +212,7 @@ class SoupKeeper:
             "tie": self.tie,
             "pid": os.getpid(),
             "last_error": self.last_error,
+            "publish_pending": self.publish_pending,
         }
 
     # -- public ------------------------------------------------------------------
@@ -198,6 +225,11 @@ class SoupKeeper:
                 raise RuntimeError(f"the soup actor of {self.run_dir} is retiring: offer {tid} to a new one "
                                    "(start_soup_actor resumes from the run folder)")
             self.last_offer_at = time.time()
+            if tid in self.transient:  # it was only unreadable so far: try again from the start
+                self.transient.discard(tid)
+                self.rejected.pop(tid, None)
+                self.attempts.pop(tid, None)
+                self.retry_at.pop(tid, None)
             known = tid in self.records or tid in self.rejected or any(r["trial_id"] == tid for r in self.inbox)
             if known:
                 return {"trial_id": tid, "queued": False, "duplicate": True}
@@ -214,8 +246,9 @@ class SoupKeeper:
         return dict(self._snapshot)
 
     def pending(self) -> int:
+        """Offers queued or being evaluated, plus one while a changed soup is not yet published."""
         with self._lock:
-            return len(self.inbox) + (1 if self.busy else 0)
+            return len(self.inbox) + (1 if self.busy else 0) + (1 if self.publish_pending else 0)
 
     def process_inbox(self) -> int:
         """Admit and offer everything queued, in one incremental update; returns how many were handled."""
@@ -235,28 +268,29 @@ class SoupKeeper:
                     record = TrialRecord.from_json(rec)
                     candidates.append(self.kitchen.admit(record))
                     self.records[record.trial_id] = {**rec, "heldout_correct": candidates[-1].heldout_correct}
-                except CheckpointRejected as err:
-                    self.rejected[tid] = str(err)
-                except OSError as err:  # e.g. a network mount that has not caught up yet: try again later
+                except (CheckpointUnavailable, OSError) as err:  # e.g. a network mount not caught up yet
                     self.attempts[tid] = self.attempts.get(tid, 0) + 1
                     if self.attempts[tid] < TRANSIENT_ATTEMPTS:
                         retry.add(tid)
                         self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])  # backoff
                     else:
                         self.rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
+                        self.transient.add(tid)
+                except CheckpointRejected as err:
+                    self.rejected[tid] = str(err)
                 except Exception as err:  # noqa: BLE001 - a poison offer must never block the ones after it
                     self.rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
             update = self.soup.offer(candidates) if candidates else None
             if update is not None and update.changed:
-                self.version += 1
-                if self.publish_enabled:
-                    self._publish()
+                self.publish_pending = self.publish_enabled
             with self._lock:
                 done = {r["trial_id"] for r in batch} - retry
                 self.inbox = [r for r in self.inbox if r["trial_id"] not in done]
-                self._persist()
+                self._persist()  # the soup's new state (and that a publish is due) first: offers are never lost
                 for tid in done:
                     self._inbox_file(tid).unlink(missing_ok=True)
+            self.publish_if_pending()
+            with self._lock:
                 self.busy = False
                 self._snapshot = self._make_snapshot()
             self._metrics(len(candidates), len(batch) - len(candidates), update)
@@ -268,10 +302,37 @@ class SoupKeeper:
                 self._snapshot = {**self._make_snapshot(), "last_error": self.last_error}
             raise
 
-    def _publish(self) -> None:
+    def publish_if_pending(self) -> bool:
+        """Publish the current soup as the next version if it changed since the last one; returns whether it did.
+
+        The version number moves on only once the folder is written, so a failed
+        publish (a full disk, a lost mount) is retried with the next number
+        still free and Serve never stays on an old soup for good.
+        """
+        if not self.publish_pending or time.time() < self.publish_retry_at:
+            return False
+        if not self.soup.ingredients:
+            self.publish_pending = False
+            return False
+        version = max([self.version, *published_versions(self.paths.versions)]) + 1
+        try:
+            self._publish(version)
+        except Exception:
+            self.last_error = traceback.format_exc(limit=5)
+            self.publish_retry_at = time.time() + 5.0
+            return False
+        with self._lock:
+            self.version = version
+            self.publish_pending = False
+            self.last_error = None
+            self._persist()
+            self._snapshot = self._make_snapshot()
+        return True
+
+    def _publish(self, version: int) -> None:
         ids = list(self.soup.ingredients)
         info = {
-            "version": self.version,
+            "version": version,
             "ingredients": ids,
             "heldout_accuracy": self.soup.accuracy,
             "heldout_correct": self.soup.correct,
@@ -281,9 +342,9 @@ class SoupKeeper:
         }
         weights = self.kitchen.soup_weights(ids)
         versions = self.paths.versions
-        folder = export_soup(self.paths.base, weights, self.paths.version(self.version), info)
+        folder = export_soup(self.paths.base, weights, self.paths.version(version), info)
         export_soup(self.paths.base, weights, self.paths.soup, info)
-        self.published = {"version": self.version, "folder": str(folder), "ingredients": ids}
+        self.published = {"version": version, "folder": str(folder), "ingredients": ids}
         old = sorted(p for p in versions.glob("v*") if p.is_dir())
         for p in old[: max(0, len(old) - self.keep_versions)]:
             shutil.rmtree(p, ignore_errors=True)
@@ -295,6 +356,8 @@ class SoupKeeper:
     def run_forever(self, stop: threading.Event) -> None:
         """The worker loop: wait for offers, process them, repeat."""
         while not stop.is_set():
+            if self.publish_pending:
+                self.publish_if_pending()
             with self._lock:
                 if not self.inbox:
                     self._wake.wait(timeout=0.5)
@@ -309,6 +372,11 @@ class SoupKeeper:
     def lock(self) -> threading.Lock:
         """The lock every offer takes: hold it to check and change the keeper's state with no offer in between."""
         return self._lock
+
+    def set_retirement(self, idle_s: float | None) -> None:
+        """Record (or clear) a pending exit after ``idle_s`` idle seconds, so a restart keeps it; call with :attr:`lock` held."""
+        self.retire_idle_s = idle_s
+        self._persist()
 
     def touch(self) -> None:
         """Count now as activity (restarts an idle countdown); call with :attr:`lock` held."""

@@ -89,7 +89,9 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                 cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
                 detached=cfg.resolved_address() != "local",
             )
-            ray.get(actor.keep_alive.remote())  # an actor kept from an earlier sweep of this run must not retire now
+            check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
+            # an actor kept from an earlier sweep of this run must not retire now
+            ray.get(actor.keep_alive.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
             cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace))
             log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
                 f"(watch it with: soup-ray status {prep.run_dir})")
@@ -208,28 +210,64 @@ def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None
         f"its state stays in {run_dir}")
 
 
+class SoupActorFailed(RuntimeError):
+    """The soup actor cannot finish the run's soup; the message names the actor and its last error."""
+
+
+ACTOR_CALL_TIMEOUT_S = 120.0
+"""Longest wait for one answer of the soup actor (it answers status calls at once, even while evaluating)."""
+
+
+def check_actor(actor: Any, name: str, timeout: float = ACTOR_CALL_TIMEOUT_S) -> dict[str, Any]:
+    """The actor's status; raises ``SoupActorFailed`` if it does not answer or could not start."""
+    import ray
+
+    try:
+        status = ray.get(actor.status.remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise SoupActorFailed(f"the soup actor {name!r} did not answer within {timeout:.0f}s (see its log in the "
+                              "Ray dashboard, Actors tab)") from None
+    if status.get("fatal_error"):
+        raise SoupActorFailed(f"the soup actor {name!r} could not start: {status['fatal_error']}. Fix or move aside "
+                              f"the run's soup_state/ and resume (trials and checkpoints are kept)")
+    return status
+
+
 def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log: Log = print,
                 timeout: float = 1800.0) -> dict[str, Any]:
-    """Re-offer every completed trial (idempotent), wait for the actor's queue to drain, return its status."""
+    """Re-offer every completed trial (idempotent), wait for the actor's queue to drain, return its status.
+
+    Every wait is bounded: past ``timeout`` (or an actor that cannot start) it
+    raises ``SoupActorFailed`` naming the actor and its last error; the offers
+    are on disk in the run folder either way.
+    """
     import ray
 
     name = actor_name(run_dir)
     deadline = time.time() + timeout
+    status: dict[str, Any] = {}
+    last_problem = "none"
     while True:
+        left = deadline - time.time()
+        if left <= 0:
+            raise SoupActorFailed(f"the soup actor {name!r} did not finish its queue within {timeout:.0f}s; "
+                                  f"its last error: {status.get('last_error') or last_problem}")
         try:
             actor = ray.get_actor(name, namespace=cfg.ray.namespace)
+            status = check_actor(actor, name, timeout=min(ACTOR_CALL_TIMEOUT_S, left))
             refs = [actor.offer.remote(trial_offer(r["trial_id"], str(run_dir / r["checkpoint"]), r))
                     for r in rows if r["status"] == "completed" and r.get("checkpoint")]
-            ray.get(refs)
-            if ray.get(actor.wait_idle.remote(60.0)):
-                status = ray.get(actor.status.remote())
-                if status.get("queued", 0) == 0 and not status.get("busy"):
+            ray.get(refs, timeout=min(ACTOR_CALL_TIMEOUT_S, left))
+            if ray.get(actor.wait_idle.remote(min(60.0, left)), timeout=min(60.0, left) + ACTOR_CALL_TIMEOUT_S):
+                status = ray.get(actor.status.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
+                if status.get("queued", 0) == 0 and not status.get("busy") and not status.get("publish_pending"):
                     break
-        except (ray.exceptions.RayActorError, ValueError) as err:
+            elif status.get("last_error"):
+                last_problem = status["last_error"]
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ValueError) as err:
+            last_problem = f"{type(err).__name__}: {err}"
             log(f"soup actor unavailable ({type(err).__name__}); retrying")
             time.sleep(1.0)
-        if time.time() > deadline:
-            raise TimeoutError(f"the soup actor {name} did not finish its queue within {timeout:.0f}s")
     acc = status.get("heldout_accuracy")
     log(f"greedy soup v{status['version']}: {status['soup_size']} of {status['candidates_seen']} candidates, "
         f"held-out {100 * acc:.1f}%" if acc is not None else "greedy soup: no candidate yet")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soup_ray.cluster.keeper import SoupKeeper, read_state
+from soup_ray.cluster.keeper import TRANSIENT_ATTEMPTS, SoupKeeper, read_state
 from soup_ray.export import load_soup
 from soup_ray.ingredients import Kitchen, trial_records_from_results
 from soup_ray.soup import greedy_soup
@@ -93,11 +93,39 @@ def test_bad_checkpoints_are_rejected_with_reason_and_soup_unchanged(run_copy: P
     p = Path(corrupt["checkpoint"]) / "model.safetensors"
     p.write_bytes(p.read_bytes()[:100])
 
-    missing = {**src, "trial_id": "missing", "checkpoint": str(run_copy / "nowhere")}
+    garbage = _bad_copy(run_copy, src, "not-safetensors")
+    (Path(garbage["checkpoint"]) / "model.safetensors").write_bytes(b"\x89PNG\r\n" + bytes(range(256)) * 8)
 
-    for t in (wrong_base, nan, shape, keys, corrupt, missing):
+    pickled = _bad_copy(run_copy, src, "pickle")  # a pickle named like safetensors is refused, never unpickled
+    torch.save(load_file(str(Path(src["checkpoint"]) / "model.safetensors")),
+               Path(pickled["checkpoint"]) / "model.safetensors")
+
+    other_arch = _bad_copy(run_copy, src, "other-arch")
+    p = Path(other_arch["checkpoint"]) / "model.safetensors"
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(p),
+              metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+
+    fewer = _bad_copy(run_copy, src, "missing-key")
+    p = Path(fewer["checkpoint"]) / "model.safetensors"
+    sd = load_file(str(p))
+    sd.pop("head.weight")
+    save_file(sd, str(p), metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+
+    no_metrics = {**_bad_copy(run_copy, src, "no-metrics"), "heldout_correct": None}
+    (Path(no_metrics["checkpoint"]) / "metrics.json").unlink()
+
+    bad_metrics = {**_bad_copy(run_copy, src, "bad-metrics"), "heldout_correct": None}
+    (Path(bad_metrics["checkpoint"]) / "metrics.json").write_text('{"heldout_correct": "many"}')
+
+    bad = (wrong_base, nan, shape, keys, corrupt, garbage, pickled, other_arch, fewer, no_metrics, bad_metrics)
+    for t in bad:
         keeper.offer(t)
     keeper.process_inbox()
+    missing = {**src, "trial_id": "missing", "checkpoint": str(run_copy / "nowhere")}
+    keeper.offer(missing)
+    for _ in range(TRANSIENT_ATTEMPTS):  # not there (yet): retried a few times, then set aside with the reason
+        keeper.retry_at.clear()
+        keeper.process_inbox()
     after = keeper.status()
     assert after["ingredients"] == before["ingredients"] and after["version"] == before["version"]
     reasons = after["rejected"]
@@ -106,7 +134,11 @@ def test_bad_checkpoints_are_rejected_with_reason_and_soup_unchanged(run_copy: P
     assert "shape of head.bias" in reasons["shape"]
     assert "extra.weight" in reasons["keys"]
     assert "unreadable" in reasons["corrupt"]
-    assert "no model.safetensors" in reasons["missing"]
+    assert "unreadable" in reasons["not-safetensors"] and "unreadable" in reasons["pickle"]
+    assert "conv1.weight" in reasons["other-arch"] and "missing ['head.weight']" in reasons["missing-key"]
+    assert "no held-out score" in reasons["no-metrics"] and "no held-out score" in reasons["bad-metrics"]
+    assert "no model.safetensors" in reasons["missing"] and "still unreadable" in reasons["missing"]
+    assert after["queued"] == 0 and set(reasons) >= {t["trial_id"] for t in bad}
 
 
 def test_restart_resumes_exactly_and_replays_the_inbox(run_copy: Path) -> None:
@@ -196,6 +228,7 @@ def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> N
 
     from soup_ray.cluster.actor import actor_name, start_soup_actor
     from soup_ray.cluster.keeper import read_state
+    from soup_ray.cluster.sweep import SoupActorFailed, check_actor
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="retire-test")
     try:
@@ -228,5 +261,30 @@ def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> N
         again = start_soup_actor(run_copy, cpu=0.25)
         st = ray.get(again.status.remote())
         assert st["ingredients"] == before["ingredients"] and st["restarts"] == before["restarts"] + 1
+        # a pending exit survives a crash: the restarted actor re-arms it from the state on disk (a timer thread
+        # alone would die with the process and the detached actor would hold its GPU share for good)
+        ray.get(again.retire_when_idle.remote(2.0, 0.2))
+        ray.kill(again, no_restart=False)
+        deadline = time.time() + 90
+        gone = False
+        while time.time() < deadline and not gone:
+            try:
+                ray.get_actor(actor_name(run_copy), namespace="retire-test")
+                time.sleep(0.5)
+            except ValueError:
+                gone = True
+        assert gone, "the restarted actor forgot it was to exit when idle"
+        # an actor whose keeper cannot start (a corrupt state file) answers with the reason instead of
+        # restarting forever, and the driver's check ends with a clear error naming the actor
+        broken_run = run_copy.parent / "broken"
+        shutil.copytree(run_copy, broken_run)
+        (broken_run / "soup_state" / "state.json").write_text("{ not json")
+        broken = start_soup_actor(broken_run, cpu=0.25)
+        t0 = time.time()
+        with pytest.raises(SoupActorFailed, match=r"soup:broken-.*could not start: JSONDecodeError"):
+            check_actor(broken, actor_name(broken_run), timeout=60)
+        assert time.time() - t0 < 60
+        with pytest.raises(ray.exceptions.RayTaskError, match="could not start"):
+            ray.get(broken.offer.remote(offers(run_copy)[0]), timeout=30)
     finally:
         ray.shutdown()

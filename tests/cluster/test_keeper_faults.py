@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from soup_ray.cluster.actor import actor_name
-from soup_ray.cluster.keeper import SoupKeeper, read_state
+from soup_ray.cluster.keeper import TRANSIENT_ATTEMPTS, SoupKeeper, read_state
+from soup_ray.run_dir import RunDir
 from soup_ray.ingredients import Kitchen, trial_records_from_results
 
 
@@ -87,3 +89,90 @@ def test_the_weight_cache_is_bounded_in_bytes(run_copy: Path) -> None:
     for r in records:
         big.admit(r)
     assert big.cache_bytes_used() == len(records) * one
+
+
+def move_checkpoint_away(run: Path, trial: dict) -> tuple[Path, Path]:
+    folder = Path(trial["checkpoint"])
+    hidden = folder.with_name(folder.name + ".not-yet-visible")
+    folder.rename(hidden)
+    return folder, hidden
+
+
+def test_a_checkpoint_not_visible_yet_is_retried_not_rejected(run_copy: Path) -> None:
+    trial = offers(run_copy)[0]
+    folder, hidden = move_checkpoint_away(run_copy, trial)
+    keeper = SoupKeeper(str(run_copy))
+    keeper.offer(trial)
+    keeper.process_inbox()
+    st = keeper.status()
+    assert trial["trial_id"] not in st["rejected"] and st["queued"] == 1 and st["version"] == 0
+    hidden.rename(folder)  # the mount caught up
+    keeper.retry_at.clear()  # skip the backoff pause
+    keeper.process_inbox()
+    st = keeper.status()
+    assert st["ingredients"] == [trial["trial_id"]] and st["queued"] == 0 and st["version"] == 1
+
+
+def test_a_trial_given_up_as_unreadable_joins_when_offered_again(run_copy: Path) -> None:
+    trial = offers(run_copy)[0]
+    folder, hidden = move_checkpoint_away(run_copy, trial)
+    keeper = SoupKeeper(str(run_copy))
+    keeper.offer(trial)
+    for _ in range(TRANSIENT_ATTEMPTS):
+        keeper.retry_at.clear()
+        keeper.process_inbox()
+    assert "still unreadable" in keeper.status()["rejected"][trial["trial_id"]]
+    hidden.rename(folder)
+    again = SoupKeeper(str(run_copy))  # also across a restart
+    assert again.offer(trial)["queued"]  # the end-of-sweep re-offer is not dropped as a duplicate
+    again.process_inbox()
+    assert again.status()["ingredients"] == [trial["trial_id"]]
+    assert trial["trial_id"] not in again.status()["rejected"]
+
+
+def test_a_failed_publish_is_retried_and_keeps_the_version_number(run_copy: Path, monkeypatch) -> None:
+    trial = offers(run_copy)[0]
+    keeper = SoupKeeper(str(run_copy))
+    real = keeper._publish
+    calls = {"n": 0}
+
+    def flaky(version: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real(version)
+
+    monkeypatch.setattr(keeper, "_publish", flaky)
+    keeper.offer(trial)
+    keeper.process_inbox()
+    st = keeper.status()
+    assert st["version"] == 0 and st["publish_pending"] and "No space left" in st["last_error"]
+    assert st["ingredients"] == [trial["trial_id"]] and st["queued"] == 0  # the offer itself is not lost
+    assert not RunDir(run_copy).version(1).exists()
+    keeper.publish_retry_at = 0.0
+    assert keeper.publish_if_pending()
+    st = keeper.status()
+    assert st["version"] == 1 and not st["publish_pending"] and st["last_error"] is None
+    info = json.loads((RunDir(run_copy).version(1) / "soup.json").read_text())
+    assert info["version"] == 1 and info["ingredients"] == [trial["trial_id"]]
+
+
+def test_a_restart_after_a_publish_it_did_not_record_never_reuses_the_number(run_copy: Path) -> None:
+    trials = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy))
+    keeper.offer(trials[0])
+    keeper.process_inbox()
+    v1 = RunDir(run_copy).version(1) / "soup.json"
+    first = v1.read_text()
+    # the crash came after the folder was written and before the state said so
+    state = json.loads(RunDir(run_copy).state_file.read_text())
+    state["version"], state["published"] = 0, {}
+    RunDir(run_copy).state_file.write_text(json.dumps(state))
+    again = SoupKeeper(str(run_copy))
+    assert again.status()["version"] >= 1
+    for t in trials[1:]:
+        again.offer(t)
+    again.process_inbox()
+    again.publish_if_pending()
+    assert v1.read_text() == first  # v1 names one soup only
+    assert again.status()["version"] >= 2
