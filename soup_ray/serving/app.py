@@ -467,7 +467,8 @@ class SoupIngress:
             raise ApiError(404, "ensemble_disabled", "no ensemble is configured (ensemble: 0)")
         return await self._answer(request, top_k, self.ensemble)
 
-    @app.get("/info", summary="What is served", responses={503: ERROR_RESPONSES[503]})
+    @app.get("/info", summary="What is served",
+             responses={k: ERROR_RESPONSES[k] for k in (401, 422, 503)})
     async def info(self, request: Request, detail: Literal["local"] | None = Query(
             None, description="`local`: also the run folder, model source, process ids and replica actor name; "
                               "honoured only for a loopback client")) -> dict[str, Any]:

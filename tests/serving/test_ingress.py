@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -310,3 +311,87 @@ def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(
     settings = ingress.init_args[2]
     assert settings["auth_token_file"] == str(token_file)
     assert "s3cret" not in json.dumps(settings, default=str)  # the secret never travels in a deployment config
+
+
+# ---------------------------------------------------------------- the OpenAPI document, fuzzed
+
+# Refusals a schema-valid request may still get: what the schema cannot say about the bytes of an image.
+CONTENT_REFUSALS = {"not_an_image", "corrupt_image", "unsupported_image_type", "too_many_pixels", "too_large_decoded"}
+FUZZ_EXAMPLES = 25  # per operation and mode: the whole run stays well under 30 s
+
+
+def test_the_schema_says_what_is_accepted(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from soup_ray.serving.app import BASE64_PATTERN, app
+
+    make_ingress(fake_run, monkeypatch)
+    spec = app.openapi()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]
+    assert body["required"] is True
+    content = body["content"]
+    assert set(content) == {"multipart/form-data", "image/png", "image/jpeg", "application/octet-stream",
+                            "application/json"}
+    b64 = content["application/json"]["schema"]["properties"]["image_base64"]
+    assert b64["minLength"] >= 4 and b64["pattern"] == BASE64_PATTERN
+    import re
+
+    for good in ["AAAA", "iVBORw0KGgo=", "/w==", "data:image/png;base64,AAAA"]:
+        assert re.fullmatch(BASE64_PATTERN, good), good
+    for bad in ["", "=", "AAA", "!!!!", "AA=A", "data:image/png;base64,"]:
+        assert not re.fullmatch(BASE64_PATTERN, bad), bad
+    assert content["multipart/form-data"]["schema"]["additionalProperties"] is False
+    assert all(content[k]["schema"]["minLength"] == 1 for k in ("image/png", "image/jpeg", "application/octet-stream"))
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "408", "413", "415", "422", "503", "504"} <= set(responses)
+
+
+def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_request(
+        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import checks
+    from schemathesis.generation import GenerationMode
+
+    from soup_ray.serving.app import app
+
+    make_ingress(fake_run, monkeypatch, ensemble=FakeModel())
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    refused: list[str] = []
+
+    def refused_only_for_image_content(ctx: Any, response: Any, case: Any) -> bool:
+        """A schema-valid request is answered, or refused only for what its image bytes are."""
+        if case.meta is not None and case.meta.generation.mode != GenerationMode.POSITIVE:
+            return True
+        if 400 <= response.status_code < 500:
+            code = json.loads(response.content or b"{}").get("error")
+            if code not in CONTENT_REFUSALS:
+                refused.append(f"{case.method} {case.path} {case.media_type}: {response.status_code} {code}")
+                raise AssertionError(f"a schema-valid request was refused: {response.status_code} {code}")
+        return True
+
+    wanted = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
+              checks.response_schema_conformance, checks.negative_data_rejection]
+    ran = {"calls": 0, "operations": 0}
+    timings: dict[str, float] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        ran["operations"] += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case: Any) -> None:
+                response = case.call()
+                ran["calls"] += 1
+                case.validate_response(response, checks=wanted, additional_checks=[refused_only_for_image_content])
+
+            started = time.perf_counter()
+            try:
+                fuzz()
+            except Unsatisfiable:  # nothing to make invalid (no parameter, no body): negative mode has no case
+                assert mode == GenerationMode.NEGATIVE, operation.label
+            timings[f"{operation.label} {mode.value}"] = round(time.perf_counter() - started, 2)
+    print(timings)
+    assert ran["operations"] >= 4 and ran["calls"] >= 4 * FUZZ_EXAMPLES, ran
+    assert not refused
