@@ -129,6 +129,14 @@ class LoadedSoup:
         return [top_predictions(row.tolist(), self.classnames, top_k) for row in logits]
 
 
+class _NotRandomInit:
+    """A logging filter for open_clip's "Model initialized randomly" warning on a ``local-dir:`` folder, whose
+    weights are loaded right after (the soup's own tensors, checked by the API test's accuracy)."""
+
+    def filter(self, record: Any) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
 def load_soup(path: str | Path, device: str = "cpu") -> LoadedSoup:
     """Load a published soup or recipe folder (``RUN_DIR/soup``, ``RUN_DIR/soups/NAME``, ``soup_versions/vNNNN``;
     a run folder means its ``soup/``) as a classifier in eval mode with its class names."""
@@ -141,6 +149,14 @@ def load_soup(path: str | Path, device: str = "cpu") -> LoadedSoup:
     if not (folder / SOUP_INFO).is_file():
         raise FileNotFoundError(f"{folder}: no {SOUP_INFO} here, so it is not a published soup folder (give "
                                 "RUN_DIR/soup, RUN_DIR/soups/NAME or a run folder with a soup)")
-    model, info = load_folder(folder, device=device)
+    import logging
+
+    root = logging.getLogger()
+    quiet = _NotRandomInit()
+    root.addFilter(quiet)  # open_clip's local-dir factory warns "initialized randomly" before its weights load
+    try:
+        model, info = load_folder(folder, device=device)
+    finally:
+        root.removeFilter(quiet)
     return LoadedSoup(model=model.eval(), classnames=list(info["classnames"]), image_size=int(info["image_size"]),
                       info=info)
