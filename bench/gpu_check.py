@@ -12,6 +12,14 @@ one application at a time: the soup on ``POST /predict`` and an ensemble of
 ``--num-gpus`` of the GPU; plus the in-process ceiling (batched forward of the
 same soup on the GPU at the deployment's batch size).
 
+Part 3 (averaging): 8 ViT-B-32-sized checkpoints averaged with the streaming
+``soup_ray.checkpoint_average.average_checkpoint_files`` against a plain read
+of the same files (page cache warmed by one read of every file first).
+
+``--dry-run`` runs every part's code on a CPU-only machine at tiny sizes (the
+stand-in model config, a few steps, tiny checkpoints; no Serve unless
+``--serve`` is given): the test suite runs it so the script cannot rot.
+
 Writes ``bench/results/gpu-<date>.json`` after every phase. Every phase is
 bounded in time and the whole check by ``--budget`` seconds (the shell wrapper
 kills it at 360 s), so a late phase is shortened or skipped, never overrun.
@@ -44,15 +52,20 @@ def elapsed() -> float:
     return time.perf_counter() - T0
 
 
-def build(num_classes: int, device: str):
+def build(num_classes: int, device: str, model_name: str = "ViT-B-32"):
     import open_clip
     from torch import nn
 
     from soup_ray.model import CLIPClassifier
+    from soup_ray.standin import register_model_configs
 
-    clip = open_clip.create_model("ViT-B-32", pretrained=None)
-    head = nn.Linear(512, num_classes)
-    clf = CLIPClassifier(clip.visual, head, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, 224)
+    register_model_configs()  # the package's own configs (the dry run's tiny model)
+    clip = open_clip.create_model(model_name, pretrained=None)
+    size = clip.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    head = nn.Linear(clip.visual.output_dim, num_classes)
+    clf = CLIPClassifier(clip.visual, head, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, size)
+    clf.image_size_px = size
     return clf.to(device)
 
 
@@ -80,9 +93,10 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
     """Fine-tuning (fp32, bf16 autocast) and evaluation images/s on synthetic batches."""
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the reference code
     torch.backends.cudnn.allow_tf32 = False
-    model = build(1000, device)
+    model = build(1000, device, args.model)
+    px = model.image_size_px
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.1)
-    x = torch.rand(args.batch_size, 3, 224, 224, device=device)
+    x = torch.rand(args.batch_size, 3, px, px, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     def train_step(bf16: bool) -> Callable[[], None]:
@@ -97,16 +111,16 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
 
     model.train()
     for name, bf16 in (("train_fp32", False), ("train_bf16_autocast", True)):
-        n, secs = timed_steps(train_step(bf16), 3, 200, args.seconds, device)
+        n, secs = timed_steps(train_step(bf16), args.warmup, args.max_steps, args.seconds, device)
         results[f"{name}_images_per_s"] = round(n * args.batch_size / secs, 1)
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} steps)", flush=True)
     model.eval()
-    xe = torch.rand(args.eval_batch_size, 3, 224, 224, device=device)
+    xe = torch.rand(args.eval_batch_size, 3, px, px, device=device)
     for name, bf16 in (("eval_fp32", False), ("eval_bf16_autocast", True)):
         def ev() -> None:
-            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(xe)
-        n, secs = timed_steps(ev, 3, 400, args.seconds / 2, device)
+        n, secs = timed_steps(ev, args.warmup, 2 * args.max_steps, args.seconds / 2, device)
         results[f"{name}_images_per_s"] = round(n * args.eval_batch_size / secs, 1)
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} batches)", flush=True)
     if device == "cuda":
@@ -117,6 +131,32 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
         torch.cuda.empty_cache()
     torch.backends.cuda.matmul.allow_tf32 = True  # serving runs with the library defaults again
     torch.backends.cudnn.allow_tf32 = True
+
+
+def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """8 checkpoints averaged by the streaming function against a plain read of the same files."""
+    from soup_ray.bench.averaging import read_files, tiny_shapes, vit_shapes, write_checkpoints
+    from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
+
+    tmp = Path(tempfile.mkdtemp(prefix="soup-ray-gpu-avg-"))
+    try:
+        shapes = tiny_shapes() if args.dry_run else vit_shapes(args.model)
+        paths = write_checkpoints(tmp, args.average_n, shapes, log=lambda m: print(m, flush=True))
+        read_files(paths)  # page cache equalised: every file read once before both
+        fig: dict[str, Any] = {"n": len(paths), "file_mb": round(paths[0].stat().st_size / 2**20, 1),
+                               "page_cache": "warmed: every file read once before the timings"}
+        for name, fn in (("read", lambda: read_files(paths)),
+                         ("stream", lambda: average_checkpoint_files(paths, tmp / "soup.safetensors")),
+                         ("stream_in_memory", lambda: average_checkpoints(paths))):
+            t0 = time.perf_counter()
+            fn()
+            fig[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+        fig["stream_over_read"] = round(fig["stream_s"] / max(fig["read_s"], 1e-9), 3)
+        fig["stream_in_memory_over_read"] = round(fig["stream_in_memory_s"] / max(fig["read_s"], 1e-9), 3)
+        results["averaging"] = fig
+        print(f"averaging {len(paths)} checkpoints: {fig}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, out: Path) -> None:
@@ -133,7 +173,8 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
         return
     tmp = Path(tempfile.mkdtemp(prefix="soup-ray-gpu-serve-"))
     try:
-        run_dir = build_vit_run(tmp / "run", members=args.members, log=lambda m: print(m, flush=True))
+        run_dir = build_vit_run(tmp / "run", members=args.members, model_name=args.model,
+                                log=lambda m: print(m, flush=True))
         gpu = device == "cuda"
         settings = BenchSettings(
             concurrency=parse_concurrency(args.serve_concurrency), requests=args.serve_requests,
@@ -173,6 +214,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=340.0, help="bound on the whole check in seconds")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 1")
     ap.add_argument("--no-serve", action="store_true", help="skip part 2")
+    ap.add_argument("--no-average", action="store_true", help="skip part 3")
+    ap.add_argument("--average-n", type=int, default=8, help="checkpoints averaged in part 3 (default: 8)")
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
+    ap.add_argument("--max-steps", type=int, default=200, help="most timed training steps per setting")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny sizes for a CPU-only machine (the test suite's check): stand-in model, batch 4, "
+                         "a few steps, tiny checkpoints, no Serve unless --serve")
+    ap.add_argument("--serve", action="store_true", help="with --dry-run: run part 2 too")
     ap.add_argument("--members", type=int, default=5, help="ensemble size compared with the soup (default: 5)")
     ap.add_argument("--num-gpus", type=float, default=0.15, help="GPU fraction per model replica (default: 0.15)")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per model replica on the GPU machine")
@@ -184,6 +234,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8012, help="HTTP port of the served application (loopback)")
     ap.add_argument("--out", default=None, help="output JSON (default: bench/results/gpu-<date>.json)")
     args = ap.parse_args()
+    if args.dry_run:
+        args.model = "soupray-digits-tiny" if args.model == "ViT-B-32" else args.model
+        args.batch_size, args.eval_batch_size, args.seconds = 4, 8, min(args.seconds, 2.0)
+        args.warmup, args.max_steps, args.members = 1, 3, min(args.members, 2)
+        args.serve_requests, args.serve_seconds, args.serve_concurrency = 20, 2.0, "1,2"
+        args.no_serve = args.no_serve or not args.serve
 
     sigterm_as_interrupt()  # `timeout` sends SIGTERM: unwind so Serve and Ray are stopped and results written
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -191,7 +247,8 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "model": "ViT-B-32 (random init) + linear head, 224 px",
+        "model": f"{args.model} (random init) + linear head",
+        "dry_run": bool(args.dry_run),
         "batch_size": args.batch_size,
     }
     out = Path(args.out or HERE / "results" / f"gpu-{results['date']}.json")
@@ -199,8 +256,13 @@ def main() -> None:
         if not args.no_throughput:
             throughput_phase(args, results, device)
             save(results, out)
+        if not args.no_average:
+            averaging_phase(args, results)
+            save(results, out)
         if not args.no_serve:
             serve_phase(args, results, device, out)
+        elif args.dry_run:
+            results["serving_vitb32"] = {"skipped": "dry run without --serve (the serving tests cover the app)"}
     except KeyboardInterrupt:
         results["interrupted_at_s"] = round(elapsed(), 1)
         print("interrupted: writing what was measured", flush=True)

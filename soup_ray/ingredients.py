@@ -21,11 +21,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from .checkpoint_average import average_checkpoints
 from .data import labels_of, loader
-from .evaluate import iter_logits, pick_device
+from .evaluate import pick_device
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, early_rejection_evaluate
 from .run_dir import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, RESULTS_FILE, RunDir
@@ -133,6 +133,7 @@ class Kitchen:
         self._cache: OrderedDict[str, StateDict] = OrderedDict()
         self._cache_bytes = int(cache_bytes if cache_bytes is not None else cfg.soup.cache_mb * 2**20)
         self._base_state: StateDict | None = None
+        self._heldout_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.images_evaluated = 0
 
     # -- ingredients ---------------------------------------------------------
@@ -191,11 +192,11 @@ class Kitchen:
     def soup_weights(self, ids: list[str]) -> StateDict:
         """The uniform average of the given ingredients' weights (fp32 accumulation).
 
-        Cached ingredients are read from memory, the others memory-mapped from
-        their checkpoint and added tensor by tensor
+        Cached ingredients are read from memory, the others from their
+        checkpoint tensor by tensor
         (:func:`soup_ray.checkpoint_average.average_checkpoints`, equal to
         ``average_state_dicts`` bit for bit), so a soup of many ingredients never
-        holds more than the running sums and one mapped file.
+        holds more than the result and two tensor-sized buffers besides the cache.
         """
         sources = [self._cache[t] if t in self._cache else Path(self.paths[t].checkpoint) / CHECKPOINT_WEIGHTS
                    for t in ids]
@@ -208,14 +209,56 @@ class Kitchen:
 
     # -- scoring ---------------------------------------------------------------
 
-    def _batches(self, model: CLIPClassifier) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.heldout_order().tolist()
-        if isinstance(self.heldout, TensorDataset):
-            x, y = self.heldout.tensors
-            ds: Dataset = TensorDataset(x[order], y[order])
-        else:
-            ds = Subset(self.heldout, order)
-        yield from iter_logits(model, ds, self.heldout_batch_size, self.num_workers)
+    def heldout_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out images and labels, decoded once and kept in memory.
+
+        Images that are whole multiples of 1/255 (decoded image files) are kept
+        as uint8 and divided again per batch, which gives back the same floats
+        in a quarter of the memory.
+        """
+        if self._heldout_tensors is None:
+            if isinstance(self.heldout, TensorDataset):
+                x, y = self.heldout.tensors[0], self.heldout.tensors[1]
+            else:
+                parts = list(loader(self.heldout, 256, num_workers=self.num_workers))
+                x = torch.cat([p[0] for p in parts])
+                y = torch.cat([torch.as_tensor(p[1]) for p in parts])
+                u8 = (x * 255).round().clamp_(0, 255).to(torch.uint8)
+                if torch.equal(u8.float().div_(255), x):
+                    x = u8
+            self._heldout_tensors = (x.contiguous(), y.long())
+        return self._heldout_tensors
+
+    def _batches(self, model: CLIPClassifier) -> Iterator[tuple[int, int]]:
+        """``(correct, size)`` per held-out batch in :meth:`heldout_order`, computed only when pulled.
+
+        Inference mode, the decoded tensors indexed in place, channels-last and
+        bf16 autocast on a GPU (bf16 when the trials train in bf16, so the soup
+        is scored as its ingredients were).
+        """
+        x_all, y_all = self.heldout_tensors()
+        order = self.heldout_order()
+        natural = bool(torch.equal(order, torch.arange(len(order))))
+        cuda = self.device == "cuda"
+        bf16 = cuda and self.config.model.precision == "bf16"
+        model.eval()
+        if cuda:
+            model.to(memory_format=torch.channels_last)
+        bs = self.heldout_batch_size
+        for start in range(0, len(order), bs):
+            if natural:
+                xb, yb = x_all[start:start + bs], y_all[start:start + bs]
+            else:
+                idx = order[start:start + bs]
+                xb, yb = x_all.index_select(0, idx), y_all.index_select(0, idx)
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                xb = xb.to(self.device, non_blocking=True)
+                xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+                if cuda:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                pred = model(xb).argmax(1)
+                correct = int((pred.cpu() == yb).sum())
+            yield correct, len(yb)
 
     def base_state(self) -> StateDict:
         """The shared base's weights (read from ``base/`` once)."""
