@@ -339,6 +339,14 @@ class RayConfig(_Strict):
     namespace: str = "soup-ray"
 
 
+class ServeSettings(_Strict):
+    """How `soup-ray run` serves the soup once the sweep is done."""
+
+    auth_token_file: str | None = Field(
+        None, description="a file holding a bearer token: every HTTP endpoint but /healthz then wants "
+        "`Authorization: Bearer TOKEN` (401 otherwise); null: the API is open (it binds 127.0.0.1 unless told)")
+
+
 class SweepConfig(_Strict):
     """A whole experiment: model, data, search space, resources, soup, storage."""
 
@@ -351,6 +359,7 @@ class SweepConfig(_Strict):
     soup: SoupSettings = SoupSettings()
     storage: str = "runs"
     ray: RayConfig = RayConfig()
+    serve: ServeSettings = ServeSettings()
     eval_batch_size: int = Field(256, ge=1)
 
     @field_validator("storage")

@@ -65,7 +65,7 @@ def resume_config(run_dir: Path, cfg: SweepConfig | None) -> SweepConfig:
 
 
 def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_line,
-              resume: str | Path | None = None) -> SweepJob:
+              resume: str | Path | None = None, verbose: bool = False) -> SweepJob:
     """Prepare the base, run the sweep with the live soup actor, print the tables and write the report.
 
     ``resume`` (a run folder) continues the sweep there instead of starting a new one.
@@ -83,7 +83,7 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
         run_dir = run_dir_for(cfg, out)
     prep = prepare_run(cfg, run_dir, log)
     try:
-        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None)
+        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose)
     except KeyboardInterrupt:
         log(f"stopped; what finished is kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
         return SweepJob(prep.run_dir, False, interrupted=True)
@@ -109,10 +109,10 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
 
 
 def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
-            port: int = 8000, log: Log = log_line, resume: str | Path | None = None) -> int:
+            port: int = 8000, log: Log = log_line, resume: str | Path | None = None, verbose: bool = False) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP until Ctrl-C."""
     t0 = time.time()
-    job = sweep_job(cfg, out, log, resume=resume)
+    job = sweep_job(cfg, out, log, resume=resume, verbose=verbose)
     if job.interrupted:
         return INTERRUPTED
     log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
@@ -123,27 +123,34 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         return 1
     from .serving import serve_run
 
+    token_file = SweepConfig.model_validate_json(RunDir(job.run_dir).config.read_text()).serve.auth_token_file
+
     def ready(url: str) -> None:
-        show_queries(url, job.run_dir, log=log)
+        show_queries(url, job.run_dir, log=log, token_file=token_file)
         log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
 
-    serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready)
+    serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
+              verbose=verbose)
     return 0
 
 
-def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line) -> None:
-    """Post a few real test digits as PNG to the served soup and print what comes back."""
+def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line, token_file: str | None = None) -> None:
+    """Post a few real test digits as PNG to the served soup and print what comes back (with the bearer
+    token of ``token_file`` when the server wants one)."""
     import httpx
     from PIL import Image
 
     from .data import build_dataset
+    from .serving.auth import read_token
+
+    headers = {"Authorization": f"Bearer {read_token(token_file).decode()}"} if token_file else {}
 
     paths = RunDir(run_dir)
     cfg = SweepConfig.model_validate_json(paths.config.read_text())
     meta = json.loads(paths.base_meta.read_text())
     test = build_dataset(cfg.data, int(meta["image_size"])).test
     deadline = time.time() + 120
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=headers) as client:
         while time.time() < deadline:
             try:
                 if client.get(f"{url}/healthz").status_code == 200:

@@ -11,11 +11,13 @@ from ..cluster.session import ray_session, resolve_address
 from .models import check_model, ensemble_members, resolve_run_dir
 from .options import APP_NAME, ServeOptions
 
+REQUEST_TIMEOUT_S = 120.0
+
 
 def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, *,
               address: str | None = None, app_name: str = APP_NAME, route_prefix: str = "/",
               log: Callable[[str], None] = print, on_ready: Callable[[str], None] | None = None,
-              **options: Any) -> str:
+              request_timeout_s: float | None = REQUEST_TIMEOUT_S, verbose: bool = True, **options: Any) -> str:
     """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
 
     Starts an embedded local Ray (or joins the cluster named by ``address`` or
@@ -23,7 +25,9 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     HTTP options and deploys the ``serve/`` application. ``options`` are the
     other ``ServeOptions`` fields (``model``, ``ensemble``, ``num_cpus``,
     ``num_gpus``, ``max_batch_size``, ``batch_wait_timeout_s``, ``follow``,
-    ``poll_interval_s``, ``max_body_bytes``, ``max_pixels``, ...). With
+    ``poll_interval_s``, ``max_body_bytes``, ``max_pixels``, ``auth_token_file``, ...). ``host`` is loopback
+    unless told otherwise; ``request_timeout_s`` is the proxy's end-to-end limit per request (a 408 past it),
+    a last bound above the ingress's own body and model time-outs. With
     ``blocking`` it calls ``on_ready(url)`` once deployed, waits until Ctrl-C (or
     SIGTERM), then deletes the application and stops whatever it started. Serve's HTTP options are fixed when Serve first starts on
     a cluster: a running Serve keeps its own host and port.
@@ -37,10 +41,12 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     opts = ServeOptions(run_dir=str(resolved), **options)
     check_model(resolved, opts.model, opts.soup_version, opts.method)
     ensemble_members(resolved, opts.ensemble)
-    started = ray_session(address, log=log)
+    started = ray_session(address, log=log, verbose=verbose)
     own_ray = started and resolve_address(address) == "local"
-    serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False)
+    logging_config = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
+    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
+                logging_config=logging_config)
+    serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False, logging_config=logging_config)
     url = f"http://{host}:{int(port)}{route_prefix.rstrip('/')}"
     log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
     if not blocking:
