@@ -57,6 +57,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         out["tune.num_samples"] = args.num_samples
     if getattr(args, "seed", None) is not None:
         out["tune.seed"] = args.seed
+    if getattr(args, "no_dashboard", False):
+        out["ray.dashboard"] = False
     return out
 
 
@@ -69,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise ValueError("--dry-run checks a sweep file: give CONFIG")
 
         return run_dry_run(args.config, overrides_from_args(args), out=args.out)
-    job = sweep_job(sweep_config(args), args.out, resume=args.resume)
+    job = sweep_job(sweep_config(args), args.out, resume=args.resume, verbose=args.verbose)
     return INTERRUPTED if job.interrupted else 0
 
 
@@ -90,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_sweep(args)
     return run_job(sweep_config(args), args.out, serve=not args.no_serve, host=args.host, port=args.port,
-                   resume=args.resume)
+                   resume=args.resume, verbose=args.verbose)
 
 
 def cmd_standin(args: argparse.Namespace) -> int:
@@ -170,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", type=parse_set, metavar="KEY=VALUE",
                         help="override one config key (dotted, YAML value), repeatable: "
                              "--set trial_resources.gpu=1 --set search_space.epochs=2")
+        sp.add_argument("--no-dashboard", action="store_true",
+                        help="start the embedded local Ray without its dashboard (default: on 127.0.0.1, port 8265 "
+                             "or a free one; the URL is printed first)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="Ray's and Tune's full console output (trial tables, worker and Serve replica logs); "
+                             "default: one line per finished trial and warnings")
         sp.add_argument("--dry-run", action="store_true",
                         help="only check the config, data paths, Ray resources, model and two training steps; "
                              "start nothing (exit 0: ready, 1: problems, 2: invalid config)")

@@ -337,6 +337,9 @@ class RayConfig(_Strict):
 
     address: str = "local"
     namespace: str = "soup-ray"
+    dashboard: bool = Field(True, description="give the embedded local Ray its dashboard on 127.0.0.1 "
+                            "(dashboard_port, or a free port if it is taken); a cluster keeps its own")
+    dashboard_port: int = Field(8265, ge=1, le=65535)
 
 
 class ServeSettings(_Strict):

@@ -65,7 +65,7 @@ def resume_config(run_dir: Path, cfg: SweepConfig | None) -> SweepConfig:
 
 
 def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_line,
-              resume: str | Path | None = None) -> SweepJob:
+              resume: str | Path | None = None, verbose: bool = False) -> SweepJob:
     """Prepare the base, run the sweep with the live soup actor, print the tables and write the report.
 
     ``resume`` (a run folder) continues the sweep there instead of starting a new one.
@@ -83,7 +83,7 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
         run_dir = run_dir_for(cfg, out)
     prep = prepare_run(cfg, run_dir, log)
     try:
-        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None)
+        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose)
     except KeyboardInterrupt:
         log(f"stopped; what finished is kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
         return SweepJob(prep.run_dir, False, interrupted=True)
@@ -109,10 +109,10 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
 
 
 def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
-            port: int = 8000, log: Log = log_line, resume: str | Path | None = None) -> int:
+            port: int = 8000, log: Log = log_line, resume: str | Path | None = None, verbose: bool = False) -> int:
     """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP until Ctrl-C."""
     t0 = time.time()
-    job = sweep_job(cfg, out, log, resume=resume)
+    job = sweep_job(cfg, out, log, resume=resume, verbose=verbose)
     if job.interrupted:
         return INTERRUPTED
     log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
@@ -129,7 +129,8 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         show_queries(url, job.run_dir, log=log, token_file=token_file)
         log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
 
-    serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file)
+    serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
+              verbose=verbose)
     return 0
 
 

@@ -51,6 +51,7 @@ class TrialContext:
     precision: str = "fp32"
     gpus: float = 0.0  # GPUs Ray gave the trial; > 0 trains on CUDA when one is visible
     num_workers: int = 0  # data-loading processes (image folders on a cluster)
+    checkpoint_interval_s: float = 0.0  # a resumable state after an epoch once this long since the last one
 
     def data_config(self) -> DigitsData | ImageFolderData:
         cls = DigitsData if self.data_kind == "digits" else ImageFolderData
@@ -177,6 +178,7 @@ def fine_tune(
                                          hyperparameters=hp, base_fingerprint=meta["fingerprint"])
         first_epoch, metrics = resumed.epoch + 1, resumed.metrics
         t0 -= float(metrics.get("seconds", 0.0))
+    last_checkpoint = time.time()
     for epoch in range(first_epoch, hp["epochs"] + 1):
         model.train()
         losses = []
@@ -201,7 +203,10 @@ def fine_tune(
             "seconds": time.time() - t0,
             "resumed_from_epoch": first_epoch - 1,
         }
-        if epoch < hp["epochs"]:
+        if epoch < hp["epochs"] and time.time() - last_checkpoint < ctx.checkpoint_interval_s:
+            report(metrics, None)
+        elif epoch < hp["epochs"]:
+            last_checkpoint = time.time()
             with tempfile.TemporaryDirectory(prefix="soup-ray-epoch-") as tmp:
                 save_training_state(Path(tmp), epoch=epoch, model=model, optimizer=opt, scheduler=sched,
                                     generator=g, hyperparameters=hp, base_fingerprint=meta["fingerprint"],

@@ -36,6 +36,7 @@ def tiny_config_dict(**overrides) -> dict:
         },
         "tune": {"num_samples": 2, "seed": 0},
         "trial_resources": {"cpu": 0.875},
+        "ray": {"dashboard": False},  # one test turns it on (tests/cluster/test_sweep.py)
     }
     for k, v in overrides.items():
         node = cfg

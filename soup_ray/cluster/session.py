@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Any, Callable
 
 #: driver settings every worker must share: offline model hub, the stand-in cache
@@ -45,14 +46,53 @@ def resolve_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """``preferred`` if nothing listens on it at ``host``, else a free port the system picks."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free TCP port on {host}")
+
+
+def dashboard_auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header the dashboard's REST API wants when Ray's token auth is on (else empty)."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # a Ray without token auth
+        return {}
+    return dict(get_auth_headers_if_auth_enabled({}))
+
+
+def metrics_url() -> str | None:
+    """Where this Ray node exports its Prometheus metrics (the soup actor's ``soup_*`` among them)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
 def ray_session(address: str | None = None, *, namespace: str | None = None, log: Log = print,
                 env: dict[str, str] | None = None, num_cpus: int | None = None, log_to_driver: bool = True,
-                quiet: bool = False) -> bool:
+                quiet: bool = False, dashboard: bool = False, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+                verbose: bool = True) -> bool:
     """Start (``"local"``) or join (any other address) Ray unless it is initialised; returns whether it did.
 
     ``env`` adds environment variables for every worker on top of
     :func:`worker_env_vars`. ``quiet`` drops the log line and Ray's INFO output
-    (for short status queries).
+    (for short status queries). ``dashboard`` gives an embedded Ray its
+    dashboard on 127.0.0.1 (``dashboard_port``, or a free one if that is taken)
+    and prints its URL and the metrics endpoint first thing. ``verbose=False``
+    keeps the console to warnings: Ray's own INFO lines and the workers'
+    output stay in Ray's log files (``/tmp/ray/session_latest/logs``).
     """
     import ray
 
@@ -64,15 +104,39 @@ def ray_session(address: str | None = None, *, namespace: str | None = None, log
                               "log_to_driver": log_to_driver}
     if quiet:
         kwargs["logging_level"] = "ERROR"
+    elif not verbose:
+        kwargs["logging_level"] = "WARNING"
+        kwargs["log_to_driver"] = False
+        quiet_ray_loggers()
     if target == "local":
         if not quiet:
             log("starting an embedded local Ray (address='local')")
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, **kwargs)
+        if dashboard:
+            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1",
+                          dashboard_port=free_port(dashboard_port))
+        else:
+            kwargs["include_dashboard"] = False
+        context = ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        if dashboard and not quiet:
+            url = context.dashboard_url
+            log(f"Ray dashboard: http://{url}  (it asks for Ray's auth token: `ray get-auth-token` prints it)"
+                if url else "the Ray dashboard did not start (see Ray's log above)")
+            metrics = metrics_url()
+            if metrics:
+                log(f"Ray metrics (Prometheus text, soup_size, soup_heldout_accuracy, ...): {metrics}")
     else:
         if not quiet:
             log(f"connecting to the Ray cluster at {target}")
         ray.init(address=target, **kwargs)
     return True
+
+
+def quiet_ray_loggers() -> None:
+    """Ray Tune's and Serve's driver-side INFO lines at WARNING (``--verbose`` keeps them)."""
+    import logging
+
+    for name in ("ray", "ray.tune", "ray.serve", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def shutdown_ray() -> None:

@@ -49,7 +49,8 @@ def can_resume(run_dir: Path) -> bool:
 
 
 def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list | None = None,
-              prepared: PreparedRun | None = None, live_soup: bool = True, resume: bool = False) -> SweepOutcome:
+              prepared: PreparedRun | None = None, live_soup: bool = True, resume: bool = False,
+              verbose: bool = False) -> SweepOutcome:
     """Run the Tune sweep for ``cfg`` into ``run_dir`` with the live soup actor.
 
     ``resume`` continues the sweep already in ``run_dir`` through ``Tuner.restore``:
@@ -68,7 +69,8 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
     loggers = logger_callbacks(cfg.tune.loggers)  # a missing package fails here, before anything starts
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # exactly the loggers tune.loggers names
     prep = prepared or prepare_run(cfg, run_dir, log)
-    started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log)
+    started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log,
+                          dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port, verbose=verbose)
     actor = None
     try:
         ctx = TrialContext(
@@ -92,7 +94,8 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
             check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
             # an actor kept from an earlier sweep of this run must not retire now
             ray.get(actor.keep_alive.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
-            cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace))
+            cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace, total=cfg.tune.num_samples,
+                                       progress=not verbose))
             log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
                 f"(watch it with: soup-ray status {prep.run_dir})")
         trainable = tune.with_resources(
@@ -120,7 +123,7 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                     name=TUNE_DIR,
                     storage_path=str(prep.run_dir),
                     callbacks=cbs + loggers,
-                    verbose=1,
+                    verbose=1 if verbose else 0,  # quiet: one line per finished trial (SoupCallback) instead
                     failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(
                         cfg.resolved_address())),
                     # at most two checkpoints per trial on disk: the newest resumable state and the final weights.

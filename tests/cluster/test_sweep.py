@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,30 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
         "search_space.epochs": 2,
         "tune.num_samples": 4,
         "tune.seed": 1,
+        "ray.dashboard": True,
     }))
     run_dir = tmp_path / "run"
     prep = prepare_run(cfg, run_dir, log=lambda m: None)
     assert prep.fingerprint == prep0.fingerprint, "the same recipe must give the same base"
-    rows = run_sweep(cfg, run_dir, log=lambda m: None, prepared=prep).rows
+    lines: list[str] = []
+    probe = DashboardProbe(lines)
+    rows = run_sweep(cfg, run_dir, log=lines.append, prepared=prep, callbacks=[probe]).rows
     assert not ray.is_initialized(), "the sweep shuts down the Ray it started"
+    # the dashboard came up on loopback, its URL printed first thing, and its REST API listed the live actors
+    assert lines[1].startswith("Ray dashboard: http://127.0.0.1:"), lines[:3]
+    classes = {a.get("class_name") for a in probe.actors}
+    assert "SoupActor" in classes, classes
+    assert any("ImplicitFunc" in str(c) or "tune_trainable" in str(c) for c in classes), classes
+    assert probe.metrics_has_soup_size, "the metrics endpoint never reported soup_size"
+    # Tune's own TensorBoard logger wrote event files that TensorBoard's reader reads back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((run_dir / "tune").glob("*/events.out.tfevents.*"))
+    assert len(events) == 4
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "ray/tune/heldout_acc" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("ray/tune/heldout_acc")][:1] == [1]
     on_disk = read_jsonl(run_dir / "results.jsonl")
     assert on_disk == json.loads(json.dumps(rows))
     assert len(on_disk) == 4
@@ -78,6 +97,49 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
     # every trial reported its held-out accuracy after each epoch
     progress = list((run_dir / "tune").glob("*/progress.csv"))
     assert len(progress) == 4
+
+
+class DashboardProbe:
+    """A Tune callback that asks the dashboard's REST API for the actors while trials run, and the metrics
+    endpoint for the soup actor's gauge at the end (both over loopback HTTP, bounded in time)."""
+
+    def __new__(cls, lines: list[str]):
+        from ray import tune
+
+        class _Probe(tune.Callback):
+            def __init__(self) -> None:
+                self.actors: list[dict] = []
+                self.metrics_has_soup_size = False
+
+            def _url(self, prefix: str) -> str:
+                line = next(x for x in lines if x.startswith(prefix))
+                return line.split(": ", 1)[1].split()[0]
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                import httpx
+
+                if self.actors:
+                    return
+                from soup_ray.cluster.session import dashboard_auth_headers
+
+                r = httpx.get(f"{self._url('Ray dashboard')}/api/v0/actors", params={"limit": 200}, timeout=20,
+                              headers=dashboard_auth_headers())
+                r.raise_for_status()
+                self.actors = r.json()["data"]["result"]["result"]
+
+            def on_experiment_end(self, trials, **info):
+                import httpx
+
+                url = next((x.split(": ", 1)[1] for x in lines if x.startswith("Ray metrics")), None)
+                deadline = time.time() + 40
+                while url and time.time() < deadline and not self.metrics_has_soup_size:
+                    try:
+                        self.metrics_has_soup_size = "soup_size" in httpx.get(url, timeout=5).text
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(1.0)
+
+        return _Probe()
 
 
 class KillSoupActor:
