@@ -371,3 +371,55 @@ def test_filesystem_of_decodes_octal_escapes_in_mount_points(tmp_path: Path) -> 
     escaped = str(spaced).replace(" ", "\\040")
     mounts.write_text(f"overlay / overlay rw 0 0\nfs:/ {escaped} nfs4 rw 0 0\n")
     assert filesystem_of(spaced / "x", mounts) == (str(spaced), "nfs4")
+
+
+# Ray's launcher gives the head this profile when the head's node_config names none: EC2 and IAM
+# rights to start workers, far more than a worker needs.
+HEAD_DEFAULT_PROFILE = "ray-autoscaler-v1"
+
+
+def _profile_name(node_config: dict[str, Any]) -> str | None:
+    arn = (node_config.get("IamInstanceProfile") or {}).get("Arn") or (node_config.get("IamInstanceProfile") or {}).get("Name")
+    return str(arn).rsplit("/", 1)[-1] if arn else None
+
+
+def test_workers_run_on_a_narrower_instance_profile_than_the_head(cluster: dict[str, Any]) -> None:
+    types = cluster["available_node_types"]
+    head = _profile_name(types[cluster["head_node_type"]]["node_config"]) or HEAD_DEFAULT_PROFILE
+    for name, t in types.items():
+        if name == cluster["head_node_type"]:
+            continue
+        worker = _profile_name(t["node_config"])
+        assert worker is not None, f"{name}: workers need their own profile for the bucket"
+        assert worker != head and "autoscaler" not in worker, f"{name} runs with the head's profile {worker}"
+
+
+CREDENTIALS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret key": re.compile(r"aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+]{40}"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "GitHub token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
+    "bearer token": re.compile(r"Authorization:\s*Bearer\s+[A-Za-z0-9._~+/-]{20,}"),
+}
+
+
+def test_no_credentials_in_any_tracked_file() -> None:
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    found = []
+    for rel in filter(None, listed.stdout.split("\0")):
+        path = ROOT / rel
+        if not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        found += [f"{rel}: {what}" for what, pattern in CREDENTIALS.items() if pattern.search(text)]
+    assert not found, found
+    cluster = yaml.safe_load(CLUSTER.read_text())
+    assert "ssh_private_key" not in cluster.get("auth", {}), "keys stay on the user's machine, never in the repo"
+    assert all(str(local).startswith("~") or str(local) == "." for local in cluster["file_mounts"].values())
