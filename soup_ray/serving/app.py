@@ -549,7 +549,7 @@ def build_app(args: dict | ServeOptions) -> Application:
     ongoing = opts.model_max_ongoing()
     backpressure = BackpressureConfig(retry_after_s=opts.retry_after_s)  # a full queue: 503 with Retry-After
     queue = {"max_ongoing_requests": ongoing, "max_queued_requests": opts.max_queued_requests,
-             "backpressure_config": backpressure}
+             "backpressure_config": backpressure, "health_check_period_s": opts.health_check_period_s}
     token_file = None
     if opts.auth_token_file:
         token_file = str(Path(opts.auth_token_file).expanduser().resolve())

@@ -48,6 +48,9 @@ class ServeOptions(BaseModel):
     ingress_max_queued_requests: int = Field(
         256, ge=1, description="Requests waiting for the ingress; beyond that Serve's proxy answers 503 with Retry-After")
     retry_after_s: float = Field(1.0, ge=0, description="The Retry-After (seconds) sent with 503 answers")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="How often Serve checks each model replica; a dead one is replaced after a "
+                               "failed check, so this bounds how long requests wait for its successor")
     auth_token_file: str | None = Field(
         None, description="A file holding a bearer token: every endpoint but /healthz then wants "
                           "`Authorization: Bearer TOKEN` (401 otherwise). Read on the ingress replica's node")

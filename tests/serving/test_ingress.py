@@ -308,9 +308,29 @@ def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(
     assert ingress.max_queued_requests > 0 and ingress.max_ongoing_requests >= model.max_ongoing_requests
     for d in (ingress, model):
         assert d._deployment_config.backpressure_config.retry_after_s == 2
+    assert model._deployment_config.health_check_period_s == 2.0  # a dead replica is noticed in seconds
     settings = ingress.init_args[2]
     assert settings["auth_token_file"] == str(token_file)
     assert "s3cret" not in json.dumps(settings, default=str)  # the secret never travels in a deployment config
+
+
+def test_servers_bind_loopback_unless_told() -> None:
+    import inspect
+
+    import yaml
+
+    from soup_ray import cli
+    from soup_ray.jobs import run_job
+    from soup_ray.live_page import start_live_page
+    from soup_ray.serving import serve_run
+
+    for fn in (serve_run, run_job, start_live_page):
+        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1", fn.__name__
+    parser = cli.build_parser()
+    for argv in (["serve", "RUN_DIR"], ["run", "CONFIG.yaml"]):
+        assert parser.parse_args(argv).host == "127.0.0.1", argv
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve" / "config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
 
 
 # ---------------------------------------------------------------- the OpenAPI document, fuzzed

@@ -324,14 +324,21 @@ def test_predict_matches_the_exported_soup_in_process(served: dict[str, Any]) ->
 def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
     client, keeper = served["client"], served["keeper"]
     st = keeper.status()
-    info = client.get("/info").json()
+    public = client.get("/info")
+    info = public.json()
     assert info["model"] == "soup" and info["soup_version"] == st["version"]
     assert info["ingredients"] == st["ingredients"]
     assert info["heldout_accuracy"] == pytest.approx(st["heldout_accuracy"])
     assert info["classes"] == keeper.kitchen.bundle.classnames and info["image_size"] == 32
-    assert isinstance(info["pid"], int) and len(info["ensemble"]["members"]) == 2
+    assert len(info["ensemble"]["members"]) == 2
+    # no absolute path, process id or actor name for just anyone; this loopback client may ask for them
+    assert not {"pid", "ingress_pid", "run_dir", "source", "actor"} & set(info)
+    assert str(served["run"]) not in public.text
+    local = client.get("/info?detail=local").json()
+    assert isinstance(local["pid"], int) and local["run_dir"] == str(served["run"])
+    assert local["actor"].startswith("SERVE_REPLICA") and local["pid"] != local["ingress_pid"]
     health = client.get("/healthz")
-    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["pid"] == info["pid"]
+    assert health.status_code == 200 and health.json()["status"] == "ok" and "pid" not in health.json()
     docs = client.get("/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
     spec = client.get("/openapi.json").json()
@@ -447,7 +454,7 @@ def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
     from soup_ray.export import export_soup, load_soup
 
     client, run, kitchen = served["client"], served["run"], served["kitchen"]
-    before = client.get("/info").json()
+    before = client.get("/info?detail=local").json()
     v1, pid = before["soup_version"], before["pid"]
     pngs, _ = digit_images(kitchen, 10)
     old_soup, _ = load_soup(run / "soup")
@@ -477,7 +484,7 @@ def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
         now = before
         while time.time() < deadline and now["soup_version"] != v1 + 1:
             time.sleep(0.25)
-            now = client.get("/info").json()
+            now = client.get("/info?detail=local").json()
     finally:
         time.sleep(0.5)
         stop.set()
@@ -486,7 +493,7 @@ def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
     assert now["soup_version"] == v1 + 1, f"the new soup was not picked up within {LIVE_WAIT_S}s: {now}"
     assert now["ingredients"] == new_ids and now["pid"] == pid
     health = client.get("/healthz").json()
-    assert health["soup_version"] == v1 + 1 and health["pid"] == pid
+    assert health["soup_version"] == v1 + 1
     assert seen and all(status == 200 for status, _ in seen), seen
     assert {v for _, v in seen} <= {v1, v1 + 1}
 
@@ -502,3 +509,152 @@ def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
         for p in body["predictions"]:
             served_probs[p["index"]] = p["probability"]
         assert torch.allclose(served_probs, new_probs[k], atol=1e-5)
+
+
+# ---------------------------------------------------------------- faults and load (a second application)
+
+FAULTS_RETRY_AFTER = "2"
+
+
+def republish(run: Path, source: Path, version: int, spoil: bool = False) -> None:
+    """Publish ``source``'s soup as ``version`` to ``run/soup``, swapped in whole; ``spoil`` truncates its
+    weights first (a complete, readable soup.json announcing weights that cannot be read)."""
+    import json
+
+    staging = run / f".staging-v{version}"
+    shutil.copytree(source, staging)
+    info = json.loads((staging / "soup.json").read_text())
+    info.update(version=version, published_at=time.time())
+    (staging / "soup.json").write_text(json.dumps(info))
+    if spoil:
+        weights = staging / "open_clip_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    old = run / ".soup.old"
+    if (run / "soup").exists():
+        (run / "soup").rename(old)
+    staging.rename(run / "soup")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def wait_for(client: Any, path: str, done: Any, seconds: float = LIVE_WAIT_S) -> Any:
+    """GET ``path`` until ``done(response)`` (bounded); the last response."""
+    deadline = time.time() + seconds
+    r = None
+    while time.time() < deadline:
+        try:
+            r = client.get(path)
+            if done(r):
+                return r
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return r
+
+
+@pytest.fixture(scope="module")
+def faults(served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A second application beside ``served`` in the same Serve: its own copy of the run, whose published soup
+    is spoilt when it starts, one request at a time per model replica and a queue of one."""
+    from ray import serve
+
+    from soup_ray.serving.app import build_app
+
+    run = tmp_path_factory.mktemp("faults") / "run"
+    shutil.copytree(served["run"], run, ignore=shutil.ignore_patterns(".staging-*", ".soup.old"))
+    good = tmp_path_factory.mktemp("good-soup") / "soup"
+    shutil.copytree(run / "soup", good)
+    version = json_version(good)
+    republish(run, good, version, spoil=True)
+    opts = ServeOptions(run_dir=str(run), ensemble=0, poll_interval_s=0.3, num_cpus=0.1, ingress_cpus=0.05,
+                        max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=1, max_queued_requests=1,
+                        retry_after_s=float(FAULTS_RETRY_AFTER), model_timeout_s=15, health_check_period_s=0.5,
+                        max_pixels=FIXTURE_MAX_PIXELS)
+    serve.run(build_app(opts), name="faults", route_prefix="/faults", blocking=False)
+    with httpx.Client(base_url=served["url"] + "/faults", timeout=REQUEST_TIMEOUT_S) as client:
+        try:
+            started = wait_for(client, "/healthz", lambda r: r.headers.get("content-type") == "application/json")
+            png = digit_images(served["kitchen"], 1)[0][0]
+            startup = {"health": started, "predict": client.post("/predict", content=png)}
+            republish(run, good, version + 1)
+            ready = wait_for(client, "/healthz", lambda r: r.status_code == 200)
+            assert ready is not None and ready.status_code == 200, ready.text if ready is not None else None
+            yield {"run": run, "good": good, "client": client, "startup": startup, "png": png,
+                   "version": version + 1}
+        finally:
+            serve.delete("faults", _blocking=False)  # the served fixture's serve.shutdown() waits for it
+
+
+def json_version(folder: Path) -> int:
+    import json
+
+    return int(json.loads((folder / "soup.json").read_text())["version"])
+
+
+def test_healthz_is_503_while_the_served_soup_cannot_be_loaded(faults: dict[str, Any]) -> None:
+    health, predict = faults["startup"]["health"], faults["startup"]["predict"]
+    assert health.status_code == 503, health.text
+    body = health.json()
+    assert body["error"] == "model_unavailable" and "cannot be loaded" in body["detail"]
+    assert str(faults["run"]) not in health.text  # the reason without the server's paths
+    assert predict.status_code == 503 and predict.json()["error"] == "model_unavailable"
+    assert predict.headers.get("retry-after") == FAULTS_RETRY_AFTER
+    assert faults["client"].get("/healthz").status_code == 200  # a good version came, and was loaded
+
+
+def test_a_corrupt_new_soup_version_never_replaces_the_good_one(faults: dict[str, Any]) -> None:
+    client, run, good = faults["client"], faults["run"], faults["good"]
+    serving = client.get("/info").json()["soup_version"]
+    republish(run, good, serving + 1, spoil=True)
+    rejected = wait_for(client, "/info", lambda r: (r.json().get("rejected") or {}).get("soup_version") == serving + 1,
+                        seconds=15)
+    info = rejected.json()
+    assert info["rejected"]["soup_version"] == serving + 1, info
+    assert info["soup_version"] == serving and info["ready"]
+    assert f"still serving soup version {serving}" in info["last_error"]
+    r = client.post("/predict", content=faults["png"])
+    assert r.status_code == 200 and r.json()["soup_version"] == serving
+    health = client.get("/healthz")
+    assert health.status_code == 200 and "cannot be loaded" in health.json()["warning"]
+    republish(run, good, serving + 2)
+    now = wait_for(client, "/info", lambda r: r.json().get("soup_version") == serving + 2, seconds=15).json()
+    assert now["soup_version"] == serving + 2 and now["rejected"] is None and now["last_error"] is None
+
+
+def test_overload_is_a_json_503_with_retry_after_never_a_hang(faults: dict[str, Any]) -> None:
+    client, png = faults["client"], faults["png"]
+    started = time.time()
+    responses = post_all(client, "/predict", [{"content": png} for _ in range(16)], workers=16)
+    assert time.time() - started < REQUEST_TIMEOUT_S
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 4, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"] == "overloaded" and r.headers.get("retry-after") == FAULTS_RETRY_AFTER
+    assert client.post("/predict", content=png).status_code == 200  # and it serves again at once
+
+
+def test_a_killed_model_replica_comes_back_under_load(faults: dict[str, Any]) -> None:
+    import ray
+
+    client, png = faults["client"], faults["png"]
+    before = client.get("/info?detail=local").json()
+    ray.kill(ray.get_actor(before["actor"], namespace="serve"))
+    killed = time.time()
+    outcomes: list[tuple[float, int, str | None]] = []
+    recovered = None
+    while time.time() - killed < 60 and len(outcomes) < 400:
+        r = client.post("/predict", content=png)
+        outcomes.append((time.time() - killed, r.status_code, None if r.status_code == 200 else r.json()["error"]))
+        if r.status_code == 200:
+            after = client.get("/info?detail=local").json()
+            if after.get("actor") and after["actor"] != before["actor"]:
+                recovered = time.time() - killed
+                break
+        time.sleep(0.1)
+    assert recovered is not None, f"no new replica answered within 60 s: {outcomes[-5:]}"
+    failed = [o for o in outcomes if o[1] != 200]
+    assert all(status in (503, 504) for _, status, _ in failed), failed  # JSON errors, never a hang or a 500
+    print(f"replica killed: recovered in {recovered:.1f}s, {len(failed)} of {len(outcomes)} requests failed")
+    tail = [client.post("/predict", content=png).status_code for _ in range(5)]
+    assert tail == [200] * 5
