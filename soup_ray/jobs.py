@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ class SweepJob:
     run_dir: Path
     has_soup: bool
     interrupted: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
 
 
 INTERRUPTED = 130
@@ -81,7 +82,9 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
     else:
         assert cfg is not None, "a config is needed to start a sweep"
         run_dir = run_dir_for(cfg, out)
+    t_prep = time.time()
     prep = prepare_run(cfg, run_dir, log)
+    seconds = {"stand-in and base": time.time() - t_prep}
     try:
         outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose)
     except KeyboardInterrupt:
@@ -90,6 +93,8 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
     paths = RunDir(prep.run_dir)
     if outcome.interrupted:
         return SweepJob(prep.run_dir, False, interrupted=True)
+    seconds.update(outcome.seconds)
+    t_report = time.time()
     print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
     has_soup = bool(outcome.soup is not None and outcome.soup.get("ingredients"))
     if has_soup:
@@ -105,7 +110,8 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
         log("report: " + ", ".join(str(p) for p in written.values()))
         log(f"final soup (open_clip local-dir): {paths.soup}")
     log(f"results: {paths.results}")
-    return SweepJob(prep.run_dir, has_soup)
+    seconds["report and recipes"] = time.time() - t_report
+    return SweepJob(prep.run_dir, has_soup, seconds=seconds)
 
 
 def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
@@ -117,6 +123,7 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         return INTERRUPTED
     log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
     if not serve:
+        print_wall_times(job.seconds, RunDir(job.run_dir).timings, log)
         return 0
     if not RunDir(job.run_dir).soup_info.is_file():
         log("no soup was published (no trial completed); nothing to serve")
@@ -125,13 +132,28 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
 
     token_file = SweepConfig.model_validate_json(RunDir(job.run_dir).config.read_text()).serve.auth_token_file
 
+    t_serve = time.time()
+
     def ready(url: str) -> None:
+        job.seconds["serving start"] = time.time() - t_serve
+        print_wall_times(job.seconds, RunDir(job.run_dir).timings, log)
         show_queries(url, job.run_dir, log=log, token_file=token_file)
         log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
 
     serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
               verbose=verbose)
     return 0
+
+
+def print_wall_times(seconds: dict[str, float], path: Path, log: Log = log_line) -> None:
+    """The run's wall time per stage as one table (and ``timings.json`` in the run folder)."""
+    total = sum(seconds.values())
+    path.write_text(json.dumps({"seconds": seconds, "total": total}, indent=2))
+    width = max(len(k) for k in seconds) if seconds else 5
+    log("wall time of this run:")
+    for k, v in seconds.items():
+        log(f"  {k.ljust(width)}  {v:7.1f} s  {100 * v / total if total else 0:5.1f}%")
+    log(f"  {'total'.ljust(width)}  {total:7.1f} s")
 
 
 def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line, token_file: str | None = None) -> None:

@@ -41,7 +41,7 @@ from .soup import (
     sort_candidates,
 )
 from .run_dir import (CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, INTERPOLATION_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR,
-                      WISE_FT_PNG)
+                      WISE_FT_PNG, RunDir)
 
 Log = Callable[[str], None]
 
@@ -417,6 +417,7 @@ def compute_report(
         "early_rejection": early_rejection,
         "candidates": ids,
         "rejected": list(run.rejected),
+        "live_rejected": live_soup_rejections(run_dir),
         "ensemble_excluded": store.excluded,
         "rows": [rows[n] for n in SUMMARY_NAMES if n in rows],
         "individuals": individuals,
@@ -474,6 +475,30 @@ def counts_line(report: Mapping[str, Any]) -> str:
     return text + "."
 
 
+def live_soup_rejections(run_dir: Path) -> list[dict[str, str]]:
+    """The offers the live soup actor set aside during the sweep (its dead letters), with their reasons."""
+    state_file = RunDir(run_dir).state_file
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return []
+    return [{"trial_id": str(k), "reason": str(v)} for k, v in sorted((state.get("rejected") or {}).items())]
+
+
+def dead_letters_markdown(report: Mapping[str, Any]) -> list[str]:
+    """A note on every offer the live soup refused, so none goes unnoticed."""
+    letters = report.get("live_rejected") or []
+    if not letters:
+        return []
+    lines = ["", "## Offers the live soup set aside", "",
+             f"The soup actor refused {len(letters)} offer(s) during the sweep; the soup never included them. "
+             "Fix the cause and re-offer with `soup-ray soup RUN_DIR`, or leave them out.", "",
+             "| offer | reason |", "|---|---|"]
+    for r in letters:
+        lines.append(f"| `{r['trial_id']}` | {r['reason'].replace('|', '/')} |")
+    return lines
+
+
 def markdown_report(report: Mapping[str, Any]) -> str:
     """``report.md``: the summary table and the counts line."""
     header, body = _table_cells(report)
@@ -484,6 +509,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     for b in body:
         lines.append("| " + " | ".join(b) + " |")
     lines += ["", counts_line(report)]
+    lines += dead_letters_markdown(report)
     if report.get("winner"):
         lines += ["", f"Best one-model soup on held-out (chosen without looking at test): **{report['winner']}**."]
     lines += recipes_markdown(report)

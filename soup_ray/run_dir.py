@@ -27,6 +27,7 @@ from pathlib import Path
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
+TIMINGS_FILE = "timings.json"
 BASE_DIR = "base"
 TUNE_DIR = "tune"
 SOUP_DIR = "soup"
@@ -71,6 +72,10 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.path / RESULTS_FILE
+
+    @property
+    def timings(self) -> Path:
+        return self.path / TIMINGS_FILE
 
     @property
     def base(self) -> Path:

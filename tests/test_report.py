@@ -201,3 +201,20 @@ def test_cli_missing_results_names_the_file(tmp_path: Path, capsys: pytest.Captu
     assert main(["soup", str(tmp_path), "--method", "greedy"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / RESULTS_FILE) in err and "Traceback" not in err
+
+
+def test_offers_the_live_soup_refused_get_a_note_in_the_report(report: dict[str, Any], tmp_path: Path) -> None:
+    from soup_ray.report import live_soup_rejections, markdown_report
+
+    run = tmp_path / "run"
+    (run / "soup_state").mkdir(parents=True)
+    (run / "soup_state" / "state.json").write_text(json.dumps(
+        {"rejected": {"t007": "non-finite values (NaN/inf) in ['head.weight']", "t009": "still unreadable | x"}}))
+    letters = live_soup_rejections(run)
+    assert [r["trial_id"] for r in letters] == ["t007", "t009"]
+    md = markdown_report({**report, "live_rejected": letters})
+    assert "## Offers the live soup set aside" in md
+    assert "| `t007` | non-finite values (NaN/inf) in ['head.weight'] |" in md
+    assert "still unreadable / x" in md  # a | in a reason does not break the table
+    assert "Offers the live soup" not in markdown_report({**report, "live_rejected": []})
+    assert live_soup_rejections(tmp_path / "nowhere") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ class SweepOutcome:
     soup: dict[str, Any] | None
     interrupted: bool = False
     unfinished: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage: ray start, trials, soup
 
 
 class NothingToResume(ValueError):
@@ -69,10 +70,13 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
     loggers = logger_callbacks(cfg.tune.loggers)  # a missing package fails here, before anything starts
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # exactly the loggers tune.loggers names
     prep = prepared or prepare_run(cfg, run_dir, log)
+    seconds: dict[str, float] = {}
+    t_ray = time.time()
     started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log,
                           dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port, verbose=verbose)
     actor = None
     try:
+        seconds["Ray start"] = time.time() - t_ray
         ctx = TrialContext(
             base_dir=str(prep.base_dir),
             data_json=cfg.data.model_dump_json(),
@@ -137,16 +141,19 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
         unfinished = sum(1 for r in grid if not _finished(r))
         log(f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
             f"finished in {time.time() - t0:.0f}s")
+        seconds["trials"] = time.time() - t0
         if unfinished:
             rows = collect_rows([r for r in grid if _finished(r)], prep.run_dir, list(prep.bundle.shifts))
             write_jsonl(RunDir(prep.run_dir).results, rows)
             log(f"sweep interrupted with {unfinished} trial(s) unfinished; the {len(rows)} finished one(s), their "
                 f"checkpoints and the soup are kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
-            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished)
+            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished, seconds=seconds)
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(RunDir(prep.run_dir).results, rows)
+        t_soup = time.time()
         soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
-        return SweepOutcome(rows, soup)
+        seconds["soup (after the last trial)"] = time.time() - t_soup
+        return SweepOutcome(rows, soup, seconds=seconds)
     finally:
         if actor is not None:
             _retire_later(actor, cfg, prep.run_dir, log)  # also when the sweep failed: never hold a GPU forever
