@@ -85,11 +85,17 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
     t_prep = time.time()
     prep = prepare_run(cfg, run_dir, log)
     seconds = {"stand-in and base": time.time() - t_prep}
+    from .live_page import start_live_page
+
+    page_url, stop_page = start_live_page(prep.run_dir)  # 127.0.0.1, a free port; read-only views of the folder
+    log(f"live soup page (updates while the sweep runs): {page_url}")
     try:
         outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose)
     except KeyboardInterrupt:
         log(f"stopped; what finished is kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
         return SweepJob(prep.run_dir, False, interrupted=True)
+    finally:
+        stop_page()
     paths = RunDir(prep.run_dir)
     if outcome.interrupted:
         return SweepJob(prep.run_dir, False, interrupted=True)
