@@ -18,6 +18,8 @@ server (``soup_ray.serving.images``), and only from inside its functions.
 from __future__ import annotations
 
 import copy
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -160,3 +162,32 @@ def load_soup(path: str | Path, device: str = "cpu") -> LoadedSoup:
         root.removeFilter(quiet)
     return LoadedSoup(model=model.eval(), classnames=list(info["classnames"]), image_size=int(info["image_size"]),
                       info=info)
+
+
+class _SoupModule(types.ModuleType):
+    """``soup_ray.soup`` is both the soup-mathematics package and the :func:`soup` call.
+
+    Importing the sub-package ``soup_ray.soup`` rebinds the name on this
+    package to the module; its class is switched to this one so that the name
+    stays callable as documented (``soup_ray.soup(run_dir, method=...)``) and
+    every module attribute (``soup_ray.soup.greedy_soup``, ...) stays as it is.
+    """
+
+    def __call__(self, run_dir: str | Path, method: str = "greedy", **kwargs: Any) -> dict[str, Any]:
+        return _soup_call(run_dir, method, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """This package's module type: keeps ``soup_ray.soup`` callable once the sub-package is imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "soup" and isinstance(value, types.ModuleType) and type(value) is types.ModuleType:
+            value.__class__ = _SoupModule
+        super().__setattr__(name, value)
+
+
+_soup_call = soup
+_package = sys.modules[__name__]
+_package.__class__ = _Package
+if isinstance(sys.modules.get(f"{__name__}.soup"), types.ModuleType):  # imported before this line ran
+    setattr(_package, "soup", sys.modules[f"{__name__}.soup"])

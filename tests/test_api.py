@@ -93,3 +93,14 @@ def test_soup_and_load_soup_on_a_finished_run(run_copy: Path) -> None:
     assert loaded.predict([pil])[0][0]["index"] == preds[0][0]["index"]  # a PIL image decodes like its bytes
     accuracy = float(np.mean([p[0]["index"] == y for p, y in zip(preds, labels)]))
     assert abs(accuracy - row["test"]) < 0.2, (accuracy, row["test"])  # the recipe's own test score, roughly
+
+
+def test_soup_stays_callable_after_the_soup_package_is_imported() -> None:
+    import importlib
+
+    pkg = importlib.import_module("soup_ray.soup")  # what every pipeline imports
+    assert soup_ray.soup is pkg and callable(soup_ray.soup)
+    assert soup_ray.soup.greedy_soup is pkg.greedy_soup
+    import soup_ray.soup as again
+
+    assert again is pkg
