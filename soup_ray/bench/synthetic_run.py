@@ -47,7 +47,8 @@ def build_vit_run(run_dir: Path, members: int = 5, model_name: str = "ViT-B-32",
         cfg = SweepConfig.model_validate_json(RunDir(config_from).config.read_text())
     else:
         cfg = SweepConfig(name="synthetic", model=ModelConfig(name=model_name, pretrained=None),
-                          data=DigitsData(kind="digits"))
+                          data=DigitsData(kind="digits"),
+                          search_space={"lr": 1e-5, "weight_decay": 0.1, "epochs": 1})  # no trial is trained
     cfg = cfg.model_copy(update={"name": f"synthetic-{model_name}",
                                  "model": ModelConfig(name=model_name, pretrained=None)})
     paths.config.write_text(cfg.model_dump_json(indent=2))
