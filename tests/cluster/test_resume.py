@@ -1,10 +1,12 @@
-"""Ctrl-C in the middle of a real sweep, then ``--resume``: nothing finished is trained again or lost."""
+"""Ctrl-C in the middle of a real sweep, then ``run --resume`` to the served soup and Ctrl-C again: nothing finished
+is trained again or lost, and the server stops and frees its port."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,9 +33,9 @@ def result_lines(trial_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
 
 
-def test_ctrl_c_stops_the_sweep_and_resume_finishes_it_without_training_anything_twice(
+def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl_c(
         prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from soup_ray.jobs import sweep_job
+    import httpx
     from soup_ray.soup import greedy_soup
     from soup_ray.ingredients import Kitchen, trial_records_from_results
 
@@ -65,8 +67,40 @@ def test_ctrl_c_stops_the_sweep_and_resume_finishes_it_without_training_anything
     assert 1 <= len(first) < 3 and all(r["status"] == "completed" for r in first)
     done_before = {r["trial_id"]: r for r in first}
 
-    job = sweep_job(None, resume=run_dir, log=lambda m: None)
-    assert not job.interrupted and job.has_soup
+    # `soup-ray run --resume`: the sweep finishes, the report is written, the soup is served over HTTP, and one
+    # Ctrl-C (after Tune's own SIGINT handler ran during the sweep) stops the server and frees the port in 30 s
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "resume.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "soup_ray.cli", "run", "--resume", str(run_dir),
+                                 "--port", str(port), "--no-dashboard"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 420
+            text = ""
+            while time.time() < deadline and proc.poll() is None and "Ctrl-C stops" not in text:
+                time.sleep(1)
+                text = log_path.read_text()
+            assert "Ctrl-C stops" in text, text[-3000:]
+            assert "POST /predict (test image 0" in text and "wall time of this run:" in text
+            info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
+            assert info["ingredients"] == json.loads((run_dir / "soup" / "soup.json").read_text())["ingredients"]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+                stopped = True
+            except subprocess.TimeoutExpired:
+                stopped = False
+                proc.kill()
+                proc.wait(timeout=30)
+    text = log_path.read_text()
+    assert stopped, "one Ctrl-C did not stop `soup-ray run` while it served: " + text[-2000:]
+    assert proc.returncode == 0, text[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
     rows = [r for r in read_jsonl(RunDir(run_dir).results) if "trial_id" in r]
     assert sorted(r["trial_id"] for r in rows) == sorted({r["trial_id"] for r in rows}) and len(rows) == 3
     assert all(r["status"] == "completed" for r in rows)
