@@ -70,13 +70,16 @@ def dashboard_auth_headers() -> dict[str, str]:
     return dict(get_auth_headers_if_auth_enabled({}))
 
 
-def metrics_url() -> str | None:
-    """Where this Ray node exports its Prometheus metrics (the soup actor's ``soup_*`` among them)."""
+def metrics_url(host: str | None = None) -> str | None:
+    """Where this Ray node exports its Prometheus metrics (the soup actor's ``soup_*`` among them).
+
+    ``host`` replaces the node's address (``127.0.0.1`` for the embedded Ray: loopback reaches it).
+    """
     import ray
 
     for node in ray.nodes():
         if node.get("Alive") and node.get("MetricsExportPort"):
-            return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{node['MetricsExportPort']}/metrics"
+            return f"http://{host or node.get('NodeManagerAddress')}:{node['MetricsExportPort']}/metrics"
     return None
 
 
@@ -121,7 +124,7 @@ def ray_session(address: str | None = None, *, namespace: str | None = None, log
             url = context.dashboard_url
             log(f"Ray dashboard: http://{url}  (it asks for Ray's auth token: `ray get-auth-token` prints it)"
                 if url else "the Ray dashboard did not start (see Ray's log above)")
-            metrics = metrics_url()
+            metrics = metrics_url("127.0.0.1")
             if metrics:
                 log(f"Ray metrics (Prometheus text, soup_size, soup_heldout_accuracy, ...): {metrics}")
     else:

@@ -69,6 +69,10 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                               "state): start it without --resume")
     loggers = logger_callbacks(cfg.tune.loggers)  # a missing package fails here, before anything starts
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # exactly the loggers tune.loggers names
+    if not verbose:
+        # Tune's newer console output prints its experiment box even when silent; its classic reporter at
+        # verbose=0 prints nothing, and SoupCallback prints one line per finished trial instead
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     prep = prepared or prepare_run(cfg, run_dir, log)
     seconds: dict[str, float] = {}
     t_ray = time.time()
@@ -136,6 +140,9 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
             )
+        tune_dir = RunDir(prep.run_dir).tune
+        log(f"trial folders: {tune_dir}" + (f"  (TensorBoard: tensorboard --logdir {tune_dir})"
+                                             if "tensorboard" in cfg.tune.loggers else ""))
         t0 = time.time()
         grid = tuner.fit()
         unfinished = sum(1 for r in grid if not _finished(r))
