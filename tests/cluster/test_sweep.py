@@ -230,3 +230,18 @@ def test_live_soup_equals_offline_cli_and_status(tmp_path: Path, prepared, monke
     assert main(["status", str(run_dir)]) == 0
     st = capsys.readouterr().out
     assert "persisted state" in st and all(t in st for t in live)
+
+
+def test_tune_loggers_are_tunes_own_callbacks_and_a_missing_package_is_named(monkeypatch) -> None:
+    import importlib.util
+
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    from soup_ray.cluster.sweep import logger_callbacks
+
+    got = logger_callbacks(["tensorboard", "csv", "json"])
+    assert [type(c) for c in got] == [TBXLoggerCallback, CSVLoggerCallback, JsonLoggerCallback]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"'wandb' package is not installed: pip install wandb"):
+        logger_callbacks(["tensorboard", "wandb"])
