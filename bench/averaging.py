@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Averaging N ViT-B-32-sized safetensors checkpoints: streamed (memory-mapped, tensor by tensor) vs a plain read.
+"""Averaging N ViT-B-32-sized safetensors checkpoints: streamed (tensor by tensor through reused buffers) vs a plain read.
 
     python bench/averaging.py                       # N = 2, 8, 32 checkpoints of ~350 MB (about 11 GB of disk)
     python bench/averaging.py --ns 2 4 --tiny       # a quick check with small files
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from soup_ray.bench.averaging import MODES, run_case, summarise, tiny_shapes, vit_shapes, write_checkpoints
-from soup_ray.bench.host import machine_info
+from soup_ray.bench.host import write_bench_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -69,14 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         "cases": cases,
         "summary": summarise(cases),
         "targets": {"stream_peak_rss_spread": "<= 0.10", "stream_over_read": "<= 1.5"},
-        "machine": machine_info(),
-        "note": "shared machine: other work may have run alongside",
-        "command": "python bench/averaging.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_bench_json(args.out, report, script="bench/averaging.py", argv=argv, started=t0,
+                              note="shared machine: other work may have run alongside")
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -13,7 +13,6 @@ keeper images/s / plain-loop images/s >= 0.9. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_eval.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from soup_ray.bench.host import machine_info
+    from soup_ray.bench.host import write_bench_json
     from soup_ray.bench.soup_eval import measure
     from soup_ray.bench.synthetic_run import build_vit_run
 
@@ -56,14 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
         "target": "kitchen_over_plain_speed >= 0.9",
         "meets_target": figures["kitchen_over_plain_speed"] >= 0.9,
-        "machine": machine_info(),
-        "note": "shared machine: other work may have run alongside; medians of alternated passes",
-        "command": "python bench/soup_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_bench_json(args.out, report, script="bench/soup_eval.py", argv=argv, started=t0,
+                              note="shared machine: other work may have run alongside; medians of alternated passes")
     print(f"wrote {args.out}")
     return 0
 

@@ -14,7 +14,6 @@ Writes ``bench/results/trainable_overhead.json``. Logic: ``soup_ray.bench.traina
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "trainable_overhead.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from soup_ray.bench.host import machine_info
+    from soup_ray.bench.host import write_bench_json
     from soup_ray.bench.trainable_overhead import measure
 
     t0 = time.perf_counter()
@@ -51,14 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
         "target": "overhead <= 0.05",
         "meets_target": figures["overhead"] <= 0.05,
-        "machine": machine_info(),
-        "note": "shared machine: other work may have run alongside; one run of each",
-        "command": "python bench/trainable_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_bench_json(args.out, report, script="bench/trainable_overhead.py", argv=argv, started=t0,
+                              note="shared machine: other work may have run alongside; one run of each")
     print(f"wrote {args.out}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import platform
 from typing import Any
 
@@ -124,3 +125,20 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+def write_bench_json(out: Path | str, report: dict[str, Any], *, script: str, argv: list[str] | None,
+                     started: float, note: str) -> dict[str, Any]:
+    """Add the machine, the note, the command line, the date and the seconds since ``started`` (perf_counter) to a
+    benchmark's ``report`` and write it as JSON to ``out``; returns the full report."""
+    import json
+    import sys
+    import time
+
+    full = {**report, "machine": machine_info(), "note": note,
+            "command": f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(full, indent=2))
+    return full
