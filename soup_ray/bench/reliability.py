@@ -763,24 +763,12 @@ def local_info(url: str) -> dict[str, Any]:
 
 def wait_ready(url: str, body: bytes, seconds: float) -> float:
     """Poll until ``/healthz`` and ``POST /predict`` answer 200; returns the seconds waited."""
-    import httpx
+    from .serving_bench import wait_ready as wait_route
 
-    t0 = time.time()
-    last = "no answer yet"
-    with httpx.Client(timeout=10.0, trust_env=False) as client:
-        for _ in range(10_000):
-            if time.time() - t0 > seconds:
-                break
-            try:
-                if client.get(f"{url}/healthz").status_code == 200:
-                    r = client.post(f"{url}/predict", content=body, headers={"content-type": "image/png"})
-                    if r.status_code == 200:
-                        return time.time() - t0
-                    last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as err:
-                last = f"{type(err).__name__}"
-            time.sleep(0.25)
-    raise ScenarioTimeout(f"{url} was not ready within {seconds:.0f}s (last: {last})")
+    try:
+        return wait_route(url, "/predict", body, seconds)
+    except TimeoutError as err:
+        raise ScenarioTimeout(str(err)) from None
 
 
 def rss_mb(pid: int) -> float | None:

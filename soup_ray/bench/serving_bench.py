@@ -167,7 +167,7 @@ def _replica_infos(names: Sequence[str], timeout_s: float = 10.0) -> dict[str, d
     return out
 
 
-def _wait_ready(url: str, route: str, body: bytes, timeout_s: float, log: Log) -> float:
+def wait_ready(url: str, route: str, body: bytes, timeout_s: float, log: Log = lambda m: None) -> float:
     """Poll ``/healthz`` then the target route until they answer 200; returns the seconds waited."""
     import httpx
 
@@ -243,7 +243,7 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
         wait_s = settings.deploy_timeout_s
         if deadline is not None:
             wait_s = max(5.0, min(wait_s, deadline - time.perf_counter()))
-        out["ready_s"] = round(_wait_ready(url, plan["route"], pngs[0], wait_s, log), 2)
+        out["ready_s"] = round(wait_ready(url, plan["route"], pngs[0], wait_s, log), 2)
         log(f"  {name}: deployed in {out['deploy_s'] + out['ready_s']:.0f}s at {url}{plan['route']}")
         names = _replica_names(plan["members"])
         target_url = f"{url}{plan['route']}"
