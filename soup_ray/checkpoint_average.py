@@ -1,19 +1,21 @@
 """Uniform average of safetensors checkpoints at disk speed, in memory that does not grow with their number.
 
-The checkpoints are read tensor by tensor: for each tensor, its bytes are read
-from every file in turn (plain positioned reads into one reused buffer) and
-added into one reused fp32 accumulator; the mean is then written straight to
-the output file (:func:`average_checkpoint_files`) or copied into the
-returned state dict (:func:`average_checkpoints`). Memory beyond the result is
-two buffers the size of the largest tensor, whatever the number of
-checkpoints, and nothing is touched twice: the same work as reading the files.
+The checkpoints are read tensor by tensor: for each tensor, its bytes are
+taken from every file in turn and added into one reused fp32 accumulator; the
+mean is then written straight to the output file
+(:func:`average_checkpoint_files`) or copied into the returned state dict
+(:func:`average_checkpoints`).
 
-Why not memory maps: a mapped file's pages count in the process's resident
-set while it is open, so keeping N maps open (needed to go tensor by tensor)
-makes peak RSS grow with N, and mapping one file at a time (file by file)
-needs the whole fp32 sum in fresh memory; on the measured machines faulting in
-fresh pages costs more than copying into a buffer that is already resident
-(``bench/averaging.py`` measures both ways).
+Each file is memory-mapped (copy-on-write, never written) and every tensor is
+added straight from the mapped page cache, so the bytes are touched once, as
+a plain read touches them. Right after a tensor is used its pages are
+dropped from this process's mappings (``madvise(MADV_DONTNEED)``; the page
+cache keeps them), so the resident set holds at most one tensor of each map
+at a time, however many files are open: memory beyond the result is the
+accumulator and one cast buffer, the size of the largest tensor. Where a map
+cannot be used (no ``madvise`` on the platform, a tensor whose offset is not
+aligned to its element size), that tensor is read with a positioned read
+into one reused buffer instead.
 
 fp16/bf16 tensors are summed in fp32 and cast back; integer and boolean
 buffers must be identical everywhere. The arithmetic is that of
@@ -27,6 +29,7 @@ this module does the file work.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -111,20 +114,36 @@ class _Buffer:
         return t
 
 
+MAP_RELEASE = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvise") else None
+# a page fault on a map also maps neighbouring cached pages (Linux "fault-around", 64 KiB by default, up to a
+# huge page); releasing this much before each tensor as well drops those that belong to tensors already done
+RELEASE_MARGIN = 2 * 2**20
+
+
 class _Source:
-    """One ingredient: an open safetensors file or a state dict, read tensor by tensor."""
+    """One ingredient: a memory-mapped safetensors file or a state dict, read tensor by tensor."""
 
     def __init__(self, source: Source, index: int):
         self.mapping = source if isinstance(source, Mapping) else None
         self.where = f"state dict {index}" if self.mapping is not None else str(source)
         self.file: BinaryIO | None = None
+        self.map: mmap.mmap | None = None
         self.entries: dict[str, Entry] = {}
         if self.mapping is None:
             self.file = open(self.where, "rb")
             self.entries, _ = read_header(self.file, self.where)
+            end = max((e.start + e.nbytes for e in self.entries.values()), default=0)
+            size = os.fstat(self.file.fileno()).st_size
+            if end > size:
+                raise SoupError(f"{self.where}: truncated tensor data ({size} bytes, the header needs {end})")
+            if MAP_RELEASE is not None and size:
+                self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def keys(self) -> list[str]:
-        return list(self.mapping) if self.mapping is not None else list(self.entries)
+        """The tensor names; for a file in the order of their bytes (one sequential pass over the file)."""
+        if self.mapping is not None:
+            return list(self.mapping)
+        return sorted(self.entries, key=lambda k: self.entries[k].start)
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         if self.mapping is not None:
@@ -136,12 +155,33 @@ class _Source:
         return e.shape, e.dtype
 
     def tensor(self, key: str, buf: _Buffer) -> Tensor:
+        """The tensor ``key``: a view of the map (call :meth:`release` after use) or of ``buf``."""
         if self.mapping is not None:
             return self.mapping[key].detach()
         assert self.file is not None
-        return buf.fill_from(self.file, self.entries[key], self.where)
+        e = self.entries[key]
+        size = torch.empty((), dtype=e.dtype).element_size()
+        if self.map is not None and e.nbytes and e.start % size == 0:
+            return torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // size, offset=e.start).view(e.shape)
+        return buf.fill_from(self.file, e, self.where)
+
+    def release(self, key: str) -> None:
+        """Drop the pages of ``key`` from this process's map (they stay in the page cache)."""
+        if self.map is None or MAP_RELEASE is None:
+            return
+        e = self.entries[key]
+        start = max(0, e.start - RELEASE_MARGIN)
+        start -= start % mmap.PAGESIZE
+        end = min(len(self.map), e.start + e.nbytes)
+        if end > start:
+            self.map.madvise(MAP_RELEASE, start, end - start)
 
     def close(self) -> None:
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a view is still alive somewhere: the map closes when it goes
+                pass
         if self.file is not None:
             self.file.close()
 
@@ -169,8 +209,11 @@ def _check(sources: list[_Source]) -> tuple[list[str], dict[str, tuple[tuple[int
     return order, ref
 
 
-def _means(sources: Sequence[Source]):
-    """Yield ``(key, mean)`` tensor by tensor; each mean is a view of a reused buffer, valid until the next."""
+def _means(sources: Sequence[Source], into: Mapping[str, Tensor] | None = None):
+    """Yield ``(key, mean)`` tensor by tensor; each mean is a view of a reused buffer, valid until the next.
+
+    ``into`` (optional) is checked against the sources' keys and shapes before anything is read.
+    """
     if not sources:
         raise SoupError("cannot average zero state dicts")
     opened: list[_Source] = []
@@ -178,7 +221,9 @@ def _means(sources: Sequence[Source]):
         for i, s in enumerate(sources):
             opened.append(_Source(s, i))
         order, ref = _check(opened)
-        read_buf, acc_buf, out_buf = _Buffer(), _Buffer(), _Buffer()
+        if into is not None:
+            _check_target(into, order, ref)
+        read_buf, second_buf, acc_buf, out_buf = _Buffer(), _Buffer(), _Buffer(), _Buffer()
         n = len(opened)
         with torch.no_grad():
             for key in order:
@@ -187,18 +232,36 @@ def _means(sources: Sequence[Source]):
                 if not is_averaged(first):
                     exact = acc_buf.view(first.dtype, shape)
                     exact.copy_(first)
+                    del first
+                    opened[0].release(key)
                     for i, s in enumerate(opened[1:], start=1):
                         v = s.tensor(key, read_buf)
-                        if v.dtype != exact.dtype or not torch.equal(v, exact):
+                        same = v.dtype == exact.dtype and torch.equal(v, exact)
+                        del v
+                        s.release(key)
+                        if not same:
                             raise SoupError(f"non-floating buffer {key!r} differs in ingredient {i}; "
                                             "integer/boolean tensors cannot be averaged and must be identical")
                     yield key, exact
                     continue
-                acc = acc_buf.view(accumulator_dtype(dtype), shape)
-                acc.copy_(first)
-                for s in opened[1:]:
+                acc = _target_accumulator(into, key, accumulator_dtype(dtype))
+                if acc is None:
+                    acc = acc_buf.view(accumulator_dtype(dtype), shape)
+                second = opened[1].tensor(key, second_buf) if n > 1 else None
+                if second is not None and first.dtype == second.dtype == acc.dtype:
+                    torch.add(first, second, out=acc)  # the same sum as a copy and an add_, one pass fewer
+                else:
+                    acc.copy_(first)
+                    if second is not None:
+                        acc.add_(second if second.dtype == acc.dtype else second.to(acc.dtype))
+                del first, second
+                for s in opened[:2]:
+                    s.release(key)
+                for s in opened[2:]:
                     v = s.tensor(key, read_buf)
                     acc.add_(v if v.dtype == acc.dtype else v.to(acc.dtype))
+                    del v
+                    s.release(key)
                 acc.div_(n)  # the same rounding as ``sum / n``
                 if acc.dtype == dtype:
                     yield key, acc
@@ -211,15 +274,45 @@ def _means(sources: Sequence[Source]):
             s.close()
 
 
-def average_checkpoints(sources: Sequence[Source]) -> dict[str, Tensor]:
+def _target_accumulator(into: Mapping[str, Tensor] | None, key: str, dtype: torch.dtype) -> Tensor | None:
+    """The target tensor itself when the sum can be accumulated in it (CPU, contiguous, the accumulator's dtype)."""
+    if into is None:
+        return None
+    t = into[key]
+    return t if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() else None
+
+
+def _check_target(into: Mapping[str, Tensor], order: list[str], ref: dict) -> None:
+    difference = key_set_difference(order, list(into))
+    if difference:
+        raise SoupError(f"the target state dict has a different key set than the ingredients ({difference})")
+    bad = [f"{k!r}: {ref[k][0]} vs {tuple(into[k].shape)}" for k in order if tuple(into[k].shape) != ref[k][0]]
+    if bad:
+        raise SoupError("the target state dict has mismatched shapes: " + "; ".join(bad))
+
+
+def average_checkpoints(sources: Sequence[Source], into: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The uniform average of ``sources`` (safetensors paths and/or state dicts), read tensor by tensor.
 
     Raises :class:`soup_ray.soup.SoupError` on a key set, shape or kind
     mismatch (checked from the headers before any tensor is read) or a
     differing integer buffer. Equal to ``average_state_dicts`` of the loaded
     sources, bit for bit.
+
+    With ``into`` (a model's ``state_dict()``, whose tensors share the
+    model's storage) each mean is copied straight into the tensor of the same
+    name (cast to its dtype, moved to its device) and ``into`` is returned:
+    no second copy of the model is allocated. Its keys and shapes are checked
+    before anything is written; a differing integer buffer found later
+    leaves it partly overwritten.
     """
-    return {key: mean.clone() for key, mean in _means(sources)}
+    if into is None:
+        return {key: mean.clone() for key, mean in _means(sources)}
+    with torch.no_grad():
+        for key, mean in _means(sources, into):
+            if mean is not into[key]:  # fp32 CPU weights were accumulated in place already
+                into[key].copy_(mean)
+    return dict(into)
 
 
 def average_checkpoint_files(sources: Sequence[Source], out: str | os.PathLike,

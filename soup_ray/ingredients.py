@@ -189,8 +189,8 @@ class Kitchen:
         """Bytes of the ingredient weights held in memory."""
         return sum(t.numel() * t.element_size() for state in self._cache.values() for t in state.values())
 
-    def soup_weights(self, ids: list[str]) -> StateDict:
-        """The uniform average of the given ingredients' weights (fp32 accumulation).
+    def soup_weights(self, ids: list[str], into: StateDict | None = None) -> StateDict:
+        """The uniform average of the given ingredients' weights (fp32 accumulation), optionally written ``into``.
 
         Cached ingredients are read from memory, the others from their
         checkpoint tensor by tensor
@@ -200,11 +200,11 @@ class Kitchen:
         """
         sources = [self._cache[t] if t in self._cache else Path(self.paths[t].checkpoint) / CHECKPOINT_WEIGHTS
                    for t in ids]
-        return average_checkpoints(sources)
+        return average_checkpoints(sources, into=into)
 
     def classifier(self, ids: list[str]) -> CLIPClassifier:
-        """The base classifier loaded with the soup of ``ids``."""
-        self.model.load_state_dict(self.soup_weights(ids))
+        """The base classifier loaded with the soup of ``ids`` (averaged straight into its weights)."""
+        self.soup_weights(ids, into=self.model.state_dict())
         return self.model
 
     # -- scoring ---------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from soup_ray import checkpoint_average
 from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
 from soup_ray.soup import SoupError, average_state_dicts
 
@@ -34,8 +35,13 @@ def _write(tmp_path, states):
     return paths
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["memory-mapped", "positioned-reads"])
 @pytest.mark.parametrize("n", [1, 2, 5])
-def test_files_equal_in_memory_average_exactly(tmp_path, n):
+def test_files_equal_in_memory_average_exactly(tmp_path, monkeypatch, n, mapped):
+    if not mapped:
+        monkeypatch.setattr(checkpoint_average, "MAP_RELEASE", None)
+    elif checkpoint_average.MAP_RELEASE is None:
+        pytest.skip("no madvise on this platform: every tensor is read with positioned reads")
     states = _states(n)
     paths = _write(tmp_path, states)
     want = average_state_dicts(states)
@@ -86,3 +92,53 @@ def test_written_file_keeps_metadata_and_is_not_left_half_written(tmp_path):
     with pytest.raises(SoupError):
         average_checkpoint_files([paths[0], bad], tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists() and not (tmp_path / "bad.safetensors.tmp").exists()
+
+
+def test_mapped_tensors_leave_the_resident_set_and_truncation_is_named(tmp_path):
+    """Each file's pages are dropped from the process after use, so N open maps cost no N-fold memory."""
+    if checkpoint_average.MAP_RELEASE is None:
+        pytest.skip("no madvise on this platform")
+    psutil = pytest.importorskip("psutil")
+    g = torch.Generator().manual_seed(3)
+    states = [{"big": torch.randn(4 * 2**20, generator=g), "small": torch.randn(3, generator=g)} for _ in range(6)]
+    paths = _write(tmp_path, states)  # six files of 16 MiB
+    sources = [checkpoint_average._Source(p, i) for i, p in enumerate(paths)]
+    try:
+        proc = psutil.Process()
+        before = proc.memory_info().rss
+        acc = torch.zeros(4 * 2**20)
+        for s in sources:
+            v = s.tensor("big", checkpoint_average._Buffer())
+            acc.add_(v)
+            del v
+            s.release("big")
+        grown = proc.memory_info().rss - before
+        assert grown < 2 * 16 * 2**20, f"resident set grew by {grown / 2**20:.0f} MiB over six 16 MiB maps"
+        assert torch.allclose(acc, sum(st["big"] for st in states))
+    finally:
+        for s in sources:
+            s.close()
+    raw = paths[0].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SoupError, match="truncated"):
+        average_checkpoints([paths[1], cut])
+
+
+def test_average_into_a_model_state_dict_writes_in_place_and_checks_first(tmp_path):
+    states = _states(3, seed=4)
+    paths = _write(tmp_path, states)
+    want = average_state_dicts(states)
+    target = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    storage = {k: v.data_ptr() for k, v in target.items()}
+    got = average_checkpoints([paths[0], states[1], paths[2]], into=target)
+    assert all(torch.equal(target[k], want[k]) for k in want)
+    assert {k: v.data_ptr() for k, v in got.items()} == storage  # the same tensors, no copy of the model
+    # a target of another architecture is refused before a single tensor is written
+    untouched = {k: torch.full_like(v, 3) for k, v in states[0].items() if k != "w16"}
+    with pytest.raises(SoupError, match="key set"):
+        average_checkpoints(paths, into=untouched)
+    wrong = dict(untouched, w16=torch.zeros(41).half())
+    with pytest.raises(SoupError, match="mismatched shapes"):
+        average_checkpoints(paths, into=wrong)
+    assert all(torch.equal(v, torch.full_like(v, 3)) for k, v in wrong.items() if k != "w16")
