@@ -41,7 +41,7 @@ def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = tiny_config_dict(**{
-        "search_space.epochs": 2, "tune.num_samples": 2, "tune.max_concurrent_trials": 1,
+        "search_space.epochs": 1, "tune.num_samples": 2, "tune.max_concurrent_trials": 1,
         "tune.checkpoint_interval_s": 0, "trial_resources.cpu": 1, "soup.methods": [],
     })
     cfg_file = tmp_path / "sweep.yaml"
@@ -107,7 +107,7 @@ def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl
     for tid in done_before:
         lines = [x for d in (run_dir / "tune").iterdir() if d.is_dir() and tid in d.name
                  for x in result_lines(d)]
-        assert [x["epoch"] for x in lines] == [1, 2], f"{tid} finished before Ctrl-C and trained again"
+        assert [x["epoch"] for x in lines] == [1], f"{tid} finished before Ctrl-C and trained again"
         assert rows[[r["trial_id"] for r in rows].index(tid)]["heldout"] == done_before[tid]["heldout"]
     # at most two checkpoints per trial on disk (the last resumable state and the final weights)
     for d in (run_dir / "tune").iterdir():
