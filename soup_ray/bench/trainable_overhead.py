@@ -6,10 +6,12 @@ files, decoded and resized to 224 px by the project's loader), same batch,
 RandAugment and mixup (``soup_ray.train.randaugment`` / ``mixup``):
 
 - ``trial``: ``soup_ray.train.fine_tune`` with a report callback that records when each epoch
-  ends; the steady state is epoch 2 (its training steps, its held-out evaluation and its report),
-  the first epoch (warm-up) and the last one (checkpoint and the final scoring) are reported apart;
+  ends; the steady state is epochs 2 to E-1 together (their training steps, held-out
+  evaluations, reports and the resumable checkpoints written every ``checkpoint_interval_s``,
+  30 s by default), the first epoch (warm-up) and the last one (the soup candidate's checkpoint
+  and final scoring) are reported apart;
 - ``bare``: a plain loop (DataLoader, augmentation, forward, label-smoothed loss, backward,
-  clipping, AdamW, schedule) over the same batches, timed on its second epoch.
+  clipping, AdamW, schedule) over the same batches, timed on its epochs 2 to E-1.
 
 Also measured: RandAugment alone on one batch, as a share of a training step.
 """
@@ -93,9 +95,9 @@ def randaugment_share(train, hp: dict[str, Any], step_seconds: float, repeats: i
 
 
 def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads: int = 2,
-            model_name: str = "ViT-B-32", log: Callable[[str], None] = print) -> dict[str, Any]:
+            model_name: str = "ViT-B-32", epochs: int = 6, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the base and the folders under ``work``, run the trial and the bare loop, return the figures."""
-    from ..config import ImageFolderData, ModelConfig
+    from ..config import ImageFolderData, ModelConfig, TuneSettings
     from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, build_dataset
     from ..model import build_base, save_base
     from ..train import TrialContext, fine_tune, fresh_base
@@ -110,22 +112,37 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
     data = ImageFolderData(kind="imagefolder", train_dir=train_dir, test_dir=test_dir, heldout_fraction=0.15,
                            classnames=names)
     bundle = build_dataset(data, image_size)
-    hp = dict(lr=1e-5, weight_decay=0.1, epochs=3, label_smoothing=0.1, mixup_alpha=0.2, randaug_n=2, randaug_m=9,
+    if epochs < 3:
+        raise ValueError("epochs must be at least 3: a warm-up epoch, a steady one and the last one")
+    hp = dict(lr=1e-5, weight_decay=0.1, epochs=epochs, label_smoothing=0.1, mixup_alpha=0.2, randaug_n=2, randaug_m=9,
               batch_size=batch_size, warmup_steps=1, grad_clip=1.0, seed=0)
     ctx = TrialContext(base_dir=str(work / "base"), data_json=data.model_dump_json(), data_kind="imagefolder",
-                       threads=threads, eval_batch_size=64)
+                       threads=threads, eval_batch_size=64,
+                       checkpoint_interval_s=TuneSettings().checkpoint_interval_s)  # what a sweep uses
     n_train, n_held = len(bundle.train), len(bundle.heldout)
     log(f"{model_name} at {image_size} px, {n_train} train / {n_held} held-out images, batch {batch_size}")
 
     marks: list[tuple[float, float]] = []
+    checkpointed: list[bool] = []
+
+    def on_report(metrics: dict, ckpt: str | None) -> None:
+        marks.append((time.perf_counter(), time.process_time()))
+        checkpointed.append(ckpt is not None)
+
     t_start, c_start = time.perf_counter(), time.process_time()
-    fine_tune(hp, ctx, lambda metrics, ckpt: marks.append((time.perf_counter(), time.process_time())))
+    fine_tune(hp, ctx, on_report)
     trial_total = time.perf_counter() - t_start
     starts = [(t_start, c_start)] + marks[:-1]
     epochs_trial = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, marks)]
+    log(f"trial epochs: {', '.join(f'{w:.1f}s' for w, _ in epochs_trial)}")
     model, _ = fresh_base(ctx.base_dir)
-    bare = bare_loop(model, bundle.train, hp, 2, threads)
-    (steady_trial, steady_trial_cpu), (steady_bare, steady_bare_cpu) = epochs_trial[1], bare[1]
+    bare = bare_loop(model, bundle.train, hp, epochs - 1, threads)
+    steady = slice(1, epochs - 1)  # epochs 2 .. E-1 of both
+    n_steady = epochs - 2
+    steady_trial = sum(w for w, _ in epochs_trial[steady])
+    steady_trial_cpu = sum(c for _, c in epochs_trial[steady])
+    steady_bare = sum(w for w, _ in bare[steady])
+    steady_bare_cpu = sum(c for _, c in bare[steady])
     steps = math.ceil(n_train / batch_size)
     out = {
         "model": model_name, "image_size": image_size, "batch_size": batch_size, "threads": threads,
@@ -136,13 +153,16 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
         "trial_total_seconds": round(trial_total, 3),
         "bare_epoch_seconds": [round(s[0], 3) for s in bare],
         "bare_epoch_cpu_seconds": [round(s[1], 3) for s in bare],
-        "trial_steady_images_per_s": round(n_train / steady_trial, 3),
-        "bare_steady_images_per_s": round(n_train / steady_bare, 3),
+        "trial_epoch_checkpointed": checkpointed,
+        "checkpoint_interval_s": ctx.checkpoint_interval_s,
+        "steady_epochs": f"2..{epochs - 1}",
+        "trial_steady_images_per_s": round(n_steady * n_train / steady_trial, 3),
+        "bare_steady_images_per_s": round(n_steady * n_train / steady_bare, 3),
         "overhead_wall": round(steady_trial / steady_bare - 1, 4),
         "overhead": round(steady_trial_cpu / steady_bare_cpu - 1, 4),
         "overhead_measure": "process CPU seconds of the steady epoch (all threads), which other processes on a "
                             "shared machine disturb far less than wall time; overhead_wall is the wall-clock one",
-        "randaugment": randaugment_share(bundle.train, hp, steady_bare_cpu / steps),
+        "randaugment": randaugment_share(bundle.train, hp, steady_bare_cpu / (steps * n_steady)),
     }
     log(f"trial {out['trial_steady_images_per_s']} img/s, bare {out['bare_steady_images_per_s']} img/s (wall), "
         f"overhead {out['overhead']:.1%} (CPU seconds), {out['overhead_wall']:.1%} (wall); RandAugment {out['randaugment']['share_of_step']:.1%} of a step")
