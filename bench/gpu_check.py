@@ -155,7 +155,7 @@ def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
                          ("stream_in_memory", lambda: average_checkpoints(paths))):
             t0 = time.perf_counter()
             fn()
-            fig[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+            fig[f"{name}_s"] = round(time.perf_counter() - t0, 6)
         fig["stream_over_read"] = round(fig["stream_s"] / max(fig["read_s"], 1e-9), 3)
         fig["stream_into_model_over_read"] = round(fig["stream_into_model_s"] / max(fig["read_s"], 1e-9), 3)
         fig["stream_in_memory_over_read"] = round(fig["stream_in_memory_s"] / max(fig["read_s"], 1e-9), 3)

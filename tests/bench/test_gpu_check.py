@@ -24,4 +24,5 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
         assert res[key] > 0, key
     avg = res["averaging"]
     assert avg["n"] == 8 and avg["stream_s"] > 0 and avg["read_s"] > 0 and avg["stream_over_read"] > 0
+    assert avg["stream_into_model_over_read"] > 0
     assert "skipped" in res["serving_vitb32"]
