@@ -348,6 +348,9 @@ class ServeSettings(_Strict):
     auth_token_file: str | None = Field(
         None, description="a file holding a bearer token: every HTTP endpoint but /healthz then wants "
         "`Authorization: Bearer TOKEN` (401 otherwise); null: the API is open (it binds 127.0.0.1 unless told)")
+    ensemble: int = Field(
+        3, ge=0, description="ensemble members served beside the soup at /predict/ensemble (the top-K trials by "
+        "held-out accuracy, one model replica each); 0: the soup alone, which starts faster")
 
 
 class SweepConfig(_Strict):

@@ -136,7 +136,8 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         return 1
     from .serving import serve_run
 
-    token_file = SweepConfig.model_validate_json(RunDir(job.run_dir).config.read_text()).serve.auth_token_file
+    serve_cfg = SweepConfig.model_validate_json(RunDir(job.run_dir).config.read_text()).serve
+    token_file = serve_cfg.auth_token_file
 
     t_serve = time.time()
 
@@ -147,7 +148,7 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
 
     serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
-              verbose=verbose)
+              ensemble=serve_cfg.ensemble, verbose=verbose)
     return 0
 
 

@@ -10,17 +10,35 @@
 ``serve run serve/config.yaml``; replicas import this installed package.
 """
 
-from .images import (ACCEPTED_FORMATS, ImageError, decode_image, image_from_json, load_image, sniff_format,
-                     to_model_input, top_predictions)
-from .launch import serve_run, sigterm_as_interrupt, stop_serve_and_ray
-from .models import (LoadedModel, ModelSlot, ModelUnavailable, check_model, ensemble_members, load_model,
-                     resolve_run_dir, resolve_trial, soup_folder, soup_stamp, stamp_of)
-from .options import APP_NAME, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, SOUP_MODEL, ModelSpec, ServeOptions
+from __future__ import annotations
 
-__all__ = [
-    "ACCEPTED_FORMATS", "ImageError", "decode_image", "image_from_json", "load_image", "sniff_format",
-    "to_model_input", "top_predictions", "serve_run", "sigterm_as_interrupt", "stop_serve_and_ray",
-    "LoadedModel", "ModelSlot", "ModelUnavailable", "check_model", "ensemble_members", "load_model",
-    "resolve_run_dir", "resolve_trial", "soup_folder", "soup_stamp", "stamp_of",
-    "APP_NAME", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PIXELS", "SOUP_MODEL", "ModelSpec", "ServeOptions",
-]
+import importlib
+from typing import Any
+
+# name -> submodule; loaded on first use, so a Serve replica that imports one light module (the ingress) does
+# not pay for torch and open_clip through this package
+_EXPORTS = {
+    **dict.fromkeys(["ACCEPTED_FORMATS", "ImageError", "decode_image", "image_from_json", "load_image",
+                     "sniff_format", "to_model_input", "top_predictions"], "images"),
+    **dict.fromkeys(["serve_run", "sigterm_as_interrupt", "stop_serve_and_ray"], "launch"),
+    **dict.fromkeys(["LoadedModel", "ModelSlot", "ModelUnavailable", "check_model", "ensemble_members",
+                     "load_model", "resolve_run_dir", "resolve_trial", "soup_folder", "soup_stamp", "stamp_of"],
+                    "models"),
+    **dict.fromkeys(["APP_NAME", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PIXELS", "SOUP_MODEL", "ModelSpec",
+                     "ServeOptions"], "options"),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import ray
@@ -48,7 +48,10 @@ from ..live import snapshot, with_digest
 from ..run_dir import RunDir
 from .auth import BearerAuth, read_token
 from .images import ACCEPTED_FORMATS, ImageError, image_from_json, load_image, to_model_input, top_predictions
-from .models import LoadedModel, ModelSlot, check_model, ensemble_members, resolve_run_dir
+# ``.models`` (torch, open_clip, torchvision: seconds of imports) is imported where a model is loaded, so the
+# ingress and ensemble replicas, which hold no model, start without it
+if TYPE_CHECKING:
+    from .models import LoadedModel
 from .options import ModelSpec, ServeOptions
 from .page import JSON_PATH, render_page
 
@@ -63,6 +66,8 @@ class ClassifierModel:
     """One classifier (the soup or a trial checkpoint) behind dynamic batching."""
 
     def __init__(self) -> None:
+        from .models import ModelSlot
+
         self.slot = ModelSlot()
         self._watcher: asyncio.Task | None = None
         self.largest_batch = 0
@@ -70,6 +75,8 @@ class ClassifierModel:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Apply a new ``ModelSpec``: batching settings at once, a different model loaded then swapped in."""
+        from .models import resolve_run_dir
+
         spec = ModelSpec.model_validate(user_config)
         spec = spec.model_copy(update={"run_dir": str(resolve_run_dir(spec.run_dir)),
                                        "device": self._pick_device(spec.device)})
@@ -116,7 +123,7 @@ class ClassifierModel:
         return [{"ready": True, "logits": row, "model": current.name, "soup_version": current.soup_version}
                 for row in logits]
 
-    def _forward(self, current: LoadedModel, images: list[np.ndarray]) -> list[list[float]]:
+    def _forward(self, current: "LoadedModel", images: list[np.ndarray]) -> list[list[float]]:
         import torch
 
         x = to_model_input(images)
@@ -543,6 +550,8 @@ class SoupIngress:
 def build_app(args: dict | ServeOptions) -> Application:
     """The application for ``serve run serve/config.yaml`` (``args``: ``soup_ray.serving.ServeOptions``)."""
     opts = args if isinstance(args, ServeOptions) else ServeOptions.model_validate(dict(args or {}))
+    from .models import check_model, ensemble_members, resolve_run_dir
+
     run_dir = str(resolve_run_dir(opts.run_dir))
     device = "cuda" if opts.num_gpus > 0 else "cpu"
     actor = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}

@@ -41,8 +41,9 @@ def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = tiny_config_dict(**{
-        "search_space.epochs": 1, "tune.num_samples": 2, "tune.max_concurrent_trials": 1,
+        "search_space.epochs": 2, "tune.num_samples": 2, "tune.max_concurrent_trials": 1,
         "tune.checkpoint_interval_s": 0, "trial_resources.cpu": 1, "soup.methods": [],
+        "serve.ensemble": 0,  # the soup alone: the ensemble's replicas are served in tests of their own
     })
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
@@ -87,6 +88,9 @@ def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl
             assert "POST /predict (test image 0" in text and "wall time of this run:" in text
             info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=30).json()
             assert info["ingredients"] == json.loads((run_dir / "soup" / "soup.json").read_text())["ingredients"]
+            # serve.ensemble: 0 from the sweep config reached `soup-ray run`: no ensemble was deployed
+            ens = httpx.post(f"http://127.0.0.1:{port}/predict/ensemble", content=b"x", timeout=30)
+            assert ens.status_code == 404 and ens.json()["error"] == "ensemble_disabled", ens.text
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -107,7 +111,7 @@ def test_ctrl_c_stops_the_sweep_and_run_resume_finishes_serves_and_stops_on_ctrl
     for tid in done_before:
         lines = [x for d in (run_dir / "tune").iterdir() if d.is_dir() and tid in d.name
                  for x in result_lines(d)]
-        assert [x["epoch"] for x in lines] == [1], f"{tid} finished before Ctrl-C and trained again"
+        assert [x["epoch"] for x in lines] == [1, 2], f"{tid} finished before Ctrl-C and trained again"
         assert rows[[r["trial_id"] for r in rows].index(tid)]["heldout"] == done_before[tid]["heldout"]
     # at most two checkpoints per trial on disk (the last resumable state and the final weights)
     for d in (run_dir / "tune").iterdir():
