@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,14 +92,15 @@ def test_ray_address_env_overrides_local(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cfg.resolved_address() == "http://127.0.0.1:8265"
 
 
-def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
+def test_cli_reports_bad_config_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from soup_ray.cli import main
+
     data = tiny_config_dict()
     data["tune"]["num_sample"] = 3
     p = write(tmp_path, data)
-    r = subprocess.run([sys.executable, "-m", "soup_ray.cli", "sweep", str(p), "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert "tune.num_sample" in r.stderr and "Traceback" not in r.stderr
+    assert main(["sweep", str(p), "--out", str(tmp_path / "run")]) == 2  # an exception would fail the test
+    err = capsys.readouterr().err
+    assert "tune.num_sample" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
 
 
@@ -139,10 +138,14 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
         load_config(args.config, {"trial_resources.gpux": 1})
 
 
-def test_out_must_not_be_a_uri(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "soup_ray.cli", "sweep", str(write(tmp_path, tiny_config_dict())),
-                        "--out", "s3://bucket/run"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and "is a URI" in r.stderr and "Traceback" not in r.stderr
+def test_out_must_not_be_a_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    from soup_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(write(tmp_path, tiny_config_dict())), "--out", "s3://bucket/run"]) == 2
+    err = capsys.readouterr().err
+    assert "is a URI" in err and "Traceback" not in err
     assert not (tmp_path / "s3:").exists()
 
 
