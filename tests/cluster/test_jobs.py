@@ -36,7 +36,7 @@ RAY = str(BIN / "ray")
 SOUP_RAY = str(BIN / "soup-ray")
 FAKE_GPUS = 2
 # what the submitted job asks for: the shipped local config with a few small overrides (see JOB_ARGS)
-TRIAL_CPU, TRIAL_GPU, SOUP_CPU, SOUP_GPU, NUM_TRIALS = 0.75, 0.5, 0.25, 0.25, 3
+TRIAL_CPU, TRIAL_GPU, SOUP_CPU, SOUP_GPU, NUM_TRIALS = 0.75, 0.5, 0.25, 0.25, 2  # both trials at once
 JOB_ARGS = [
     "--no-serve", "--num-samples", str(NUM_TRIALS),
     "--set", f"model.standin_steps={TINY_STANDIN_STEPS}",  # the session's cached tiny stand-in: nothing to build
