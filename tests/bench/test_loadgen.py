@@ -240,11 +240,12 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     with pytest.raises(ValueError, match="unknown bench targets"):
         plan_targets(run_copy, 2, only=["soup", "everything"])
 
-    # two of the four targets deployed (each is a Serve deployment of its own): the soup and the ensemble
-    # of its ingredients, the comparison the bench is for
+    # one of the four targets deployed (each is a Serve deployment of its own, tens of seconds on two cores):
+    # the soup; the ensembles are served in tests/serving, and the ratios over them are checked on synthetic
+    # figures above
     settings = BenchSettings(concurrency=[2], requests=12, seconds=2.0, ensemble_cap=2, port=free_port(),
                              images=8, warmup_requests=2, request_timeout_s=20.0, deploy_timeout_s=120.0,
-                             ceiling_seconds=0.5, only=["soup", "ensemble_k"])
+                             ceiling_seconds=0.5, only=["soup"])
     try:
         figures = run_bench(run_copy, settings, log=lambda m: None)
     finally:
@@ -253,19 +254,19 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
 
     paths = write_bench(figures, run_copy / "bench.json")
     data = json.loads(paths["json"].read_text())
-    assert set(data["targets"]) == {"soup", "ensemble_k"}
+    assert set(data["targets"]) == {"soup"}
     for name, t in data["targets"].items():
         assert [lv["concurrency"] for lv in t["levels"]] == [2], name
         for lv in t["levels"]:
             assert lv["ok"] > 0 and lv["sent"] <= 12, (name, lv)
             assert not any(key.isdigit() and int(key) >= 500 for key in lv["errors"]), (name, lv["errors"])
             assert lv["latency_ms"]["p50"] <= lv["latency_ms"]["p99"]
-    assert len(data["targets"]["ensemble_k"]["members"]) == k
     r = data["ratios"]
-    for key in ("soup_over_ensemble_k", "target_soup_over_ensemble_k", "served_soup_over_ceiling"):
-        assert isinstance(r[key], float) and r[key] > 0, key
-    assert r["soup_over_single"] is None and r["soup_over_ensemble_all"] is None  # not measured: no figure made up
-    assert r["target_soup_over_ensemble_k"] == pytest.approx(0.8 * k) and isinstance(r["meets_target"], bool)
+    assert isinstance(r["served_soup_over_ceiling"], float) and r["served_soup_over_ceiling"] > 0
+    assert r["target_soup_over_ensemble_k"] == pytest.approx(0.8 * k)  # K from the soup, known without measuring
+    for key in ("soup_over_single", "soup_over_ensemble_k", "soup_over_ensemble_all"):
+        assert r[key] is None, key  # not measured: no figure made up
+    assert r["meets_target"] is None
     # fractional-CPU replicas: Ray gives them one torch thread, and the ceiling used the same
     assert data["replica"]["probe"]["torch_threads"] == 1 and data["ceiling"]["threads"] == 1
     assert data["ceiling"]["batch_size"] == data["replica"]["max_batch_size"] == 16

@@ -150,8 +150,8 @@ def head(prepared, cache_dir: Path) -> Iterator[Head]:
         yield h
     finally:
         # the head's raylet and GCS go quickly on SIGTERM; its agents can linger for half a minute, and they are
-        # this session's own processes, so after 15 s whatever is left gets SIGKILL
-        stop_session(proc, grace_s=15.0)
+        # this session's own processes, so after 5 s whatever is left gets SIGKILL
+        stop_session(proc, grace_s=5.0)
         log.close()
         assert not session_pids(proc.pid), "processes of the test head outlived its teardown"
         shutil.rmtree(tmp, ignore_errors=True)
