@@ -135,7 +135,7 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
 
 def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """8 checkpoints averaged by the streaming function against a plain read of the same files."""
-    from soup_ray.bench.averaging import read_files, tiny_shapes, vit_shapes, write_checkpoints
+    from soup_ray.bench.averaging import read_files, resident_model, tiny_shapes, vit_shapes, write_checkpoints
     from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
 
     tmp = Path(tempfile.mkdtemp(prefix="soup-ray-gpu-avg-"))
@@ -145,10 +145,7 @@ def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
         read_files(paths)  # page cache equalised: every file read once before both
         fig: dict[str, Any] = {"n": len(paths), "file_mb": round(paths[0].stat().st_size / 2**20, 1),
                                "page_cache": "warmed: every file read once before the timings"}
-        from safetensors import safe_open
-
-        with safe_open(str(paths[0]), framework="pt") as f:  # the keeper's model, allocated off the clock
-            model = {k: torch.ones(f.get_slice(k).get_shape()) for k in f.keys()}
+        model = resident_model(paths[0])  # the keeper's model, allocated off the clock
         for name, fn in (("read", lambda: read_files(paths)),
                          ("stream", lambda: average_checkpoint_files(paths, tmp / "soup.safetensors")),
                          ("stream_into_model", lambda: average_checkpoints(paths, into=model)),

@@ -160,14 +160,14 @@ class _Source:
             return self.mapping[key].detach()
         assert self.file is not None
         e = self.entries[key]
-        size = torch.empty((), dtype=e.dtype).element_size()
+        size = e.dtype.itemsize
         if self.map is not None and e.nbytes and e.start % size == 0:
             return torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // size, offset=e.start).view(e.shape)
         return buf.fill_from(self.file, e, self.where)
 
     def release(self, key: str) -> None:
         """Drop the pages of ``key`` from this process's map (they stay in the page cache)."""
-        if self.map is None or MAP_RELEASE is None:
+        if self.map is None:  # a map exists only where MAP_RELEASE does
             return
         e = self.entries[key]
         start = max(0, e.start - RELEASE_MARGIN)

@@ -98,6 +98,16 @@ def write_checkpoints(folder: Path, n: int, shapes: dict[str, tuple[int, ...]], 
     return paths
 
 
+def resident_model(path: str | Path) -> dict:
+    """A state dict of fp32 ones with the shapes of the checkpoint at ``path``, its pages already touched
+    (the soup keeper's model, which exists before it averages into it)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: torch.ones(f.get_slice(k).get_shape(), dtype=torch.float32) for k in f.keys()}
+
+
 def read_files(paths: list[Path]) -> int:
     """Read every file sequentially (the baseline, and the page-cache warm-up); returns the bytes read."""
     buf = bytearray(CHUNK)
@@ -137,8 +147,7 @@ def child(mode: str, paths: list[str], out: str | None) -> dict:
 
     model = None
     if mode == "stream_into_model":  # the keeper's model exists before it averages: allocated off the clock
-        with safe_open(paths[0], framework="pt") as f:
-            model = {k: torch.zeros(f.get_slice(k).get_shape(), dtype=torch.float32).fill_(1.0) for k in f.keys()}
+        model = resident_model(paths[0])
     before = current_rss_mb()
     t0 = time.perf_counter()
     if mode == "read":
