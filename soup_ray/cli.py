@@ -3,6 +3,7 @@
     soup-ray run CONFIG          the main job: stand-in (cached), sweep, table
     soup-ray sweep CONFIG        only the Tune sweep, writing results.jsonl
     soup-ray standin             build (or show) the cached offline stand-in CLIP
+    soup-ray report RUN_DIR      write the report and recipes of a finished sweep
     soup-ray soup RUN_DIR        recompute a soup method offline from the checkpoints
     soup-ray status [RUN_DIR]    the soup actor's live state
     soup-ray bench RUN_DIR       serving benchmark: soup vs one model vs ensembles
@@ -13,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .config import ConfigError, SweepConfig, load_config
-from .jobs import INTERRUPTED, heldout_index_job, log_line, recompute_soup, run_job, sweep_job
+from .jobs import heldout_index_job, log_line, recompute_soup, report_job, run_job, sweep_job
 from .run_dir import RunDir
+from .stages import INTERRUPTED, install_ctrl_c
 
 
 def parse_set(item: str) -> tuple[str, object]:
@@ -118,13 +121,22 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report and recipes of a run whose sweep and soup finished."""
+    return report_job(args.run_dir)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a run's soup until Ctrl-C."""
+    """Serve a run's soup until Ctrl-C (exit status 130, as for every command stopped with Ctrl-C)."""
     from .serving import serve_run
 
-    serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=log_line,
-              model=args.model, method=args.method, ensemble=args.ensemble, num_cpus=args.num_cpus,
-              num_gpus=args.num_gpus, auth_token_file=args.auth_token_file)
+    try:
+        serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=log_line,
+                  model=args.model, method=args.method, ensemble=args.ensemble, num_cpus=args.num_cpus,
+                  num_gpus=args.num_gpus, auth_token_file=args.auth_token_file)
+    except KeyboardInterrupt:
+        log_line(f"stopped serving {args.run_dir} (Serve and the Ray it started are shut down)")
+        return INTERRUPTED
     return 0
 
 
@@ -223,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = "\n".join(f"  {name:17s} {cls.doc}" + "".join(f"\n  {'':17s}   {p.name} (default {p.default!r}): {p.doc}"
                                                            for p in cls.params)
                         for name, cls in sorted(SOUP_METHODS.items()))
+    sp = sub.add_parser("report", help="write the report and recipes of a run whose sweep and soup finished",
+                        description="What `soup-ray run` does after the soup, from RUN_DIR alone: the trial "
+                                    "table, the best model, soups and ensembles scored on held-out, test and "
+                                    "shifts, why the greedy soup kept what it kept, the config's recipes "
+                                    "(soup.methods) and the figures: report.md, figure.png, greedy.png, "
+                                    "results.jsonl rows, soups/. For a run stopped during its report.")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="a run folder whose sweep and soup finished")
+    sp.set_defaults(func=cmd_report)
+
     sp = sub.add_parser("soup", help="compute a soup recipe offline from a run's checkpoints",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Compute a registered soup recipe from RUN_DIR's checkpoints (hyperparameters "
@@ -299,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``soup-ray`` console script."""
     args = build_parser().parse_args(argv)
+    previous = install_ctrl_c()  # Ctrl-C stops any command; a second one during the stop exits at once (130)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
@@ -309,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("soup-ray: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except RuntimeError as err:
         from .cluster.sweep import SoupActorFailed
 
@@ -317,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"soup-ray: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)  # main() called in-process leaves the caller's handler
 
 
 if __name__ == "__main__":

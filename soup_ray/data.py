@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .atomic import write_json
 from .config import DataConfig, DigitsData, ImageFolderData, ShiftDir
 from .label_space import ClassGroups, mapping_groups, read_class_mapping, subset_groups
 from .shifts import apply_shift
@@ -277,9 +278,7 @@ def write_heldout_index(path: Path, train_dir: Path, fraction_or_per_class: floa
     if empty:
         raise ValueError(f"{train_dir}: {len(empty)} class(es) would have no held-out image ({empty[:5]}): "
                          "every class needs at least 2 images, and a fraction large enough for one of them")
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(rel, indent=0))
-    tmp.replace(path)  # whole or not at all: the file defines which images no trial may train on
+    write_json(path, rel, indent=0)  # whole or not at all: the file defines which images no trial may train on
     return rel
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .atomic import write_json
 from .config import SweepConfig, is_uri
 from .run_dir import RunDir
+from .stages import INTERRUPTED, REPORT, SERVING, SERVING_START, Stages, next_step, stopping
 
 Log = Callable[[str], None]
 
@@ -44,10 +46,6 @@ class SweepJob:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage, in order
 
 
-INTERRUPTED = 130
-"""Exit status of a sweep stopped with Ctrl-C (128 + SIGINT), as shells report it."""
-
-
 def resume_config(run_dir: Path, cfg: SweepConfig | None) -> SweepConfig:
     """The config a resumed sweep runs with: the run folder's own; a given one must not change what was swept."""
     paths = RunDir(run_dir)
@@ -65,49 +63,78 @@ def resume_config(run_dir: Path, cfg: SweepConfig | None) -> SweepConfig:
     return cfg
 
 
+def stopped(stages: Stages, command: str, run_dir: Path | None, log: Log) -> None:
+    """After a Ctrl-C: the one line saying what was finished and which command carries on."""
+    from .stages import RAY_START, TRIALS
+
+    stopping()
+    resumable = False
+    if run_dir is not None and stages.current in (RAY_START, TRIALS):
+        from .cluster.sweep import can_resume
+
+        resumable = can_resume(run_dir)
+    log(next_step(stages.current, command, run_dir, resumable))
+
+
 def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_line,
-              resume: str | Path | None = None, verbose: bool = False) -> SweepJob:
+              resume: str | Path | None = None, verbose: bool = False, command: str = "sweep",
+              stages: Stages | None = None) -> SweepJob:
     """Prepare the base, run the sweep with the live soup actor, print the tables and write the report.
 
-    ``resume`` (a run folder) continues the sweep there instead of starting a new one.
+    ``resume`` (a run folder) continues the sweep there instead of starting a new one. Ctrl-C in any stage
+    stops it (Ray shut down, no half-written file) with one line naming what was finished and what to run
+    next (``command`` is the CLI command that line names); the job then says ``interrupted``.
     """
-    from .cluster.sweep import resume_hint, run_sweep
+    from .cluster.sweep import run_sweep
+    from .live_page import start_live_page
     from .prepare import prepare_run
-    from .report import compute_report, soup_table, write_report
-    from .results import print_table
 
+    stages = stages if stages is not None else Stages(log)
     if resume is not None:
         run_dir = Path(resume).resolve()
         cfg = resume_config(run_dir, cfg)
     else:
         assert cfg is not None, "a config is needed to start a sweep"
-        run_dir = run_dir_for(cfg, out)
-    t_prep = time.time()
-    prep = prepare_run(cfg, run_dir, log)
-    seconds = {"stand-in and base": time.time() - t_prep}
-    from .live_page import start_live_page
-
-    page_url, stop_page = start_live_page(prep.run_dir)  # 127.0.0.1, a free port; read-only views of the folder
-    log(f"live soup page (updates while the sweep runs): {page_url}")
+        run_dir = run_dir_for(cfg, out).resolve()
     try:
-        outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose)
+        prep = prepare_run(cfg, run_dir, log, stages=stages)
+        page_url, stop_page = start_live_page(prep.run_dir)  # 127.0.0.1, a free port; read-only views of the folder
+        log(f"live soup page (updates while the sweep runs): {page_url}")
+        try:
+            outcome = run_sweep(cfg, prep.run_dir, log, prepared=prep, resume=resume is not None, verbose=verbose,
+                                stages=stages)
+        finally:
+            stop_page()
+        if outcome.interrupted:
+            stopped(stages, command, prep.run_dir, log)
+            return SweepJob(prep.run_dir, False, interrupted=True, seconds=stages.seconds)
+        with stages.stage(REPORT):
+            ingredients = list((outcome.soup or {}).get("ingredients") or [])
+            has_soup = report_stage(prep.run_dir, cfg, outcome.rows, ingredients, prep.zero_shot,
+                                    list(prep.bundle.shifts), log)
     except KeyboardInterrupt:
-        log(f"stopped; what finished is kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
-        return SweepJob(prep.run_dir, False, interrupted=True)
-    finally:
-        stop_page()
-    paths = RunDir(prep.run_dir)
-    if outcome.interrupted:
-        return SweepJob(prep.run_dir, False, interrupted=True)
-    seconds.update(outcome.seconds)
-    t_report = time.time()
-    print_table(outcome.rows, list(prep.bundle.shifts), prep.zero_shot, log=print)
-    has_soup = bool(outcome.soup is not None and outcome.soup.get("ingredients"))
-    if has_soup:
+        stopped(stages, command, run_dir, log)
+        return SweepJob(run_dir, False, interrupted=True, seconds=stages.seconds)
+    return SweepJob(prep.run_dir, has_soup, seconds=stages.seconds)
+
+
+def report_stage(run_dir: Path, cfg: SweepConfig, rows: list[dict], ingredients: list[str],
+                 zero_shot: dict | None, shifts: list[str], log: Log, admitted: object | None = None) -> bool:
+    """The trial table, then (with a soup) the report: soups, ensembles, diagnostics, recipes, figures.
+
+    Returns whether there was a soup to report on.
+    """
+    from .report import compute_report, soup_table, write_report
+    from .results import print_table
+
+    paths = RunDir(run_dir)
+    print_table(rows, shifts, zero_shot, log=print)
+    if ingredients:
         log("scoring the soups and ensembles on held-out, test and shifts")
-        report = compute_report(prep.run_dir, greedy_ingredients=outcome.soup["ingredients"], tie=cfg.soup.tie,
-                                early_rejection=cfg.soup.early_rejection, log=log, recipes=cfg.soup.methods)
-        written = write_report(prep.run_dir, report)
+        report = compute_report(run_dir, greedy_ingredients=ingredients, tie=cfg.soup.tie,
+                                early_rejection=cfg.soup.early_rejection, log=log, recipes=cfg.soup.methods,
+                                admitted=admitted)
+        written = write_report(run_dir, report)
         print()
         print(soup_table(report))
         log("why: " + report["diagnostics"]["verdict"])
@@ -116,15 +143,64 @@ def sweep_job(cfg: SweepConfig | None, out: str | None = None, log: Log = log_li
         log("report: " + ", ".join(str(p) for p in written.values()))
         log(f"final soup (open_clip local-dir): {paths.soup}")
     log(f"results: {paths.results}")
-    seconds["report and recipes"] = time.time() - t_report
-    return SweepJob(prep.run_dir, has_soup, seconds=seconds)
+    return bool(ingredients)
+
+
+class SoupNotFinal(ValueError):
+    """``soup-ray report`` on a run whose soup has not seen every finished trial."""
+
+
+def report_job(run_dir: str | Path, log: Log = log_line) -> int:
+    """``soup-ray report RUN_DIR``: write the report and recipes of a run whose sweep and soup are finished.
+
+    What ``soup-ray run`` does after the soup, from the run folder alone: the trial table, the soups and
+    ensembles scored on held-out, test and shifts, the diagnostics, the config's recipes and the figures.
+    The soup is the published one (``soup/``); a soup that has not seen every finished trial is refused
+    with the command that finishes it. Ctrl-C stops it with nothing half-written (exit 130).
+    """
+    from .cluster.keeper import read_state
+    from .report import admit_run
+    from .results import read_jsonl
+
+    stages = Stages(log)
+    run_dir = Path(run_dir).resolve()
+    paths = RunDir(run_dir)
+    for need in (paths.config, paths.results, paths.soup_info):
+        if not need.is_file():
+            raise FileNotFoundError(f"{run_dir}: no {need.relative_to(run_dir)}, so there is no finished soup to "
+                                    "report on (a soup-ray run folder whose sweep finished, or resume it with: "
+                                    f"soup-ray run --resume {run_dir})")
+    cfg = SweepConfig.model_validate_json(paths.config.read_text())
+    rows = [r for r in read_jsonl(paths.results) if str(r.get("model_name", "")).startswith("trial_")]
+    state = read_state(run_dir) or {}
+    seen = set(state.get("records", {})) | set(state.get("rejected", {}))
+    missing = sorted(r["trial_id"] for r in rows if r.get("status") == "completed" and r["trial_id"] not in seen)
+    if missing:
+        raise SoupNotFinal(f"{run_dir}: the soup has not seen {len(missing)} finished trial(s) ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}); finish it first with: soup-ray run --resume "
+                           f"{run_dir} --no-serve")
+    ingredients = json.loads(paths.soup_info.read_text())["ingredients"]
+    zero_shot = json.loads(paths.zero_shot.read_text()) if paths.zero_shot.is_file() else None
+    try:
+        with stages.stage(REPORT):
+            run = admit_run(run_dir, log)
+            report_stage(run_dir, cfg, rows, ingredients, zero_shot, list(run.kitchen.bundle.shifts), log,
+                         admitted=run)
+    except KeyboardInterrupt:
+        stopped(stages, "report", run_dir, log)
+        return INTERRUPTED
+    return 0
 
 
 def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = True, host: str = "127.0.0.1",
             port: int = 8000, log: Log = log_line, resume: str | Path | None = None, verbose: bool = False) -> int:
-    """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP until Ctrl-C."""
+    """The main job: sweep with the live soup, report, then serve the soup and query it over HTTP until Ctrl-C.
+
+    Ctrl-C in any stage stops it cleanly (exit 130) with one line naming what to run next.
+    """
     t0 = time.time()
-    job = sweep_job(cfg, out, log, resume=resume, verbose=verbose)
+    stages = Stages(log)
+    job = sweep_job(cfg, out, log, resume=resume, verbose=verbose, command="run", stages=stages)
     if job.interrupted:
         return INTERRUPTED
     log(f"sweep, soup and report done in {time.time() - t0:.0f}s")
@@ -138,24 +214,27 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
 
     serve_cfg = SweepConfig.model_validate_json(RunDir(job.run_dir).config.read_text()).serve
     token_file = serve_cfg.auth_token_file
-
-    t_serve = time.time()
+    stages.start(SERVING_START)
 
     def ready(url: str) -> None:
-        job.seconds["serving start"] = time.time() - t_serve
+        stages.start(SERVING, timed=False)
         print_wall_times(job.seconds, RunDir(job.run_dir).timings, log)
         show_queries(url, job.run_dir, log=log, token_file=token_file)
         log(f"serving the soup at {url}  (POST {url}/predict, GET {url}/info, docs {url}/docs); Ctrl-C stops")
 
-    serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
-              ensemble=serve_cfg.ensemble, verbose=verbose)
+    try:
+        serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
+                  ensemble=serve_cfg.ensemble, verbose=verbose)
+    except KeyboardInterrupt:
+        stopped(stages, "run", job.run_dir, log)
+        return INTERRUPTED
     return 0
 
 
 def print_wall_times(seconds: dict[str, float], path: Path, log: Log = log_line) -> None:
     """The run's wall time per stage as one table (and ``timings.json`` in the run folder)."""
     total = sum(seconds.values())
-    path.write_text(json.dumps({"seconds": seconds, "total": total}, indent=2))
+    write_json(path, {"seconds": seconds, "total": total})
     width = max(len(k) for k in seconds) if seconds else 5
     log("wall time of this run:")
     for k, v in seconds.items():

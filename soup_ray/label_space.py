@@ -32,6 +32,8 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .atomic import write_json
+
 ClassGroups = list[list[int]]
 
 OBJECTNET_BORDER_PX = 2
@@ -176,5 +178,5 @@ def write_objectnet_mapping(out: Path, mappings_dir: Path, train_dir: Path) -> d
     """Write the soup-ray mapping file for ObjectNet (see :func:`objectnet_mapping`); returns it."""
     wnids = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir())
     mapping = objectnet_mapping(mappings_dir, wnids)
-    Path(out).write_text(json.dumps(mapping, indent=1))
+    write_json(out, mapping, indent=1)
     return mapping

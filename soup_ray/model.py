@@ -139,10 +139,30 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_base(base: Base, out_dir: Path) -> str:
-    """Save the base classifier ONCE as safetensors; returns its fingerprint."""
+    """Save the base classifier ONCE as safetensors; returns its fingerprint.
+
+    The folder is written whole or not at all (a temporary folder beside it, then a rename): a run stopped
+    while saving leaves no half-written base behind, and a later run builds it again.
+    """
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    final, out_dir = out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        fp = _write_base(base, out_dir)
+        if final.exists():
+            shutil.rmtree(final)
+        out_dir.rename(final)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return fp
+
+
+def _write_base(base: Base, out_dir: Path) -> str:
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in base.classifier.state_dict().items()}
     fp = state_fingerprint(state)
     meta = {

@@ -8,12 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import write_json, write_text
 from .config import SweepConfig
 from .data import DatasetBundle, build_dataset
 from .evaluate import accuracy, predict_logits
 from .linear_probe import fit_linear_probe
 from .model import build_base, config_image_size, save_base
 from .run_dir import OPEN_CLIP_CONFIG, RunDir
+from .stages import DATA, STAND_IN, Stages
+from .standin import ensure_standin, standin_cached
 
 Log = Callable[[str], None]
 
@@ -34,14 +37,28 @@ def default_run_dir(cfg: SweepConfig) -> Path:
     return Path(cfg.storage) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run(cfg: SweepConfig, run_dir: Path, log: Log = print) -> PreparedRun:
-    """Build (or reuse) the base model ONCE and save it with its fingerprint under ``run_dir/base``."""
+def prepare_run(cfg: SweepConfig, run_dir: Path, log: Log = print, stages: Stages | None = None) -> PreparedRun:
+    """Build (or reuse) the base model ONCE and save it with its fingerprint under ``run_dir/base``.
+
+    With ``stages``, building the offline stand-in (when it is not cached yet) and preparing the data and
+    the base are two stages of their own.
+    """
+    stages = stages or Stages(log=lambda m: None)
     run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     paths = RunDir(run_dir)
-    paths.config.write_text(cfg.model_dump_json(indent=2))
+    reuse = paths.base_meta.is_file() and paths.zero_shot.is_file()
+    if cfg.model.pretrained == "standin" and not reuse and not standin_cached(cfg.model):
+        with stages.stage(STAND_IN):
+            ensure_standin(cfg.model.name, cfg.model.standin_steps, cfg.model.standin_seed, log=log)
+    with stages.stage(DATA):
+        return _prepare(cfg, run_dir, paths, reuse, log)
+
+
+def _prepare(cfg: SweepConfig, run_dir: Path, paths: RunDir, reuse: bool, log: Log) -> PreparedRun:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(paths.config, cfg.model_dump_json(indent=2))
     base_dir = paths.base
-    if paths.base_meta.is_file():
+    if reuse:
         meta = json.loads(paths.base_meta.read_text())
         image_size = int(meta["image_size"])
         bundle = build_dataset(cfg.data, image_size)
@@ -64,7 +81,7 @@ def prepare_run(cfg: SweepConfig, run_dir: Path, log: Log = print) -> PreparedRu
         lg, lb = predict_logits(base.classifier, ds, cfg.eval_batch_size)
         zs[name] = accuracy(lg, lb)
     zs["head_init"] = cfg.model.head_init
-    paths.zero_shot.write_text(json.dumps(zs, indent=2))
+    write_json(paths.zero_shot, zs)
     log(f"base: {base.zero_shot_note}, {head_note}; held-out {100 * zs['heldout']:.1f}%, test {100 * zs['test']:.1f}% "
         f"(fingerprint {fp[:12]}, {time.time() - t0:.0f}s)")
     return PreparedRun(run_dir, base_dir, fp, bundle, zs)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .atomic import replacing, write_text
 from .cookbook import cook, recipe_specs, score_model, winner
 from .diagnostics import soup_diagnostics
 from .evaluate import correct_count
@@ -619,8 +620,11 @@ def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, t
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -659,7 +663,7 @@ def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
     kept = [r for r in read_jsonl(path) if not _is_summary(r)]
     write_jsonl(path, kept + [dict(r) for r in report["rows"]] + [dict(r) for r in report.get("recipes", [])])
     md = run_dir / REPORT_MD
-    md.write_text(markdown_report(report))
+    write_text(md, markdown_report(report))
     return {
         "results": path,
         "report": md,
@@ -725,7 +729,5 @@ def write_soup_json(run_dir: Path, method: str, result: GreedyResult, *, tie: Ti
         "rejected": admitted.rejected,
         "history": [asdict(s) for s in result.history],
     }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out)
+    write_text(out, json.dumps(data, indent=2) + "\n")
     return out

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .atomic import replacing
+
 
 def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], checkpoint: str | None,
               shifts: Iterable[str], error: str | None = None) -> dict[str, Any]:
@@ -35,11 +37,9 @@ def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], ch
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as JSON Lines (atomically: a reader never sees half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
+    with replacing(path) as tmp, tmp.open("w") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def upsert_summary_row(path: Path, row: dict[str, Any]) -> None:

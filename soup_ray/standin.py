@@ -388,6 +388,11 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
     return meta
 
 
+def standin_cached(model_cfg) -> bool:
+    """Whether the stand-in that ``model_cfg`` (a ``ModelConfig``) names is built and cached already."""
+    return (standin_dir(model_cfg.name, model_cfg.standin_steps, model_cfg.standin_seed) / "standin.json").is_file()
+
+
 def ensure_standin(model_name: str = "soupray-digits-tiny", steps: int = 800, seed: int = 0, log: Callable[[str], None] = print) -> Path:
     """Return the cached stand-in folder, building it first if this recipe has never been built here.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,7 @@ from ..config import SweepConfig
 from ..prepare import PreparedRun, prepare_run
 from ..results import trial_row, write_jsonl
 from ..run_dir import TUNE_DIR, RunDir
+from ..stages import RAY_START, SOUP, TRIALS, Stages, stopping
 from ..train import TrialContext
 from .actor import actor_name, start_soup_actor
 from .callback import SoupCallback, trial_offer
@@ -51,7 +54,7 @@ def can_resume(run_dir: Path) -> bool:
 
 def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list | None = None,
               prepared: PreparedRun | None = None, live_soup: bool = True, resume: bool = False,
-              verbose: bool = False) -> SweepOutcome:
+              verbose: bool = False, stages: Stages | None = None) -> SweepOutcome:
     """Run the Tune sweep for ``cfg`` into ``run_dir`` with the live soup actor.
 
     ``resume`` continues the sweep already in ``run_dir`` through ``Tuner.restore``:
@@ -59,10 +62,12 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
     epoch checkpoint, the soup actor from its state on disk. Ctrl-C stops the
     sweep (Tune saves its state); the outcome says so and keeps what finished.
     Writes ``results.jsonl``; returns its rows and the soup actor's final status.
+
+    ``stages`` (optional) names and times the stages as they start: Ray start, trials, finishing the soup.
+    Tune's own Ctrl-C handler is in place only while ``Tuner.fit()`` runs; Python's is back as soon as it
+    returns, so a Ctrl-C during the soup's last updates (or whatever the caller does next) stops at once.
     """
     import ray
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if resume and not can_resume(run_dir):
         raise NothingToResume(f"{run_dir} has no sweep to resume ({RunDir(run_dir).tune} holds no Tune experiment "
@@ -73,99 +78,130 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
         # Tune's newer console output prints its experiment box even when silent; its classic reporter at
         # verbose=0 prints nothing, and SoupCallback prints one line per finished trial instead
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    prep = prepared or prepare_run(cfg, run_dir, log)
-    seconds: dict[str, float] = {}
-    t_ray = time.time()
-    started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log,
-                          dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port, verbose=verbose)
+    stages = stages or Stages(log=lambda m: None)
+    prep = prepared or prepare_run(cfg, run_dir, log, stages=stages)
+    started = False
     actor = None
     try:
-        seconds["Ray start"] = time.time() - t_ray
-        ctx = TrialContext(
-            base_dir=str(prep.base_dir),
-            data_json=cfg.data.model_dump_json(),
-            data_kind=cfg.data.kind,
-            eval_batch_size=cfg.eval_batch_size,
-            threads=max(1, int(cfg.trial_resources.cpu)),
-            precision=cfg.model.precision,
-            gpus=cfg.trial_resources.gpu,
-            num_workers=getattr(cfg.data, "num_workers", 0),
-            checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
-        )
-        cbs = list(callbacks or [])
-        if live_soup:
-            actor = start_soup_actor(
-                prep.run_dir, tie=cfg.soup.tie, early_rejection=cfg.soup.early_rejection,
-                cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
-                detached=cfg.resolved_address() != "local",
-            )
-            check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
-            # an actor kept from an earlier sweep of this run must not retire now
-            ray.get(actor.keep_alive.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
-            cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace, total=cfg.tune.num_samples,
-                                       progress=not verbose))
-            log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
-                f"(watch it with: soup-ray status {prep.run_dir})")
-        trainable = tune.with_resources(
-            tune.with_parameters(tune_trainable, ctx=ctx),
-            {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
-        )
-        if resume:
-            log(f"resuming the sweep in {RunDir(prep.run_dir).tune} (finished trials are kept, unfinished ones "
-                "continue from their last epoch checkpoint)")
-            tuner = tune.Tuner.restore(str(RunDir(prep.run_dir).tune), trainable, resume_unfinished=True,
-                                       resume_errored=True, restart_errored=False)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(cfg.search_space),
-                tune_config=tune.TuneConfig(
-                    metric=cfg.tune.metric,
-                    mode="max",
-                    num_samples=cfg.tune.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
-                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=TUNE_DIR,
-                    storage_path=str(prep.run_dir),
-                    callbacks=cbs + loggers,
-                    verbose=1 if verbose else 0,  # quiet: one line per finished trial (SoupCallback) instead
-                    failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(
-                        cfg.resolved_address())),
-                    # at most two checkpoints per trial on disk: the newest resumable state and the final weights.
-                    # Tune snapshots its experiment state once a trial has reported num_to_keep checkpoints since
-                    # the last snapshot; checkpoint_interval_s keeps short local trials at one checkpoint each
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                ),
-            )
-        tune_dir = RunDir(prep.run_dir).tune
-        log(f"trial folders: {tune_dir}" + (f"  (TensorBoard: tensorboard --logdir {tune_dir})"
-                                             if "tensorboard" in cfg.tune.loggers else ""))
-        t0 = time.time()
-        grid = tuner.fit()
-        unfinished = sum(1 for r in grid if not _finished(r))
-        log(f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
-            f"finished in {time.time() - t0:.0f}s")
-        seconds["trials"] = time.time() - t0
-        if unfinished:
-            rows = collect_rows([r for r in grid if _finished(r)], prep.run_dir, list(prep.bundle.shifts))
-            write_jsonl(RunDir(prep.run_dir).results, rows)
-            log(f"sweep interrupted with {unfinished} trial(s) unfinished; the {len(rows)} finished one(s), their "
-                f"checkpoints and the soup are kept in {prep.run_dir}. Resume with: {resume_hint(prep.run_dir)}")
-            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished, seconds=seconds)
-        rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
-        write_jsonl(RunDir(prep.run_dir).results, rows)
-        t_soup = time.time()
-        soup = finish_soup(prep.run_dir, rows, cfg, log) if live_soup else None
-        seconds["soup (after the last trial)"] = time.time() - t_soup
-        return SweepOutcome(rows, soup, seconds=seconds)
+        with stages.stage(RAY_START):
+            started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log,
+                                  dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port,
+                                  verbose=verbose)
+            actor = _start_actor(cfg, prep, live_soup)
+        return _sweep(cfg, prep, log, callbacks, actor, resume, verbose, loggers, stages)
     finally:
         if actor is not None:
             _retire_later(actor, cfg, prep.run_dir, log)  # also when the sweep failed: never hold a GPU forever
         if started:
             ray.shutdown()
+
+
+def _start_actor(cfg: SweepConfig, prep: PreparedRun, live_soup: bool) -> Any:
+    """The run's soup actor, started (or reattached) and checked; None without a live soup."""
+    import ray
+
+    if not live_soup:
+        return None
+    actor = start_soup_actor(
+        prep.run_dir, tie=cfg.soup.tie, early_rejection=cfg.soup.early_rejection,
+        cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
+        detached=cfg.resolved_address() != "local",
+    )
+    check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
+    # an actor kept from an earlier sweep of this run must not retire now
+    ray.get(actor.keep_alive.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
+    return actor
+
+
+def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None, actor: Any, resume: bool,
+           verbose: bool, loggers: list, stages: Stages) -> SweepOutcome:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    ctx = TrialContext(
+        base_dir=str(prep.base_dir),
+        data_json=cfg.data.model_dump_json(),
+        data_kind=cfg.data.kind,
+        eval_batch_size=cfg.eval_batch_size,
+        threads=max(1, int(cfg.trial_resources.cpu)),
+        precision=cfg.model.precision,
+        gpus=cfg.trial_resources.gpu,
+        num_workers=getattr(cfg.data, "num_workers", 0),
+        checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
+    )
+    cbs = list(callbacks or [])
+    if actor is not None:
+        cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace, total=cfg.tune.num_samples,
+                                   progress=not verbose))
+        log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
+            f"(watch it with: soup-ray status {prep.run_dir})")
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, ctx=ctx),
+        {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
+    )
+    if resume:
+        log(f"resuming the sweep in {RunDir(prep.run_dir).tune} (finished trials are kept, unfinished ones "
+            "continue from their last epoch checkpoint)")
+        tuner = tune.Tuner.restore(str(RunDir(prep.run_dir).tune), trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg.search_space),
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode="max",
+                num_samples=cfg.tune.num_samples,
+                search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+                max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(prep.run_dir),
+                callbacks=cbs + loggers,
+                verbose=1 if verbose else 0,  # quiet: one line per finished trial (SoupCallback) instead
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(
+                    cfg.resolved_address())),
+                # at most two checkpoints per trial on disk: the newest resumable state and the final weights.
+                # Tune snapshots its experiment state once a trial has reported num_to_keep checkpoints since
+                # the last snapshot; checkpoint_interval_s keeps short local trials at one checkpoint each
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    tune_dir = RunDir(prep.run_dir).tune
+    log(f"trial folders: {tune_dir}" + (f"  (TensorBoard: tensorboard --logdir {tune_dir})"
+                                         if "tensorboard" in cfg.tune.loggers else ""))
+    with stages.stage(TRIALS):
+        t0 = time.time()
+        own = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        try:
+            grid = tuner.fit()
+        finally:
+            if own is not None:  # Tune leaves its handler installed: put back the one fit() found
+                signal.signal(signal.SIGINT, own)
+        unfinished = sum(1 for r in grid if not _finished(r))
+        log(f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
+            f"finished in {time.time() - t0:.0f}s")
+        if unfinished:
+            stopping()  # Tune's handler took the first Ctrl-C: the next one exits at once
+            rows = collect_rows([r for r in grid if _finished(r)], prep.run_dir, list(prep.bundle.shifts))
+            write_jsonl(RunDir(prep.run_dir).results, rows)
+            log(f"sweep interrupted with {unfinished} trial(s) unfinished and {len(rows)} finished")
+            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished,
+                                seconds=_own(stages.seconds))
+        rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
+        write_jsonl(RunDir(prep.run_dir).results, rows)
+    if actor is None:
+        return SweepOutcome(rows, None, seconds=_own(stages.seconds))
+    with stages.stage(SOUP):
+        soup = finish_soup(prep.run_dir, rows, cfg, log)
+    return SweepOutcome(rows, soup, seconds=_own(stages.seconds))
+
+
+def _own(seconds: dict[str, float]) -> dict[str, float]:
+    """The stages a sweep times itself."""
+    return {k: v for k, v in seconds.items() if k in (RAY_START, TRIALS, SOUP)}
 
 
 def _finished(result: Any) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster.session import ray_session, resolve_address
+from ..stages import install_ctrl_c
 from .models import check_model, ensemble_members, resolve_run_dir
 from .options import APP_NAME, ServeOptions
 
@@ -29,10 +30,11 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     unless told otherwise; ``request_timeout_s`` is the proxy's end-to-end limit per request (a 408 past it),
     a last bound above the ingress's own body and model time-outs. With
     ``blocking`` it calls ``on_ready(url)`` once deployed, waits until Ctrl-C (or
-    SIGTERM), then deletes the application and stops whatever it started. Serve's HTTP options are fixed when Serve first starts on
+    SIGTERM), then deletes the application, stops whatever it started and raises ``KeyboardInterrupt``
+    (the caller's exit status 130). A Ctrl-C while Serve is still starting stops it the same way; a
+    second Ctrl-C during the stop exits at once. Serve's HTTP options are fixed when Serve first starts on
     a cluster: a running Serve keeps its own host and port.
     """
-    import ray
     from ray import serve
 
     from .app import build_app
@@ -41,31 +43,49 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     opts = ServeOptions(run_dir=str(resolved), **options)
     check_model(resolved, opts.model, opts.soup_version, opts.method)
     ensemble_members(resolved, opts.ensemble)
-    started = ray_session(address, log=log, verbose=verbose)
-    own_ray = started and resolve_address(address) == "local"
-    logging_config = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
-    serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
-                logging_config=logging_config)
-    serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False, logging_config=logging_config)
-    url = f"http://{host}:{int(port)}{route_prefix.rstrip('/')}"
-    log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
-    if not blocking:
-        return url
-    sigterm_as_interrupt()
+    if blocking:
+        sigterm_as_interrupt()
+    started = serve_started = False
     try:
+        started = ray_session(address, log=log, verbose=verbose)
+        if blocking:
+            sigterm_as_interrupt()  # ray.init installs a SIGTERM handler of its own
+        logging_config = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
+        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
+                    logging_config=logging_config)
+        serve_started = True
+        serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False,
+                  logging_config=logging_config)
+        url = f"http://{host}:{int(port)}{route_prefix.rstrip('/')}"
+        log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
+        if not blocking:
+            return url
         if on_ready is not None:
             on_ready(url)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
+        blocking = True  # a Ctrl-C while starting: stop what was started, as a blocking server does
         log("stopping the server")
+        raise
     finally:
-        serve.delete(app_name)  # on a shared cluster only this application: other Serve apps keep running
+        if blocking:
+            _stop(app_name, serve_started, own_ray=started and resolve_address(address) == "local", started=started)
+
+
+def _stop(app_name: str, serve_started: bool, own_ray: bool, started: bool) -> None:
+    """Delete the application (on a shared cluster only this one), then stop the Serve and Ray this call started."""
+    import ray
+    from ray import serve
+
+    try:
+        if serve_started and not own_ray:
+            serve.delete(app_name)  # other Serve apps on the cluster keep running
+    finally:
         if own_ray:
             stop_serve_and_ray()
         elif started:
             ray.shutdown()
-    return url
 
 
 def stop_serve_and_ray() -> None:
@@ -93,7 +113,8 @@ def sigterm_as_interrupt() -> None:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the stop ends the process
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    install_ctrl_c()

@@ -61,8 +61,14 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
     lines: list[str] = []
     probe = DashboardProbe(lines)
     killer = KillSoupActor(actor_name(prep.run_dir), cfg.ray.namespace, {1, 3})  # Ray restarts it each time
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
     outcome = run_sweep(cfg, run_dir, log=lines.append, prepared=prep, callbacks=[probe, killer])
     rows = outcome.rows
+    # Tune installs its own SIGINT handler during fit() and leaves it behind: the sweep puts back the one it
+    # found, so a Ctrl-C after the sweep (the report, serving, a benchmark's next phase) is not swallowed
+    assert signal.getsignal(signal.SIGINT) is before
     assert not ray.is_initialized(), "the sweep shuts down the Ray it started"
     assert killer.kills == 2
     check_live_soup_survived(outcome, prep)

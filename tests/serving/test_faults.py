@@ -100,7 +100,9 @@ def test_a_corrupt_new_soup_version_never_replaces_the_served_one(base_run: Path
 
     async def scenario() -> dict[str, Any]:
         slot = ModelSlot()
-        spec = ModelSpec(run_dir=str(run), poll_interval_s=0.05)
+        # the back-off after a failed load is the poll interval: long enough that a busy machine's next
+        # refresh() still falls inside it
+        spec = ModelSpec(run_dir=str(run), poll_interval_s=5.0)
         assert await slot.configure(spec)
         good = slot.current
         publish(run, 2, corrupt=corrupt)

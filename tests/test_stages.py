@@ -1,0 +1,98 @@
+"""Run stages and what a Ctrl-C leaves: the stage lines, the next-step messages, whole-or-nothing run files."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from soup_ray import atomic
+from soup_ray.stages import (DATA, RAY_START, REPORT, SERVING, SERVING_START, SOUP, STAND_IN, TRIALS, Stages,
+                             install_ctrl_c, next_step, stage_pause)
+
+
+def test_each_stage_names_what_finished_and_the_command_that_carries_on(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert "Start again with the same command" in next_step(STAND_IN, "run", run)
+    assert "before any trial was trained" in next_step(DATA, "run", run)
+    # before Tune has written its experiment state there is nothing to resume
+    assert "before any trial was trained" in next_step(TRIALS, "run", run, resumable=False)
+    assert f"Resume with: soup-ray run --resume {run}" in next_step(TRIALS, "run", run, resumable=True)
+    assert f"Resume with: soup-ray sweep --resume {run}" in next_step(RAY_START, "sweep", run, resumable=True)
+    assert f"soup-ray run --resume {run}" in next_step(SOUP, "run", run)
+    report = next_step(REPORT, "run", run)
+    assert f"soup-ray report {run}" in report and f"soup-ray serve {run}" in report
+    assert "serve" not in next_step(REPORT, "sweep", run).split("Write it with")[1]
+    for stage in (SERVING_START, SERVING):
+        assert f"soup-ray serve {run}" in next_step(stage, "run", run)
+
+
+def test_stages_print_their_line_and_keep_their_seconds_in_order() -> None:
+    lines: list[str] = []
+    stages = Stages(lines.append)
+    with stages.stage(DATA):
+        pass
+    stages.start(SERVING_START)
+    stages.start(SERVING, timed=False)
+    stages.end()
+    assert lines == [f"stage: {DATA}", f"stage: {SERVING_START}", f"stage: {SERVING}"]
+    assert list(stages.seconds) == [DATA, SERVING_START]
+    assert stages.current == SERVING
+
+
+def test_stage_pause_holds_only_the_named_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOUP_RAY_STAGE_PAUSE", "finishing the soup=2.5")
+    assert stage_pause(SOUP) == 2.5 and stage_pause(DATA) == 0.0
+    monkeypatch.setenv("SOUP_RAY_STAGE_PAUSE", "finishing the soup=soon")
+    assert stage_pause(SOUP) == 0.0
+
+
+def test_the_command_line_handler_raises_keyboard_interrupt_once() -> None:
+    previous = install_ctrl_c()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "report.md"
+    atomic.write_text(target, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.replacing(target) as tmp:
+            tmp.write_text("half of the new")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    atomic.write_json(target.with_suffix(".json"), {"a": 1}, durable=True)
+    assert json.loads(target.with_suffix(".json").read_text()) == {"a": 1}
+
+
+def test_an_interrupted_base_save_leaves_no_base_and_the_next_run_builds_it(
+        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import soup_ray.model as model
+    from soup_ray.prepare import prepare_run
+    from soup_ray.run_dir import RunDir
+
+    cfg, _ = prepared
+    real = model._write_base
+
+    def interrupted(base, out_dir):
+        real(base, out_dir)
+        raise KeyboardInterrupt  # after every file of the base was written, before the folder is in place
+
+    monkeypatch.setattr(model, "_write_base", interrupted)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_run(cfg, run, log=lambda m: None)
+    assert not RunDir(run).base.exists()
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    monkeypatch.setattr(model, "_write_base", real)
+    # a base without its zero-shot scores (stopped between the two) is built again, not half-reused
+    prep = prepare_run(cfg, run, log=lambda m: None)
+    RunDir(run).zero_shot.unlink()
+    again = prepare_run(cfg, run, log=lambda m: None)
+    assert again.fingerprint == prep.fingerprint and RunDir(run).zero_shot.is_file()
