@@ -26,8 +26,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,8 +37,8 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -47,15 +49,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..live import snapshot, with_digest
 from ..run_dir import RunDir
 from .auth import BearerAuth, read_token
-from .images import ACCEPTED_FORMATS, ImageError, image_from_json, load_image, to_model_input, top_predictions
+from .images import ACCEPTED_FORMATS, ImageError, base64_image, image_from_json, load_image, top_predictions
 # ``.models`` (torch, open_clip, torchvision: seconds of imports) is imported where a model is loaded, so the
 # ingress and ensemble replicas, which hold no model, start without it
 if TYPE_CHECKING:
     from .models import LoadedModel
-from .options import ModelSpec, ServeOptions
+from .options import CPU_BATCH, DEFAULT_BATCH_IMAGES, ModelSpec, ServeOptions
 from .page import JSON_PATH, render_page
 
 logger = logging.getLogger("ray.serve")
+
+
+def replica_id() -> str | None:
+    """This Serve replica's id (None outside Serve, e.g. in tests driving the class directly)."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not in a replica
+        return None
 
 
 # ---------------------------------------------------------------- model replicas
@@ -72,6 +82,9 @@ class ClassifierModel:
         self._watcher: asyncio.Task | None = None
         self.largest_batch = 0
         self.batches = 0
+        self.images = 0
+        self.forward_s = 0.0  # summed over batches: the model's own time
+        self.replica = replica_id()
 
     async def reconfigure(self, user_config: dict) -> None:
         """Apply a new ``ModelSpec``: batching settings at once, a different model loaded then swapped in."""
@@ -108,31 +121,45 @@ class ClassifierModel:
         return wanted
 
     async def predict(self, image: np.ndarray) -> dict[str, Any]:
-        """Logits for one decoded image (``uint8 [S, S, 3]``); batched with concurrent calls."""
-        return await self._predict_batch(image)
+        """Logits for one decoded image (``uint8 [S, S, 3]``); batched with concurrent calls.
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
+        The answer also says how long the image waited for its batch (``wait_ms``), how long the batch's
+        forward pass took (``forward_ms``), the batch's size and which replica answered.
+        """
+        return await self._predict_batch((image, time.perf_counter()))
+
+    @serve.batch(max_batch_size=CPU_BATCH, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, items: list[tuple[np.ndarray, float]]) -> list[dict[str, Any]]:
+        start = time.perf_counter()
         current = self.slot.current  # one model for the whole batch, even if a swap happens meanwhile
         if current is None:
             detail = self.slot.last_error or "the model is still loading"
-            return [{"ready": False, "detail": detail} for _ in images]
-        logits = await asyncio.to_thread(self._forward, current, images)
-        self.largest_batch = max(self.largest_batch, len(images))
+            return [{"ready": False, "detail": detail} for _ in items]
+        logits = await asyncio.to_thread(self._forward, current, [image for image, _ in items])
+        forward = time.perf_counter() - start
+        self.largest_batch = max(self.largest_batch, len(items))
         self.batches += 1
-        return [{"ready": True, "logits": row, "model": current.name, "soup_version": current.soup_version}
-                for row in logits]
+        self.images += len(items)
+        self.forward_s += forward
+        return [{"ready": True, "logits": row, "model": current.name, "soup_version": current.soup_version,
+                 "wait_ms": round(1000 * (start - entered), 3), "forward_ms": round(1000 * forward, 3),
+                 "batch": len(items), "replica": self.replica}
+                for row, (_, entered) in zip(logits, items)]
 
     def _forward(self, current: "LoadedModel", images: list[np.ndarray]) -> list[list[float]]:
+        """One forward pass: the uint8 images go to the model's device as they are, then become floats there."""
         import torch
 
-        x = to_model_input(images)
+        device = next(current.classifier.parameters()).device
+        x = torch.from_numpy(np.stack(images))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[-1] != current.image_size or x.shape[-2] != current.image_size:
             x = torch.nn.functional.interpolate(x, size=(current.image_size, current.image_size),
                                                 mode="bilinear", align_corners=False)
         with torch.inference_mode():
-            device = next(current.classifier.parameters()).device
-            out = current.classifier(x.to(device)).float().cpu()
+            out = current.classifier(x.contiguous()).float().cpu()
         return out.tolist()
 
     def info(self) -> dict[str, Any]:
@@ -143,9 +170,11 @@ class ClassifierModel:
                                "actor": ray.get_runtime_context().get_actor_name(),
                                "rejected": self.slot.rejected, "reloads": self.slot.reloads,
                                "follow": bool(spec and spec.follows_soup()),
+                               "replica": self.replica,
                                "batching": {"max_batch_size": spec.max_batch_size if spec else None,
                                             "batch_wait_timeout_s": spec.batch_wait_timeout_s if spec else None,
-                                            "largest_batch": self.largest_batch, "batches": self.batches}}
+                                            "largest_batch": self.largest_batch, "batches": self.batches,
+                                            "images": self.images, "forward_s": round(self.forward_s, 4)}}
         if current is not None:
             out.update(current.describe())
         elif spec is not None:
@@ -195,6 +224,8 @@ class PredictionResponse(BaseModel):
     soup_version: int | None
     model: str
     members: list[str] | None = None
+    served_by: dict[str, str | None] | None = Field(
+        None, description="Which ingress and model replica answered (only with ?detail=local from loopback)")
 
 
 class ErrorResponse(BaseModel):
@@ -202,6 +233,26 @@ class ErrorResponse(BaseModel):
 
     error: str
     detail: Any = None
+
+
+class BatchItem(BaseModel):
+    """One image of a batch: its predictions, or the error that image alone got (its ``status``)."""
+
+    index: int
+    predictions: list[Prediction] | None = None
+    soup_version: int | None = None
+    model: str | None = None
+    error: str | None = None
+    detail: Any = None
+    status: int | None = None
+
+
+class BatchResponse(BaseModel):
+    """The answer of /predict/batch: one item per image, in the order sent."""
+
+    results: list[BatchItem]
+    ok: int
+    failed: int
 
 
 # Standard base64 (RFC 4648 section 4, padded), at least one byte, optionally behind a `data:` URL prefix.
@@ -229,6 +280,32 @@ IMAGE_BODY = {
                     "type": "string", "minLength": 4, "pattern": BASE64_PATTERN,
                     "description": "The image's bytes in standard, padded base64 (non-empty), optionally as a "
                                    "`data:image/png;base64,...` URL"}}}},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Several PNG or JPEG images: repeated multipart `file` fields, or a JSON list of base64 "
+                       "strings. Each image gets its own entry in the answer, in the order sent; an image that "
+                       "cannot be used gets its own error there (the others are still answered).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
+                           "properties": {"file": {
+                               "type": "array", "minItems": 1, "maxItems": DEFAULT_BATCH_IMAGES,
+                               "items": {"type": "string", "format": "binary",
+                                         "description": "One PNG or JPEG image; an empty or unreadable one is "
+                                                        "that image's error"}}}},
+                "encoding": {"file": {"contentType": "image/png, image/jpeg, application/octet-stream"}},
+            },
+            "application/json": {"schema": {
+                "type": "object", "required": ["images_base64"],
+                "properties": {"images_base64": {
+                    "type": "array", "minItems": 1, "maxItems": DEFAULT_BATCH_IMAGES,
+                    "items": {"type": "string", "description": "One image's bytes in base64 (as /predict's "
+                                                               "image_base64); an invalid one is that image's error"},
+                }}}},
         },
     }
 }
@@ -295,7 +372,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-PRIVATE_INFO = ("pid", "actor", "source", "run_dir", "ingress_pid")  # in /info only with ?detail=local from loopback
+PRIVATE_INFO = ("pid", "actor", "source", "run_dir", "ingress_pid", "replica", "ingress")  # in /info only with ?detail=local from loopback
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 
@@ -319,6 +396,12 @@ def is_loopback(request: Request) -> bool:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+def server_timing(seconds: dict[str, Any]) -> str:
+    """A ``Server-Timing`` header value (durations in ms) from ``{name: seconds}``; other values are skipped."""
+    return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in seconds.items()
+                     if isinstance(v, float) and k != "batch")
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
@@ -349,6 +432,12 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
 
 async def multipart_file(request: Request, body: bytes) -> bytes:
     """The bytes of the ``file`` field of a multipart body already read into ``body``."""
+    return (await multipart_files(request, body, max_files=4))[0]
+
+
+async def multipart_files(request: Request, body: bytes, max_files: int, many: bool = False) -> list[bytes]:
+    """The bytes of the ``file`` field(s) of a multipart body already read into ``body`` (``many``: every one,
+    in order; any other field is refused)."""
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -359,17 +448,24 @@ async def multipart_file(request: Request, body: bytes) -> bytes:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=16)
     except Exception as err:  # noqa: BLE001 - any parser failure is the client's malformed body
         reason = getattr(err, "detail", err)
+        if "Too many files" in str(reason):
+            raise ImageError(422, "too_many_images", f"at most {max_files} images in one request") from None
         raise ImageError(400, "malformed_multipart", f"the multipart body cannot be parsed: {reason}") from None
     try:
-        item = form.get("file")
-        if item is None:
+        items = form.getlist("file") if many else [form.get("file")]
+        if not items or items[0] is None:
             raise ImageError(422, "missing_field", "the multipart body has no 'file' field")
-        if isinstance(item, str):
+        if many:
+            other = sorted(set(form.keys()) - {"file"})
+            if other:
+                raise ImageError(422, "unexpected_field", f"unexpected multipart field(s) {other[:5]}: send the "
+                                                          "images as 'file' fields only")
+        if any(isinstance(item, str) for item in items):
             raise ImageError(422, "invalid_field", "the 'file' field must be a file upload, not text")
-        return await item.read()
+        return [await item.read() for item in items]  # type: ignore[union-attr]
     finally:
         await form.close()
 
@@ -388,6 +484,59 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
     if kind == "application/json" or kind.endswith("+json"):
         return image_from_json(body)
     return body
+
+
+async def batch_images(request: Request, limit: int, per_image: int, most: int,
+                       timeout_s: float | None = None) -> list[bytes | ImageError]:
+    """The images of a /predict/batch request, in order: multipart ``file`` fields or JSON ``images_base64``.
+
+    The body as a whole is refused (413, 400, 422) when it is too large, malformed or holds more than
+    ``most`` images; one image that cannot be read (empty, invalid base64, over ``per_image`` bytes) is
+    that image's ``ImageError`` in the list, not a failed batch.
+    """
+    body = await read_body(request, limit, timeout_s)
+    if not body:
+        raise ImageError(400, "empty_body", "the request body is empty; send images as multipart 'file' fields "
+                                            'or JSON {"images_base64": [...]}')
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind == "multipart/form-data":
+        items: list[bytes | ImageError] = list(await multipart_files(request, body, max_files=most, many=True))
+    elif kind == "application/json" or kind.endswith("+json"):
+        items = images_from_json_list(body, most)
+    else:
+        raise ImageError(415, "unsupported_media_type", "send the images as multipart/form-data 'file' fields or "
+                                                        'as JSON {"images_base64": [...]}')
+    out: list[bytes | ImageError] = []
+    for item in items:
+        if isinstance(item, bytes) and not item:
+            item = ImageError(400, "empty_body", "this image is empty")
+        elif isinstance(item, bytes) and len(item) > per_image:
+            item = ImageError(413, "body_too_large", f"this image is {len(item)} bytes; at most {per_image} are "
+                                                     "accepted per image")
+        out.append(item)
+    return out
+
+
+def images_from_json_list(body: bytes, most: int) -> list[bytes | ImageError]:
+    """The images of a JSON body ``{"images_base64": [...]}``; an entry that is not valid base64 is its error."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ImageError(400, "malformed_json", f"the JSON body cannot be parsed: {err}") from None
+    if not isinstance(payload, dict) or "images_base64" not in payload:
+        raise ImageError(422, "missing_field", 'the JSON body must be an object with an "images_base64" list')
+    listed = payload["images_base64"]
+    if not isinstance(listed, list) or not listed or not all(isinstance(v, str) for v in listed):
+        raise ImageError(422, "invalid_field", '"images_base64" must be a non-empty list of base64 strings')
+    if len(listed) > most:
+        raise ImageError(422, "too_many_images", f"{len(listed)} images; at most {most} in one request")
+    out: list[bytes | ImageError] = []
+    for text in listed:
+        try:
+            out.append(base64_image(text))
+        except ImageError as err:
+            out.append(err)
+    return out
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
@@ -412,6 +561,33 @@ class SoupIngress:
         self.retry_after = {"Retry-After": str(max(0, math.ceil(retry)))}
         token_file = settings.get("auth_token_file")
         self.auth_token = read_token(token_file) if token_file else None  # read here, on the replica's node
+        self.max_batch_images = int(settings.get("max_batch_images", defaults["max_batch_images"].default))
+        self.max_batch_body_bytes = int(settings.get("max_batch_body_bytes",
+                                                     defaults["max_batch_body_bytes"].default))
+        threads = int(settings.get("decode_threads", defaults["decode_threads"].default))
+        # decoding never runs on the event loop: a pool of its own, so a burst of large images cannot starve it
+        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="soup-ray-decode")
+        self.replica = replica_id()
+        self.decode_stats = {"images": 0, "seconds": 0.0, "on_event_loop": 0, "threads": set()}
+        self._stats_lock = threading.Lock()
+
+    async def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        """Decode one image in the decode pool; returns it and the seconds its decoding took."""
+        loop_thread = threading.get_ident()
+
+        def work() -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            image = load_image(data, self.image_size, self.max_pixels, self.max_decoded_bytes)
+            took = time.perf_counter() - t0
+            with self._stats_lock:
+                stats = self.decode_stats
+                stats["images"] += 1
+                stats["seconds"] += took
+                stats["on_event_loop"] += threading.get_ident() == loop_thread
+                stats["threads"].add(threading.current_thread().name)
+            return image, took
+
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, work)
 
     async def _call(self, call: Callable[[], Any], what: str, timeout_status: int) -> Any:
         """A handle call awaited at most ``model_timeout_s``; overload, failure and time-out become JSON errors."""
@@ -433,11 +609,26 @@ class SoupIngress:
             raise ApiError(503, "model_error", f"the {what} could not answer ({type(err).__name__}); it may be "
                            "restarting", self.retry_after) from None
 
-    async def _answer(self, request: Request, top_k: int, target: DeploymentHandle) -> dict[str, Any]:
+    async def _answer(self, request: Request, response: Response, top_k: int, target: DeploymentHandle,
+                      local: bool = False) -> dict[str, Any]:
+        t0 = time.perf_counter()
         data = await image_bytes(request, self.max_body_bytes, self.body_timeout_s)
-        image = await asyncio.to_thread(load_image, data, self.image_size, self.max_pixels, self.max_decoded_bytes)
+        t_read = time.perf_counter()
+        image, decode_s = await self._decode(data)
+        answer, timing = await self._predict_one(image, top_k, target)
+        timing = {"read": t_read - t0, "decode": decode_s, **timing, "ingress": time.perf_counter() - t0}
+        response.headers["Server-Timing"] = server_timing(timing)
+        if local and is_loopback(request):
+            answer["served_by"] = {"ingress": self.replica, "model": timing.pop("replica", None)}
+        return answer
+
+    async def _predict_one(self, image: np.ndarray, top_k: int,
+                           target: DeploymentHandle) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Ask ``target`` about one decoded image: the answer, and where its time went (seconds)."""
         what = "ensemble" if target is self.ensemble else "model"
+        t0 = time.perf_counter()
         out = await self._call(lambda: target.predict.remote(image), what, 504)
+        call = time.perf_counter() - t0
         if not out.get("ready"):
             detail = public_text(out.get("detail") or "the model is not loaded yet", self.settings["run_dir"])
             raise ApiError(503, "model_unavailable", detail, self.retry_after)
@@ -445,7 +636,24 @@ class SoupIngress:
                   "soup_version": out.get("soup_version"), "model": out.get("model")}
         if "members" in out:
             answer["members"] = out["members"]
-        return answer
+        timing: dict[str, Any] = {"model_call": call}
+        if "forward_ms" in out:  # one model replica (an ensemble's members answer on their own)
+            wait, forward = out["wait_ms"] / 1000, out["forward_ms"] / 1000
+            timing.update(hops=max(0.0, call - wait - forward), batch_wait=wait, forward=forward,
+                          batch=out.get("batch"), replica=out.get("replica"))
+        return answer, timing
+
+    async def _batch_item(self, index: int, item: bytes | ImageError, top_k: int) -> dict[str, Any]:
+        try:
+            if isinstance(item, ImageError):
+                raise item
+            image, _ = await self._decode(item)
+            answer, _ = await self._predict_one(image, top_k, self.model)
+            return {"index": index, **answer}
+        except ImageError as err:
+            return {"index": index, "error": err.code, "detail": err.message, "status": err.status}
+        except ApiError as err:
+            return {"index": index, "error": err.code, "detail": err.message, "status": err.status}
 
     async def _model_info(self, local: bool = False) -> dict[str, Any]:
         """The model replica's ``info``; its messages without absolute paths unless ``local``."""
@@ -459,20 +667,47 @@ class SoupIngress:
 
     @app.post("/predict", response_model=PredictionResponse, response_model_exclude_unset=True,
               responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY, summary="Classify an image with the served model")
-    async def predict(self, request: Request,
-                      top_k: int = Query(3, ge=1, le=1000, description="How many classes to return")) -> dict[str, Any]:
-        """Top-``top_k`` classes of a PNG or JPEG image, with the soup version that answered."""
-        return await self._answer(request, top_k, self.model)
+    async def predict(self, request: Request, response: Response,
+                      top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
+                      detail: Literal["local"] | None = Query(
+                          None, description="`local`: also which ingress and model replica answered; honoured "
+                                            "only for a loopback client")) -> dict[str, Any]:
+        """Top-``top_k`` classes of a PNG or JPEG image, with the soup version that answered.
+
+        The ``Server-Timing`` header says where the request's time went in the server: reading the body,
+        decoding the image, the hops to and from the model replica, waiting for a batch, the forward pass.
+        """
+        return await self._answer(request, response, top_k, self.model, local=detail == "local")
+
+    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_none=True,
+              responses={k: v for k, v in ERROR_RESPONSES.items() if k != 504}, openapi_extra=BATCH_BODY,
+              summary="Classify several images in one request")
+    async def predict_batch(self, request: Request,
+                            top_k: int = Query(3, ge=1, le=1000, description="How many classes per image")
+                            ) -> dict[str, Any]:
+        """Top-``top_k`` classes of each image (at most ``max_batch_images``, each within the single-image limits,
+        the body within ``max_batch_body_bytes``), in the order sent. An image that cannot be used gets its own
+        entry with ``error``, ``detail`` and ``status``; the others are answered. 503 when no image could be
+        answered because the model is unavailable."""
+        items = await batch_images(request, self.max_batch_body_bytes, self.max_body_bytes, self.max_batch_images,
+                                   self.body_timeout_s)
+        results = await asyncio.gather(*(self._batch_item(i, item, top_k) for i, item in enumerate(items)))
+        failed = [r for r in results if "error" in r]
+        if failed and len(failed) == len(results) and all(r["status"] in (503, 504) for r in failed):
+            raise ApiError(503 if failed[0]["status"] == 503 else 504, failed[0]["error"], failed[0]["detail"],
+                           self.retry_after)
+        return {"results": results, "ok": len(results) - len(failed), "failed": len(failed)}
 
     @app.post("/predict/ensemble", response_model=PredictionResponse, response_model_exclude_unset=True,
               responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY, summary="Classify an image with the ensemble")
     async def predict_ensemble(
-        self, request: Request, top_k: int = Query(3, ge=1, le=1000, description="How many classes to return")
+        self, request: Request, response: Response,
+        top_k: int = Query(3, ge=1, le=1000, description="How many classes to return")
     ) -> dict[str, Any]:
         """Top-``top_k`` classes from the mean logits of the ensemble's trial checkpoints."""
         if self.ensemble is None:
             raise ApiError(404, "ensemble_disabled", "no ensemble is configured (ensemble: 0)")
-        return await self._answer(request, top_k, self.ensemble)
+        return await self._answer(request, response, top_k, self.ensemble)
 
     @app.get("/info", summary="What is served",
              responses={k: ERROR_RESPONSES[k] for k in (401, 422, 503)})
@@ -492,6 +727,10 @@ class SoupIngress:
         if local:
             out["run_dir"] = self.settings["run_dir"]
             out["ingress_pid"] = os.getpid()
+            stats = self.decode_stats
+            out["ingress"] = {"replica": self.replica, "pid": os.getpid(), "decoded": stats["images"],
+                              "decode_s": round(stats["seconds"], 4), "decoded_on_event_loop": stats["on_event_loop"],
+                              "decode_threads": sorted(stats["threads"])}
         else:
             for key in PRIVATE_INFO:
                 out.pop(key, None)
@@ -566,10 +805,10 @@ def build_app(args: dict | ServeOptions) -> Application:
 
     def spec(model: str, follow: bool, version: int | None, method: str | None = None) -> dict[str, Any]:
         return ModelSpec(run_dir=run_dir, model=model, soup_version=version, method=method, follow=follow,
-                         poll_interval_s=opts.poll_interval_s, max_batch_size=opts.max_batch_size,
+                         poll_interval_s=opts.poll_interval_s, max_batch_size=opts.batch_size(),
                          batch_wait_timeout_s=opts.batch_wait_timeout_s, device=device).model_dump()
 
-    model = ClassifierModel.options(name="Model", ray_actor_options=actor, **queue,
+    model = ClassifierModel.options(name="Model", ray_actor_options=actor, num_replicas=opts.model_replicas, **queue,
                                     user_config=spec(opts.model, opts.follow, opts.soup_version, opts.method)).bind()
     check_model(run_dir, opts.model, opts.soup_version, opts.method)
     members = ensemble_members(run_dir, opts.ensemble)
@@ -582,8 +821,19 @@ def build_app(args: dict | ServeOptions) -> Application:
     settings = {"run_dir": run_dir, "max_body_bytes": opts.max_body_bytes, "max_pixels": opts.max_pixels,
                 "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
                 "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
-                "auth_token_file": token_file, "members": members}
-    return SoupIngress.options(ray_actor_options={"num_cpus": opts.ingress_cpus},
+                "auth_token_file": token_file, "members": members, "decode_threads": opts.decode_threads,
+                "max_batch_images": opts.max_batch_images, "max_batch_body_bytes": opts.max_batch_body_bytes}
+    scale: dict[str, Any] = ({"autoscaling_config": dict(opts.ingress_autoscaling)} if opts.ingress_autoscaling
+                             else {"num_replicas": opts.ingress_count(cluster_cpus())})
+    return SoupIngress.options(ray_actor_options={"num_cpus": opts.ingress_cpus}, **scale,
                                max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
                                max_queued_requests=opts.ingress_max_queued_requests,
                                backpressure_config=backpressure).bind(model, ensemble, settings)
+
+
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster the application is built on (0 when Ray is not initialised here)."""
+    try:
+        return float(ray.cluster_resources().get("CPU", 0.0)) if ray.is_initialized() else 0.0
+    except Exception:  # noqa: BLE001 - sizing only: one replica then
+        return 0.0

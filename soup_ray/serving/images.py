@@ -171,14 +171,19 @@ def image_from_json(body: bytes) -> bytes:
     text = payload["image_base64"]
     if not isinstance(text, str):
         raise ImageError(422, "invalid_field", '"image_base64" must be a string')
+    return base64_image(text)
+
+
+def base64_image(text: str) -> bytes:
+    """The image bytes of one base64 string (a ``data:`` URL prefix is allowed); 400 when invalid or empty."""
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ImageError(400, "invalid_base64", f'"image_base64" is not valid base64: {err}') from None
+        raise ImageError(400, "invalid_base64", f"the image is not valid base64: {err}") from None
     if not data:
-        raise ImageError(400, "empty_body", '"image_base64" decodes to no bytes')
+        raise ImageError(400, "empty_body", "the base64 image decodes to no bytes")
     return data
 
 

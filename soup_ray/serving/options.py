@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BATCH_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_BATCH_IMAGES = 64
+CPU_BATCH, GPU_BATCH = 16, 128
 SOUP_MODEL = "soup"
 APP_NAME = "soup-ray"
 
@@ -29,8 +32,19 @@ class ServeOptions(BaseModel):
         3, description="Ensemble members: the top-K trials by held-out accuracy, or trial ids; 0 disables")
     num_cpus: float = Field(0.25, ge=0, description="CPUs per model replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed)")
-    ingress_cpus: float = Field(0.1, ge=0, description="CPUs of the HTTP ingress and of the ensemble replica")
-    max_batch_size: int = Field(16, ge=1, description="Dynamic batching: most images per forward pass")
+    ingress_cpus: float = Field(0.1, ge=0, description="CPUs of each HTTP ingress replica and of the ensemble replica")
+    ingress_replicas: int | None = Field(
+        None, ge=1, description="HTTP ingress replicas (each decodes images in its own thread pool, so decoding "
+        "scales with them); null: one per 4 CPUs of the cluster, at least 1 and at most 8")
+    ingress_autoscaling: dict | None = Field(
+        None, description="A Serve autoscaling_config for the ingress (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...) instead of a fixed ingress_replicas")
+    decode_threads: int = Field(2, ge=1, description="Threads per ingress replica that decode images (never the "
+                                                     "event loop)")
+    model_replicas: int = Field(1, ge=1, description="Replicas of the served model (each with num_cpus/num_gpus)")
+    max_batch_size: int | None = Field(
+        None, ge=1, description=f"Dynamic batching: most images per forward pass; null: {CPU_BATCH} on CPU, "
+        f"{GPU_BATCH} with num_gpus > 0")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="Dynamic batching: longest wait for a batch to fill")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1, description="Largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest accepted image (width x height)")
@@ -41,6 +55,11 @@ class ServeOptions(BaseModel):
     model_timeout_s: float = Field(30.0, gt=0, description="Longest wait for a model replica's answer (then 504)")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Requests a model replica works on at once (default: max(32, 2 x max_batch_size))")
+    max_batch_images: int = Field(DEFAULT_BATCH_IMAGES, ge=1,
+                                  description="Most images in one POST /predict/batch request")
+    max_batch_body_bytes: int = Field(DEFAULT_MAX_BATCH_BODY_BYTES, ge=1,
+                                      description="Largest POST /predict/batch body (every image within "
+                                                  "max_body_bytes too)")
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting for a busy model replica; beyond that the answer is 503 with "
                               "Retry-After, never an unbounded wait")
@@ -55,9 +74,17 @@ class ServeOptions(BaseModel):
         None, description="A file holding a bearer token: every endpoint but /healthz then wants "
                           "`Authorization: Bearer TOKEN` (401 otherwise). Read on the ingress replica's node")
 
+    def batch_size(self) -> int:
+        """The dynamic batch size: the configured one, or one sized for the model's device."""
+        return self.max_batch_size or (GPU_BATCH if self.num_gpus > 0 else CPU_BATCH)
+
     def model_max_ongoing(self) -> int:
         """``max_ongoing_requests`` of each model replica."""
-        return self.max_ongoing_requests or max(32, 2 * self.max_batch_size)
+        return self.max_ongoing_requests or max(32, 2 * self.batch_size())
+
+    def ingress_count(self, cluster_cpus: float) -> int:
+        """Fixed ingress replicas: the configured number, or one per 4 CPUs of the cluster (1 to 8)."""
+        return self.ingress_replicas or max(1, min(8, int(cluster_cpus // 4)))
 
     @field_validator("method")
     @classmethod

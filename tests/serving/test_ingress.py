@@ -125,6 +125,77 @@ def test_predict_and_info_answer_over_asgi(fake_run: Path, monkeypatch: pytest.M
     assert by_json.status_code == 200 and by_json.json()["predictions"][0]["label"] == "one"
 
 
+def test_server_timing_says_where_the_time_went_and_decoding_is_off_the_event_loop(
+        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def timed(image: np.ndarray) -> dict[str, Any]:
+        return {"ready": True, "logits": [0.0, 2.0, 1.0], "model": "soup", "soup_version": 4, "wait_ms": 2.0,
+                "forward_ms": 5.0, "batch": 3, "replica": "m1"}
+
+    ingress = make_ingress(fake_run, monkeypatch, model=FakeModel(predict=timed), decode_threads=3)
+    ingress.replica = "i1"
+    r = call("POST", "/predict", content=png(), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    parts = dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))
+    assert set(parts) == {"read", "decode", "model_call", "hops", "batch_wait", "forward", "ingress"}
+    assert float(parts["batch_wait"]) == 2.0 and float(parts["forward"]) == 5.0
+    assert float(parts["ingress"]) >= float(parts["model_call"]) + float(parts["decode"])
+    assert "served_by" not in r.json()  # which replicas answered: only for a loopback client that asks
+    local = call("POST", "/predict?detail=local", client=LOOPBACK, content=png(),
+                 headers={"content-type": "image/png"}).json()
+    assert local["served_by"] == {"ingress": "i1", "model": "m1"}
+    info = call("GET", "/info?detail=local", client=LOOPBACK).json()["ingress"]
+    assert info["decoded"] == 2 and info["decoded_on_event_loop"] == 0
+    assert info["decode_threads"] and all(t.startswith("soup-ray-decode") for t in info["decode_threads"])
+    assert "ingress" not in call("GET", "/info").json()
+
+
+def test_a_batch_answers_each_image_in_order_and_a_bad_one_gets_its_own_error(
+        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ingress(fake_run, monkeypatch, max_body_bytes=2000, max_batch_images=4)
+    gif = io.BytesIO()
+    Image.new("L", (8, 8)).save(gif, "GIF")
+    files = [("file", (f"{i}", data, "image/png"))
+             for i, data in enumerate([png(), b"not an image", png(), gif.getvalue()])]
+    r = call("POST", "/predict/batch?top_k=1", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ok"] == 2 and body["failed"] == 2 and [x["index"] for x in body["results"]] == [0, 1, 2, 3]
+    assert body["results"][0]["predictions"][0]["label"] == "one" and body["results"][0]["soup_version"] == 4
+    assert (body["results"][1]["error"], body["results"][1]["status"]) == ("not_an_image", 400)
+    assert (body["results"][3]["error"], body["results"][3]["status"]) == ("unsupported_image_type", 415)
+    # JSON: one entry that is not base64 and one over the per-image limit are their own errors
+    big = base64.b64encode(png(64) + b"\0" * 3000).decode()
+    r = call("POST", "/predict/batch", json={"images_base64": [base64.b64encode(png()).decode(), "!!", big]})
+    assert r.status_code == 200, r.text
+    errors = [x.get("error") for x in r.json()["results"]]
+    assert errors == [None, "invalid_base64", "body_too_large"]
+    # the request as a whole: too many images, nothing usable, the wrong kind of body
+    assert call("POST", "/predict/batch", files=[("file", (str(i), png(), "image/png")) for i in range(5)]
+                ).json()["error"] == "too_many_images"
+    assert call("POST", "/predict/batch", json={"images_base64": [png().hex()] * 5}).json()["error"] == \
+        "too_many_images"
+    for kw, status, code in [({"json": {"images_base64": []}}, 422, "invalid_field"),
+                             ({"json": {"image_base64": "AAAA"}}, 422, "missing_field"),
+                             ({"content": png(), "headers": {"content-type": "image/png"}}, 415,
+                              "unsupported_media_type"),
+                             ({"files": [("file", ("a", png(), "image/png")), ("other", ("b", png(), "image/png"))]},
+                              422, "unexpected_field")]:
+        r = call("POST", "/predict/batch", **kw)
+        assert (r.status_code, r.json()["error"]) == (status, code), (kw, r.text)
+
+
+def test_a_batch_the_model_cannot_answer_is_a_503(fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unready(image: np.ndarray) -> dict[str, Any]:
+        return {"ready": False, "detail": "the model is still loading"}
+
+    make_ingress(fake_run, monkeypatch, model=FakeModel(predict=unready))
+    r = call("POST", "/predict/batch", files=[("file", ("a", png(), "image/png"))] * 2)
+    assert r.status_code == 503 and r.json()["error"] == "model_unavailable" and "retry-after" in r.headers
+    # a bad image beside them is still the client's own error: the batch answers what it can say
+    r = call("POST", "/predict/batch", files=[("file", ("a", png(), "image/png")), ("file", ("b", b"x", "image/png"))])
+    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [503, 400]
+
+
 # ---------------------------------------------------------------- timeouts and overload
 
 

@@ -511,6 +511,69 @@ def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
         assert torch.allclose(served_probs, new_probs[k], atol=1e-5)
 
 
+# ---------------------------------------------------------------- several replicas (a second application)
+
+
+@pytest.fixture(scope="module")
+def spread(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The same run as a second application beside ``served``: two ingress and two model replicas."""
+    from ray import serve
+
+    from soup_ray.serving.app import build_app
+
+    opts = ServeOptions(run_dir=str(served["run"]), ensemble=0, follow=False, num_cpus=0.1, ingress_cpus=0.05,
+                        ingress_replicas=2, model_replicas=2, decode_threads=2, max_batch_size=4,
+                        max_pixels=FIXTURE_MAX_PIXELS)
+    serve.run(build_app(opts), name="spread", route_prefix="/spread", blocking=False)  # returns once it is up
+    with httpx.Client(base_url=served["url"] + "/spread", timeout=REQUEST_TIMEOUT_S) as client:
+        try:
+            yield {"client": client}
+        finally:
+            serve.delete("spread", _blocking=False)
+
+
+def test_requests_spread_over_every_ingress_and_model_replica_and_decoding_stays_off_the_event_loop(
+        served: dict[str, Any], spread: dict[str, Any]) -> None:
+    client = spread["client"]
+    pngs, _ = digit_images(served["kitchen"], 8)
+    seen: dict[str, set] = {"ingress": set(), "model": set()}
+    for _ in range(10):  # bounded: 10 rounds of 16 concurrent requests at most
+        responses = post_all(client, "/predict?detail=local", [{"content": b} for b in pngs * 2])
+        for r in responses:
+            assert r.status_code == 200, r.text
+            for kind, replica in r.json()["served_by"].items():
+                seen[kind].add(replica)
+        if len(seen["ingress"]) == 2 and len(seen["model"]) == 2:
+            break
+    assert len(seen["ingress"]) == 2 and len(seen["model"]) == 2 and None not in seen["model"], seen
+    ingresses: dict[str, dict] = {}
+    for _ in range(40):
+        info = client.get("/info?detail=local").json()["ingress"]
+        ingresses[info["replica"]] = info
+        if len(ingresses) == 2:
+            break
+    assert set(ingresses) == seen["ingress"]
+    for info in ingresses.values():  # every image was decoded in the decode pool, none on the event loop
+        assert info["decoded"] > 0 and info["decoded_on_event_loop"] == 0, info
+        assert all(t.startswith("soup-ray-decode") for t in info["decode_threads"]), info
+
+
+def test_a_batch_over_http_answers_as_single_requests_do(served: dict[str, Any], spread: dict[str, Any]) -> None:
+    client = spread["client"]
+    pngs, _ = digit_images(served["kitchen"], 5)
+    files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)] + [("file", ("x", b"x", "image/png"))]
+    r = client.post("/predict/batch?top_k=2", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ok"] == 5 and body["failed"] == 1 and body["results"][5]["error"] == "not_an_image"
+    singles = post_all(client, "/predict?top_k=2", [{"content": b} for b in pngs])
+    for item, single in zip(body["results"], singles):
+        assert [p["index"] for p in item["predictions"]] == [p["index"] for p in single.json()["predictions"]]
+        assert item["predictions"][0]["probability"] == pytest.approx(single.json()["predictions"][0]["probability"],
+                                                                      abs=1e-5)
+    assert "server-timing" in singles[0].headers
+
+
 # ---------------------------------------------------------------- faults and load (a second application)
 
 FAULTS_RETRY_AFTER = "2"
