@@ -2,7 +2,12 @@
 
 Part 1 (throughput, synthetic batches): fine-tuning images/s in fp32 (the
 reference code's setting) and with bf16 autocast, and evaluation images/s, with
-the same classifier soup-ray fine-tunes (image tower + linear head).
+the same classifier soup-ray fine-tunes (image tower + linear head). With
+``--train-compile`` (the shell wrapper's default) a third training figure: the
+model under ``torch.compile``, fused AdamW, channels-last model and inputs and
+bf16 autocast, its compile warm-up timed apart from the steady state and set
+against the plain bf16 figure of the same run; for ViT-B-32 on a known GPU,
+both bf16 figures also as a fraction of the GPU's dense bf16 peak.
 
 Part 2 (serving, over HTTP on one local Ray): a synthetic run folder with a
 random-init ViT-B-32 base, its "soup" and ``--members`` fake trials of the same
@@ -28,6 +33,7 @@ kills it at 360 s), so a late phase is shortened or skipped, never overrun.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -36,7 +42,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +52,29 @@ from soup_ray.serving import sigterm_as_interrupt
 HERE = Path(__file__).resolve().parent
 
 T0 = time.perf_counter()
+
+# Budget kept for the phases after training when the compiled measurement decides whether it fits: the serving
+# phase runs only with SERVE_MIN_LEFT_S left; averaging 8 ViT-B-32 checkpoints takes well under AVERAGE_RESERVE_S.
+SERVE_MIN_LEFT_S = 90.0
+AVERAGE_RESERVE_S = 40.0
+# The compiled measurement starts only with this much spare beyond those reserves: a cold Inductor compile of
+# ViT-B-32's forward and backward should take about a minute on a GPU host (not yet measured here), and a
+# compile cannot be stopped once started.
+COMPILE_WARMUP_MAX_S = 120.0
+# Dry run: a cold Inductor compile of the stand-in's training step took about 50 s on a 2-core CPU, more than
+# the whole dry run, so it uses "aot_eager" (Dynamo capture and AOTAutograd's forward/backward graphs, run
+# eagerly: every step of torch.compile but Inductor's code generation). --compile-backend overrides it.
+DRY_RUN_COMPILE_BACKEND = "aot_eager"
+
+# Training FLOPs per image, ViT-B/32 at 224 px: forward = 2 x 4.41 GMACs (12 blocks of 50 tokens, width 768,
+# MLP 3072: 4.29 GMACs; patch embedding 0.12 GMACs) = 8.8 GFLOP; backward ~ 2 x forward, so 3 x 8.8 ~ 26.5 GFLOP.
+# Only for the model it was counted for (other models: no peak fraction).
+TRAIN_FLOP_PER_IMAGE = {"ViT-B-32": 3 * 8.82e9}
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s by a substring of torch.cuda.get_device_name(), first
+# match wins (the PCIe/NVL parts before the SXM ones: "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are SXM).
+# Unknown devices: no peak fraction.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                    ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 def elapsed() -> float:
@@ -83,6 +112,44 @@ def timed_steps(fn: Callable[[], None], warmup: int, max_steps: int, max_seconds
     return n, time.perf_counter() - t0
 
 
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named like ``torch.cuda.get_device_name()``; None when not known."""
+    return next((tf for key, tf in BF16_PEAK_TFLOPS if key in device_name), None)
+
+
+def peak_fraction(images_per_s: float, model_name: str, peak_tflops: float | None) -> float | None:
+    """Achieved fraction of the bf16 peak at TRAIN_FLOP_PER_IMAGE; None for another model or an unknown GPU."""
+    flop = TRAIN_FLOP_PER_IMAGE.get(model_name)
+    if flop is None or peak_tflops is None:
+        return None
+    return round(images_per_s * flop / (peak_tflops * 1e12), 4)
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 means fp32 while training is timed, as in the reference code; the library defaults afterwards."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True  # serving runs with the library defaults again
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               bf16: bool, device: str) -> Callable[[], None]:
+    """One fine-tuning step on a fixed batch: forward (bf16 autocast or not), backward, clipping, AdamW."""
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step
+
+
 def save(results: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results["elapsed_s"] = round(elapsed(), 1)
@@ -91,29 +158,26 @@ def save(results: dict[str, Any], out: Path) -> None:
 
 def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: str) -> None:
     """Fine-tuning (fp32, bf16 autocast) and evaluation images/s on synthetic batches."""
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, as in the reference code
-    torch.backends.cudnn.allow_tf32 = False
+    with strict_fp32():
+        _throughput(args, results, device)
+
+
+def _throughput(args: argparse.Namespace, results: dict[str, Any], device: str) -> None:
     model = build(1000, device, args.model)
     px = model.image_size_px
     opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.1)
     x = torch.rand(args.batch_size, 3, px, px, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-
-    def train_step(bf16: bool) -> Callable[[], None]:
-        def step() -> None:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-        return step
-
     model.train()
     for name, bf16 in (("train_fp32", False), ("train_bf16_autocast", True)):
-        n, secs = timed_steps(train_step(bf16), args.warmup, args.max_steps, args.seconds, device)
+        n, secs = timed_steps(train_step(model, opt, x, y, bf16, device), args.warmup, args.max_steps,
+                              args.seconds, device)
         results[f"{name}_images_per_s"] = round(n * args.batch_size / secs, 1)
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} steps)", flush=True)
+    results["train_flop_per_image"] = TRAIN_FLOP_PER_IMAGE.get(args.model)
+    results["bf16_peak_tflops"] = bf16_peak_tflops(results["device"]) if device == "cuda" else None
+    results["train_bf16_autocast_peak_fraction"] = peak_fraction(
+        results["train_bf16_autocast_images_per_s"], args.model, results["bf16_peak_tflops"])
     model.eval()
     xe = torch.rand(args.eval_batch_size, 3, px, px, device=device)
     for name, bf16 in (("eval_fp32", False), ("eval_bf16_autocast", True)):
@@ -129,8 +193,86 @@ def throughput_phase(args: argparse.Namespace, results: dict[str, Any], device: 
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    torch.backends.cuda.matmul.allow_tf32 = True  # serving runs with the library defaults again
-    torch.backends.cudnn.allow_tf32 = True
+
+
+def later_phases_reserve_s(args: argparse.Namespace) -> float:
+    """Seconds of the budget the compiled measurement leaves to the averaging and serving phases still to run."""
+    return (0.0 if args.no_average else AVERAGE_RESERVE_S) + (0.0 if args.no_serve else SERVE_MIN_LEFT_S)
+
+
+def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], device: str) -> None:
+    """Fine-tuning images/s with torch.compile, fused AdamW, channels-last and bf16 autocast; compile timed apart.
+
+    Runs after the plain figures (a fresh model: the plain one stays as it was measured) and only when the
+    compile warm-up fits the budget beyond what the later phases need; the timed steps are shortened to what
+    is left after the warm-up. A failure is recorded, not raised: the rest of the check still runs.
+    """
+    spare = args.budget - elapsed() - later_phases_reserve_s(args)
+    if spare < COMPILE_WARMUP_MAX_S:
+        results["train_bf16_compiled"] = {"skipped": f"{spare:.0f}s spare of the budget, the compile needs "
+                                                     f"{COMPILE_WARMUP_MAX_S:.0f}s"}
+        print(f"train_bf16_compiled: skipped, {spare:.0f}s spare", flush=True)
+        return
+    backend = args.compile_backend or (DRY_RUN_COMPILE_BACKEND if args.dry_run else "inductor")
+    # Inductor's "default" mode: on an H100/H200 the bulk of what compiling a ViT training step gains is fusing
+    # the layer norms, GELU, bias and residual adds around the cuBLAS matmuls and the SDPA attention kernel,
+    # which default mode does. "max-autotune(-no-cudagraphs)" also benchmarks Triton matmul templates per
+    # shape (typically minutes more of compile for a forward and backward, which this bounded check cannot
+    # spare, for little at these large bf16 shapes, where cuBLAS is near peak already), and CUDA graphs
+    # ("reduce-overhead", "max-autotune") pay off for launch-bound small batches, not for a batch of 256 whose
+    # step is tens of milliseconds of GPU work. The mode is Inductor's: other backends take none.
+    mode = "default" if backend == "inductor" else None
+    fused = device == "cuda"  # the fused AdamW kernel here is CUDA's; on CPU the default implementation
+    fig: dict[str, Any] = {"compile_backend": backend, "compile_mode": mode, "fused_adamw": fused,
+                           "channels_last": True, "autocast": "bf16"}
+    if args.dry_run and not args.compile_backend:
+        fig["note"] = (f"dry run: backend {DRY_RUN_COMPILE_BACKEND} (Dynamo + AOTAutograd, no Inductor code "
+                       "generation; a cold Inductor compile of the stand-in takes ~50 s on a 2-core CPU)")
+    if not fused:
+        fig["optimizer_note"] = "AdamW default implementation: fused=True is used on CUDA only"
+    results["train_bf16_compiled"] = fig
+    model = compiled = opt = x = y = None
+    try:
+        with strict_fp32():  # the same matmul settings as the plain bf16 figure it is set against
+            # channels-last: for a ViT it only changes the patch-embedding convolution's layout (and the input's)
+            model = build(1000, device, args.model).to(memory_format=torch.channels_last)
+            model.train()
+            px = model.image_size_px
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.1, fused=fused)
+            x = torch.rand(args.batch_size, 3, px, px, device=device).to(memory_format=torch.channels_last)
+            y = torch.randint(0, 1000, (args.batch_size,), device=device)
+            compiled = torch.compile(model, backend=backend, mode=mode)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step = train_step(compiled, opt, x, y, True, device)
+            # the --warmup steps compile forward and backward (and any recompile): timed apart from the steady state
+            n_warm, warm_s = timed_steps(step, 0, max(1, args.warmup), float("inf"), device)
+            fig["compile_warmup_s"], fig["compile_warmup_steps"] = round(warm_s, 2), n_warm
+            seconds = min(args.seconds, args.budget - elapsed() - later_phases_reserve_s(args))
+            if seconds < 1.0:
+                fig["skipped"] = f"compiled in {warm_s:.0f}s, leaving no time of the budget for the timed steps"
+                print(f"train_bf16_compiled: {fig['skipped']}", flush=True)
+                return
+            n, secs = timed_steps(step, 0, args.max_steps, seconds, device)
+        fig["steps"], fig["seconds"] = n, round(secs, 2)
+        if device == "cuda":
+            fig["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        ips = round(n * args.batch_size / secs, 1)
+        results["train_bf16_compiled_images_per_s"] = ips
+        plain = results.get("train_bf16_autocast_images_per_s")
+        results["train_compiled_over_bf16"] = round(ips / plain, 3) if plain else None
+        results["train_bf16_compiled_peak_fraction"] = peak_fraction(ips, args.model, results.get("bf16_peak_tflops"))
+        print(f"train_bf16_compiled: {ips} images/s ({n} steps; compile warm-up {warm_s:.1f}s, "
+              f"{results['train_compiled_over_bf16']}x plain bf16)", flush=True)
+    except Exception as e:  # noqa: BLE001 - a compiler failure is a finding of the check, not the end of it
+        fig["error"] = f"{type(e).__name__}: {e}"[:2000]
+        print(f"train_bf16_compiled: failed: {fig['error'][:300]}", flush=True)
+    finally:
+        del model, compiled, opt, x, y
+        torch._dynamo.reset()  # the compiled graphs and their caches go with the model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -170,7 +312,7 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
     from soup_ray.serving import stop_serve_and_ray
 
     left = args.budget - elapsed()
-    if left < 90:
+    if left < SERVE_MIN_LEFT_S:
         results["serving_vitb32"] = {"skipped": f"only {left:.0f}s of the budget left"}
         print(f"serving: skipped, only {left:.0f}s left", flush=True)
         return
@@ -216,6 +358,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=25.0, help="time budget of each measured training phase")
     ap.add_argument("--budget", type=float, default=340.0, help="bound on the whole check in seconds")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 1")
+    ap.add_argument("--train-compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="part 1: also time training with torch.compile, fused AdamW, channels-last and bf16 "
+                         "autocast (the shell wrapper turns it on; skipped when the budget is short)")
+    ap.add_argument("--compile-backend", default=None,
+                    help=f"torch.compile backend for --train-compile (default: inductor; "
+                         f"{DRY_RUN_COMPILE_BACKEND} with --dry-run)")
     ap.add_argument("--no-serve", action="store_true", help="skip part 2")
     ap.add_argument("--no-average", action="store_true", help="skip part 3")
     ap.add_argument("--average-n", type=int, default=8, help="checkpoints averaged in part 3 (default: 8)")
@@ -259,6 +407,9 @@ def main() -> None:
         if not args.no_throughput:
             throughput_phase(args, results, device)
             save(results, out)
+            if args.train_compile:
+                compiled_train_phase(args, results, device)
+                save(results, out)
         if not args.no_average:
             averaging_phase(args, results)
             save(results, out)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
@@ -22,7 +31,41 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     for key in ("train_fp32_images_per_s", "train_bf16_autocast_images_per_s", "eval_fp32_images_per_s",
                 "eval_bf16_autocast_images_per_s"):
         assert res[key] > 0, key
+    # the wrapper turns --train-compile on: compiled on CPU with the dry run's backend, no fused AdamW there
+    comp = res["train_bf16_compiled"]
+    assert "error" not in comp and "skipped" not in comp, comp
+    assert res["train_bf16_compiled_images_per_s"] > 0
+    assert res["train_compiled_over_bf16"] == round(
+        res["train_bf16_compiled_images_per_s"] / res["train_bf16_autocast_images_per_s"], 3)
+    assert comp["compile_backend"] == "aot_eager" and comp["compile_mode"] is None and "note" in comp
+    assert comp["fused_adamw"] is False and "optimizer_note" in comp and comp["channels_last"] is True
+    assert comp["compile_warmup_s"] > 0 and comp["compile_warmup_steps"] >= 1 and comp["steps"] >= 1
+    # no peak fraction for the stand-in model on a CPU
+    assert res["bf16_peak_tflops"] is None and res["train_flop_per_image"] is None
+    assert res["train_bf16_autocast_peak_fraction"] is None and res["train_bf16_compiled_peak_fraction"] is None
     avg = res["averaging"]
     assert avg["n"] == 8 and avg["stream_s"] > 0 and avg["read_s"] > 0 and avg["stream_over_read"] > 0
     assert avg["stream_into_model_over_read"] > 0
     assert "skipped" in res["serving_vitb32"]
+
+
+def test_compiled_phase_skipped_when_the_budget_is_short() -> None:
+    gc = _gpu_check()
+    args = SimpleNamespace(budget=gc.elapsed() + gc.SERVE_MIN_LEFT_S + gc.AVERAGE_RESERVE_S + 60, no_serve=False,
+                           no_average=False)
+    results: dict = {}
+    gc.compiled_train_phase(args, results, "cpu")  # skips before building anything
+    assert "skipped" in results["train_bf16_compiled"] and "train_bf16_compiled_images_per_s" not in results
+    # without the later phases the same budget leaves room for the compile warm-up
+    assert args.budget - gc.elapsed() - gc.later_phases_reserve_s(
+        SimpleNamespace(no_serve=True, no_average=True)) >= gc.COMPILE_WARMUP_MAX_S
+
+
+def test_bf16_peak_fraction() -> None:
+    gc = _gpu_check()
+    assert gc.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == gc.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert gc.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gc.bf16_peak_tflops("Some GPU") is None
+    # 10,000 images/s at ~26.5 GFLOP each on 989 TFLOP/s: about 27 % of the peak
+    assert 0.26 < gc.peak_fraction(10_000, "ViT-B-32", 989.0) < 0.28
+    assert gc.peak_fraction(10_000, "ViT-B-32", None) is None
+    assert gc.peak_fraction(10_000, "soupray-digits-tiny", 989.0) is None
