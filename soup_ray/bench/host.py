@@ -79,6 +79,43 @@ def top_processes(before: ProcessSample, after: ProcessSample, wall_s: float, mi
     return {"processes": rows[:limit], "other_cores": round(other, 3)}
 
 
+SERVE_ROLES = (("ServeReplica:", None), ("ProxyActor", "proxy"), ("ServeController", "controller"))
+
+
+def serve_role(name: str) -> str | None:
+    """The Serve role of one of our processes from its title: ``ingress``, ``model``, ``member``, ``ensemble``,
+    ``one_hop``, ``proxy``, ``controller``, ``client`` (this process); None for anything else."""
+    if name.startswith("this process"):
+        return "client"
+    for marker, role in SERVE_ROLES:
+        if marker in name:
+            if role is not None:
+                return role
+            deployment = name.split(marker, 1)[1].split(":")[-1].split()[0]
+            return {"Ingress": "ingress", "Model": "model", "Ensemble": "ensemble", "OneHop": "one_hop"}.get(
+                deployment, "member" if deployment.startswith("Member") else deployment.lower())
+    return None
+
+
+def cpu_per_request(before: ProcessSample, after: ProcessSample, requests: int) -> dict[str, float]:
+    """CPU milliseconds per request of each Serve role of this process's Ray (``serve_role``) between two
+    ``process_cpu_seconds`` samples; ``ray`` is the rest of that Ray (raylet, GCS, workers), ``total`` all of it."""
+    if requests <= 0:
+        return {}
+    ours = _descendants(after, os.getpid())
+    out: dict[str, float] = {}
+    for pid in ours:
+        name, seconds, _ = after[pid]
+        prev = before.get(pid)
+        used = seconds - (prev[1] if prev else 0.0)
+        if used <= 0:
+            continue
+        role = serve_role(name) or "ray"
+        out[role] = out.get(role, 0.0) + used
+    out["total"] = sum(out.values())
+    return {k: round(1000 * v / requests, 3) for k, v in sorted(out.items())}
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of all CPUs since boot."""
     t = psutil.cpu_times()

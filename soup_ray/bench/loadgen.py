@@ -86,6 +86,21 @@ def _status_key(response: Any = None, error: BaseException | None = None) -> str
     return str(int(response.status_code))
 
 
+def parse_server_timing(value: str | None) -> dict[str, float]:
+    """``Server-Timing: decode;dur=1.2, forward;dur=3`` -> ``{"decode": 1.2, "forward": 3.0}`` (milliseconds)."""
+    out: dict[str, float] = {}
+    for part in (value or "").split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, raw = param.strip().partition("=")
+            if key == "dur" and name:
+                try:
+                    out[name] = float(raw)
+                except ValueError:
+                    pass
+    return out
+
+
 def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float, *,
               timeout_s: float = 30.0, content_type: str = "image/png",
               client: httpx.Client | None = None) -> LevelResult:
@@ -94,7 +109,9 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     A request counts as successful when its status is 2xx. Throughput is the
     successful requests divided by the time from the start to the last answer.
     Requests still running after ``max_seconds + timeout_s`` plus a grace are
-    abandoned (their threads are daemons) and counted in ``unfinished``.
+    abandoned (their threads are daemons) and counted in ``unfinished``. The
+    mean of each ``Server-Timing`` duration of the successful answers goes to
+    ``extra["server_timing_ms"]`` (where the server says the time went).
     """
     import httpx
 
@@ -111,6 +128,7 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     stop = threading.Event()  # set when the level ends or is interrupted: no worker starts another request
     issued = 0
     records: list[tuple[str, float, float]] = []  # (status key, latency s, completion time)
+    timings: list[dict[str, float]] = []
 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -128,14 +146,19 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
         while (i := claim()) is not None:
             body = bodies[i % len(bodies)]
             start = time.perf_counter()
+            timing: dict[str, float] = {}
             try:
                 resp = client.post(url, content=body, headers=headers)
                 key = _status_key(resp)
+                if 200 <= resp.status_code < 300:
+                    timing = parse_server_timing(resp.headers.get("server-timing"))
             except Exception as err:  # noqa: BLE001 - timeouts, refused connections, a client closed under us
                 key = _status_key(error=err)
             end = time.perf_counter()
             with lock:
                 records.append((key, end - start, end))
+                if timing:
+                    timings.append(timing)
 
     threads = [threading.Thread(target=worker, name=f"loadgen-{k}", daemon=True) for k in range(concurrency)]
     for t in threads:
@@ -151,16 +174,22 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
     with lock:
         done = list(records)
         sent = issued
+        seen = list(timings)
     ok_lat = [lat for key, lat, _ in done if key.isdigit() and 200 <= int(key) < 300]
     errors = Counter(key for key, _, _ in done if not (key.isdigit() and 200 <= int(key) < 300))
     end = max((e for _, _, e in done), default=time.perf_counter())
     duration = max(end - t0, 1e-9)
+    extra: dict[str, Any] = {}
+    if seen:
+        names = sorted({k for t in seen for k in t})
+        extra["server_timing_ms"] = {k: round(float(np.mean([t[k] for t in seen if k in t])), 3) for k in names}
+        extra["server_timing_answers"] = len(seen)
     return LevelResult(
         concurrency=concurrency, max_requests=max_requests, max_seconds=max_seconds, sent=sent, ok=len(ok_lat),
         errors=dict(sorted(errors.items())), unfinished=sent - len(done),
         stopped_by="count" if sent >= max_requests else "time", duration_s=round(duration, 4),
         throughput_rps=round(len(ok_lat) / duration, 3), latency_ms=latency_summary(ok_lat),
-        client_cpu_s=round(time.process_time() - cpu0, 3))
+        client_cpu_s=round(time.process_time() - cpu0, 3), extra=extra)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

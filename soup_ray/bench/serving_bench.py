@@ -37,12 +37,14 @@ from ..cluster.session import ray_session
 from ..run_dir import RunDir
 from ..serving import (SOUP_MODEL, ensemble_members, load_image, load_model, resolve_run_dir, serve_run,
                        sigterm_as_interrupt, stop_serve_and_ray, to_model_input)
-from .host import cpu_usage, machine_cpu_seconds, machine_info, process_cpu_seconds, thread_cpu_seconds, top_processes
+from ..serving.launch import DEFAULT_THROUGHPUT_MODE, throughput_mode_env
+from .host import (cpu_per_request, cpu_usage, machine_cpu_seconds, machine_info, process_cpu_seconds,
+                   thread_cpu_seconds, top_processes)
 from .loadgen import run_level, sample_pngs
 
 Log = Callable[[str], None]
 
-TARGETS = ("soup", "single", "ensemble_k", "ensemble_all")
+TARGETS = ("soup", "one_hop", "single", "ensemble_k", "ensemble_all")
 APP_NAME = "bench"
 
 
@@ -109,6 +111,9 @@ class BenchSettings:
     num_cpus: float | None = None  # per model replica; None: an equal share that fits the largest application
     num_gpus: float = 0.0
     ingress_cpus: float = 0.1
+    ingress_replicas: int = 1
+    model_replicas: int = 1  # replicas of the one model of the soup, single and one_hop targets
+    throughput_mode: str = DEFAULT_THROUGHPUT_MODE  # Ray Serve's (off, replicas, full), for a Ray the bench starts
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     replica_threads: int | None = None  # OMP_NUM_THREADS for every Ray worker (only when the bench starts Ray)
@@ -139,6 +144,8 @@ def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = T
     for name in only:
         if name == "soup":
             plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict"}
+        elif name == "one_hop":
+            plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict", "one_hop": True}
         elif not ranked:
             raise ValueError(f"target {name!r} needs completed trials in {run_dir}/results.jsonl")
         elif name == "single":
@@ -150,8 +157,10 @@ def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = T
     return plan
 
 
-def _replica_names(members: Sequence[str]) -> list[str]:
-    return [f"Member{i}" for i in range(len(members))] if members else ["Model"]
+def _replica_names(plan: dict[str, Any]) -> list[str]:
+    if plan.get("one_hop"):
+        return ["OneHop"]
+    return [f"Member{i}" for i in range(len(plan["members"]))] if plan["members"] else ["Model"]
 
 
 def _replica_infos(names: Sequence[str], timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
@@ -235,17 +244,27 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
     t0 = time.perf_counter()
     ensemble: int | list[str] = list(plan["members"]) if plan["members"] else 0
     try:
-        url = serve_run(run_dir, settings.host, settings.port, blocking=False, app_name=APP_NAME, route_prefix="/",
-                        log=lambda m: None, model=plan["model"], ensemble=ensemble, follow=False, num_cpus=share,
-                        num_gpus=settings.num_gpus, ingress_cpus=settings.ingress_cpus,
-                        max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s)
+        if plan.get("one_hop"):  # the bare peer gets the model replica's and the ingress's CPUs in one replica
+            from .one_hop import deploy_one_hop
+
+            url = deploy_one_hop(str(run_dir), share + settings.ingress_cpus * settings.ingress_replicas,
+                                 settings.num_gpus, settings.max_batch_size, settings.batch_wait_timeout_s, APP_NAME,
+                                 settings.host, settings.port, replicas=settings.model_replicas)
+        else:
+            url = serve_run(run_dir, settings.host, settings.port, blocking=False, app_name=APP_NAME,
+                            route_prefix="/", log=lambda m: None, model=plan["model"], ensemble=ensemble,
+                            follow=False, num_cpus=share, num_gpus=settings.num_gpus,
+                            ingress_cpus=settings.ingress_cpus, ingress_replicas=settings.ingress_replicas,
+                            model_replicas=1 if plan["members"] else settings.model_replicas,
+                            max_batch_size=settings.max_batch_size,
+                            batch_wait_timeout_s=settings.batch_wait_timeout_s)
         out["deploy_s"] = round(time.perf_counter() - t0, 2)
         wait_s = settings.deploy_timeout_s
         if deadline is not None:
             wait_s = max(5.0, min(wait_s, deadline - time.perf_counter()))
         out["ready_s"] = round(wait_ready(url, plan["route"], pngs[0], wait_s, log), 2)
         log(f"  {name}: deployed in {out['deploy_s'] + out['ready_s']:.0f}s at {url}{plan['route']}")
-        names = _replica_names(plan["members"])
+        names = _replica_names(plan)
         target_url = f"{url}{plan['route']}"
         if settings.warmup_requests > 0:
             w = run_level(target_url, pngs, max(settings.concurrency), settings.warmup_requests,
@@ -268,6 +287,7 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
             wall = time.perf_counter() - w0
             machine1, procs1 = machine_cpu_seconds(), process_cpu_seconds()
             top = top_processes(procs0, procs1, wall)
+            level.extra["cpu_ms_per_request"] = cpu_per_request(procs0, procs1, level.ok)
             level.extra["top_processes"] = top["processes"]
             level.extra["other_processes_cores"] = top["other_cores"]
             if top["other_cores"] > 0.25:
@@ -302,9 +322,11 @@ def _replica_share(settings: BenchSettings, plan: dict[str, dict[str, Any]]) -> 
     if settings.num_cpus is not None:
         return float(settings.num_cpus)
     cpus = float(ray.available_resources().get("CPU", 0.0))
-    replicas = max((len(p["members"]) + 1 for p in plan.values()), default=1)  # members + the Model deployment
+    # members + the Model deployment, or the model's replicas
+    replicas = max((len(p["members"]) + 1 if p["members"] else settings.model_replicas for p in plan.values()),
+                   default=1)
     has_ensemble = any(p["members"] for p in plan.values())
-    free = cpus - settings.ingress_cpus * (2 if has_ensemble else 1)
+    free = cpus - settings.ingress_cpus * (settings.ingress_replicas + (1 if has_ensemble else 0))
     share = min(1.0, math.floor(100 * free / replicas) / 100)
     if share <= 0:
         raise ValueError(f"{cpus} free CPUs cannot hold {replicas} model replicas plus the ingress; "
@@ -344,6 +366,10 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
     what replicas really get either way). ``RAY_ADDRESS`` joins a cluster.
     """
     env = {"OMP_NUM_THREADS": str(int(settings.replica_threads))} if settings.replica_threads else {}
+    import ray
+
+    if not ray.is_initialized():
+        env.update(throughput_mode_env(settings.throughput_mode, log))
     return ray_session(None, log=log, env=env, num_cpus=os.cpu_count(), log_to_driver=False)
 
 
@@ -406,7 +432,7 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
                 f"thread(s), {c['ms_per_batch']:.1f} ms/batch); decoding {c['decode_images_per_s']:.0f} images/s")
         measured: dict[tuple, str] = {}
         for name, p in plan.items():
-            key = (p["model"], tuple(p["members"]), p["route"])
+            key = (p["model"], tuple(p["members"]), p["route"], bool(p.get("one_hop")))
             if key in measured:  # e.g. ensemble_all == ensemble_k when there are only K candidates
                 figures["targets"][name] = {**figures["targets"][measured[key]], "same_as": measured[key]}
                 log(f"  {name}: same application as {measured[key]}; figures reused")
@@ -487,6 +513,7 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
         "peak_rps": {n: v for n, (v, _) in peaks.items()},
         "peak_at_concurrency": {n: c for n, (_, c) in peaks.items()},
         "soup_over_single": _div(soup, peaks.get("single", (None,))[0]),
+        "soup_over_one_hop": _div(soup, peaks.get("one_hop", (None,))[0]),
         "ensemble_k": members_k,
         "soup_over_ensemble_k": soup_over_k,
         "target_soup_over_ensemble_k": target_k,
@@ -500,8 +527,8 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
     rates = {n: {lv["concurrency"]: lv.get("throughput_rps") for lv in (t.get("levels") or [])}
              for n, t in targets.items()}
     for c, s in sorted((rates.get("soup") or {}).items()):
-        by_c[str(c)] = {f"soup_over_{n}": _div(s, rates[n].get(c)) for n in ("single", "ensemble_k", "ensemble_all")
-                        if n in rates}
+        by_c[str(c)] = {f"soup_over_{n}": _div(s, rates[n].get(c))
+                        for n in ("one_hop", "single", "ensemble_k", "ensemble_all") if n in rates}
         by_c[str(c)]["served_soup_over_ceiling"] = _div(s, ceiling)
     out["by_concurrency"] = by_c
     # per busy core: the same peaks divided by the cores the whole machine used at that level (replicas, Serve,
@@ -515,12 +542,14 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
     soup_pc = per_core.get("soup")
     out["per_busy_core"] = {
         "rps_per_core": per_core,
-        **{f"soup_over_{n}": _div(soup_pc, per_core.get(n)) for n in ("single", "ensemble_k", "ensemble_all")},
+        **{f"soup_over_{n}": _div(soup_pc, per_core.get(n))
+           for n in ("one_hop", "single", "ensemble_k", "ensemble_all")},
     }
     return out
 
 
-COLORS = {"soup": "tab:green", "single": "tab:blue", "ensemble_k": "tab:orange", "ensemble_all": "tab:red"}
+COLORS = {"soup": "tab:green", "one_hop": "tab:purple", "single": "tab:blue", "ensemble_k": "tab:orange",
+          "ensemble_all": "tab:red"}
 
 
 def plot_bench(figures: dict[str, Any], path: Path | str) -> Path:

