@@ -47,35 +47,14 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from soup_ray.bench.gpu_figures import (COMPILE_WARMUP_MAX_S, DRY_RUN_COMPILE_BACKEND, SERVE_MIN_LEFT_S,
+                                        TRAIN_FLOP_PER_IMAGE, bf16_peak_tflops, compile_spare_s,
+                                        later_phases_reserve_s, peak_fraction)
 from soup_ray.serving import sigterm_as_interrupt
 
 HERE = Path(__file__).resolve().parent
 
 T0 = time.perf_counter()
-
-# Budget kept for the phases after training when the compiled measurement decides whether it fits: the serving
-# phase runs only with SERVE_MIN_LEFT_S left; averaging 8 ViT-B-32 checkpoints takes well under AVERAGE_RESERVE_S.
-SERVE_MIN_LEFT_S = 90.0
-AVERAGE_RESERVE_S = 40.0
-# The compiled measurement starts only with this much spare beyond those reserves: a cold Inductor compile of
-# ViT-B-32's forward and backward should take about a minute on a GPU host (not yet measured here), and a
-# compile cannot be stopped once started.
-COMPILE_WARMUP_MAX_S = 120.0
-# Dry run: a cold Inductor compile of the stand-in's training step took about 50 s on a 2-core CPU, more than
-# the whole dry run, so it uses "aot_eager" (Dynamo capture and AOTAutograd's forward/backward graphs, run
-# eagerly: every step of torch.compile but Inductor's code generation). --compile-backend overrides it.
-DRY_RUN_COMPILE_BACKEND = "aot_eager"
-
-# Training FLOPs per image, ViT-B/32 at 224 px: forward = 2 x 4.41 GMACs (12 blocks of 50 tokens, width 768,
-# MLP 3072: 4.29 GMACs; patch embedding 0.12 GMACs) = 8.8 GFLOP; backward ~ 2 x forward, so 3 x 8.8 ~ 26.5 GFLOP.
-# Only for the model it was counted for (other models: no peak fraction).
-TRAIN_FLOP_PER_IMAGE = {"ViT-B-32": 3 * 8.82e9}
-# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s by a substring of torch.cuda.get_device_name(), first
-# match wins (the PCIe/NVL parts before the SXM ones: "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are SXM).
-# Unknown devices: no peak fraction.
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
-                    ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-
 
 def elapsed() -> float:
     return time.perf_counter() - T0
@@ -110,19 +89,6 @@ def timed_steps(fn: Callable[[], None], warmup: int, max_steps: int, max_seconds
     if device == "cuda":
         torch.cuda.synchronize()
     return n, time.perf_counter() - t0
-
-
-def bf16_peak_tflops(device_name: str) -> float | None:
-    """The dense bf16 peak of a GPU named like ``torch.cuda.get_device_name()``; None when not known."""
-    return next((tf for key, tf in BF16_PEAK_TFLOPS if key in device_name), None)
-
-
-def peak_fraction(images_per_s: float, model_name: str, peak_tflops: float | None) -> float | None:
-    """Achieved fraction of the bf16 peak at TRAIN_FLOP_PER_IMAGE; None for another model or an unknown GPU."""
-    flop = TRAIN_FLOP_PER_IMAGE.get(model_name)
-    if flop is None or peak_tflops is None:
-        return None
-    return round(images_per_s * flop / (peak_tflops * 1e12), 4)
 
 
 @contextlib.contextmanager
@@ -189,15 +155,10 @@ def _throughput(args: argparse.Namespace, results: dict[str, Any], device: str) 
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} batches)", flush=True)
     if device == "cuda":
         results["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del model, opt, x, y, xe
+    model = opt = x = y = xe = None  # drop the references (the closures above hold the names)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-
-
-def later_phases_reserve_s(args: argparse.Namespace) -> float:
-    """Seconds of the budget the compiled measurement leaves to the averaging and serving phases still to run."""
-    return (0.0 if args.no_average else AVERAGE_RESERVE_S) + (0.0 if args.no_serve else SERVE_MIN_LEFT_S)
 
 
 def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], device: str) -> None:
@@ -207,8 +168,8 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
     compile warm-up fits the budget beyond what the later phases need; the timed steps are shortened to what
     is left after the warm-up. A failure is recorded, not raised: the rest of the check still runs.
     """
-    spare = args.budget - elapsed() - later_phases_reserve_s(args)
-    if spare < COMPILE_WARMUP_MAX_S:
+    spare = args.budget - elapsed() - later_phases_reserve_s(args.no_average, args.no_serve)
+    if compile_spare_s(args.budget - elapsed(), args.no_average, args.no_serve) is None:
         results["train_bf16_compiled"] = {"skipped": f"{spare:.0f}s spare of the budget, the compile needs "
                                                      f"{COMPILE_WARMUP_MAX_S:.0f}s"}
         print(f"train_bf16_compiled: skipped, {spare:.0f}s spare", flush=True)
@@ -248,7 +209,7 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
             # the --warmup steps compile forward and backward (and any recompile): timed apart from the steady state
             n_warm, warm_s = timed_steps(step, 0, max(1, args.warmup), float("inf"), device)
             fig["compile_warmup_s"], fig["compile_warmup_steps"] = round(warm_s, 2), n_warm
-            seconds = min(args.seconds, args.budget - elapsed() - later_phases_reserve_s(args))
+            seconds = min(args.seconds, args.budget - elapsed() - later_phases_reserve_s(args.no_average, args.no_serve))
             if seconds < 1.0:
                 fig["skipped"] = f"compiled in {warm_s:.0f}s, leaving no time of the budget for the timed steps"
                 print(f"train_bf16_compiled: {fig['skipped']}", flush=True)

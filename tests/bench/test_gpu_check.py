@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+
+import soup_ray.bench.gpu_figures as gf
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
@@ -49,23 +42,20 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert "skipped" in res["serving_vitb32"]
 
 
-def test_compiled_phase_skipped_when_the_budget_is_short() -> None:
-    gc = _gpu_check()
-    args = SimpleNamespace(budget=gc.elapsed() + gc.SERVE_MIN_LEFT_S + gc.AVERAGE_RESERVE_S + 60, no_serve=False,
-                           no_average=False)
-    results: dict = {}
-    gc.compiled_train_phase(args, results, "cpu")  # skips before building anything
-    assert "skipped" in results["train_bf16_compiled"] and "train_bf16_compiled_images_per_s" not in results
+def test_the_compiled_phase_runs_only_when_its_warm_up_fits_beside_the_later_phases() -> None:
+    reserve = gf.AVERAGE_RESERVE_S + gf.SERVE_MIN_LEFT_S
+    assert gf.later_phases_reserve_s(no_average=False, no_serve=False) == reserve
+    assert gf.compile_spare_s(reserve + 60, no_average=False, no_serve=False) is None  # skipped
     # without the later phases the same budget leaves room for the compile warm-up
-    assert args.budget - gc.elapsed() - gc.later_phases_reserve_s(
-        SimpleNamespace(no_serve=True, no_average=True)) >= gc.COMPILE_WARMUP_MAX_S
+    assert gf.compile_spare_s(reserve + 60, no_average=True, no_serve=True) == reserve + 60
+    assert gf.compile_spare_s(reserve + gf.COMPILE_WARMUP_MAX_S, no_average=False, no_serve=False) == \
+        gf.COMPILE_WARMUP_MAX_S
 
 
 def test_bf16_peak_fraction() -> None:
-    gc = _gpu_check()
-    assert gc.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == gc.bf16_peak_tflops("NVIDIA H200") == 989.0
-    assert gc.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gc.bf16_peak_tflops("Some GPU") is None
+    assert gf.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == gf.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert gf.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gf.bf16_peak_tflops("Some GPU") is None
     # 10,000 images/s at ~26.5 GFLOP each on 989 TFLOP/s: about 27 % of the peak
-    assert 0.26 < gc.peak_fraction(10_000, "ViT-B-32", 989.0) < 0.28
-    assert gc.peak_fraction(10_000, "ViT-B-32", None) is None
-    assert gc.peak_fraction(10_000, "soupray-digits-tiny", 989.0) is None
+    assert 0.26 < gf.peak_fraction(10_000, "ViT-B-32", 989.0) < 0.28
+    assert gf.peak_fraction(10_000, "ViT-B-32", None) is None
+    assert gf.peak_fraction(10_000, "soupray-digits-tiny", 989.0) is None
