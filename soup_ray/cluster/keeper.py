@@ -6,10 +6,11 @@ A shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
   written to an inbox on disk first, so an offer accepted before a crash is
   never lost; a worker thread drains the inbox.
 - Checkpoints are checked before they can join (base fingerprint, keys and
-  shapes, finite values, readable); a rejected offer leaves the soup unchanged
-  and its reason is recorded.
+  shapes, finite values, readable); a rejected offer leaves the soup
+  unchanged and its reason is recorded.
 - After every change the state is persisted under ``RUN_DIR/soup_state/`` and a
-  restarted keeper resumes exactly where it was.
+  restarted keeper resumes exactly where it was. An offer counts as processed
+  (and leaves the inbox) only together with the soup it led to.
 - Each new soup version is published as an open_clip ``local-dir:`` folder under
   ``RUN_DIR/soup_versions/`` and mirrored to ``RUN_DIR/soup/``.
 """
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from ..export import export_soup
 from ..ingredients import CheckpointRejected, CheckpointUnavailable, Kitchen, TrialRecord
 from ..run_dir import RunDir
-from ..soup import IncrementalGreedySoup, Update
+from ..soup import Candidate, IncrementalGreedySoup, Update
 
 ProcessedHook = Callable[[int, int, "Update | None", "SoupKeeper"], None]
 """``hook(admitted, rejected, update, keeper)`` after each processed batch of offers (e.g. Ray metrics)."""
@@ -131,6 +132,14 @@ class SoupKeeper:
             for rec in self.records.values():
                 self.kitchen.paths[rec["trial_id"]] = TrialRecord.from_json(rec)
             self.soup = IncrementalGreedySoup.from_state(state["soup"], self.kitchen.evaluate)
+        # what _persist writes of the soup: its state as of the last commit, never one the worker is changing
+        self._soup_state = self.soup.to_state()
+        if state is not None:
+            # an offer recorded without its soup (a state persisted mid-evaluation by an older keeper): queue it again
+            for tid in [t for t in self.records if t not in self.soup]:
+                rec = self.records.pop(tid)
+                write_json_atomic(self._inbox_file(tid), {"trial_id": tid, "checkpoint": rec.get("checkpoint"),
+                                                          "heldout_correct": rec.get("heldout_correct")})
             self._persist()
         self.inbox = self._read_inbox()
         self._snapshot = self._make_snapshot()
@@ -140,7 +149,7 @@ class SoupKeeper:
     def _state(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
-            "soup": self.soup.to_state(),
+            "soup": self._soup_state,
             "records": self.records,
             "rejected": self.rejected,
             "version": self.version,
@@ -188,8 +197,22 @@ class SoupKeeper:
         return self._inbox_dir() / f"{safe}.json"
 
     def _persist(self) -> None:
+        """Write the state (the soup as of the last :meth:`_commit`); call with :attr:`lock` held."""
         self.last_change_at = time.time()
         write_json_atomic(self.paths.state_file, self._state())
+
+    def _commit(self) -> None:
+        """Take the soup as it is now into the state and persist it; call with :attr:`lock` held."""
+        self._soup_state = self.soup.to_state()
+        self._persist()
+
+    def _attempt(self, tid: str) -> bool:
+        """Count a failed try of ``tid``; True (with its back-off set) while another try is due."""
+        self.attempts[tid] = self.attempts.get(tid, 0) + 1
+        if self.attempts[tid] < TRANSIENT_ATTEMPTS:
+            self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])
+            return True
+        return False
 
     def _make_snapshot(self) -> dict[str, Any]:
         return {
@@ -251,7 +274,13 @@ class SoupKeeper:
             return len(self.inbox) + (1 if self.busy else 0) + (1 if self.publish_pending else 0)
 
     def process_inbox(self) -> int:
-        """Admit and offer everything queued, in one incremental update; returns how many were handled."""
+        """Admit and offer everything queued, in one incremental update; returns how many were handled.
+
+        Nothing of the batch is recorded until the soup it leads to is: the
+        records, rejections, soup and inbox change together under the lock, so a
+        state persisted meanwhile (``set_retirement``) never counts an offer
+        whose soup is not decided yet.
+        """
         now = time.time()
         with self._lock:
             batch = [r for r in self.inbox if self.retry_at.get(str(r.get("trial_id")), 0.0) <= now]
@@ -260,40 +289,44 @@ class SoupKeeper:
         if not batch:
             return 0
         try:
-            candidates = []
+            admitted: list[tuple[dict, Candidate]] = []
             retry: set[str] = set()
+            rejected: dict[str, str] = {}
+            given_up: set[str] = set()  # unreadable so far: a re-offer tries again
             for rec in batch:
                 tid = str(rec.get("trial_id"))
                 try:
-                    record = TrialRecord.from_json(rec)
-                    candidates.append(self.kitchen.admit(record))
-                    self.records[record.trial_id] = {**rec, "heldout_correct": candidates[-1].heldout_correct}
+                    admitted.append((rec, self.kitchen.admit(TrialRecord.from_json(rec))))
                 except (CheckpointUnavailable, OSError) as err:  # e.g. a network mount not caught up yet
-                    self.attempts[tid] = self.attempts.get(tid, 0) + 1
-                    if self.attempts[tid] < TRANSIENT_ATTEMPTS:
+                    if self._attempt(tid):
                         retry.add(tid)
-                        self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])  # backoff
                     else:
-                        self.rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
-                        self.transient.add(tid)
+                        rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
+                        given_up.add(tid)
                 except CheckpointRejected as err:
-                    self.rejected[tid] = str(err)
+                    rejected[tid] = str(err)
                 except Exception as err:  # noqa: BLE001 - a poison offer must never block the ones after it
-                    self.rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
-            update = self.soup.offer(candidates) if candidates else None
-            if update is not None and update.changed:
-                self.publish_pending = self.publish_enabled
+                    rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
+            before = self.soup.ingredients
+            update = self.soup.offer([c for _, c in admitted]) if admitted else None
             with self._lock:
+                for rec, cand in admitted:
+                    if cand.id in self.soup:
+                        self.records[cand.id] = {**rec, "heldout_correct": cand.heldout_correct}
+                self.rejected.update(rejected)
+                self.transient |= given_up
+                if self.soup.ingredients != before:
+                    self.publish_pending = self.publish_enabled
                 done = {r["trial_id"] for r in batch} - retry
                 self.inbox = [r for r in self.inbox if r["trial_id"] not in done]
-                self._persist()  # the soup's new state (and that a publish is due) first: offers are never lost
+                self._commit()  # the soup's new state (and that a publish is due) first: offers are never lost
                 for tid in done:
                     self._inbox_file(tid).unlink(missing_ok=True)
             self.publish_if_pending()
             with self._lock:
                 self.busy = False
                 self._snapshot = self._make_snapshot()
-            self._metrics(len(candidates), len(batch) - len(candidates), update)
+            self._metrics(len(admitted), len(batch) - len(admitted), update)
             return len(batch)
         except Exception:  # keep the actor alive; the error is visible in status()
             self.last_error = traceback.format_exc(limit=5)
@@ -323,6 +356,8 @@ class SoupKeeper:
             return False
         with self._lock:
             self.version = version
+            self.published = {"version": version, "folder": str(self.paths.version(version)),
+                              "ingredients": list(self.soup.ingredients)}
             self.publish_pending = False
             self.last_error = None
             self._persist()
@@ -342,9 +377,8 @@ class SoupKeeper:
         }
         weights = self.kitchen.soup_weights(ids)
         versions = self.paths.versions
-        folder = export_soup(self.paths.base, weights, self.paths.version(version), info)
+        export_soup(self.paths.base, weights, self.paths.version(version), info)
         export_soup(self.paths.base, weights, self.paths.soup, info)
-        self.published = {"version": version, "folder": str(folder), "ingredients": ids}
         old = sorted(p for p in versions.glob("v*") if p.is_dir())
         for p in old[: max(0, len(old) - self.keep_versions)]:
             shutil.rmtree(p, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,64 @@ def test_a_restart_after_a_publish_it_did_not_record_never_reuses_the_number(run
     again.publish_if_pending()
     assert v1.read_text() == first  # v1 names one soup only
     assert again.status()["version"] >= 2
+
+
+def _offer_in_thread(keeper: SoupKeeper) -> threading.Thread:
+    def work() -> None:
+        try:
+            keeper.process_inbox()
+        except Exception:  # noqa: BLE001 - the state on disk is what the test looks at
+            pass
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    return worker
+
+
+def test_a_persist_during_an_evaluation_never_records_the_offer_before_its_soup(run_copy: Path) -> None:
+    """keep_alive / retire_when_idle persist the state while the worker evaluates: that state must not say the
+    offer was processed, or a keeper restarted after the evaluation failed (OOM, preemption) loses it for good."""
+    trials = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy), publish=False)
+    keeper.offer(trials[0])
+    keeper.process_inbox()
+    gate, entered = threading.Event(), threading.Event()
+
+    def dies(ids, max_wrong):
+        entered.set()
+        assert gate.wait(60), "test gate never opened"
+        raise RuntimeError("CUDA out of memory")
+
+    keeper.soup.evaluate = dies
+    keeper.offer(trials[1])
+    worker = _offer_in_thread(keeper)
+    try:
+        assert entered.wait(60), "the evaluation never started"
+        with keeper.lock:
+            keeper.set_retirement(3600.0)  # what keep_alive, retire_when_idle and the actor's re-arm do
+        persisted = read_state(run_copy)
+        assert trials[1]["trial_id"] not in persisted["records"]  # its soup is not decided yet
+    finally:
+        gate.set()
+        worker.join(60)
+    again = SoupKeeper(str(run_copy), publish=False)  # the actor died with the evaluation; a new one starts
+    assert again.status()["queued"] == 1
+    again.process_inbox()
+    st = again.status()
+    assert st["candidates_accepted_as_candidates"] == 2 and st["queued"] == 0
+    assert trials[1]["trial_id"] in {c.id for c in again.soup.candidates}
+
+
+def test_an_offer_recorded_without_its_soup_is_queued_again(run_copy: Path) -> None:
+    """A state written mid-evaluation by an older keeper lists an offer its soup never saw: it is offered again."""
+    trials = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy), publish=False)
+    keeper.offer(trials[0])
+    keeper.process_inbox()
+    state = read_state(run_copy)
+    state["records"][trials[1]["trial_id"]] = trials[1]
+    RunDir(run_copy).state_file.write_text(json.dumps(state))
+    again = SoupKeeper(str(run_copy), publish=False)
+    assert again.status()["queued"] == 1 and trials[1]["trial_id"] not in read_state(run_copy)["records"]
+    again.process_inbox()
+    assert trials[1]["trial_id"] in again.soup and again.status()["candidates_accepted_as_candidates"] == 2
