@@ -5,9 +5,12 @@ A shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
 - ``offer(trial)`` is idempotent by trial id and returns at once: the trial is
   written to an inbox on disk first, so an offer accepted before a crash is
   never lost; a worker thread drains the inbox.
-- Checkpoints are checked before they can join (base fingerprint, keys and
-  shapes, finite values, readable); a rejected offer leaves the soup
+- Checkpoints are checked before they can join (base fingerprint, keys,
+  shapes and dtypes, finite values, readable); a rejected offer leaves the soup
   unchanged and its reason is recorded.
+- An evaluation that fails never blocks the offers after it: it is retried
+  with a back-off, then the offer is given up (a re-offer tries again); an
+  ingredient whose weights cannot be read any more is dropped from the soup.
 - After every change the state is persisted under ``RUN_DIR/soup_state/`` and a
   restarted keeper resumes exactly where it was. An offer counts as processed
   (and leaves the inbox) only together with the soup it led to.
@@ -23,11 +26,12 @@ import shutil
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..export import export_soup
-from ..ingredients import CheckpointRejected, CheckpointUnavailable, Kitchen, TrialRecord
+from ..ingredients import CheckpointRejected, CheckpointUnavailable, IngredientUnreadable, Kitchen, TrialRecord
 from ..run_dir import RunDir
 from ..soup import Candidate, IncrementalGreedySoup, Update
 
@@ -308,7 +312,10 @@ class SoupKeeper:
                 except Exception as err:  # noqa: BLE001 - a poison offer must never block the ones after it
                     rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
             before = self.soup.ingredients
-            update = self.soup.offer([c for _, c in admitted]) if admitted else None
+            update, later, failed = self._update_soup([c for _, c in admitted])
+            retry |= later
+            rejected.update(failed)
+            given_up |= set(failed)
             with self._lock:
                 for rec, cand in admitted:
                     if cand.id in self.soup:
@@ -335,6 +342,86 @@ class SoupKeeper:
                 self._snapshot = {**self._make_snapshot(), "last_error": self.last_error}
             raise
 
+    def _update_soup(self, cands: list[Candidate]) -> tuple[Update | None, set[str], dict[str, str]]:
+        """Offer ``cands`` to the soup so that no failing evaluation blocks the others.
+
+        Returns the update (None when nothing was offered), the ids to try again
+        later and the ids given up on for now, with why. A failure caused by a
+        soup candidate whose weights cannot be read any more defers the whole
+        batch (a mount may catch up); after ``TRANSIENT_ATTEMPTS`` such failures
+        that candidate is dropped (:meth:`_drop`) and the batch goes on. Any
+        other failure splits a batch into single offers; a single offer that
+        keeps failing is given up on with the reason.
+        """
+        if not cands:
+            return None, set(), {}
+        before, before_correct = self.soup.ingredients, self.soup.correct
+        evaluations = images = 0
+        last: Update | None = None
+        later: set[str] = set()
+        failed: dict[str, str] = {}
+        groups = [list(cands)]
+        for _ in range(4 * (len(cands) + len(self.soup)) + 4):  # each pass settles a group or drops a candidate
+            if not groups:
+                break
+            group = groups.pop(0)
+            try:
+                last = self.soup.offer(group)
+                evaluations, images = evaluations + last.evaluations, images + last.images_evaluated
+                continue
+            except Exception as err:  # noqa: BLE001 - an OOM, a lost file: the keeper goes on either way
+                self.last_error = traceback.format_exc(limit=5)
+                why = f"{type(err).__name__}: {err}"
+                ids = {c.id for c in group}
+                lost = err.trial_id if isinstance(err, IngredientUnreadable) else None
+                if lost is not None and lost not in ids and lost in self.soup:
+                    if self._attempt(lost):
+                        waiting = ids | {c.id for g in groups for c in g}
+                        for tid in waiting:
+                            self.retry_at[tid] = self.retry_at[lost]
+                        later |= waiting
+                        groups = []
+                        break
+                    try:
+                        self._drop(lost, why)
+                    except Exception as err2:  # noqa: BLE001 - the soup stays as it was; the offer is retried
+                        why = f"{why}; dropping {lost} failed too: {type(err2).__name__}: {err2}"
+                    else:
+                        groups.insert(0, group)
+                        continue
+                if len(group) > 1:
+                    groups = [[c] for c in group] + groups
+                    continue
+                tid = group[0].id
+                if self._attempt(tid):
+                    later.add(tid)
+                else:
+                    failed[tid] = f"could not be evaluated after {self.attempts[tid]} attempts: {why}"
+        for g in groups:  # the pass limit was reached: whatever is left is tried again later
+            later |= {c.id for c in g}
+        if last is None:
+            return None, later, failed
+        return replace(last, previous_ingredients=before, previous_correct=before_correct,
+                       evaluations=evaluations, images_evaluated=images), later, failed
+
+    def _drop(self, tid: str, why: str) -> None:
+        """Take a soup candidate whose weights cannot be read any more out of the soup and commit that.
+
+        The soup then equals the greedy soup of the others; the trial is listed
+        as rejected with the reason, and a re-offer (the end of the sweep offers
+        every trial again) tries it from the start.
+        """
+        update = self.soup.remove([tid])
+        with self._lock:
+            self.records.pop(tid, None)
+            self.rejected[tid] = f"dropped from the soup: its checkpoint cannot be read any more ({why})"
+            self.transient.add(tid)
+            self.attempts.pop(tid, None)
+            self.retry_at.pop(tid, None)
+            if update.changed:
+                self.publish_pending = self.publish_enabled
+            self._commit()
+
     def publish_if_pending(self) -> bool:
         """Publish the current soup as the next version if it changed since the last one; returns whether it did.
 
@@ -350,9 +437,17 @@ class SoupKeeper:
         version = max([self.version, *published_versions(self.paths.versions)]) + 1
         try:
             self._publish(version)
-        except Exception:
+        except Exception as err:
             self.last_error = traceback.format_exc(limit=5)
             self.publish_retry_at = time.time() + 5.0
+            lost = err.trial_id if isinstance(err, IngredientUnreadable) else None
+            if lost is not None and lost in self.soup and not self._attempt(lost):
+                try:
+                    self._drop(lost, f"{type(err).__name__}: {err}")  # a soup without it is published next
+                except Exception:  # noqa: BLE001 - retried at the next publish
+                    self.last_error = traceback.format_exc(limit=5)
+                else:
+                    self.publish_retry_at = 0.0
             return False
         with self._lock:
             self.version = version

@@ -8,11 +8,15 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from soup_ray.cluster.actor import actor_name
 from soup_ray.cluster.keeper import TRANSIENT_ATTEMPTS, SoupKeeper, read_state
 from soup_ray.run_dir import RunDir
-from soup_ray.ingredients import Kitchen, trial_records_from_results
+from soup_ray.ingredients import Kitchen, TrialRecord, trial_records_from_results
+from soup_ray.soup import greedy_soup
 
 
 def offers(run: Path) -> list[dict]:
@@ -238,3 +242,109 @@ def test_an_offer_recorded_without_its_soup_is_queued_again(run_copy: Path) -> N
     assert again.status()["queued"] == 1 and trials[1]["trial_id"] not in read_state(run_copy)["records"]
     again.process_inbox()
     assert trials[1]["trial_id"] in again.soup and again.status()["candidates_accepted_as_candidates"] == 2
+
+
+def _small_cache(run: Path) -> None:
+    cfg = json.loads(RunDir(run).config.read_text())
+    cfg["soup"]["cache_mb"] = 1e-6  # one byte: every ingredient but the newest is read from disk again
+    RunDir(run).config.write_text(json.dumps(cfg))
+
+
+def _best_first(trials: list[dict]) -> list[dict]:
+    return sorted(trials, key=lambda t: (-t["heldout_correct"], t["trial_id"]))
+
+
+def test_an_ingredient_whose_weights_vanish_is_dropped_and_later_offers_still_join(run_copy: Path) -> None:
+    _small_cache(run_copy)
+    a, b, c = _best_first(offers(run_copy))[:3]  # a is the best: the soup always starts with it
+    keeper = SoupKeeper(str(run_copy))
+    for t in (a, b):
+        keeper.offer(t)
+        keeper.process_inbox()
+    assert a["trial_id"] in keeper.status()["ingredients"]
+    (Path(a["checkpoint"]) / "model.safetensors").unlink()  # deleted or moved after it joined
+    keeper.offer(c)
+    for _ in range(TRANSIENT_ATTEMPTS):  # maybe a mount not caught up: retried with a back-off, then dropped
+        keeper.retry_at.clear()
+        keeper.process_inbox()
+    st = keeper.status()
+    assert st["queued"] == 0 and c["trial_id"] in {x.id for x in keeper.soup.candidates}
+    assert a["trial_id"] not in st["ingredients"] and "cannot be read" in st["rejected"][a["trial_id"]]
+    kitchen = Kitchen(run_copy)
+    cands = [kitchen.admit(TrialRecord.from_json(t)) for t in (b, c)]
+    assert st["ingredients"] == greedy_soup(cands, kitchen.evaluate, heldout_size=kitchen.heldout_size).ingredients
+    info = json.loads(RunDir(run_copy).soup_info.read_text())
+    assert info["ingredients"] == st["ingredients"] and info["version"] == st["version"]
+
+
+def test_a_publish_that_needs_vanished_weights_drops_them_and_publishes_the_others(run_copy: Path,
+                                                                                  monkeypatch) -> None:
+    _small_cache(run_copy)
+    a, b = _best_first(offers(run_copy))[:2]
+    keeper = SoupKeeper(str(run_copy))
+    real = keeper._publish
+    monkeypatch.setattr(keeper, "_publish", lambda version: (_ for _ in ()).throw(OSError(28, "No space left")))
+    for t in (a, b):
+        keeper.offer(t)
+        keeper.process_inbox()
+    assert keeper.status()["publish_pending"] and a["trial_id"] in keeper.status()["ingredients"]
+    monkeypatch.setattr(keeper, "_publish", real)
+    (Path(a["checkpoint"]) / "model.safetensors").unlink()
+    for _ in range(TRANSIENT_ATTEMPTS + 1):
+        keeper.publish_retry_at = 0.0
+        if keeper.publish_if_pending():
+            break
+    st = keeper.status()
+    assert not st["publish_pending"] and st["version"] == 1 and a["trial_id"] not in st["ingredients"]
+    assert "cannot be read" in st["rejected"][a["trial_id"]]
+    assert json.loads(RunDir(run_copy).soup_info.read_text())["ingredients"] == st["ingredients"] == [b["trial_id"]]
+
+
+def test_a_checkpoint_of_another_dtype_is_rejected_when_offered(run_copy: Path) -> None:
+    good = offers(run_copy)
+    src = Path(good[0]["checkpoint"])
+    dest = run_copy / "bad" / "half"
+    import shutil
+
+    shutil.copytree(src, dest)
+    p = dest / "model.safetensors"
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(p))
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k].to(torch.int32)
+    save_file(sd, str(p), metadata=meta)
+    keeper = SoupKeeper(str(run_copy), publish=False)
+    keeper.offer({**good[0], "trial_id": "other-dtype", "checkpoint": str(dest)})
+    for t in good:
+        keeper.offer(t)
+    assert keeper.process_inbox() == len(good) + 1
+    st = keeper.status()
+    assert "dtype" in st["rejected"]["other-dtype"] and st["candidates_accepted_as_candidates"] == len(good)
+
+
+def test_an_evaluation_that_keeps_failing_rejects_only_its_own_offer(run_copy: Path) -> None:
+    trials = offers(run_copy)
+    keeper = SoupKeeper(str(run_copy), publish=False)
+    keeper.offer(trials[0])
+    keeper.process_inbox()
+    real = keeper.soup.evaluate
+
+    def poisoned(ids, max_wrong):
+        if trials[1]["trial_id"] in ids:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(ids, max_wrong)
+
+    keeper.soup.evaluate = poisoned
+    for t in trials[1:]:
+        keeper.offer(t)
+    for _ in range(TRANSIENT_ATTEMPTS):
+        keeper.retry_at.clear()
+        keeper.process_inbox()
+    st = keeper.status()
+    assert st["queued"] == 0 and "could not be evaluated" in st["rejected"][trials[1]["trial_id"]]
+    assert st["candidates_accepted_as_candidates"] == len(trials) - 1
+    keeper.soup.evaluate = real
+    assert keeper.offer(trials[1])["queued"]  # given up for now, not for good: a re-offer tries it again
+    keeper.process_inbox()
+    assert keeper.status()["candidates_accepted_as_candidates"] == len(trials)
