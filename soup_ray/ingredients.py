@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from .checkpoint_average import average_checkpoints, read_header
 from .data import labels_of, loader
-from .evaluate import pick_device
+from .evaluate import pick_device, scoring_autocast
 from .model import CLIPClassifier, load_base
 from .soup import Candidate, EvalResult, SoupError, early_rejection_evaluate
 from .soup.base import key_set_difference
@@ -255,15 +255,17 @@ class Kitchen:
     def _batches(self, model: CLIPClassifier) -> Iterator[tuple[int, int]]:
         """``(correct, size)`` per held-out batch in :meth:`heldout_order`, computed only when pulled.
 
-        Inference mode, the decoded tensors indexed in place, channels-last and
-        bf16 autocast on a GPU (bf16 when the trials train in bf16, so the soup
-        is scored as its ingredients were).
+        Inference mode, the decoded tensors indexed in place, channels-last on
+        a GPU and the autocast of :func:`soup_ray.evaluate.scoring_autocast`
+        (bf16 on a GPU when the trials train in bf16): the one the trials' own
+        held-out counts are computed under, so the soup is scored as its
+        ingredients were.
         """
         x_all, y_all = self.heldout_tensors()
         order = self.heldout_order()
         natural = bool(torch.equal(order, torch.arange(len(order))))
         cuda = self.device == "cuda"
-        bf16 = cuda and self.config.model.precision == "bf16"
+        precision = self.config.model.precision
         model.eval()
         if cuda:
             model.to(memory_format=torch.channels_last)
@@ -274,7 +276,7 @@ class Kitchen:
             else:
                 idx = order[start:start + bs]
                 xb, yb = x_all.index_select(0, idx), y_all.index_select(0, idx)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), scoring_autocast(self.device, precision):
                 xb = xb.to(self.device, non_blocking=True)
                 xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
                 if cuda:

@@ -194,7 +194,8 @@ def fine_tune(
                 report(metrics, None)
                 return metrics
             losses.append(float(loss))
-        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers)
+        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers,
+                                                  ctx.precision)
         metrics = {
             "epoch": epoch,
             "heldout_acc": accuracy(held_logits, held_labels),
@@ -229,7 +230,9 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
     logits: dict[str, torch.Tensor] = {}
     final = dict(metrics, status="completed")
     for name, ds in bundle.eval_sets().items():
-        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers)
+        # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares them
+        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers,
+                                ctx.precision if name == "heldout" else "fp32")
         logits[f"{name}"] = lg.contiguous()
         logits[f"{name}.labels"] = lb.contiguous()
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")
