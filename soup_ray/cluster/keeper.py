@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..export import export_soup
+from ..export import export_soup, recover_folder, sync_path
 from ..ingredients import CheckpointRejected, CheckpointUnavailable, IngredientUnreadable, Kitchen, TrialRecord
 from ..run_dir import RunDir
 from ..soup import Candidate, IncrementalGreedySoup, Update
@@ -56,11 +56,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_path(path.parent)
 
 
 TRANSIENT_ATTEMPTS = 5
@@ -93,6 +89,7 @@ class SoupKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self.busy = False
+        self.publishing = False  # a soup folder is being written and swapped in (the idle exit waits for it)
         self.last_error: str | None = None
         self.publish_pending = False  # the soup changed but its folder is not written yet (retried)
         self.publish_retry_at = 0.0
@@ -146,6 +143,7 @@ class SoupKeeper:
                                                           "heldout_correct": rec.get("heldout_correct")})
             self._persist()
         self.inbox = self._read_inbox()
+        recover_folder(self.paths.soup)  # a crash inside a two-rename swap left the served soup aside
         self._snapshot = self._make_snapshot()
 
     # -- bookkeeping -----------------------------------------------------------
@@ -435,9 +433,15 @@ class SoupKeeper:
             self.publish_pending = False
             return False
         version = max([self.version, *published_versions(self.paths.versions)]) + 1
+        with self._lock:
+            if self.retiring:  # the idle exit was decided: a folder half swapped in must not be left behind
+                return False
+            self.publishing = True
         try:
             self._publish(version)
         except Exception as err:
+            with self._lock:
+                self.publishing = False
             self.last_error = traceback.format_exc(limit=5)
             self.publish_retry_at = time.time() + 5.0
             lost = err.trial_id if isinstance(err, IngredientUnreadable) else None
@@ -450,6 +454,7 @@ class SoupKeeper:
                     self.publish_retry_at = 0.0
             return False
         with self._lock:
+            self.publishing = False
             self.version = version
             self.published = {"version": version, "folder": str(self.paths.version(version)),
                               "ingredients": list(self.soup.ingredients)}
@@ -512,8 +517,9 @@ class SoupKeeper:
         self.last_offer_at = time.time()
 
     def idle_seconds(self) -> float | None:
-        """Seconds since the last offer or change, or None while offers are queued or evaluated; call with :attr:`lock` held."""
-        if self.inbox or self.busy:
+        """Seconds since the last offer or change, or None while offers are queued or evaluated or a soup is being
+        published; call with :attr:`lock` held."""
+        if self.inbox or self.busy or self.publishing:
             return None
         return time.time() - max(self.last_offer_at, self.last_change_at)
 

@@ -76,6 +76,102 @@ def test_state_files_are_synced_to_disk(run_copy: Path, monkeypatch) -> None:
     assert len(synced) >= 2  # the file and its folder
 
 
+def _weights(run: Path, i: int = 0) -> dict:
+    return load_file(str(Path(offers(run)[i]["checkpoint"]) / "model.safetensors"))
+
+
+def test_a_published_soup_is_synced_to_disk_files_and_folders(run_copy: Path, monkeypatch) -> None:
+    """The keeper's fsynced state says "published": the soup's own files must be on disk too."""
+    from soup_ray import export
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    out = run_copy / "published" / "soup"
+    for version in (1, 2):  # a first folder, then one replacing it
+        synced.clear()
+        export.export_soup(RunDir(run_copy).base, _weights(run_copy, version), out, {"version": version})
+        names = {Path(p).name for p in synced}
+        assert {"open_clip_model.safetensors", "classifier_head.safetensors", "open_clip_config.json",
+                "soup.json"} <= names, synced
+        assert any(Path(p).name.startswith(".soup.") for p in synced)  # the new folder before it is swapped in
+        assert str(out.parent) in synced  # and the folder holding it, after the swap
+
+
+class Crash(BaseException):
+    """Stands for the process being killed at that point."""
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["one-step-swap", "two-renames"])
+def test_a_crash_at_any_step_of_a_publish_leaves_a_loadable_soup(run_copy: Path, monkeypatch, exchange) -> None:
+    """Readers (ModelSlot, the live page, load_soup) follow soup/: it must hold the old or the new soup whole."""
+    import shutil
+
+    from soup_ray import export
+
+    if exchange and not export.exchange_supported(run_copy):
+        pytest.skip("no one-step swap on this platform or file system")
+    if not exchange:
+        monkeypatch.setattr(export, "exchange_paths", lambda a, b: False)
+    base = RunDir(run_copy).base
+    steps = [(os, "rename"), (os, "replace"), (Path, "rename"), (Path, "replace"), (shutil, "rmtree"),
+             (export, "exchange_paths")]
+    for crash_at in range(1, 6):
+        out = run_copy / f"crash{crash_at}" / "soup"
+        export.export_soup(base, _weights(run_copy, 0), out, {"version": 1})
+        calls = {"n": 0}
+        for owner, name in steps:
+            real = getattr(owner, name)
+
+            def counted(*a, _real=real, **kw):
+                calls["n"] += 1
+                if calls["n"] == crash_at:
+                    raise Crash
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(owner, name, counted)
+        try:
+            export.export_soup(base, _weights(run_copy, 1), out, {"version": 2})
+        except Crash:
+            pass
+        monkeypatch.undo()
+        if not exchange:
+            monkeypatch.setattr(export, "exchange_paths", lambda a, b: False)
+            export.recover_folder(out)  # what the keeper does on start and every export first: two renames
+            # leave a moment with no folder, and a crash inside it leaves the old soup aside, whole
+        _, info = export.load_soup(out)
+        assert info["version"] in (1, 2), crash_at
+
+
+def test_the_idle_exit_waits_for_a_publish_in_progress(run_copy: Path, monkeypatch) -> None:
+    trial = offers(run_copy)[0]
+    keeper = SoupKeeper(str(run_copy))
+    real = keeper._publish
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow(version):
+        entered.set()
+        assert gate.wait(60), "test gate never opened"
+        real(version)
+
+    monkeypatch.setattr(keeper, "_publish", slow)
+    keeper.offer(trial)
+    worker = _offer_in_thread(keeper)
+    try:
+        assert entered.wait(60), "the publish never started"
+        with keeper.lock:
+            keeper.busy = False  # the retried publish of run_forever runs outside an offer's batch
+            assert keeper.idle_seconds() is None  # a publish in progress is not idle: the watcher must not kill
+    finally:
+        gate.set()
+        worker.join(60)
+    with keeper.lock:
+        assert keeper.idle_seconds() is not None
+        keeper.retiring = True  # the watcher decided: no publish may start after that
+    keeper.publish_pending, keeper.publish_retry_at = True, 0.0
+    assert not keeper.publish_if_pending()
+
+
 def test_two_runs_with_the_same_folder_name_get_different_actors(tmp_path: Path) -> None:
     a, b = tmp_path / "x" / "run", tmp_path / "y" / "run"
     assert actor_name(a) != actor_name(b)
