@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,3 +146,42 @@ def test_average_into_a_model_state_dict_writes_in_place_and_checks_first(tmp_pa
     with pytest.raises(SoupError, match="mismatched shapes"):
         average_checkpoints(paths, into=wrong)
     assert all(torch.equal(v, torch.full_like(v, 3)) for k, v in wrong.items() if k != "w16")
+
+
+def _child(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a lowered limit or a fatal signal stays there)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+FEW_DESCRIPTORS = r"""
+import resource, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
+from soup_ray.soup import average_state_dicts
+
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+states = [{"w": torch.randn(300, generator=g), "h": torch.randn(7, generator=g).half(),
+           "b": torch.randn(3, generator=g)} for _ in range(n)]
+paths = []
+for i, s in enumerate(states):
+    paths.append(folder / f"m{i}.safetensors")
+    save_file(s, str(paths[-1]))
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+want = average_state_dicts(states)
+got = average_checkpoints(paths)
+assert all(torch.equal(got[k], want[k]) for k in want), "differs"
+average_checkpoint_files(paths, folder / "mean.safetensors")
+print("averaged", n)
+"""
+
+
+@pytest.mark.parametrize("n", [40, 200])
+def test_averaging_many_files_stays_within_a_small_descriptor_limit(tmp_path, n):
+    """Memory is flat in the number of checkpoints: open files must not grow with it either (soft limit 64)."""
+    done = _child(FEW_DESCRIPTORS, str(tmp_path), str(n))
+    assert done.returncode == 0 and f"averaged {n}" in done.stdout, done.stderr[-2000:]
