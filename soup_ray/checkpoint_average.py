@@ -197,8 +197,10 @@ class _Source:
         e = self.entries[key]
         size = e.dtype.itemsize
         if self.map is not None and e.nbytes and e.start % size == 0:
+            self._check_size(self.map.size(), [e])  # the file now, not at open: it may have been rewritten
             return torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // size, offset=e.start).view(e.shape)
         with open(self.where, "rb") as f:
+            self._check_size(os.fstat(f.fileno()).st_size, [e])
             return buf.fill_from(f, e, self.where)
 
     def release(self, key: str) -> None:
