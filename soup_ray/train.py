@@ -223,6 +223,22 @@ def fine_tune(
     return final
 
 
+def finished_result(folder: str | Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The final metrics a finished trial reported with the checkpoint in ``folder`` (what
+    :func:`save_trial_checkpoint` returned), or None when ``folder`` holds no final checkpoint of a trial with
+    these hyperparameters (a resumable state, another trial's checkpoint, an unreadable one)."""
+    folder = Path(folder)
+    try:
+        saved = json.loads((folder / CHECKPOINT_METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("status") != "completed" or not (folder / CHECKPOINT_WEIGHTS).is_file():
+        return None
+    if saved.get("hyperparameters") != _hp(config):
+        return None
+    return {k: v for k, v in saved.items() if k not in ("hyperparameters", "base_fingerprint")}
+
+
 def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict) -> dict:
     """Write weights, cached logits and metrics of a finished trial into ``out``; returns final metrics."""
     from safetensors.torch import save_file
