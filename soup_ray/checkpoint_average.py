@@ -17,6 +17,16 @@ cannot be used (no ``madvise`` on the platform, a tensor whose offset is not
 aligned to its element size), that tensor is read with a positioned read
 into one reused buffer instead.
 
+Open files do not grow with the number of checkpoints either: a mapped file
+holds one descriptor (the map's; the file itself is closed once mapped), and
+at most half of the descriptors still free under ``RLIMIT_NOFILE`` are spent on
+maps. The files beyond that are read tensor by tensor with positioned reads,
+each opened only for its read. Before a tensor is read, the file's current
+size is checked against its header, so a checkpoint truncated while it is being
+averaged (rewritten in place) is a :class:`SoupError` rather than a ``SIGBUS``
+from touching a page past its end (a truncation in the instant between that
+check and the read cannot be caught this way).
+
 fp16/bf16 tensors are summed in fp32 and cast back; integer and boolean
 buffers must be identical everywhere. The arithmetic is that of
 :func:`soup_ray.soup.average_state_dicts` (copy of the first, ``add_`` of
@@ -120,24 +130,50 @@ MAP_RELEASE = getattr(mmap, "MADV_DONTNEED", None) if hasattr(mmap.mmap, "madvis
 RELEASE_MARGIN = 2 * 2**20
 
 
-class _Source:
-    """One ingredient: a memory-mapped safetensors file or a state dict, read tensor by tensor."""
+def map_budget() -> int:
+    """How many files may be memory-mapped at once: half of the descriptors still free under the soft
+    ``RLIMIT_NOFILE`` (the rest of the process keeps the other half)."""
+    try:
+        import resource
 
-    def __init__(self, source: Source, index: int):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    return max(0, (int(soft) - in_use) // 2)
+
+
+class _Source:
+    """One ingredient: a safetensors file (memory-mapped, or read with positioned reads) or a state dict,
+    read tensor by tensor.
+
+    A file is opened only to read its header and map it; the map keeps one
+    descriptor of its own. With ``mapped=False`` (or no ``madvise``) no
+    descriptor stays open: each tensor's read opens the file for that read.
+    """
+
+    def __init__(self, source: Source, index: int, mapped: bool = True):
         self.mapping = source if isinstance(source, Mapping) else None
         self.where = f"state dict {index}" if self.mapping is not None else str(source)
-        self.file: BinaryIO | None = None
         self.map: mmap.mmap | None = None
         self.entries: dict[str, Entry] = {}
         if self.mapping is None:
-            self.file = open(self.where, "rb")
-            self.entries, _ = read_header(self.file, self.where)
-            end = max((e.start + e.nbytes for e in self.entries.values()), default=0)
-            size = os.fstat(self.file.fileno()).st_size
-            if end > size:
-                raise SoupError(f"{self.where}: truncated tensor data ({size} bytes, the header needs {end})")
-            if MAP_RELEASE is not None and size:
-                self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
+            with open(self.where, "rb") as f:
+                self.entries, _ = read_header(f, self.where)
+                size = os.fstat(f.fileno()).st_size
+                self._check_size(size, self.entries.values())
+                if mapped and MAP_RELEASE is not None and size:
+                    self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def _check_size(self, size: int, entries) -> None:
+        end = max((e.start + e.nbytes for e in entries), default=0)
+        if end > size:
+            raise SoupError(f"{self.where}: truncated tensor data ({size} bytes, the header needs {end})")
 
     def keys(self) -> list[str]:
         """The tensor names; for a file in the order of their bytes (one sequential pass over the file)."""
@@ -158,12 +194,14 @@ class _Source:
         """The tensor ``key``: a view of the map (call :meth:`release` after use) or of ``buf``."""
         if self.mapping is not None:
             return self.mapping[key].detach()
-        assert self.file is not None
         e = self.entries[key]
         size = e.dtype.itemsize
         if self.map is not None and e.nbytes and e.start % size == 0:
+            self._check_size(self.map.size(), [e])  # the file now, not at open: it may have been rewritten
             return torch.frombuffer(self.map, dtype=e.dtype, count=e.nbytes // size, offset=e.start).view(e.shape)
-        return buf.fill_from(self.file, e, self.where)
+        with open(self.where, "rb") as f:
+            self._check_size(os.fstat(f.fileno()).st_size, [e])
+            return buf.fill_from(f, e, self.where)
 
     def release(self, key: str) -> None:
         """Drop the pages of ``key`` from this process's map (they stay in the page cache)."""
@@ -182,8 +220,6 @@ class _Source:
                 self.map.close()
             except BufferError:  # a view is still alive somewhere: the map closes when it goes
                 pass
-        if self.file is not None:
-            self.file.close()
 
 
 def _check(sources: list[_Source]) -> tuple[list[str], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
@@ -218,8 +254,10 @@ def _means(sources: Sequence[Source], into: Mapping[str, Tensor] | None = None):
         raise SoupError("cannot average zero state dicts")
     opened: list[_Source] = []
     try:
+        maps = map_budget()
         for i, s in enumerate(sources):
-            opened.append(_Source(s, i))
+            opened.append(_Source(s, i, mapped=maps > 0))
+            maps -= opened[-1].map is not None
         order, ref = _check(opened)
         if into is not None:
             _check_target(into, order, ref)

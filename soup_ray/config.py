@@ -318,12 +318,15 @@ class SoupSettings(_Strict):
     @field_validator("methods")
     @classmethod
     def _known_recipes(cls, v: Any) -> Any:
+        from .run_dir import plain_name
         from .soup import SoupError, configure_soup_method
 
         for entry in ([] if v == "all" else v):
             if isinstance(entry, dict) and "method" not in entry:
                 raise ValueError(f"{entry}: a recipe entry needs `method: NAME`")
             name = entry if isinstance(entry, str) else str(entry["method"])
+            if isinstance(entry, dict) and "label" in entry:
+                plain_name(str(entry["label"]), "soup.methods: the label")  # it names the folder soups/LABEL/
             options = {} if isinstance(entry, str) else {k: x for k, x in entry.items() if k not in ("method", "label")}
             try:
                 configure_soup_method(name, options)

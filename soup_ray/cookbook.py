@@ -23,7 +23,7 @@ import torch
 from .evaluate import correct_count, predict_logits
 from .export import export_soup
 from .ingredients import Kitchen
-from .run_dir import RunDir
+from .run_dir import RunDir, plain_name
 from .soup import Candidate, GreedyResult, RecipeContext, WeightRecipe, configure_soup_method, greedy_method
 
 Log = Callable[[str], None]
@@ -42,6 +42,9 @@ class RecipeSpec:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = plain_name(self.label or self.method, "soup.methods: the label")  # it names soups/LABEL/
 
     @classmethod
     def parse(cls, entry: str | Mapping[str, Any]) -> RecipeSpec:

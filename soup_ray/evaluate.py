@@ -22,9 +22,25 @@ def pick_device(gpus: float = 1.0) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def scoring_autocast(device: str | torch.device, precision: str = "fp32") -> torch.autocast:
+    """The autocast every held-out score of a run is computed under: bf16 on a GPU when the run's
+    ``model.precision`` is bf16, fp32 otherwise (a CPU always scores in fp32).
+
+    A trial's own held-out count (``train``) and the soup keeper's soup scores
+    (``ingredients.Kitchen``) both come through here, so the greedy soup never
+    compares a bf16 soup score with an fp32 candidate score.
+    """
+    kind = torch.device(device).type
+    return torch.autocast("cuda" if kind == "cuda" else "cpu", dtype=torch.bfloat16,
+                          enabled=kind == "cuda" and precision == "bf16")
+
+
 @torch.no_grad()
-def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0,
+                precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(logits, labels)`` on the CPU batch by batch (the model may be on a GPU), so a caller may stop early.
+
+    ``precision`` is the run's ``model.precision`` (see :func:`scoring_autocast`).
 
     A dataset with ``class_groups`` (a shift with its own label space) gets its logits
     projected onto those groups (:func:`soup_ray.label_space.project_logits`), so its
@@ -34,15 +50,17 @@ def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_worker
     device = model_device(model)
     groups = class_groups_of(ds)
     for x, y in loader(ds, batch_size, num_workers=num_workers):
-        logits = model(x.to(device, non_blocking=True)).float().cpu()
+        with scoring_autocast(device, precision):
+            logits = model(x.to(device, non_blocking=True)).float().cpu()
         yield (logits if groups is None else project_logits(logits, groups)), y
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0,
+                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """All logits ``[N, C]`` and labels ``[N]`` of a split, in order (on the CPU); ``C`` is the
-    projected width for a shift with ``class_groups``."""
-    parts = list(iter_logits(model, ds, batch_size, num_workers))
+    projected width for a shift with ``class_groups``; ``precision`` as in :func:`iter_logits`."""
+    parts = list(iter_logits(model, ds, batch_size, num_workers, precision))
     if not parts:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -5,11 +5,24 @@ tower with the soup's image tower), ``open_clip_config.json``, the fine-tuned
 linear head (``classifier_head.safetensors``, with the class names) and
 ``soup.json`` (ingredients, held-out accuracy, version, time). open_clip loads
 it with ``create_model_and_transforms('local-dir:FOLDER')``.
+
+A folder is published durably and atomically: written beside its place, every
+file and the folder synced, then swapped in. Where the platform and file
+system can (Linux ``renameat2(RENAME_EXCHANGE)``: ext4, xfs, btrfs, tmpfs) the
+swap is one step and the path always names a whole soup, the old or the new.
+Elsewhere (macOS, NFS) it takes two renames with an instant between them when
+the path names nothing; a crash inside that instant leaves the old folder aside
+as ``.NAME.old``, which :func:`recover_folder` (run by every export first and by
+the soup keeper when it starts) puts back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -36,12 +49,91 @@ def clip_state_with_soup(base_clip: dict[str, torch.Tensor], soup: dict[str, tor
     return out
 
 
+def sync_path(path: Path | str) -> None:
+    """``fsync`` a file, or a folder (so that the names created or renamed in it survive a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Any:
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False (nothing done) where the platform or file system cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def exchange_supported(folder: Path) -> bool:
+    """Whether :func:`exchange_paths` works for folders inside ``folder``."""
+    with tempfile.TemporaryDirectory(prefix=".exchange.", dir=folder) as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        a.mkdir()
+        b.mkdir()
+        return exchange_paths(a, b)
+
+
+def _aside(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.old")
+
+
+def recover_folder(out_dir: Path | str) -> bool:
+    """Put back a published folder that a crash left aside between the two renames of a swap; returns whether
+    it did (a no-op wherever the swap is one step)."""
+    out_dir = Path(out_dir)
+    old = _aside(out_dir)
+    if out_dir.exists() or not (old / SOUP_INFO).is_file():
+        return False
+    os.rename(old, out_dir)
+    sync_path(out_dir.parent)
+    return True
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Make ``out_dir`` the folder ``new`` (synced already); afterwards ``new`` holds the old one, if any."""
+    if not out_dir.exists():
+        os.rename(new, out_dir)
+    elif not exchange_paths(new, out_dir):
+        old = _aside(out_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out_dir, old)
+        os.rename(new, out_dir)  # the instant between these two renames has no out_dir (recover_folder)
+        shutil.rmtree(old, ignore_errors=True)
+    sync_path(out_dir.parent)
+
+
 def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, info: dict[str, Any]) -> Path:
-    """Write the soup as an open_clip local-dir folder, atomically (readers never see half a folder)."""
+    """Write the soup as an open_clip local-dir folder, durably and atomically (readers never see half a folder;
+    see the module's docstring for the swap)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     base_meta = json.loads((base_dir / BASE_META).read_text())
     clip = load_file(str(base_dir / OPEN_CLIP_WEIGHTS))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         merged = clip_state_with_soup(clip, soup)
@@ -57,13 +149,10 @@ def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, in
             "published_at": info.get("published_at", time.time()),
         }
         (tmp / SOUP_INFO).write_text(json.dumps(full_info, indent=2))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        for p in tmp.iterdir():
+            sync_path(p)
+        sync_path(tmp)
+        _swap_in(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

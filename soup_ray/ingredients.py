@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 
 from torch.utils.data import TensorDataset
 
-from .checkpoint_average import average_checkpoints
+from .checkpoint_average import average_checkpoints, read_header
 from .data import labels_of, loader
-from .evaluate import pick_device
+from .evaluate import pick_device, scoring_autocast
 from .model import CLIPClassifier, load_base
-from .soup import Candidate, EvalResult, early_rejection_evaluate
+from .soup import Candidate, EvalResult, SoupError, early_rejection_evaluate
+from .soup.base import key_set_difference
 from .run_dir import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, RESULTS_FILE, RunDir
 from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 
@@ -40,6 +41,14 @@ class CheckpointRejected(ValueError):
 
 class CheckpointUnavailable(CheckpointRejected):
     """A checkpoint that cannot be read *yet* (not visible on a network mount, an I/O error): worth retrying."""
+
+
+class IngredientUnreadable(CheckpointUnavailable):
+    """An admitted ingredient whose weights cannot be read as admitted any more (moved, deleted, rewritten)."""
+
+    def __init__(self, trial_id: str, reason: str):
+        super().__init__(f"the weights of {trial_id} cannot be read any more: {reason}")
+        self.trial_id = trial_id
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,8 @@ def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[
     for k, (shape, dtype) in reference.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointRejected(f"shape of {k} is {tuple(state[k].shape)}, the base has {shape}")
+        if state[k].dtype != dtype:
+            raise CheckpointRejected(f"dtype of {k} is {state[k].dtype}, the base has {dtype}")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointRejected(f"non-finite values (NaN/inf) in {bad[:5]}")
@@ -197,10 +208,22 @@ class Kitchen:
         (:func:`soup_ray.checkpoint_average.average_checkpoints`, equal to
         ``average_state_dicts`` bit for bit), so a soup of many ingredients never
         holds more than the result and two tensor-sized buffers besides the cache.
+        An ingredient whose file no longer matches what was admitted (deleted,
+        moved, rewritten with other keys, shapes or dtypes, truncated) is named
+        by an :class:`IngredientUnreadable`.
         """
-        sources = [self._cache[t] if t in self._cache else Path(self.paths[t].checkpoint) / CHECKPOINT_WEIGHTS
-                   for t in ids]
-        return average_checkpoints(sources, into=into)
+        sources = [self._cache[t] if t in self._cache else self._weights_file(t) for t in ids]
+        try:
+            return average_checkpoints(sources, into=into)
+        except (OSError, SoupError) as err:
+            for t in ids:
+                problem = None if t in self._cache else weights_file_problem(self._weights_file(t), self.reference)
+                if problem is not None:
+                    raise IngredientUnreadable(t, problem) from err
+            raise
+
+    def _weights_file(self, trial_id: str) -> Path:
+        return Path(self.paths[trial_id].checkpoint) / CHECKPOINT_WEIGHTS
 
     def classifier(self, ids: list[str]) -> CLIPClassifier:
         """The base classifier loaded with the soup of ``ids`` (averaged straight into its weights)."""
@@ -232,15 +255,17 @@ class Kitchen:
     def _batches(self, model: CLIPClassifier) -> Iterator[tuple[int, int]]:
         """``(correct, size)`` per held-out batch in :meth:`heldout_order`, computed only when pulled.
 
-        Inference mode, the decoded tensors indexed in place, channels-last and
-        bf16 autocast on a GPU (bf16 when the trials train in bf16, so the soup
-        is scored as its ingredients were).
+        Inference mode, the decoded tensors indexed in place, channels-last on
+        a GPU and the autocast of :func:`soup_ray.evaluate.scoring_autocast`
+        (bf16 on a GPU when the trials train in bf16): the one the trials' own
+        held-out counts are computed under, so the soup is scored as its
+        ingredients were.
         """
         x_all, y_all = self.heldout_tensors()
         order = self.heldout_order()
         natural = bool(torch.equal(order, torch.arange(len(order))))
         cuda = self.device == "cuda"
-        bf16 = cuda and self.config.model.precision == "bf16"
+        precision = self.config.model.precision
         model.eval()
         if cuda:
             model.to(memory_format=torch.channels_last)
@@ -251,7 +276,7 @@ class Kitchen:
             else:
                 idx = order[start:start + bs]
                 xb, yb = x_all.index_select(0, idx), y_all.index_select(0, idx)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), scoring_autocast(self.device, precision):
                 xb = xb.to(self.device, non_blocking=True)
                 xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
                 if cuda:
@@ -301,6 +326,27 @@ class Kitchen:
         result = early_rejection_evaluate(self._batches(model), max_wrong)
         self.images_evaluated += result.evaluated
         return result
+
+
+def weights_file_problem(path: Path, reference: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str | None:
+    """Why the safetensors file ``path`` no longer has the keys, shapes and dtypes of ``reference`` or its bytes
+    (read from its header, no tensor loaded); None when it still does."""
+    try:
+        with open(path, "rb") as f:
+            entries, _ = read_header(f, str(path))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, SoupError) as err:
+        return f"{type(err).__name__}: {err}"
+    if set(entries) != set(reference):
+        return f"{path} holds other tensors than the base ({key_set_difference(list(reference), list(entries))})"
+    for k, (shape, dtype) in reference.items():
+        e = entries[k]
+        if e.shape != shape or e.dtype != dtype:
+            return f"{k} in {path} is now {e.dtype} {e.shape}, the base has {dtype} {shape}"
+    end = max((e.start + e.nbytes for e in entries.values()), default=0)
+    if end > size:
+        return f"{path} is truncated ({size} bytes, its header needs {end})"
+    return None
 
 
 def trial_records_from_results(run_dir: Path) -> list[TrialRecord]:

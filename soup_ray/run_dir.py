@@ -22,6 +22,7 @@ Modules take file names from here (the constants) or a :class:`RunDir`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,20 @@ CHECKPOINT_LOGITS = "logits.safetensors"
 CHECKPOINT_METRICS = "metrics.json"
 TRAINING_STATE_TENSORS = "training_state.safetensors"
 TRAINING_STATE_JSON = "training_state.json"
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def plain_name(name: str, what: str = "name") -> str:
+    """``name`` when it can name one folder inside a run folder's sub-folder (letters, digits, ``.``, ``_``,
+    ``-``; starting with a letter or digit; at most 100 characters); a ``ValueError`` saying so otherwise.
+
+    A recipe label becomes ``soups/LABEL/``, which the export replaces whole: ``../base`` would replace the base.
+    """
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with "
+                         "a letter or digit (no '/', no '..', at most 100 characters)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -126,8 +141,8 @@ class RunDir:
         return self.path / SOUPS_DIR
 
     def recipe(self, method: str) -> Path:
-        """``soups/NAME``: a computed recipe as an open_clip local-dir folder."""
-        return self.soups / method
+        """``soups/NAME``: a computed recipe as an open_clip local-dir folder (NAME a :func:`plain_name`)."""
+        return self.soups / plain_name(method, "recipe label")
 
     @property
     def report_md(self) -> Path:

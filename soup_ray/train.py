@@ -194,7 +194,8 @@ def fine_tune(
                 report(metrics, None)
                 return metrics
             losses.append(float(loss))
-        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers)
+        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers,
+                                                  ctx.precision)
         metrics = {
             "epoch": epoch,
             "heldout_acc": accuracy(held_logits, held_labels),
@@ -222,6 +223,22 @@ def fine_tune(
     return final
 
 
+def finished_result(folder: str | Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The final metrics a finished trial reported with the checkpoint in ``folder`` (what
+    :func:`save_trial_checkpoint` returned), or None when ``folder`` holds no final checkpoint of a trial with
+    these hyperparameters (a resumable state, another trial's checkpoint, an unreadable one)."""
+    folder = Path(folder)
+    try:
+        saved = json.loads((folder / CHECKPOINT_METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("status") != "completed" or not (folder / CHECKPOINT_WEIGHTS).is_file():
+        return None
+    if saved.get("hyperparameters") != _hp(config):
+        return None
+    return {k: v for k, v in saved.items() if k not in ("hyperparameters", "base_fingerprint")}
+
+
 def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict) -> dict:
     """Write weights, cached logits and metrics of a finished trial into ``out``; returns final metrics."""
     from safetensors.torch import save_file
@@ -229,7 +246,9 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
     logits: dict[str, torch.Tensor] = {}
     final = dict(metrics, status="completed")
     for name, ds in bundle.eval_sets().items():
-        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers)
+        # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares them
+        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers,
+                                ctx.precision if name == "heldout" else "fp32")
         logits[f"{name}"] = lg.contiguous()
         logits[f"{name}.labels"] = lb.contiguous()
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,3 +146,98 @@ def test_average_into_a_model_state_dict_writes_in_place_and_checks_first(tmp_pa
     with pytest.raises(SoupError, match="mismatched shapes"):
         average_checkpoints(paths, into=wrong)
     assert all(torch.equal(v, torch.full_like(v, 3)) for k, v in wrong.items() if k != "w16")
+
+
+def _child(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a lowered limit or a fatal signal stays there)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+FEW_DESCRIPTORS = r"""
+import resource, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
+from soup_ray.soup import average_state_dicts
+
+folder, n = Path(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+states = [{"w": torch.randn(300, generator=g), "h": torch.randn(7, generator=g).half(),
+           "b": torch.randn(3, generator=g)} for _ in range(n)]
+paths = []
+for i, s in enumerate(states):
+    paths.append(folder / f"m{i}.safetensors")
+    save_file(s, str(paths[-1]))
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+want = average_state_dicts(states)
+got = average_checkpoints(paths)
+assert all(torch.equal(got[k], want[k]) for k in want), "differs"
+average_checkpoint_files(paths, folder / "mean.safetensors")
+print("averaged", n)
+"""
+
+
+@pytest.mark.parametrize("n", [40, 200])
+def test_averaging_many_files_stays_within_a_small_descriptor_limit(tmp_path, n):
+    """Memory is flat in the number of checkpoints: open files must not grow with it either (soft limit 64)."""
+    done = _child(FEW_DESCRIPTORS, str(tmp_path), str(n))
+    assert done.returncode == 0 and f"averaged {n}" in done.stdout, done.stderr[-2000:]
+
+
+REWRITTEN_WHILE_MAPPED = r"""
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from soup_ray.checkpoint_average import average_checkpoints, read_header
+from soup_ray.soup import SoupError
+
+path = Path(sys.argv[1]) / "m0.safetensors"
+g = torch.Generator().manual_seed(0)
+states = [{f"t{j}": torch.randn(2**16, generator=g) for j in range(4)} for _ in range(2)]  # 256 KiB each
+save_file(states[0], str(path))
+with open(path, "rb") as f:
+    entries, _ = read_header(f, str(path))
+order = sorted(entries, key=lambda k: entries[k].start)
+first_end = entries[order[0]].start + entries[order[0]].nbytes
+
+
+class Rewriting(Mapping):
+    # the second ingredient: reading its first tensor truncates the first file, as a rewrite in place does
+    def __init__(self, state):
+        self.state, self.reads = state, 0
+
+    def __getitem__(self, k):
+        if k == order[0]:
+            self.reads += 1
+            if self.reads == 2:  # the first read was the shape check
+                with open(path, "r+b") as f:
+                    f.truncate(first_end)
+        return self.state[k]
+
+    def __iter__(self):
+        return iter(order)
+
+    def __len__(self):
+        return len(self.state)
+
+
+try:
+    average_checkpoints([path, Rewriting(states[1])])
+    print("averaged")
+except SoupError as err:
+    print("refused:", err)
+"""
+
+
+def test_a_checkpoint_truncated_while_it_is_mapped_is_an_error_not_a_crash(tmp_path):
+    """The soup actor must not die of SIGBUS when a checkpoint is rewritten in place during an average."""
+    if checkpoint_average.MAP_RELEASE is None:
+        pytest.skip("no memory maps on this platform: positioned reads see the truncation")
+    done = _child(REWRITTEN_WHILE_MAPPED, str(tmp_path))
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
+    assert "refused:" in done.stdout and "truncated" in done.stdout

@@ -63,3 +63,31 @@ def test_winner_is_the_best_one_model_row_on_heldout() -> None:
             {"model_name": "ties", "heldout": 0.90, "forward_passes": 1}]
     assert winner(rows) == "greedy_soup"
     assert winner([]) is None
+
+
+def test_a_recipe_label_that_is_not_a_plain_name_is_refused_and_no_run_folder_is_touched(run_copy: Path) -> None:
+    """A label names the folder soups/LABEL/ that export_soup replaces: ../base would delete the base."""
+    from soup_ray.cookbook import RecipeSpec, cook_one
+    from soup_ray.report import admit_run
+    from soup_ray.run_dir import RunDir
+
+    base_meta = RunDir(run_copy).base_meta
+    run = admit_run(run_copy, log=lambda m: None)
+    with pytest.raises(ValueError, match="plain name"):
+        cook_one(run.kitchen, run.candidates, None, RecipeSpec("uniform", {}, "../base"), run_copy, [],
+                 log=lambda m: None)
+    assert base_meta.is_file() and json.loads(base_meta.read_text())["fingerprint"]
+    for bad in ["../soup", "../base", "a/b", "..", ".", "/tmp/elsewhere", ".hidden", "x\\y", "a b", "a" * 101]:
+        with pytest.raises(ValueError, match="plain name"):
+            RecipeSpec("uniform", {}, bad)
+        with pytest.raises(ValueError, match="plain name"):
+            RunDir(run_copy).recipe(bad)
+    with pytest.raises(ValueError, match="plain name"):
+        RunDir(run_copy).recipe("")
+    assert RecipeSpec("uniform").label == "uniform"  # no label: the method's name
+    with pytest.raises(ConfigError, match="plain name"):
+        parse_config(tiny_config_dict(**{"soup.methods": [{"method": "uniform", "label": "../base"}]}))
+    with pytest.raises(ValueError, match="plain name"):
+        recipe_specs([{"method": "uniform", "label": "../soup"}])
+    assert [s.label for s in recipe_specs(["uniform", {"method": "greedy", "label": "greedy_v2.1-b"}])] == \
+        ["uniform", "greedy_v2.1-b"]

@@ -132,3 +132,42 @@ def test_resume_refuses_a_state_of_other_hyperparameters_or_a_damaged_one(prepar
         run_trial(cfg, prep, tmp_path / "y", resume_from=state, epochs=2)
     with pytest.raises(TrainingStateError, match="holds no training state"):
         run_trial(cfg, prep, tmp_path / "z", resume_from=tmp_path, epochs=2)
+
+
+def test_a_trials_heldout_count_is_what_the_soup_keeper_scores_for_that_model(run_copy: Path, monkeypatch) -> None:
+    """The greedy soup starts from a candidate's own held-out count and compares soup scores with it: both must
+    be scored under the same precision. On a GPU a bf16 run scores both in bf16; here the one function that
+    decides it is made to answer as on a GPU (bf16 on the CPU)."""
+    from soup_ray import evaluate, ingredients
+    from soup_ray.data import build_dataset
+    from soup_ray.ingredients import Kitchen, trial_records_from_results
+    from soup_ray.run_dir import RunDir
+    from soup_ray.train import fresh_base, save_trial_checkpoint
+
+    assert ingredients.scoring_autocast is evaluate.scoring_autocast  # one decision for trials and the keeper
+    calls = []
+
+    def as_on_a_gpu(device, precision):
+        calls.append(precision)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    monkeypatch.setattr(evaluate, "scoring_autocast", as_on_a_gpu)
+    monkeypatch.setattr(ingredients, "scoring_autocast", as_on_a_gpu)
+    cfg = json.loads(RunDir(run_copy).config.read_text())
+    cfg["model"]["precision"] = "bf16"
+    RunDir(run_copy).config.write_text(json.dumps(cfg))
+    record = trial_records_from_results(run_copy)[0]
+    kitchen = Kitchen(run_copy)
+    kitchen.admit(record)
+    keeper_count = kitchen.evaluate([record.trial_id], None).correct
+    assert calls == ["bf16"] * len(calls) and calls
+    ctx = TrialContext(base_dir=str(RunDir(run_copy).base), data_json=kitchen.config.data.model_dump_json(),
+                       data_kind="digits", threads=1, precision="bf16")
+    model, meta = fresh_base(ctx.base_dir)
+    model.load_state_dict(kitchen.weights(record.trial_id))
+    bundle = build_dataset(kitchen.config.data, int(meta["image_size"]))
+    calls.clear()
+    (run_copy / "again").mkdir()
+    final = save_trial_checkpoint(run_copy / "again", model, bundle, ctx, {"seed": 0}, meta, {})
+    assert "bf16" in calls  # the trial's held-out score went through the same decision
+    assert final["heldout_correct"] == keeper_count

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,19 @@ class SoupActor:
         state stays in the run folder (``soup-ray status`` reads it from there),
         and a new ``start_soup_actor`` for the run resumes from it. An offer in
         the meantime restarts the count; ``keep_alive`` cancels it (a new sweep
-        on the same run folder calls it). Returns the seconds it will wait at least.
+        on the same run folder calls it). Returns the seconds it will wait at least;
+        an actor whose keeper could not start exits at once and returns 0.
         """
         import ray
 
-        self._check()
         me = ray.get_runtime_context().current_actor
+        if self.fatal_error is not None:  # a broken actor holds its CPU/GPU share for nothing: it exits at once
+            def leave() -> None:
+                time.sleep(0.2)  # let this call answer first
+                ray.kill(me, no_restart=True)
+
+            threading.Thread(target=leave, daemon=True, name="soup-retire").start()
+            return 0.0
         keeper = self.keeper
         with keeper.lock:
             keeper.touch()

@@ -5,11 +5,15 @@ A shell around ``soup.IncrementalGreedySoup`` and ``ingredients.Kitchen``:
 - ``offer(trial)`` is idempotent by trial id and returns at once: the trial is
   written to an inbox on disk first, so an offer accepted before a crash is
   never lost; a worker thread drains the inbox.
-- Checkpoints are checked before they can join (base fingerprint, keys and
-  shapes, finite values, readable); a rejected offer leaves the soup unchanged
-  and its reason is recorded.
+- Checkpoints are checked before they can join (base fingerprint, keys,
+  shapes and dtypes, finite values, readable); a rejected offer leaves the soup
+  unchanged and its reason is recorded.
+- An evaluation that fails never blocks the offers after it: it is retried
+  with a back-off, then the offer is given up (a re-offer tries again); an
+  ingredient whose weights cannot be read any more is dropped from the soup.
 - After every change the state is persisted under ``RUN_DIR/soup_state/`` and a
-  restarted keeper resumes exactly where it was.
+  restarted keeper resumes exactly where it was. An offer counts as processed
+  (and leaves the inbox) only together with the soup it led to.
 - Each new soup version is published as an open_clip ``local-dir:`` folder under
   ``RUN_DIR/soup_versions/`` and mirrored to ``RUN_DIR/soup/``.
 """
@@ -22,13 +26,14 @@ import shutil
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..export import export_soup
-from ..ingredients import CheckpointRejected, CheckpointUnavailable, Kitchen, TrialRecord
+from ..export import export_soup, recover_folder, sync_path
+from ..ingredients import CheckpointRejected, CheckpointUnavailable, IngredientUnreadable, Kitchen, TrialRecord
 from ..run_dir import RunDir
-from ..soup import IncrementalGreedySoup, Update
+from ..soup import Candidate, IncrementalGreedySoup, Update
 
 ProcessedHook = Callable[[int, int, "Update | None", "SoupKeeper"], None]
 """``hook(admitted, rejected, update, keeper)`` after each processed batch of offers (e.g. Ray metrics)."""
@@ -51,11 +56,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_path(path.parent)
 
 
 TRANSIENT_ATTEMPTS = 5
@@ -88,6 +89,7 @@ class SoupKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self.busy = False
+        self.publishing = False  # a soup folder is being written and swapped in (the idle exit waits for it)
         self.last_error: str | None = None
         self.publish_pending = False  # the soup changed but its folder is not written yet (retried)
         self.publish_retry_at = 0.0
@@ -131,8 +133,17 @@ class SoupKeeper:
             for rec in self.records.values():
                 self.kitchen.paths[rec["trial_id"]] = TrialRecord.from_json(rec)
             self.soup = IncrementalGreedySoup.from_state(state["soup"], self.kitchen.evaluate)
+        # what _persist writes of the soup: its state as of the last commit, never one the worker is changing
+        self._soup_state = self.soup.to_state()
+        if state is not None:
+            # an offer recorded without its soup (a state persisted mid-evaluation by an older keeper): queue it again
+            for tid in [t for t in self.records if t not in self.soup]:
+                rec = self.records.pop(tid)
+                write_json_atomic(self._inbox_file(tid), {"trial_id": tid, "checkpoint": rec.get("checkpoint"),
+                                                          "heldout_correct": rec.get("heldout_correct")})
             self._persist()
         self.inbox = self._read_inbox()
+        recover_folder(self.paths.soup)  # a crash inside a two-rename swap left the served soup aside
         self._snapshot = self._make_snapshot()
 
     # -- bookkeeping -----------------------------------------------------------
@@ -140,7 +151,7 @@ class SoupKeeper:
     def _state(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
-            "soup": self.soup.to_state(),
+            "soup": self._soup_state,
             "records": self.records,
             "rejected": self.rejected,
             "version": self.version,
@@ -188,8 +199,22 @@ class SoupKeeper:
         return self._inbox_dir() / f"{safe}.json"
 
     def _persist(self) -> None:
+        """Write the state (the soup as of the last :meth:`_commit`); call with :attr:`lock` held."""
         self.last_change_at = time.time()
         write_json_atomic(self.paths.state_file, self._state())
+
+    def _commit(self) -> None:
+        """Take the soup as it is now into the state and persist it; call with :attr:`lock` held."""
+        self._soup_state = self.soup.to_state()
+        self._persist()
+
+    def _attempt(self, tid: str) -> bool:
+        """Count a failed try of ``tid``; True (with its back-off set) while another try is due."""
+        self.attempts[tid] = self.attempts.get(tid, 0) + 1
+        if self.attempts[tid] < TRANSIENT_ATTEMPTS:
+            self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])
+            return True
+        return False
 
     def _make_snapshot(self) -> dict[str, Any]:
         return {
@@ -251,7 +276,13 @@ class SoupKeeper:
             return len(self.inbox) + (1 if self.busy else 0) + (1 if self.publish_pending else 0)
 
     def process_inbox(self) -> int:
-        """Admit and offer everything queued, in one incremental update; returns how many were handled."""
+        """Admit and offer everything queued, in one incremental update; returns how many were handled.
+
+        Nothing of the batch is recorded until the soup it leads to is: the
+        records, rejections, soup and inbox change together under the lock, so a
+        state persisted meanwhile (``set_retirement``) never counts an offer
+        whose soup is not decided yet.
+        """
         now = time.time()
         with self._lock:
             batch = [r for r in self.inbox if self.retry_at.get(str(r.get("trial_id")), 0.0) <= now]
@@ -260,40 +291,47 @@ class SoupKeeper:
         if not batch:
             return 0
         try:
-            candidates = []
+            admitted: list[tuple[dict, Candidate]] = []
             retry: set[str] = set()
+            rejected: dict[str, str] = {}
+            given_up: set[str] = set()  # unreadable so far: a re-offer tries again
             for rec in batch:
                 tid = str(rec.get("trial_id"))
                 try:
-                    record = TrialRecord.from_json(rec)
-                    candidates.append(self.kitchen.admit(record))
-                    self.records[record.trial_id] = {**rec, "heldout_correct": candidates[-1].heldout_correct}
+                    admitted.append((rec, self.kitchen.admit(TrialRecord.from_json(rec))))
                 except (CheckpointUnavailable, OSError) as err:  # e.g. a network mount not caught up yet
-                    self.attempts[tid] = self.attempts.get(tid, 0) + 1
-                    if self.attempts[tid] < TRANSIENT_ATTEMPTS:
+                    if self._attempt(tid):
                         retry.add(tid)
-                        self.retry_at[tid] = time.time() + min(30.0, 2.0 ** self.attempts[tid])  # backoff
                     else:
-                        self.rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
-                        self.transient.add(tid)
+                        rejected[tid] = f"still unreadable after {self.attempts[tid]} attempts: {err}"
+                        given_up.add(tid)
                 except CheckpointRejected as err:
-                    self.rejected[tid] = str(err)
+                    rejected[tid] = str(err)
                 except Exception as err:  # noqa: BLE001 - a poison offer must never block the ones after it
-                    self.rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
-            update = self.soup.offer(candidates) if candidates else None
-            if update is not None and update.changed:
-                self.publish_pending = self.publish_enabled
+                    rejected[tid] = f"offer could not be admitted: {type(err).__name__}: {err}"
+            before = self.soup.ingredients
+            update, later, failed = self._update_soup([c for _, c in admitted])
+            retry |= later
+            rejected.update(failed)
+            given_up |= set(failed)
             with self._lock:
+                for rec, cand in admitted:
+                    if cand.id in self.soup:
+                        self.records[cand.id] = {**rec, "heldout_correct": cand.heldout_correct}
+                self.rejected.update(rejected)
+                self.transient |= given_up
+                if self.soup.ingredients != before:
+                    self.publish_pending = self.publish_enabled
                 done = {r["trial_id"] for r in batch} - retry
                 self.inbox = [r for r in self.inbox if r["trial_id"] not in done]
-                self._persist()  # the soup's new state (and that a publish is due) first: offers are never lost
+                self._commit()  # the soup's new state (and that a publish is due) first: offers are never lost
                 for tid in done:
                     self._inbox_file(tid).unlink(missing_ok=True)
             self.publish_if_pending()
             with self._lock:
                 self.busy = False
                 self._snapshot = self._make_snapshot()
-            self._metrics(len(candidates), len(batch) - len(candidates), update)
+            self._metrics(len(admitted), len(batch) - len(admitted), update)
             return len(batch)
         except Exception:  # keep the actor alive; the error is visible in status()
             self.last_error = traceback.format_exc(limit=5)
@@ -301,6 +339,86 @@ class SoupKeeper:
                 self.busy = False
                 self._snapshot = {**self._make_snapshot(), "last_error": self.last_error}
             raise
+
+    def _update_soup(self, cands: list[Candidate]) -> tuple[Update | None, set[str], dict[str, str]]:
+        """Offer ``cands`` to the soup so that no failing evaluation blocks the others.
+
+        Returns the update (None when nothing was offered), the ids to try again
+        later and the ids given up on for now, with why. A failure caused by a
+        soup candidate whose weights cannot be read any more defers the whole
+        batch (a mount may catch up); after ``TRANSIENT_ATTEMPTS`` such failures
+        that candidate is dropped (:meth:`_drop`) and the batch goes on. Any
+        other failure splits a batch into single offers; a single offer that
+        keeps failing is given up on with the reason.
+        """
+        if not cands:
+            return None, set(), {}
+        before, before_correct = self.soup.ingredients, self.soup.correct
+        evaluations = images = 0
+        last: Update | None = None
+        later: set[str] = set()
+        failed: dict[str, str] = {}
+        groups = [list(cands)]
+        for _ in range(4 * (len(cands) + len(self.soup)) + 4):  # each pass settles a group or drops a candidate
+            if not groups:
+                break
+            group = groups.pop(0)
+            try:
+                last = self.soup.offer(group)
+                evaluations, images = evaluations + last.evaluations, images + last.images_evaluated
+                continue
+            except Exception as err:  # noqa: BLE001 - an OOM, a lost file: the keeper goes on either way
+                self.last_error = traceback.format_exc(limit=5)
+                why = f"{type(err).__name__}: {err}"
+                ids = {c.id for c in group}
+                lost = err.trial_id if isinstance(err, IngredientUnreadable) else None
+                if lost is not None and lost not in ids and lost in self.soup:
+                    if self._attempt(lost):
+                        waiting = ids | {c.id for g in groups for c in g}
+                        for tid in waiting:
+                            self.retry_at[tid] = self.retry_at[lost]
+                        later |= waiting
+                        groups = []
+                        break
+                    try:
+                        self._drop(lost, why)
+                    except Exception as err2:  # noqa: BLE001 - the soup stays as it was; the offer is retried
+                        why = f"{why}; dropping {lost} failed too: {type(err2).__name__}: {err2}"
+                    else:
+                        groups.insert(0, group)
+                        continue
+                if len(group) > 1:
+                    groups = [[c] for c in group] + groups
+                    continue
+                tid = group[0].id
+                if self._attempt(tid):
+                    later.add(tid)
+                else:
+                    failed[tid] = f"could not be evaluated after {self.attempts[tid]} attempts: {why}"
+        for g in groups:  # the pass limit was reached: whatever is left is tried again later
+            later |= {c.id for c in g}
+        if last is None:
+            return None, later, failed
+        return replace(last, previous_ingredients=before, previous_correct=before_correct,
+                       evaluations=evaluations, images_evaluated=images), later, failed
+
+    def _drop(self, tid: str, why: str) -> None:
+        """Take a soup candidate whose weights cannot be read any more out of the soup and commit that.
+
+        The soup then equals the greedy soup of the others; the trial is listed
+        as rejected with the reason, and a re-offer (the end of the sweep offers
+        every trial again) tries it from the start.
+        """
+        update = self.soup.remove([tid])
+        with self._lock:
+            self.records.pop(tid, None)
+            self.rejected[tid] = f"dropped from the soup: its checkpoint cannot be read any more ({why})"
+            self.transient.add(tid)
+            self.attempts.pop(tid, None)
+            self.retry_at.pop(tid, None)
+            if update.changed:
+                self.publish_pending = self.publish_enabled
+            self._commit()
 
     def publish_if_pending(self) -> bool:
         """Publish the current soup as the next version if it changed since the last one; returns whether it did.
@@ -315,14 +433,31 @@ class SoupKeeper:
             self.publish_pending = False
             return False
         version = max([self.version, *published_versions(self.paths.versions)]) + 1
+        with self._lock:
+            if self.retiring:  # the idle exit was decided: a folder half swapped in must not be left behind
+                return False
+            self.publishing = True
         try:
             self._publish(version)
-        except Exception:
+        except Exception as err:
+            with self._lock:
+                self.publishing = False
             self.last_error = traceback.format_exc(limit=5)
             self.publish_retry_at = time.time() + 5.0
+            lost = err.trial_id if isinstance(err, IngredientUnreadable) else None
+            if lost is not None and lost in self.soup and not self._attempt(lost):
+                try:
+                    self._drop(lost, f"{type(err).__name__}: {err}")  # a soup without it is published next
+                except Exception:  # noqa: BLE001 - retried at the next publish
+                    self.last_error = traceback.format_exc(limit=5)
+                else:
+                    self.publish_retry_at = 0.0
             return False
         with self._lock:
+            self.publishing = False
             self.version = version
+            self.published = {"version": version, "folder": str(self.paths.version(version)),
+                              "ingredients": list(self.soup.ingredients)}
             self.publish_pending = False
             self.last_error = None
             self._persist()
@@ -342,9 +477,8 @@ class SoupKeeper:
         }
         weights = self.kitchen.soup_weights(ids)
         versions = self.paths.versions
-        folder = export_soup(self.paths.base, weights, self.paths.version(version), info)
+        export_soup(self.paths.base, weights, self.paths.version(version), info)
         export_soup(self.paths.base, weights, self.paths.soup, info)
-        self.published = {"version": version, "folder": str(folder), "ingredients": ids}
         old = sorted(p for p in versions.glob("v*") if p.is_dir())
         for p in old[: max(0, len(old) - self.keep_versions)]:
             shutil.rmtree(p, ignore_errors=True)
@@ -383,8 +517,9 @@ class SoupKeeper:
         self.last_offer_at = time.time()
 
     def idle_seconds(self) -> float | None:
-        """Seconds since the last offer or change, or None while offers are queued or evaluated; call with :attr:`lock` held."""
-        if self.inbox or self.busy:
+        """Seconds since the last offer or change, or None while offers are queued or evaluated or a soup is being
+        published; call with :attr:`lock` held."""
+        if self.inbox or self.busy or self.publishing:
             return None
         return time.time() - max(self.last_offer_at, self.last_change_at)
 

@@ -254,7 +254,9 @@ def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None
         return
     try:
         ray.get(actor.retire_when_idle.remote(60.0 * minutes), timeout=60)
-    except Exception as err:  # noqa: BLE001 - the actor may already be gone; its state is on disk either way
+    except ray.exceptions.RayActorError:
+        return  # gone already (check_actor stops one that could not start): nothing holds its resources
+    except Exception as err:  # noqa: BLE001 - its state is on disk either way
         log(f"could not schedule the soup actor's exit ({type(err).__name__}: {err}); if the dashboard still "
             f"lists it, stop it with ray.kill(ray.get_actor({actor_name(run_dir)!r}, "
             f"namespace={cfg.ray.namespace!r}))")
@@ -272,7 +274,12 @@ ACTOR_CALL_TIMEOUT_S = 120.0
 
 
 def check_actor(actor: Any, name: str, timeout: float = ACTOR_CALL_TIMEOUT_S) -> dict[str, Any]:
-    """The actor's status; raises ``SoupActorFailed`` if it does not answer or could not start."""
+    """The actor's status; raises ``SoupActorFailed`` if it does not answer or could not start.
+
+    An actor that could not start is stopped first (for good): it would hold
+    its CPU/GPU share with nothing to do, and a later ``start_soup_actor`` would
+    reattach to it and its error instead of reading the fixed state again.
+    """
     import ray
 
     try:
@@ -281,8 +288,12 @@ def check_actor(actor: Any, name: str, timeout: float = ACTOR_CALL_TIMEOUT_S) ->
         raise SoupActorFailed(f"the soup actor {name!r} did not answer within {timeout:.0f}s (see its log in the "
                               "Ray dashboard, Actors tab)") from None
     if status.get("fatal_error"):
-        raise SoupActorFailed(f"the soup actor {name!r} could not start: {status['fatal_error']}. Fix or move aside "
-                              f"the run's soup_state/ and resume (trials and checkpoints are kept)")
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        raise SoupActorFailed(f"the soup actor {name!r} could not start: {status['fatal_error']}. It was stopped; "
+                              "fix or move aside the run's soup_state/ and resume (trials and checkpoints are kept)")
     return status
 
 

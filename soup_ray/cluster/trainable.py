@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import tune
 
-from ..train import TrialContext, fine_tune
+from ..train import TrialContext, finished_result, fine_tune
 from ..trial_state import has_training_state
 
 
@@ -16,6 +16,10 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
 
     A trial Tune restarts (a lost node, ``max_failures``, a resumed sweep) gets its
     last per-epoch checkpoint from ``tune.get_checkpoint()`` and continues there.
+    One restarted after its final checkpoint reports that result and checkpoint
+    again without training, so Tune records it as completed (retraining from
+    epoch 1 would waste it, and Tune could then delete the final checkpoint the
+    soup actor points at).
     """
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -30,4 +34,8 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         if has_training_state(folder):
             fine_tune(config, ctx, report, resume_from=folder)
             return
-    fine_tune(config, ctx, report)  # the last checkpoint is a finished one's: nothing to resume, train afresh
+        final = finished_result(folder, config)
+        if final is not None:  # it had finished: report that again, nothing to train
+            report(final, folder)
+            return
+    fine_tune(config, ctx, report)  # nothing this trial can continue from: train afresh

@@ -385,8 +385,29 @@ def public_text(text: Any, run_dir: str) -> Any:
     return _ABS_PATH.sub("<path>", text)
 
 
+def public_snapshot(snap: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The live page's data (``live.snapshot``) with the rejection reasons passed through :func:`public_text`,
+    as ``/info`` passes its messages: ``/`` and ``/soup.json`` are as public as ``/info``."""
+    keeper = snap.get("keeper")
+    if isinstance(keeper, dict) and isinstance(keeper.get("rejected"), dict):
+        keeper = {**keeper, "rejected": {k: public_text(v, run_dir) for k, v in keeper["rejected"].items()}}
+    trials = [{**t, "soup": public_text(t.get("soup"), run_dir)} if isinstance(t, dict) else t
+              for t in snap.get("trials") or []]
+    return {**snap, "keeper": keeper, "trials": trials}
+
+
+RELAY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host", "true-client-ip",
+                 "cf-connecting-ip")
+"""Headers a reverse proxy adds when it relays a request: such a request is never local, whatever address the
+proxy (on this host, on loopback) connects from."""
+
+
 def is_loopback(request: Request) -> bool:
-    """Whether the client's address is a loopback address (the proxy passes the client's own address on)."""
+    """Whether the client is on this host: a loopback address (Serve's proxy passes the client's own address on)
+    and no relay header (:data:`RELAY_HEADERS`). A reverse proxy that adds none of them makes its clients look
+    local: behind one, leave ``?detail=local`` to requests made on the host itself."""
+    if any(h in request.headers for h in RELAY_HEADERS):
+        return False
     host = request.client.host if request.client is not None else ""
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
@@ -738,7 +759,8 @@ class SoupIngress:
 
     async def _live_snapshot(self) -> dict[str, Any]:
         """The run folder's live snapshot plus what the model replica serves right now."""
-        snap = await asyncio.to_thread(snapshot, self.settings["run_dir"])
+        run_dir = self.settings["run_dir"]
+        snap = public_snapshot(await asyncio.to_thread(snapshot, run_dir), run_dir)
         try:
             m = await self._model_info()
             served = {"ready": bool(m.get("ready")), "model": m.get("model"), "soup_version": m.get("soup_version"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .base import Candidate, EvalResult, Evaluate, GreedyResult, SoupError, Step, Tie, check_tie, sort_candidates
@@ -26,6 +26,7 @@ class Update:
     replayed_from: int | None
     evaluations: int
     images_evaluated: int
+    removed: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -162,6 +163,37 @@ class IncrementalGreedySoup:
             replayed_from=start,
             evaluations=self.evaluations - evals0,
             images_evaluated=self.images_evaluated - images0,
+        )
+
+    def remove(self, candidate_ids: Iterable[str]) -> Update:
+        """Forget candidates (say, whose weights were lost) and update the soup exactly.
+
+        Afterwards the soup equals :func:`greedy_soup` over the remaining
+        candidates. Decisions before the first removed candidate's position are
+        kept; later ones are replayed as in :meth:`offer`, reusing an old
+        decision whenever the soup it was made against is unchanged. Memoised
+        evaluations that include a removed id are forgotten; unknown ids are
+        ignored. If an evaluation raises, nothing changes.
+        """
+        gone = {str(i) for i in candidate_ids} & {c.id for c in self._candidates}
+        before_ids, before_correct = self.ingredients, self.correct
+        evals0, images0 = self.evaluations, self.images_evaluated
+        start: int | None = None
+        if gone:
+            start = next(i for i, c in enumerate(self._candidates) if c.id in gone)
+            self._replay([c for c in self._candidates if c.id not in gone], start)
+            self._memo = {k: v for k, v in self._memo.items() if not k & gone}
+        now_ids = self.ingredients
+        return Update(
+            added=[], duplicates=[], accepted=[], rejected=[],
+            joined=[i for i in now_ids if i not in before_ids],
+            dropped=[i for i in before_ids if i not in now_ids],
+            ingredients=now_ids, correct=self.correct,
+            previous_ingredients=before_ids, previous_correct=before_correct,
+            replayed_from=start,
+            evaluations=self.evaluations - evals0,
+            images_evaluated=self.images_evaluated - images0,
+            removed=sorted(gone),
         )
 
     def _split_new(self, candidates: Iterable[Candidate]) -> tuple[list[Candidate], list[str]]:

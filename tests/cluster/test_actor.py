@@ -280,11 +280,60 @@ def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> N
         shutil.copytree(run_copy, broken_run)
         (broken_run / "soup_state" / "state.json").write_text("{ not json")
         broken = start_soup_actor(broken_run, cpu=0.25)
+        with pytest.raises(ray.exceptions.RayTaskError, match="could not start"):
+            ray.get(broken.offer.remote(offers(run_copy)[0]), timeout=60)
         t0 = time.time()
         with pytest.raises(SoupActorFailed, match=r"soup:broken-.*could not start: JSONDecodeError"):
             check_actor(broken, actor_name(broken_run), timeout=60)
         assert time.time() - t0 < 60
-        with pytest.raises(ray.exceptions.RayTaskError, match="could not start"):
-            ray.get(broken.offer.remote(offers(run_copy)[0]), timeout=30)
+    finally:
+        ray.shutdown()
+
+
+def _gone(name: str, namespace: str, within_s: float = 60.0) -> bool:
+    import ray
+
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_a_broken_actor_is_not_left_up_and_a_fixed_state_starts_a_fresh_one(run_copy: Path) -> None:
+    """A detached actor whose keeper cannot start must not hold its CPU/GPU share, and the printed remedy (fix
+    soup_state/ and resume) must work: a new start must not reattach to the broken actor."""
+    import ray
+
+    from soup_ray.cluster.actor import actor_name, start_soup_actor
+    from soup_ray.cluster.sweep import SoupActorFailed, check_actor
+    from soup_ray.run_dir import RunDir
+
+    first = offers(run_copy)[0]
+    keeper = SoupKeeper(str(run_copy), publish=False)
+    keeper.offer(first)
+    keeper.process_inbox()
+    state_file = RunDir(run_copy).state_file
+    good = state_file.read_text()
+    state_file.write_text("{ not json")
+    name, ns = actor_name(run_copy), "broken-test"
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace=ns)
+    try:
+        # asked to retire (the end of a sweep on a cluster), a broken actor exits at once
+        broken = start_soup_actor(run_copy, cpu=0.25)
+        assert ray.get(broken.retire_when_idle.remote(3600.0), timeout=60) == 0.0
+        assert _gone(name, ns), "the broken actor stayed up after retire_when_idle"
+        # the driver's check stops it: nothing is left listed, holding resources or a sticky error
+        broken = start_soup_actor(run_copy, cpu=0.25)
+        with pytest.raises(SoupActorFailed, match="could not start: JSONDecodeError"):
+            check_actor(broken, name, timeout=60)
+        assert _gone(name, ns), "the broken actor is still listed after the failed check"
+        state_file.write_text(good)  # the remedy: fix soup_state/ and start again
+        again = start_soup_actor(run_copy, cpu=0.25)
+        status = check_actor(again, name, timeout=60)
+        assert "fatal_error" not in status and status["ingredients"] == [first["trial_id"]]
     finally:
         ray.shutdown()

@@ -486,3 +486,38 @@ def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_r
     print(timings)
     assert ran["operations"] >= 4 and ran["calls"] >= 4 * FUZZ_EXAMPLES, ran
     assert not refused
+
+
+@pytest.mark.parametrize("header", [{"x-forwarded-for": "203.0.113.7"}, {"forwarded": "for=203.0.113.7"},
+                                    {"x-real-ip": "203.0.113.7"}], ids=lambda h: next(iter(h)))
+def test_a_request_relayed_by_a_proxy_on_this_host_is_not_local(fake_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                header: dict) -> None:
+    """Behind a reverse proxy on the same host every client connects from loopback: the relay headers tell."""
+    make_ingress(fake_run, monkeypatch)
+    r = call("GET", "/info?detail=local", client=LOOPBACK, headers=header)
+    assert r.status_code == 200, r.text
+    assert not {"pid", "ingress_pid", "run_dir", "source", "actor"} & set(r.json())
+    assert str(fake_run) not in r.text and "/abs/where" not in r.text
+
+
+def test_the_live_page_shows_rejection_reasons_without_paths_as_info_does(fake_run: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from soup_ray.run_dir import RunDir
+
+    paths = RunDir(fake_run)
+    paths.state_dir.mkdir(parents=True)
+    reasons = {"t009": f"unreadable checkpoint {fake_run}/tune/t009/model.safetensors: truncated",
+               "t010": "no model.safetensors in /mnt/shared/elsewhere/t010 (yet)"}
+    paths.state_file.write_text(json.dumps({"records": {}, "rejected": reasons, "version": 0, "soup": {}}))
+    paths.results.write_text("".join(json.dumps({"trial_id": t, "kind": "individual", "status": "completed",
+                                                 "heldout": 0.5}) + "\n" for t in reasons))
+    make_ingress(fake_run, monkeypatch)
+    for path in ("/soup.json", "/"):
+        r = call("GET", path)
+        assert r.status_code == 200, r.text
+        assert str(fake_run) not in r.text and "/mnt/shared" not in r.text, path
+        assert "unreadable checkpoint" in r.text and "truncated" in r.text  # the reason itself stays
+    page = call("GET", "/soup.json").json()
+    assert page["keeper"]["rejected"]["t009"] == "unreadable checkpoint RUN_DIR/tune/t009/model.safetensors: truncated"
+    assert next(t for t in page["trials"] if t["trial_id"] == "t010")["soup"] == "rejected: no model.safetensors in " \
+        "<path> (yet)"

@@ -309,6 +309,50 @@ def test_incremental_matches_batch_after_every_offer(sc):
 
 @PROPS
 @given(scenarios(), st.data())
+def test_removing_candidates_leaves_the_batch_soup_of_the_others(sc, data):
+    ev = SyntheticEvaluator(sc["vectors"], sc["batch_size"])
+    inc = IncrementalGreedySoup(ev, heldout_size=sc["heldout_size"], tie=sc["tie"], early_rejection=sc["early"])
+    inc.offer(sc["candidates"])
+    ids = [c.id for c in sc["candidates"]]
+    gone = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=len(ids)))
+    upd = inc.remove([*gone, "never-offered"])
+    rest = [c for c in sc["candidates"] if c.id not in gone]
+    assert sorted(upd.removed) == sorted(gone) and [c.id for c in inc.candidates] == [c.id for c in sort_candidates(rest)]
+    if rest:
+        ref, _ = reference(rest, sc)
+        assert inc.ingredients == ref.ingredients == upd.ingredients and inc.correct == ref.correct
+        assert [s.accepted for s in inc.steps] == [s.accepted for s in ref.history]
+    else:
+        assert inc.ingredients == [] and inc.correct is None
+    state = inc.to_state()
+    assert not any(set(m["ids"]) & set(gone) for m in state["memo"])  # no stale score survives
+    IncrementalGreedySoup.from_state(state, ev)  # and the state stays consistent
+    if gone:  # a removed candidate offered again joins as a newcomer
+        back = next(c for c in sc["candidates"] if c.id == gone[0])
+        assert inc.offer([back]).added == [back.id]
+
+
+def test_a_failed_removal_changes_nothing():
+    calls = {"n": 0}
+    scores = {frozenset({"a"}): 8, frozenset({"b"}): 7, frozenset({"c"}): 6, frozenset({"a", "b"}): 9,
+              frozenset({"a", "b", "c"}): 9}
+
+    def ev(ids, max_wrong):
+        calls["n"] += 1
+        if "a" not in ids:
+            raise OSError("weights gone")
+        return TableEvaluator(10, scores)(ids, max_wrong)
+
+    inc = IncrementalGreedySoup(ev, heldout_size=10)
+    inc.offer([Candidate("a", 8), Candidate("b", 7), Candidate("c", 6)])
+    before = inc.to_state()
+    with pytest.raises(OSError):
+        inc.remove(["a"])  # b then c must be scored without a
+    assert inc.to_state() == before
+
+
+@PROPS
+@given(scenarios(), st.data())
 def test_rejected_newcomer_costs_one_evaluation(sc, data):
     cands = sc["candidates"]
     if len(cands) < 2:
