@@ -19,9 +19,9 @@ def _tmp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def sync_folder(folder: Path) -> None:
-    """fsync a folder, so that a rename or a new file in it survives a power loss."""
-    fd = os.open(folder, os.O_RDONLY)
+def sync(path: str | os.PathLike) -> None:
+    """``fsync`` a file, or a folder (so that the names created or renamed in it survive a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -46,7 +46,7 @@ def replacing(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     if durable:
-        sync_folder(path.parent)
+        sync(path.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:

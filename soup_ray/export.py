@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import sync
 from .model import CLIPClassifier
 from .run_dir import BASE_META, HEAD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SOUP_INFO
 
@@ -47,15 +48,6 @@ def clip_state_with_soup(base_clip: dict[str, torch.Tensor], soup: dict[str, tor
                 raise KeyError(f"soup tensor {k} has no counterpart in the base CLIP")
             out[k] = v.to(out[k].dtype)
     return out
-
-
-def sync_path(path: Path | str) -> None:
-    """``fsync`` a file, or a folder (so that the names created or renamed in it survive a power loss)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 RENAME_EXCHANGE = 2
@@ -108,7 +100,7 @@ def recover_folder(out_dir: Path | str) -> bool:
     if out_dir.exists() or not (old / SOUP_INFO).is_file():
         return False
     os.rename(old, out_dir)
-    sync_path(out_dir.parent)
+    sync(out_dir.parent)
     return True
 
 
@@ -123,7 +115,7 @@ def _swap_in(new: Path, out_dir: Path) -> None:
         os.rename(out_dir, old)
         os.rename(new, out_dir)  # the instant between these two renames has no out_dir (recover_folder)
         shutil.rmtree(old, ignore_errors=True)
-    sync_path(out_dir.parent)
+    sync(out_dir.parent)
 
 
 def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, info: dict[str, Any]) -> Path:
@@ -150,8 +142,8 @@ def export_soup(base_dir: Path, soup: dict[str, torch.Tensor], out_dir: Path, in
         }
         (tmp / SOUP_INFO).write_text(json.dumps(full_info, indent=2))
         for p in tmp.iterdir():
-            sync_path(p)
-        sync_path(tmp)
+            sync(p)
+        sync(tmp)
         _swap_in(tmp, out_dir)
     finally:
         if tmp.exists():

@@ -30,7 +30,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..export import export_soup, recover_folder, sync_path
+from ..atomic import write_json
+from ..export import export_soup, recover_folder
 from ..ingredients import CheckpointRejected, CheckpointUnavailable, IngredientUnreadable, Kitchen, TrialRecord
 from ..run_dir import RunDir
 from ..soup import Candidate, IncrementalGreedySoup, Update
@@ -45,18 +46,6 @@ def read_state(run_dir: Path | str) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     return json.loads(p.read_text())
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` durably: a synced temporary file, a rename, then the folder synced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync_path(path.parent)
 
 
 TRANSIENT_ATTEMPTS = 5
@@ -139,8 +128,8 @@ class SoupKeeper:
             # an offer recorded without its soup (a state persisted mid-evaluation by an older keeper): queue it again
             for tid in [t for t in self.records if t not in self.soup]:
                 rec = self.records.pop(tid)
-                write_json_atomic(self._inbox_file(tid), {"trial_id": tid, "checkpoint": rec.get("checkpoint"),
-                                                          "heldout_correct": rec.get("heldout_correct")})
+                write_json(self._inbox_file(tid), {"trial_id": tid, "checkpoint": rec.get("checkpoint"),
+                                                   "heldout_correct": rec.get("heldout_correct")}, indent=1, durable=True)
             self._persist()
         self.inbox = self._read_inbox()
         recover_folder(self.paths.soup)  # a crash inside a two-rename swap left the served soup aside
@@ -201,7 +190,7 @@ class SoupKeeper:
     def _persist(self) -> None:
         """Write the state (the soup as of the last :meth:`_commit`); call with :attr:`lock` held."""
         self.last_change_at = time.time()
-        write_json_atomic(self.paths.state_file, self._state())
+        write_json(self.paths.state_file, self._state(), indent=1, durable=True)
 
     def _commit(self) -> None:
         """Take the soup as it is now into the state and persist it; call with :attr:`lock` held."""
@@ -260,7 +249,7 @@ class SoupKeeper:
                 return {"trial_id": tid, "queued": False, "duplicate": True}
             rec = {"trial_id": tid, "checkpoint": str(trial["checkpoint"]),
                    "heldout_correct": trial.get("heldout_correct")}
-            write_json_atomic(self._inbox_file(tid), rec)
+            write_json(self._inbox_file(tid), rec, indent=1, durable=True)
             self.inbox.append(rec)
             self._snapshot = {**self._snapshot, "queued": len(self.inbox)}
             self._wake.notify_all()
