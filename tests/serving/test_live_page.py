@@ -191,3 +191,64 @@ def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: t
         stop()
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)  # stopped: the port is closed
+
+
+def test_the_live_page_behind_a_token_signs_in_with_an_httponly_cookie_in_a_browser(
+        kept_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bearer token set, a browser (which cannot send the header) is sent to /login, signs in with the
+    token, gets an HttpOnly SameSite cookie, and then sees the page and its polled /soup.json; a wrong token
+    and a request without credentials still get nothing."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from soup_ray.serving.app import app
+    from soup_ray.serving.auth import SESSION_COOKIE
+    from tests.serving.test_ingress import FakeModel, make_ingress
+
+    sync_playwright, exe = need_browser()
+    token = "page-token-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    make_ingress(kept_run[0], monkeypatch, model=FakeModel(), auth_token_file=str(token_file))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):  # bounded: the server is up within 10 s
+            if server.started:
+                break
+            time.sleep(0.1)
+        assert server.started
+        assert get(url + "/soup.json")[0] == 401 and get(url + "/healthz")[0] == 200
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(url + "/", wait_until="load", timeout=PAGE_WAIT_MS)
+                assert page.url == url + "/login"  # no credentials: to the login form, not a JSON 401
+                page.fill("#token", "wrong")
+                page.click("button[type=submit]")
+                page.wait_for_load_state("load")
+                assert "Wrong token" in page.content() and page.context.cookies() == []
+                page.fill("#token", token)
+                page.click("button[type=submit]")
+                page.wait_for_selector("#soup-version", timeout=PAGE_WAIT_MS)
+                assert page.url == url + "/"
+                cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
+                assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and token not in cookie["value"]
+                assert page.evaluate("document.cookie") == ""  # HttpOnly: the page's own script cannot read it
+                page.wait_for_function("document.getElementById('poll-state').textContent.startsWith('live ·')",
+                                       timeout=PAGE_WAIT_MS)  # the page's poll of /soup.json got through
+                api = page.request.get(url + "/soup.json")  # the cookie stands in for the bearer header
+                assert api.status == 200 and "soup" in api.json()
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
