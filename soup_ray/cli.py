@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   model=args.model, method=args.method, ensemble=args.ensemble, num_cpus=args.num_cpus,
                   num_gpus=args.num_gpus, auth_token_file=args.auth_token_file, ingress_replicas=args.ingress_replicas,
                   model_replicas=args.model_replicas, max_batch_size=args.max_batch_size,
-                  throughput_mode=args.throughput_mode)
+                  throughput_mode=args.throughput_mode, topology=args.topology)
     except KeyboardInterrupt:
         log_line(f"stopped serving {args.run_dir} (Serve and the Ray it started are shut down)")
         return INTERRUPTED
@@ -154,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads, images=args.images,
         image_size=args.image_size, time_budget_s=args.time_budget, ingress_replicas=args.ingress_replicas,
-        model_replicas=args.model_replicas, throughput_mode=args.throughput_mode)
+        model_replicas=args.model_replicas, throughput_mode=args.throughput_mode, topology=args.topology)
     bench_main(args.run_dir, settings, args.out, log=log_line)
     return 0
 
@@ -276,8 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (fractions allowed)")
     sp.add_argument("--auth-token-file", metavar="FILE", default=None,
                     help="require `Authorization: Bearer TOKEN` (the token in FILE) on every endpoint but /healthz")
+    sp.add_argument("--topology", choices=("fused", "split"), default="fused",
+                    help="fused (default): each HTTP replica holds the model (one Serve hop); split: ingress "
+                         "replicas decode and send uint8 images to separate model replicas")
     sp.add_argument("--ingress-replicas", type=int, default=None,
-                    help="HTTP ingress replicas, each decoding in its own threads (default: one per 4 cluster CPUs)")
+                    help="split topology: HTTP ingress replicas, each decoding in its own threads (default: one per "
+                         "4 cluster CPUs)")
     sp.add_argument("--model-replicas", type=int, default=1, help="replicas of the served model (default: 1)")
     sp.add_argument("--max-batch-size", type=int, default=None,
                     help="dynamic batching: most images per forward (default: 16 on CPU, 128 with --num-gpus)")
@@ -307,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sp.add_argument("--out", metavar="FILE", help="output JSON (default: RUN_DIR/bench.json; the plot goes next to it)")
     sp.add_argument("--only", metavar="TARGETS",
-                    help="comma-separated subset of soup,one_hop,single,ensemble_k,ensemble_all (one_hop: a bare "
-                         "one-replica FastAPI deployment of the same model, the request path's floor)")
+                    help="comma-separated subset of soup,soup_split,one_hop,single,ensemble_k,ensemble_all "
+                         "(soup_split: the soup in the split topology; one_hop: a bare one-replica FastAPI "
+                         "deployment of the same model, the request path's floor)")
+    sp.add_argument("--topology", choices=("fused", "split"), default="fused",
+                    help="topology of the served applications (default: fused)")
     sp.add_argument("--ingress-replicas", type=int, default=1, help="HTTP ingress replicas (default: 1)")
     sp.add_argument("--model-replicas", type=int, default=1,
                     help="replicas of the one model of soup, single and one_hop (default: 1)")

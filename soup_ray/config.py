@@ -357,6 +357,9 @@ class ServeSettings(_Strict):
     num_cpus: float = Field(0.25, ge=0, description="CPUs per model replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed, e.g. 0.25)")
     model_replicas: int = Field(1, ge=1, description="replicas of the served soup")
+    topology: Literal["fused", "split"] = Field(
+        "fused", description="fused: each HTTP replica holds the soup (one Serve hop); split: ingress replicas "
+        "decode and send uint8 images to separate model replicas (decoding scales apart from the model)")
     ingress_replicas: int | None = Field(
         None, ge=1, description="HTTP ingress replicas, each decoding images in its own threads; null: one per 4 "
         "CPUs of the cluster (1 to 8)")

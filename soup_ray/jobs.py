@@ -226,7 +226,8 @@ def run_job(cfg: SweepConfig | None, out: str | None = None, *, serve: bool = Tr
         serve_run(job.run_dir, host, port, blocking=True, log=log, on_ready=ready, auth_token_file=token_file,
                   ensemble=serve_cfg.ensemble, verbose=verbose, throughput_mode=serve_cfg.throughput_mode,
                   num_cpus=serve_cfg.num_cpus, num_gpus=serve_cfg.num_gpus, model_replicas=serve_cfg.model_replicas,
-                  ingress_replicas=serve_cfg.ingress_replicas, max_batch_size=serve_cfg.max_batch_size)
+                  ingress_replicas=serve_cfg.ingress_replicas, max_batch_size=serve_cfg.max_batch_size,
+                  topology=serve_cfg.topology)
     except KeyboardInterrupt:
         stopped(stages, "run", job.run_dir, log)
         return INTERRUPTED

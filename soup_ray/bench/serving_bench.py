@@ -44,7 +44,7 @@ from .loadgen import run_level, sample_pngs
 
 Log = Callable[[str], None]
 
-TARGETS = ("soup", "one_hop", "single", "ensemble_k", "ensemble_all")
+TARGETS = ("soup", "soup_split", "one_hop", "single", "ensemble_k", "ensemble_all")
 APP_NAME = "bench"
 
 
@@ -114,6 +114,7 @@ class BenchSettings:
     ingress_replicas: int = 1
     model_replicas: int = 1  # replicas of the one model of the soup, single and one_hop targets
     throughput_mode: str = DEFAULT_THROUGHPUT_MODE  # Ray Serve's (off, replicas, full), for a Ray the bench starts
+    topology: str = "fused"  # the served application's (fused, split); the soup_split target is always split
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
     replica_threads: int | None = None  # OMP_NUM_THREADS for every Ray worker (only when the bench starts Ray)
@@ -144,6 +145,8 @@ def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = T
     for name in only:
         if name == "soup":
             plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict"}
+        elif name == "soup_split":  # the soup behind separate ingress replicas (topology split)
+            plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict", "topology": "split"}
         elif name == "one_hop":
             plan[name] = {"model": SOUP_MODEL, "members": [], "route": "/predict", "one_hop": True}
         elif not ranked:
@@ -160,6 +163,8 @@ def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = T
 def _replica_names(plan: dict[str, Any]) -> list[str]:
     if plan.get("one_hop"):
         return ["OneHop"]
+    if not plan["members"] and plan.get("topology", "fused") == "fused":
+        return ["Ingress"]
     return [f"Member{i}" for i in range(len(plan["members"]))] if plan["members"] else ["Model"]
 
 
@@ -170,7 +175,8 @@ def _replica_infos(names: Sequence[str], timeout_s: float = 10.0) -> dict[str, d
     for name in names:
         try:
             handle = serve.get_deployment_handle(name, app_name=APP_NAME)
-            out[name] = handle.info.remote().result(timeout_s=timeout_s)
+            method = handle.replica_info if name == "Ingress" else handle.info  # fused: the model in the ingress
+            out[name] = method.remote().result(timeout_s=timeout_s)
         except Exception as err:  # noqa: BLE001 - statistics only; the load figures stand without them
             out[name] = {"error": f"{type(err).__name__}: {err}"}
     return out
@@ -256,6 +262,7 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
                             follow=False, num_cpus=share, num_gpus=settings.num_gpus,
                             ingress_cpus=settings.ingress_cpus, ingress_replicas=settings.ingress_replicas,
                             model_replicas=1 if plan["members"] else settings.model_replicas,
+                            topology=plan.get("topology", settings.topology),
                             max_batch_size=settings.max_batch_size,
                             batch_wait_timeout_s=settings.batch_wait_timeout_s)
         out["deploy_s"] = round(time.perf_counter() - t0, 2)
@@ -432,7 +439,7 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
                 f"thread(s), {c['ms_per_batch']:.1f} ms/batch); decoding {c['decode_images_per_s']:.0f} images/s")
         measured: dict[tuple, str] = {}
         for name, p in plan.items():
-            key = (p["model"], tuple(p["members"]), p["route"], bool(p.get("one_hop")))
+            key = (p["model"], tuple(p["members"]), p["route"], bool(p.get("one_hop")), p.get("topology"))
             if key in measured:  # e.g. ensemble_all == ensemble_k when there are only K candidates
                 figures["targets"][name] = {**figures["targets"][measured[key]], "same_as": measured[key]}
                 log(f"  {name}: same application as {measured[key]}; figures reused")
@@ -469,7 +476,8 @@ def observed_threads(figures: dict[str, Any]) -> dict[str, Any] | None:
     bottleneck), with more torch threads the OpenMP pool threads show up too.
     """
     levels = (figures.get("targets", {}).get("soup") or {}).get("levels") or []
-    cpu = [(lv.get("extra", {}).get("replica_cpu") or {}).get("Model") for lv in levels]
+    cpu = [next((c[n] for n in ("Model", "Ingress") if n in c), None)
+           for c in ((lv.get("extra", {}).get("replica_cpu") or {}) for lv in levels)]
     cpu = [c for c in cpu if c]
     if not cpu:
         return None
@@ -548,7 +556,7 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-COLORS = {"soup": "tab:green", "one_hop": "tab:purple", "single": "tab:blue", "ensemble_k": "tab:orange",
+COLORS = {"soup": "tab:green", "soup_split": "tab:olive", "one_hop": "tab:purple", "single": "tab:blue", "ensemble_k": "tab:orange",
           "ensemble_all": "tab:red"}
 
 

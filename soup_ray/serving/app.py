@@ -560,12 +560,77 @@ def images_from_json_list(body: bytes, most: int) -> list[bytes | ImageError]:
     return out
 
 
+class _LocalMethod:
+    """``handle.method.remote(...)`` for an object in this process: an awaitable of the method's answer."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        if asyncio.iscoroutine(out):
+            return out
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(out)
+        return future
+
+
+class _BoundedMethod(_LocalMethod):
+    """As a model deployment's handle bounds its calls: ``max_ongoing`` at once, ``max_queued`` waiting, and
+    ``BackPressureError`` beyond that (answered as the JSON 503 with Retry-After a split deployment gives)."""
+
+    def __init__(self, fn: Callable[..., Any], max_ongoing: int, max_queued: int) -> None:
+        super().__init__(fn)
+        self.max_ongoing, self.max_queued = max_ongoing, max_queued
+        self.ongoing = self.waiting = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    def remote(self, *args: Any) -> Any:
+        if self.ongoing >= self.max_ongoing and self.waiting >= self.max_queued:
+            raise BackPressureError(num_queued_requests=self.waiting, max_queued_requests=self.max_queued)
+        return self._call(*args)
+
+    async def _call(self, *args: Any) -> Any:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_ongoing)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.ongoing += 1
+        try:
+            return await self.fn(*args)
+        finally:
+            self.ongoing -= 1
+            self._slots.release()
+
+
+class LocalHandle:
+    """A ``DeploymentHandle`` stand-in over a model in the same replica (``predict``, bounded like a model
+    deployment's queue, and ``info``)."""
+
+    def __init__(self, target: Any, max_ongoing: int, max_queued: int) -> None:
+        self.predict = _BoundedMethod(target.predict, max_ongoing, max_queued)
+        self.info = _LocalMethod(target.info)
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
 @serve.ingress(app)
 class SoupIngress:
-    """HTTP front: validates and decodes images, then asks the model or the ensemble."""
+    """HTTP front: validates and decodes images, then asks the model or the ensemble.
 
-    def __init__(self, model: DeploymentHandle, ensemble: DeploymentHandle | None, settings: dict[str, Any]) -> None:
+    ``model`` is the model deployment's handle (topology ``split``), or None (``fused``): the replica then
+    holds the served model itself (a ``ClassifierModel`` in this process, configured through this
+    deployment's ``user_config``), so an image is decoded and batched where it is scored, with no hop.
+    """
+
+    def __init__(self, model: DeploymentHandle | None, ensemble: DeploymentHandle | None,
+                 settings: dict[str, Any]) -> None:
+        self._local = None
+        if model is None:
+            self._local = ClassifierModel.func_or_class()
+            model = LocalHandle(self._local, int(settings["model_max_ongoing"]), int(settings["model_max_queued"]))
         self.model = model
         self.ensemble = ensemble
         self.settings = dict(settings)
@@ -591,6 +656,15 @@ class SoupIngress:
         self.replica = replica_id()
         self.decode_stats = {"images": 0, "seconds": 0.0, "on_event_loop": 0, "threads": set()}
         self._stats_lock = threading.Lock()
+
+    async def replica_info(self) -> dict[str, Any]:
+        """Topology ``fused``: the in-process model's ``info`` (what a model replica's handle answers)."""
+        return await self.model.info.remote()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Topology ``fused``: the served model's ``ModelSpec`` (what to load, batching), as a model replica takes it."""
+        if self._local is not None:
+            await self._local.reconfigure(user_config)
 
     async def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
         """Decode one image in the decode pool; returns it and the seconds its decoding took."""
@@ -830,8 +904,11 @@ def build_app(args: dict | ServeOptions) -> Application:
                          poll_interval_s=opts.poll_interval_s, max_batch_size=opts.batch_size(),
                          batch_wait_timeout_s=opts.batch_wait_timeout_s, device=device).model_dump()
 
-    model = ClassifierModel.options(name="Model", ray_actor_options=actor, num_replicas=opts.model_replicas, **queue,
-                                    user_config=spec(opts.model, opts.follow, opts.soup_version, opts.method)).bind()
+    served = spec(opts.model, opts.follow, opts.soup_version, opts.method)
+    model = None
+    if opts.topology == "split":
+        model = ClassifierModel.options(name="Model", ray_actor_options=actor, num_replicas=opts.model_replicas,
+                                        **queue, user_config=served).bind()
     check_model(run_dir, opts.model, opts.soup_version, opts.method)
     members = ensemble_members(run_dir, opts.ensemble)
     ensemble = None
@@ -844,12 +921,20 @@ def build_app(args: dict | ServeOptions) -> Application:
                 "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
                 "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
                 "auth_token_file": token_file, "members": members, "decode_threads": opts.decode_threads,
-                "max_batch_images": opts.max_batch_images, "max_batch_body_bytes": opts.max_batch_body_bytes}
+                "max_batch_images": opts.max_batch_images, "max_batch_body_bytes": opts.max_batch_body_bytes,
+                "model_max_ongoing": ongoing, "model_max_queued": opts.max_queued_requests}
     scale: dict[str, Any] = ({"autoscaling_config": dict(opts.ingress_autoscaling)} if opts.ingress_autoscaling
                              else {"num_replicas": opts.ingress_count(cluster_cpus())})
-    return SoupIngress.options(ray_actor_options={"num_cpus": opts.ingress_cpus}, **scale,
-                               max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
-                               max_queued_requests=opts.ingress_max_queued_requests,
+    resources: dict[str, Any] = {"num_cpus": opts.ingress_cpus}
+    if model is None:  # fused: every replica holds the model, with the model's resources and health checks
+        resources = {"num_cpus": opts.ingress_cpus + opts.num_cpus, "num_gpus": opts.num_gpus}
+        scale = {"num_replicas": opts.model_replicas}
+        extra: dict[str, Any] = {"user_config": served, "health_check_period_s": opts.health_check_period_s}
+    else:
+        extra = {}
+    extra.update(max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
+                 max_queued_requests=opts.ingress_max_queued_requests)
+    return SoupIngress.options(ray_actor_options=resources, **scale, **extra,
                                backpressure_config=backpressure).bind(model, ensemble, settings)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -42,6 +44,11 @@ class ServeOptions(BaseModel):
     decode_threads: int = Field(2, ge=1, description="Threads per ingress replica that decode images (never the "
                                                      "event loop)")
     model_replicas: int = Field(1, ge=1, description="Replicas of the served model (each with num_cpus/num_gpus)")
+    topology: Literal["fused", "split"] = Field(
+        "fused", description="fused: each HTTP replica holds the served model too (decode, batching and the "
+        "forward pass in one process: one Serve hop; model_replicas of them); split: HTTP ingress replicas "
+        "(ingress_replicas) decode and send uint8 images to separate model replicas (model_replicas), so "
+        "decoding scales apart from the model")
     max_batch_size: int | None = Field(
         None, ge=1, description=f"Dynamic batching: most images per forward pass; null: {CPU_BATCH} on CPU, "
         f"{GPU_BATCH} with num_gpus > 0")

@@ -371,18 +371,26 @@ def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(
         fake_run: Path, token_file: Path) -> None:
     from soup_ray.serving.app import build_app
 
-    application = build_app({"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(token_file),
-                             "max_queued_requests": 7, "retry_after_s": 2})
-    ingress = application._bound_deployment
-    model = ingress.init_args[0]._bound_deployment
+    common = {"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(token_file),
+              "max_queued_requests": 7, "retry_after_s": 2}
+    split = build_app({**common, "topology": "split"})._bound_deployment
+    model = split.init_args[0]._bound_deployment
     assert model.max_queued_requests == 7 and model.max_ongoing_requests == 32
-    assert ingress.max_queued_requests > 0 and ingress.max_ongoing_requests >= model.max_ongoing_requests
-    for d in (ingress, model):
+    assert split.max_queued_requests > 0 and split.max_ongoing_requests >= model.max_ongoing_requests
+    # fused (the default): the HTTP replicas hold the model, with its health checks; the model's own queue
+    # bounds are kept inside the replica (a JSON 503, as the split model deployment's handle gives)
+    fused = build_app(common)._bound_deployment
+    assert fused.init_args[0] is None and fused._deployment_config.user_config["model"] == "soup"
+    assert fused.init_args[2]["model_max_queued"] == 7 and fused.init_args[2]["model_max_ongoing"] == 32
+    assert fused.max_queued_requests > 0 and fused.max_ongoing_requests >= 32
+    for d in (split, model, fused):
         assert d._deployment_config.backpressure_config.retry_after_s == 2
-    assert model._deployment_config.health_check_period_s == 2.0  # a dead replica is noticed in seconds
-    settings = ingress.init_args[2]
-    assert settings["auth_token_file"] == str(token_file)
-    assert "s3cret" not in json.dumps(settings, default=str)  # the secret never travels in a deployment config
+    for d in (model, fused):
+        assert d._deployment_config.health_check_period_s == 2.0  # a dead replica is noticed in seconds
+    for ingress in (split, fused):
+        settings = ingress.init_args[2]
+        assert settings["auth_token_file"] == str(token_file)
+        assert "s3cret" not in json.dumps(settings, default=str)  # the secret never travels in a deployment config
 
 
 def test_servers_bind_loopback_unless_told() -> None:

@@ -343,7 +343,8 @@ def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
     assert str(served["run"]) not in public.text
     local = client.get("/info?detail=local").json()
     assert isinstance(local["pid"], int) and local["run_dir"] == str(served["run"])
-    assert local["actor"].startswith("SERVE_REPLICA") and local["pid"] != local["ingress_pid"]
+    # the default topology (fused): the model is scored in the HTTP replica's own process
+    assert local["actor"].startswith("SERVE_REPLICA") and local["pid"] == local["ingress_pid"]
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok" and "pid" not in health.json()
     docs = client.get("/docs")
@@ -529,7 +530,7 @@ def spread(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
     from soup_ray.serving.app import build_app
 
     opts = ServeOptions(run_dir=str(served["run"]), ensemble=0, follow=False, num_cpus=0.1, ingress_cpus=0.05,
-                        ingress_replicas=2, model_replicas=2, decode_threads=2, max_batch_size=4,
+                        topology="split", ingress_replicas=2, model_replicas=2, decode_threads=2, max_batch_size=4,
                         max_pixels=FIXTURE_MAX_PIXELS)
     serve.run(build_app(opts), name="spread", route_prefix="/spread", blocking=False)  # returns once it is up
     with httpx.Client(base_url=served["url"] + "/spread", timeout=REQUEST_TIMEOUT_S) as client:
