@@ -1,8 +1,16 @@
-"""Shared fixtures: offline settings, a tiny stand-in CLIP and a saved base model."""
+"""Shared fixtures: offline settings, a tiny stand-in CLIP and a saved base model; the tiers' guard.
+
+Two tiers: ``bash scripts/test.sh --quick`` runs the tests without the ``slow`` marker (no Ray, Serve,
+subprocess sweep, browser or venv); ``bash scripts/test.sh`` runs all. So that the quick tier cannot rot,
+a test (its fixtures included) that starts Ray (``ray.init``, ``ray.cluster_utils.Cluster``), Serve
+(``serve.start``/``serve.run``), or a subprocess running the CLI, ``ray``, a browser or a new venv fails
+unless it is marked ``slow``.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,76 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 TINY_STANDIN_STEPS = 20
 
+_current: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+class UnmarkedSlowTest(AssertionError):
+    """A test without the ``slow`` marker started Ray, Serve or a heavy subprocess."""
+
+
+def _guard(what: str) -> None:
+    item = _current[-1] if _current else None
+    if item is not None and item.get_closest_marker("slow") is None:
+        raise UnmarkedSlowTest(f"{item.nodeid} starts {what} but is not marked slow: add @pytest.mark.slow (or "
+                               "pytestmark = pytest.mark.slow) so `scripts/test.sh --quick` leaves it out")
+
+
+HEAVY_ARGS = ("soup_ray.cli", "soup-ray", "ray", "chromium", "venv", "gpu_check.sh")
+
+
+def _heavy_command(args: object) -> str | None:
+    argv = [str(a) for a in (args if isinstance(args, (list, tuple)) else [args])]
+    for a in argv:
+        name = Path(a).name
+        if a in HEAVY_ARGS or name in HEAVY_ARGS or name.startswith("soup-ray") or a.endswith("gpu_check.sh"):
+            return " ".join(argv)[:80]
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Wrap what starts Ray, Serve and heavy subprocesses with the tier guard (for the whole session)."""
+    import ray
+    import ray.cluster_utils
+    from ray import serve
+
+    def wrap(owner: object, name: str, what: str) -> None:
+        real = getattr(owner, name)
+
+        def guarded(*args: object, **kwargs: object) -> object:
+            _guard(what)
+            return real(*args, **kwargs)
+
+        guarded.__wrapped__ = real  # type: ignore[attr-defined]
+        setattr(owner, name, guarded)
+
+    wrap(ray, "init", "Ray (ray.init)")
+    wrap(serve, "start", "Ray Serve (serve.start)")
+    wrap(serve, "run", "Ray Serve (serve.run)")
+    real_cluster_init = ray.cluster_utils.Cluster.__init__
+
+    def cluster_init(self: object, *args: object, **kwargs: object) -> None:
+        _guard("a multi-node Ray (cluster_utils.Cluster)")
+        real_cluster_init(self, *args, **kwargs)
+
+    ray.cluster_utils.Cluster.__init__ = cluster_init  # type: ignore[method-assign]
+    real_popen_init = subprocess.Popen.__init__
+
+    def popen_init(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        heavy = _heavy_command(args)
+        if heavy:
+            _guard(f"a subprocess ({heavy})")
+        real_popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = popen_init  # type: ignore[method-assign]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _current.append(item)
+    try:
+        yield
+    finally:
+        _current.pop()
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

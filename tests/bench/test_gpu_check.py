@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import soup_ray.bench.gpu_figures as gf
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", GPU_CHECK_SECONDS="1")

@@ -214,6 +214,7 @@ def test_ratios_json_and_plot_from_synthetic_figures(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- one real, tiny bench
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     import ray
     from ray import serve

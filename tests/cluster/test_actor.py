@@ -222,6 +222,7 @@ def test_status_answers_while_an_evaluation_runs(run_copy: Path) -> None:
     assert keeper.status()["candidates_seen"] == 3 and keeper.status()["busy"] is False
 
 
+@pytest.mark.slow
 def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> None:
     """On a cluster the detached actor must not hold its GPU share forever: once idle it exits, not restarted."""
     import ray
@@ -303,6 +304,7 @@ def _gone(name: str, namespace: str, within_s: float = 60.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_broken_actor_is_not_left_up_and_a_fixed_state_starts_a_fresh_one(run_copy: Path) -> None:
     """A detached actor whose keeper cannot start must not hold its CPU/GPU share, and the printed remedy (fix
     soup_state/ and resume) must work: a new start must not reattach to the broken actor."""

@@ -138,11 +138,13 @@ def test_no_world_open_dashboard_or_serve_port(cluster: dict[str, Any]) -> None:
     assert not [o for o in cluster["docker"].get("run_options", []) if re.match(r"^(-p|--publish)\b", o)]
 
 
+@pytest.mark.slow
 def test_token_auth_on_every_ray_start(cluster: dict[str, Any]) -> None:
     starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 2
     for cmd in starts:
-        assert re.search(r"RAY_AUTH_MODE=token\s+ray start", cmd), cmd
+        # token auth set for `ray start` itself, with any other environment settings beside it
+        assert re.search(r"RAY_AUTH_MODE=token\s+(?:[A-Z_]+=\S+\s+)*ray start", cmd), cmd
     # the token travels from outside the repository (never with `--working-dir .`) to every node
     mounts = cluster["file_mounts"]
     token_dirs = [remote for remote, local in mounts.items() if "auth" in remote]
@@ -232,6 +234,7 @@ def _text(check) -> str:
     return check.summary + "\n" + "\n".join(check.details)
 
 
+@pytest.mark.slow
 def test_dry_run_local_yaml(local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOUP_RAY_CACHE", str(tmp_path / "empty-cache"))  # the stand-in is not built here
     out = tmp_path / "run"
@@ -245,6 +248,7 @@ def test_dry_run_local_yaml(local_ray, tmp_path: Path, monkeypatch: pytest.Monke
     assert not out.exists(), "a dry run writes no run folder"
 
 
+@pytest.mark.slow
 def test_dry_run_gpu_config_on_tiny_imagefolders(local_ray, tiny_folders: dict[str, Path]) -> None:
     overrides = {
         "data.train_dir": str(tiny_folders["train"]), "data.test_dir": str(tiny_folders["val"]),
@@ -270,6 +274,7 @@ def test_dry_run_gpu_config_on_tiny_imagefolders(local_ray, tiny_folders: dict[s
     assert checks["steps"].status == "ok" and "batch 2 (batch_size 512 capped to 2" in steps and "224px" in steps
 
 
+@pytest.mark.slow
 def test_dry_run_names_every_missing_data_path(local_ray) -> None:
     report = dry_run(GPU_CONFIG, check_model_steps=False, log=lambda m: None)
     data = _by_name(report)["data"]
@@ -280,6 +285,7 @@ def test_dry_run_names_every_missing_data_path(local_ray) -> None:
     assert report.exit_code == 1
 
 
+@pytest.mark.slow
 def test_dry_run_imagefolder_template(local_ray, tiny_folders: dict[str, Path], tmp_path: Path) -> None:
     overrides = {"data.train_dir": str(tiny_folders["train"]), "data.test_dir": str(tiny_folders["val"]),
                  "trial_resources.cpu": 1, "trial_resources.gpu": 0, "soup.resources.cpu": 0.5,
@@ -294,6 +300,7 @@ def test_dry_run_imagefolder_template(local_ray, tiny_folders: dict[str, Path], 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_cli_dry_run_with_missing_data_still_steps_and_starts_nothing(local_ray, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from soup_ray.cli import main

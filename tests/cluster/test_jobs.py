@@ -45,7 +45,7 @@ JOB_ARGS = [
     "--set", f"soup.resources.cpu={SOUP_CPU}", "--set", f"soup.resources.gpu={SOUP_GPU}",
 ]
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def free_port() -> int:

@@ -142,6 +142,7 @@ def test_a_sweep_in_progress_reads_tune_trial_folders(tmp_path: Path) -> None:
     assert snapshot(run)["digest"] != snap["digest"]  # a new epoch changes the digest the page polls
 
 
+@pytest.mark.slow
 def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: tuple[Path, Any],
                                                                      tmp_path: Path) -> None:
     sync_playwright, exe = need_browser()
@@ -193,6 +194,7 @@ def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: t
         urllib.request.urlopen(url, timeout=2)  # stopped: the port is closed
 
 
+@pytest.mark.slow
 def test_the_live_page_behind_a_token_signs_in_with_an_httponly_cookie_in_a_browser(
         kept_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a bearer token set, a browser (which cannot send the header) is sent to /login, signs in with the

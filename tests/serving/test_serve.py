@@ -294,6 +294,7 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             ray.shutdown()
 
 
+@pytest.mark.slow
 def test_predict_matches_the_exported_soup_in_process(served: dict[str, Any]) -> None:
     from soup_ray.export import load_soup
 
@@ -328,6 +329,7 @@ def test_predict_matches_the_exported_soup_in_process(served: dict[str, Any]) ->
     assert by_jpeg.json()["predictions"][0]["index"] == int(jpeg_probs.argmax())
 
 
+@pytest.mark.slow
 def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
     client, keeper = served["client"], served["keeper"]
     st = keeper.status()
@@ -354,6 +356,7 @@ def test_info_healthz_and_docs_answer(served: dict[str, Any]) -> None:
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
+@pytest.mark.slow
 def test_live_page_at_the_root_shows_the_version_info_reports(served: dict[str, Any]) -> None:
     import re
 
@@ -371,6 +374,7 @@ def test_live_page_at_the_root_shows_the_version_info_reports(served: dict[str, 
     assert f'data-digest="{data["digest"]}"' in client.get("/").text  # the digest the page polls for
 
 
+@pytest.mark.slow
 def test_ensemble_returns_the_mean_logit_prediction_of_its_trials(served: dict[str, Any]) -> None:
     client, run = served["client"], served["run"]
     members = client.get("/info").json()["ensemble"]["members"]
@@ -439,6 +443,7 @@ BAD = _bad_requests()
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
+@pytest.mark.slow
 def test_bad_input_gets_a_4xx_json_error_naming_the_problem(served: dict[str, Any], name: str) -> None:
     kwargs, path, status, code = BAD[name]
     r = served["client"].post(path, **kwargs)
@@ -448,6 +453,7 @@ def test_bad_input_gets_a_4xx_json_error_naming_the_problem(served: dict[str, An
     assert body["error"] == code and body["detail"]
 
 
+@pytest.mark.slow
 def test_wrong_method_and_unknown_path_get_json_errors(served: dict[str, Any]) -> None:
     client = served["client"]
     r = client.get("/predict")
@@ -457,6 +463,7 @@ def test_wrong_method_and_unknown_path_get_json_errors(served: dict[str, Any]) -
     assert client.get("/healthz").status_code == 200  # still healthy after all the bad input
 
 
+@pytest.mark.slow
 def test_live_soup_update_is_picked_up_in_place(served: dict[str, Any]) -> None:
     """Publishing a new soup version changes what /predict answers, without restarting the replica."""
     from soup_ray.export import export_soup, load_soup
@@ -540,6 +547,7 @@ def spread(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
             serve.delete("spread", _blocking=False)
 
 
+@pytest.mark.slow
 def test_requests_spread_over_every_ingress_and_model_replica_and_decoding_stays_off_the_event_loop(
         served: dict[str, Any], spread: dict[str, Any]) -> None:
     client = spread["client"]
@@ -566,6 +574,7 @@ def test_requests_spread_over_every_ingress_and_model_replica_and_decoding_stays
         assert all(t.startswith("soup-ray-decode") for t in info["decode_threads"]), info
 
 
+@pytest.mark.slow
 def test_a_batch_over_http_answers_as_single_requests_do(served: dict[str, Any], spread: dict[str, Any]) -> None:
     client = spread["client"]
     pngs, _ = digit_images(served["kitchen"], 5)
@@ -661,6 +670,7 @@ def json_version(folder: Path) -> int:
     return int(json.loads((folder / "soup.json").read_text())["version"])
 
 
+@pytest.mark.slow
 def test_healthz_is_503_while_the_served_soup_cannot_be_loaded(faults: dict[str, Any]) -> None:
     health, predict = faults["startup"]["health"], faults["startup"]["predict"]
     assert health.status_code == 503, health.text
@@ -672,6 +682,7 @@ def test_healthz_is_503_while_the_served_soup_cannot_be_loaded(faults: dict[str,
     assert faults["client"].get("/healthz").status_code == 200  # a good version came, and was loaded
 
 
+@pytest.mark.slow
 def test_a_corrupt_new_soup_version_never_replaces_the_good_one(faults: dict[str, Any]) -> None:
     client, run, good = faults["client"], faults["run"], faults["good"]
     serving = client.get("/info").json()["soup_version"]
@@ -691,6 +702,7 @@ def test_a_corrupt_new_soup_version_never_replaces_the_good_one(faults: dict[str
     assert now["soup_version"] == serving + 2 and now["rejected"] is None and now["last_error"] is None
 
 
+@pytest.mark.slow
 def test_overload_is_a_json_503_with_retry_after_never_a_hang(faults: dict[str, Any]) -> None:
     client, png = faults["client"], faults["png"]
     started = time.time()
@@ -705,6 +717,7 @@ def test_overload_is_a_json_503_with_retry_after_never_a_hang(faults: dict[str, 
     assert client.post("/predict", content=png).status_code == 200  # and it serves again at once
 
 
+@pytest.mark.slow
 def test_a_killed_model_replica_comes_back_under_load(faults: dict[str, Any]) -> None:
     import ray
 
