@@ -41,20 +41,29 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from soup_ray.bench.gpu_figures import (COMPILE_WARMUP_MAX_S, DRY_RUN_COMPILE_BACKEND, SERVE_MIN_LEFT_S,
-                                        TRAIN_FLOP_PER_IMAGE, bf16_peak_tflops, compile_spare_s,
-                                        later_phases_reserve_s, peak_fraction)
+from soup_ray.bench.gpu_figures import (
+    COMPILE_WARMUP_MAX_S,
+    DRY_RUN_COMPILE_BACKEND,
+    SERVE_MIN_LEFT_S,
+    TRAIN_FLOP_PER_IMAGE,
+    bf16_peak_tflops,
+    compile_spare_s,
+    later_phases_reserve_s,
+    peak_fraction,
+)
 from soup_ray.serving import sigterm_as_interrupt
 
 HERE = Path(__file__).resolve().parent
 
 T0 = time.perf_counter()
+
 
 def elapsed() -> float:
     return time.perf_counter() - T0
@@ -77,7 +86,9 @@ def build(num_classes: int, device: str, model_name: str = "ViT-B-32"):
     return clf.to(device)
 
 
-def timed_steps(fn: Callable[[], None], warmup: int, max_steps: int, max_seconds: float, device: str) -> tuple[int, float]:
+def timed_steps(
+    fn: Callable[[], None], warmup: int, max_steps: int, max_seconds: float, device: str
+) -> tuple[int, float]:
     for _ in range(warmup):
         fn()
     if device == "cuda":
@@ -103,9 +114,11 @@ def strict_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               bf16: bool, device: str) -> Callable[[], None]:
+def train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool, device: str
+) -> Callable[[], None]:
     """One fine-tuning step on a fixed batch: forward (bf16 autocast or not), backward, clipping, AdamW."""
+
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x).float(), y)
@@ -113,6 +126,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+
     return step
 
 
@@ -136,20 +150,24 @@ def _throughput(args: argparse.Namespace, results: dict[str, Any], device: str) 
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     model.train()
     for name, bf16 in (("train_fp32", False), ("train_bf16_autocast", True)):
-        n, secs = timed_steps(train_step(model, opt, x, y, bf16, device), args.warmup, args.max_steps,
-                              args.seconds, device)
+        n, secs = timed_steps(
+            train_step(model, opt, x, y, bf16, device), args.warmup, args.max_steps, args.seconds, device
+        )
         results[f"{name}_images_per_s"] = round(n * args.batch_size / secs, 1)
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} steps)", flush=True)
     results["train_flop_per_image"] = TRAIN_FLOP_PER_IMAGE.get(args.model)
     results["bf16_peak_tflops"] = bf16_peak_tflops(results["device"]) if device == "cuda" else None
     results["train_bf16_autocast_peak_fraction"] = peak_fraction(
-        results["train_bf16_autocast_images_per_s"], args.model, results["bf16_peak_tflops"])
+        results["train_bf16_autocast_images_per_s"], args.model, results["bf16_peak_tflops"]
+    )
     model.eval()
     xe = torch.rand(args.eval_batch_size, 3, px, px, device=device)
     for name, bf16 in (("eval_fp32", False), ("eval_bf16_autocast", True)):
-        def ev() -> None:
+
+        def ev(bf16: bool = bf16) -> None:
             with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(xe)
+
         n, secs = timed_steps(ev, args.warmup, 2 * args.max_steps, args.seconds / 2, device)
         results[f"{name}_images_per_s"] = round(n * args.eval_batch_size / secs, 1)
         print(f"{name}: {results[f'{name}_images_per_s']} images/s ({n} batches)", flush=True)
@@ -170,8 +188,9 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
     """
     spare = args.budget - elapsed() - later_phases_reserve_s(args.no_average, args.no_serve)
     if compile_spare_s(args.budget - elapsed(), args.no_average, args.no_serve) is None:
-        results["train_bf16_compiled"] = {"skipped": f"{spare:.0f}s spare of the budget, the compile needs "
-                                                     f"{COMPILE_WARMUP_MAX_S:.0f}s"}
+        results["train_bf16_compiled"] = {
+            "skipped": f"{spare:.0f}s spare of the budget, the compile needs {COMPILE_WARMUP_MAX_S:.0f}s"
+        }
         print(f"train_bf16_compiled: skipped, {spare:.0f}s spare", flush=True)
         return
     backend = args.compile_backend or (DRY_RUN_COMPILE_BACKEND if args.dry_run else "inductor")
@@ -184,11 +203,18 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
     # step is tens of milliseconds of GPU work. The mode is Inductor's: other backends take none.
     mode = "default" if backend == "inductor" else None
     fused = device == "cuda"  # the fused AdamW kernel here is CUDA's; on CPU the default implementation
-    fig: dict[str, Any] = {"compile_backend": backend, "compile_mode": mode, "fused_adamw": fused,
-                           "channels_last": True, "autocast": "bf16"}
+    fig: dict[str, Any] = {
+        "compile_backend": backend,
+        "compile_mode": mode,
+        "fused_adamw": fused,
+        "channels_last": True,
+        "autocast": "bf16",
+    }
     if args.dry_run and not args.compile_backend:
-        fig["note"] = (f"dry run: backend {DRY_RUN_COMPILE_BACKEND} (Dynamo + AOTAutograd, no Inductor code "
-                       "generation; a cold Inductor compile of the stand-in takes ~50 s on a 2-core CPU)")
+        fig["note"] = (
+            f"dry run: backend {DRY_RUN_COMPILE_BACKEND} (Dynamo + AOTAutograd, no Inductor code "
+            "generation; a cold Inductor compile of the stand-in takes ~50 s on a 2-core CPU)"
+        )
     if not fused:
         fig["optimizer_note"] = "AdamW default implementation: fused=True is used on CUDA only"
     results["train_bf16_compiled"] = fig
@@ -209,7 +235,9 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
             # the --warmup steps compile forward and backward (and any recompile): timed apart from the steady state
             n_warm, warm_s = timed_steps(step, 0, max(1, args.warmup), float("inf"), device)
             fig["compile_warmup_s"], fig["compile_warmup_steps"] = round(warm_s, 2), n_warm
-            seconds = min(args.seconds, args.budget - elapsed() - later_phases_reserve_s(args.no_average, args.no_serve))
+            seconds = min(
+                args.seconds, args.budget - elapsed() - later_phases_reserve_s(args.no_average, args.no_serve)
+            )
             if seconds < 1.0:
                 fig["skipped"] = f"compiled in {warm_s:.0f}s, leaving no time of the budget for the timed steps"
                 print(f"train_bf16_compiled: {fig['skipped']}", flush=True)
@@ -223,8 +251,11 @@ def compiled_train_phase(args: argparse.Namespace, results: dict[str, Any], devi
         plain = results.get("train_bf16_autocast_images_per_s")
         results["train_compiled_over_bf16"] = round(ips / plain, 3) if plain else None
         results["train_bf16_compiled_peak_fraction"] = peak_fraction(ips, args.model, results.get("bf16_peak_tflops"))
-        print(f"train_bf16_compiled: {ips} images/s ({n} steps; compile warm-up {warm_s:.1f}s, "
-              f"{results['train_compiled_over_bf16']}x plain bf16)", flush=True)
+        print(
+            f"train_bf16_compiled: {ips} images/s ({n} steps; compile warm-up {warm_s:.1f}s, "
+            f"{results['train_compiled_over_bf16']}x plain bf16)",
+            flush=True,
+        )
     except Exception as e:  # noqa: BLE001 - a compiler failure is a finding of the check, not the end of it
         fig["error"] = f"{type(e).__name__}: {e}"[:2000]
         print(f"train_bf16_compiled: failed: {fig['error'][:300]}", flush=True)
@@ -246,13 +277,18 @@ def averaging_phase(args: argparse.Namespace, results: dict[str, Any]) -> None:
         shapes = tiny_shapes() if args.dry_run else vit_shapes(args.model)
         paths = write_checkpoints(tmp, args.average_n, shapes, log=lambda m: print(m, flush=True))
         read_files(paths)  # page cache equalised: every file read once before both
-        fig: dict[str, Any] = {"n": len(paths), "file_mb": round(paths[0].stat().st_size / 2**20, 1),
-                               "page_cache": "warmed: every file read once before the timings"}
+        fig: dict[str, Any] = {
+            "n": len(paths),
+            "file_mb": round(paths[0].stat().st_size / 2**20, 1),
+            "page_cache": "warmed: every file read once before the timings",
+        }
         model = resident_model(paths[0])  # the keeper's model, allocated off the clock
-        for name, fn in (("read", lambda: read_files(paths)),
-                         ("stream", lambda: average_checkpoint_files(paths, tmp / "soup.safetensors")),
-                         ("stream_into_model", lambda: average_checkpoints(paths, into=model)),
-                         ("stream_in_memory", lambda: average_checkpoints(paths))):
+        for name, fn in (
+            ("read", lambda: read_files(paths)),
+            ("stream", lambda: average_checkpoint_files(paths, tmp / "soup.safetensors")),
+            ("stream_into_model", lambda: average_checkpoints(paths, into=model)),
+            ("stream_in_memory", lambda: average_checkpoints(paths)),
+        ):
             t0 = time.perf_counter()
             fn()
             fig[f"{name}_s"] = round(time.perf_counter() - t0, 6)
@@ -279,17 +315,29 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
         return
     tmp = Path(tempfile.mkdtemp(prefix="soup-ray-gpu-serve-"))
     try:
-        run_dir = build_vit_run(tmp / "run", members=args.members, model_name=args.model,
-                                log=lambda m: print(m, flush=True))
+        run_dir = build_vit_run(
+            tmp / "run", members=args.members, model_name=args.model, log=lambda m: print(m, flush=True)
+        )
         gpu = device == "cuda"
         settings = BenchSettings(
-            concurrency=parse_concurrency(args.serve_concurrency), requests=args.serve_requests,
-            seconds=args.serve_seconds, ensemble_cap=args.members, port=args.port, only=["soup", "ensemble_k"],
-            num_cpus=args.replica_cpus if gpu else None, num_gpus=args.num_gpus if gpu else 0.0,
-            ingress_cpus=1.0 if gpu else 0.1, max_batch_size=args.max_batch_size,
-            batch_wait_timeout_s=args.batch_wait_timeout_s, images=64, warmup_requests=64,
-            request_timeout_s=20.0, deploy_timeout_s=120.0, ceiling_seconds=5.0,
-            time_budget_s=max(30.0, args.budget - elapsed() - 10))
+            concurrency=parse_concurrency(args.serve_concurrency),
+            requests=args.serve_requests,
+            seconds=args.serve_seconds,
+            ensemble_cap=args.members,
+            port=args.port,
+            only=["soup", "ensemble_k"],
+            num_cpus=args.replica_cpus if gpu else None,
+            num_gpus=args.num_gpus if gpu else 0.0,
+            ingress_cpus=1.0 if gpu else 0.1,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            images=64,
+            warmup_requests=64,
+            request_timeout_s=20.0,
+            deploy_timeout_s=120.0,
+            ceiling_seconds=5.0,
+            time_budget_s=max(30.0, args.budget - elapsed() - 10),
+        )
         log = lambda m: print(f"[serve] {m}", flush=True)  # noqa: E731
         own_ray = start_ray(settings, log)
         sigterm_as_interrupt()  # ray.init installed its own SIGTERM handler: unwind instead
@@ -297,16 +345,24 @@ def serve_phase(args: argparse.Namespace, results: dict[str, Any], device: str, 
         try:
             run_bench(run_dir, settings, log=log, figures=figures)
         except KeyboardInterrupt:
-            results["serving_vitb32"] = {"interrupted": True, "ceiling": figures.get("ceiling"),
-                                         "replica": figures.get("replica"), "targets": figures.get("targets")}
+            results["serving_vitb32"] = {
+                "interrupted": True,
+                "ceiling": figures.get("ceiling"),
+                "replica": figures.get("replica"),
+                "targets": figures.get("targets"),
+            }
             raise
         finally:
             if own_ray:
                 stop_serve_and_ray()
         paths = write_bench(figures, out.with_name(out.stem + "-serve.json"))
-        results["serving_vitb32"] = {"ratios": figures["ratios"], "ceiling": figures.get("ceiling"),
-                                     "replica": figures.get("replica"), "figures_file": str(paths["json"]),
-                                     "targets": figures["targets"]}
+        results["serving_vitb32"] = {
+            "ratios": figures["ratios"],
+            "ceiling": figures.get("ceiling"),
+            "replica": figures.get("replica"),
+            "figures_file": str(paths["json"]),
+            "targets": figures["targets"],
+        }
         print(format_table(figures), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,21 +375,30 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=25.0, help="time budget of each measured training phase")
     ap.add_argument("--budget", type=float, default=340.0, help="bound on the whole check in seconds")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 1")
-    ap.add_argument("--train-compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="part 1: also time training with torch.compile, fused AdamW, channels-last and bf16 "
-                         "autocast (the shell wrapper turns it on; skipped when the budget is short)")
-    ap.add_argument("--compile-backend", default=None,
-                    help=f"torch.compile backend for --train-compile (default: inductor; "
-                         f"{DRY_RUN_COMPILE_BACKEND} with --dry-run)")
+    ap.add_argument(
+        "--train-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="part 1: also time training with torch.compile, fused AdamW, channels-last and bf16 "
+        "autocast (the shell wrapper turns it on; skipped when the budget is short)",
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default=None,
+        help=f"torch.compile backend for --train-compile (default: inductor; {DRY_RUN_COMPILE_BACKEND} with --dry-run)",
+    )
     ap.add_argument("--no-serve", action="store_true", help="skip part 2")
     ap.add_argument("--no-average", action="store_true", help="skip part 3")
     ap.add_argument("--average-n", type=int, default=8, help="checkpoints averaged in part 3 (default: 8)")
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
     ap.add_argument("--max-steps", type=int, default=200, help="most timed training steps per setting")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny sizes for a CPU-only machine (the test suite's check): stand-in model, batch 4, "
-                         "a few steps, tiny checkpoints, no Serve unless --serve")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny sizes for a CPU-only machine (the test suite's check): stand-in model, batch 4, "
+        "a few steps, tiny checkpoints, no Serve unless --serve",
+    )
     ap.add_argument("--serve", action="store_true", help="with --dry-run: run part 2 too")
     ap.add_argument("--members", type=int, default=5, help="ensemble size compared with the soup (default: 5)")
     ap.add_argument("--num-gpus", type=float, default=0.15, help="GPU fraction per model replica (default: 0.15)")

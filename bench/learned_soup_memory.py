@@ -33,8 +33,14 @@ HERE = Path(__file__).resolve().parent
 def shapes(mb: float) -> dict[str, tuple[int, ...]]:
     """A two-layer classifier with about ``mb`` megabytes of fp32 weights."""
     width = int(math.sqrt(mb * 2**20 / 4 / 2))
-    return {"l1.weight": (width, width), "l1.bias": (width,), "l2.weight": (width, width), "l2.bias": (width,),
-            "head.weight": (10, width), "head.bias": (10,)}
+    return {
+        "l1.weight": (width, width),
+        "l1.bias": (width,),
+        "l2.weight": (width, width),
+        "l2.bias": (width,),
+        "head.weight": (10, width),
+        "head.bias": (10,),
+    }
 
 
 def write_checkpoints(folder: Path, n: int, mb: float) -> list[Path]:
@@ -78,8 +84,11 @@ def child(paths: list[str], mode: str, by_layer: bool, epochs: int) -> dict:
         ingredients = [load_file(q) for q in paths]
     t0 = time.perf_counter()
     result = fit_learned_soup(ingredients, loss_and_grad, by_layer=by_layer, epochs=epochs, lr=0.05)
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds":
-            round(time.perf_counter() - t0, 2), "final_loss": result.losses[-1] if result.losses else None}
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "final_loss": result.losses[-1] if result.losses else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,25 +109,44 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_checkpoints(Path(tmp), max(args.ns), args.mb)
         for n in args.ns:
             for by_layer in (False, True):
-                for mode in (["streamed"] if args.no_baseline else ["streamed", "all_in_memory"]):
-                    cmd = [sys.executable, __file__, "--child", mode, "1" if by_layer else "0", str(args.epochs),
-                           *[str(p) for p in paths[:n]]]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                for mode in ["streamed"] if args.no_baseline else ["streamed", "all_in_memory"]:
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        mode,
+                        "1" if by_layer else "0",
+                        str(args.epochs),
+                        *[str(p) for p in paths[:n]],
+                    ]
+                    out = subprocess.run(
+                        cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+                    )
                     fig = json.loads(out.stdout.strip().splitlines()[-1])
                     fig.update(n=n, by_layer=by_layer, mode=mode)
                     results.append(fig)
-                    print(f"N={n:3d} by_layer={by_layer!s:5s} {mode:14s} peak RSS {fig['peak_rss_mib']:8.1f} MiB "
-                          f"{fig['seconds']:6.1f}s", flush=True)
+                    print(
+                        f"N={n:3d} by_layer={by_layer!s:5s} {mode:14s} peak RSS {fig['peak_rss_mib']:8.1f} MiB "
+                        f"{fig['seconds']:6.1f}s",
+                        flush=True,
+                    )
     streamed = [r for r in results if r["mode"] == "streamed"]
     flat = {}
     for by_layer in (False, True):
         rss = [r["peak_rss_mib"] for r in streamed if r["by_layer"] == by_layer]
-        flat["by_layer" if by_layer else "per_model"] = {"max_over_min": round(max(rss) / min(rss), 3),
-                                                         "target": "<= 1.10", "ok": max(rss) / min(rss) <= 1.10}
-    report = {"ingredient_mb": args.mb, "epochs": args.epochs, "results": results, "flat_in_n": flat,
-              "command": "python bench/learned_soup_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d")}
+        flat["by_layer" if by_layer else "per_model"] = {
+            "max_over_min": round(max(rss) / min(rss), 3),
+            "target": "<= 1.10",
+            "ok": max(rss) / min(rss) <= 1.10,
+        }
+    report = {
+        "ingredient_mb": args.mb,
+        "epochs": args.epochs,
+        "results": results,
+        "flat_in_n": flat,
+        "command": "python bench/learned_soup_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(flat, indent=2))

@@ -82,8 +82,12 @@ print(json.dumps({
 
 def run_locust(url: str, folder: Path, users: int, seconds: float, max_requests: int) -> dict:
     """One locust level in a child process; its JSON line."""
-    done = subprocess.run([sys.executable, "-c", LOCUST_CHILD, url, str(folder), str(users), str(seconds),
-                           str(max_requests)], capture_output=True, text=True, timeout=seconds + 90)
+    done = subprocess.run(
+        [sys.executable, "-c", LOCUST_CHILD, url, str(folder), str(users), str(seconds), str(max_requests)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 90,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"locust child failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,7 +101,10 @@ def wait_ready(url: str, body: bytes, timeout_s: float = 300.0) -> float:
     with httpx.Client(timeout=10.0, trust_env=False) as client:
         while time.perf_counter() - t0 < timeout_s:
             try:
-                if client.post(f"{url}/predict", content=body, headers={"content-type": "image/png"}).status_code == 200:
+                if (
+                    client.post(f"{url}/predict", content=body, headers={"content-type": "image/png"}).status_code
+                    == 200
+                ):
                     return time.perf_counter() - t0
             except httpx.HTTPError:
                 pass
@@ -128,9 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     started = start_ray(settings, print)
     rows: list[dict] = []
     try:
-        url = serve_run(args.run_dir, "127.0.0.1", args.port, blocking=False, log=lambda m: None, ensemble=0,
-                        follow=False, max_batch_size=settings.max_batch_size,
-                        batch_wait_timeout_s=settings.batch_wait_timeout_s, ingress_cpus=settings.ingress_cpus)
+        url = serve_run(
+            args.run_dir,
+            "127.0.0.1",
+            args.port,
+            blocking=False,
+            log=lambda m: None,
+            ensemble=0,
+            follow=False,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            ingress_cpus=settings.ingress_cpus,
+        )
         ready = wait_ready(url, pngs[0])
         print(f"serving {url}/predict (ready after {ready:.1f}s)")
         run_level(f"{url}/predict", pngs, args.concurrency, 64, 10.0)  # warm-up, not recorded
@@ -141,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 ours = run_level(f"{url}/predict", pngs, args.concurrency, args.requests, args.seconds).to_json()
                 rows.append({"round": r, "generator": "soup_ray.bench.loadgen", **ours})
-                print(f"round {r} loadgen: {ours['throughput_rps']:.1f} req/s, p50 {ours['latency_ms'].get('p50')} ms, "
-                      f"client CPU {ours['client_cpu_s']:.1f}s")
+                print(
+                    f"round {r} loadgen: {ours['throughput_rps']:.1f} req/s, p50 {ours['latency_ms'].get('p50')} ms, "
+                    f"client CPU {ours['client_cpu_s']:.1f}s"
+                )
                 theirs = run_locust(url, folder, args.concurrency, args.seconds, args.requests)
                 rows.append({"round": r, "generator": "locust FastHttpUser", **theirs})
-                print(f"round {r} locust:  {theirs['throughput_rps']:.1f} req/s, p50 {theirs['latency_ms']['p50']} ms, "
-                      f"client CPU {theirs['client_cpu_s']:.1f}s")
+                print(
+                    f"round {r} locust:  {theirs['throughput_rps']:.1f} req/s, p50 {theirs['latency_ms']['p50']} ms, "
+                    f"client CPU {theirs['client_cpu_s']:.1f}s"
+                )
     finally:
         if started:
             stop_serve_and_ray()
@@ -158,15 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         vals = [v for v in vals if isinstance(v, (int, float))]
         return round(sum(vals) / len(vals), 3) if vals else None
 
-    summary = {g: {"throughput_rps": mean(g, "throughput_rps"), "p50_ms": mean(g, "latency_ms", "p50"),
-                   "p99_ms": mean(g, "latency_ms", "p99"), "client_cpu_s": mean(g, "client_cpu_s")}
-               for g in ("soup_ray.bench.loadgen", "locust FastHttpUser")}
+    summary = {
+        g: {
+            "throughput_rps": mean(g, "throughput_rps"),
+            "p50_ms": mean(g, "latency_ms", "p50"),
+            "p99_ms": mean(g, "latency_ms", "p99"),
+            "client_cpu_s": mean(g, "client_cpu_s"),
+        }
+        for g in ("soup_ray.bench.loadgen", "locust FastHttpUser")
+    }
     a, b = summary["soup_ray.bench.loadgen"]["throughput_rps"], summary["locust FastHttpUser"]["throughput_rps"]
     out = {
         "title": "soup_ray.bench.loadgen vs locust on POST /predict (the soup), one concurrency level",
         "run_dir": Path(args.run_dir).name,
         "endpoint": "/predict (soup, follow off, one model replica)",
-        "concurrency": args.concurrency, "seconds_per_level": args.seconds, "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "seconds_per_level": args.seconds,
+        "rounds": args.rounds,
         "request_bytes_mean": round(sum(map(len, pngs)) / len(pngs), 1),
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "locust": version("locust")},
         "levels": rows,

@@ -43,13 +43,23 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, help="where to build the synthetic run (default: a temporary folder, "
-                                                 "removed afterwards); an existing built run is reused")
-    ap.add_argument("--config-from", type=Path, help="a digits run folder whose config.json to adapt "
-                                                     "(default: tune_configs/local.yaml)")
+    ap.add_argument(
+        "--run-dir",
+        type=Path,
+        help="where to build the synthetic run (default: a temporary folder, "
+        "removed afterwards); an existing built run is reused",
+    )
+    ap.add_argument(
+        "--config-from",
+        type=Path,
+        help="a digits run folder whose config.json to adapt (default: tune_configs/local.yaml)",
+    )
     ap.add_argument("--members", type=int, default=5, help="fake completed trials = the soup's size K (default: 5)")
-    ap.add_argument("--only", default="soup,single,ensemble_k,ensemble_all",
-                    help="targets (default: all; 'soup' for the soup and the ceiling only)")
+    ap.add_argument(
+        "--only",
+        default="soup,single,ensemble_k,ensemble_all",
+        help="targets (default: all; 'soup' for the soup and the ceiling only)",
+    )
     ap.add_argument("--concurrency", default="1,4,16", help="concurrency levels (default: 1,4,16)")
     ap.add_argument("--requests", type=int, default=150, help="most requests per level (default: 150)")
     ap.add_argument("--seconds", type=float, default=15.0, help="longest time per level (default: 15)")
@@ -78,19 +88,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _log(f"reusing the synthetic run in {run_dir}")
         settings = BenchSettings(
-            concurrency=parse_concurrency(args.concurrency), requests=args.requests, seconds=args.seconds,
-            ensemble_cap=args.ensemble_cap, port=args.port, only=[t for t in args.only.split(",") if t],
-            num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
-            batch_wait_timeout_s=args.batch_wait_timeout_s, replica_threads=args.replica_threads,
-            images=args.images, warmup_requests=8, request_timeout_s=60.0, deploy_timeout_s=300.0,
-            ceiling_seconds=args.ceiling_seconds, time_budget_s=args.time_budget)
+            concurrency=parse_concurrency(args.concurrency),
+            requests=args.requests,
+            seconds=args.seconds,
+            ensemble_cap=args.ensemble_cap,
+            port=args.port,
+            only=[t for t in args.only.split(",") if t],
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            replica_threads=args.replica_threads,
+            images=args.images,
+            warmup_requests=8,
+            request_timeout_s=60.0,
+            deploy_timeout_s=300.0,
+            ceiling_seconds=args.ceiling_seconds,
+            time_budget_s=args.time_budget,
+        )
         figures = run_bench(run_dir, settings, log=_log)
         if tmp is not None:  # a temporary folder, deleted below: the path would mean nothing later
             figures["run_dir"] = "(temporary synthetic run)"
         figures["title"] = "ViT-B-32 (random init, 224 px) on CPU"
-        figures["case"] = {"model": "ViT-B-32, random init (pretrained=None), 224 px, digits class names",
-                           "synthetic_run": True, "members": args.members,
-                           "command": "python bench/serve_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        figures["case"] = {
+            "model": "ViT-B-32, random init (pretrained=None), 224 px, digits class names",
+            "synthetic_run": True,
+            "members": args.members,
+            "command": "python bench/serve_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
         paths = write_bench(figures, args.out)
         print(format_table(figures), flush=True)
         _log("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -50,16 +50,22 @@ def summarise(figures: dict[str, Any]) -> dict[str, Any]:
             out[name] = {"error": target.get("error") or "no level measured"}
             continue
         extra = best.get("extra") or {}
-        out[name] = {"peak_rps": best["throughput_rps"], "at_concurrency": best["concurrency"],
-                     "latency_ms": best["latency_ms"], "cpu_ms_per_request": extra.get("cpu_ms_per_request"),
-                     "server_timing_ms": extra.get("server_timing_ms"),
-                     "other_processes_cores": extra.get("other_processes_cores"),
-                     "levels": {lv["concurrency"]: lv["throughput_rps"] for lv in target.get("levels") or []}}
+        out[name] = {
+            "peak_rps": best["throughput_rps"],
+            "at_concurrency": best["concurrency"],
+            "latency_ms": best["latency_ms"],
+            "cpu_ms_per_request": extra.get("cpu_ms_per_request"),
+            "server_timing_ms": extra.get("server_timing_ms"),
+            "other_processes_cores": extra.get("other_processes_cores"),
+            "levels": {lv["concurrency"]: lv["throughput_rps"] for lv in target.get("levels") or []},
+        }
         c1 = next((lv for lv in target.get("levels") or [] if lv["concurrency"] == 1), None)
         if c1 is not None:
-            out[name]["at_c1"] = {"latency_ms": c1["latency_ms"],
-                                  "server_timing_ms": (c1.get("extra") or {}).get("server_timing_ms"),
-                                  "cpu_ms_per_request": (c1.get("extra") or {}).get("cpu_ms_per_request")}
+            out[name]["at_c1"] = {
+                "latency_ms": c1["latency_ms"],
+                "server_timing_ms": (c1.get("extra") or {}).get("server_timing_ms"),
+                "cpu_ms_per_request": (c1.get("extra") or {}).get("cpu_ms_per_request"),
+            }
     peer = out.get("one_hop", {}).get("peak_rps")
     for name in ("soup", "soup_split"):
         mine = out.get(name, {}).get("peak_rps")
@@ -77,9 +83,11 @@ def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         cpus = [r[name]["cpu_ms_per_request"] for r in rounds if r.get(name, {}).get("cpu_ms_per_request")]
         if peaks:
             roles = sorted({k for c in cpus for k in c})
-            out[name] = {"peak_rps": round(statistics.median(peaks), 1), "peak_rps_range": [min(peaks), max(peaks)],
-                         "cpu_ms_per_request": {k: round(statistics.median([c.get(k, 0.0) for c in cpus]), 3)
-                                                for k in roles}}
+            out[name] = {
+                "peak_rps": round(statistics.median(peaks), 1),
+                "peak_rps_range": [min(peaks), max(peaks)],
+                "cpu_ms_per_request": {k: round(statistics.median([c.get(k, 0.0) for c in cpus]), 3) for k in roles},
+            }
     for key in ("soup_over_one_hop", "soup_split_over_one_hop"):
         ratios = [r[key] for r in rounds if r.get(key)]
         if ratios:
@@ -104,19 +112,22 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         ys = [(medians[m].get(name) or {}).get("peak_rps") or 0 for m in modes]
         xs = [i + (k - 1) * width for i in range(len(modes))]
         ax.bar(xs, ys, width, color=color, label=names[name])
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
             ax.annotate(f"{y:.0f}", (x, y), ha="center", va="bottom", fontsize=8)
     for i, m in enumerate(modes):
         r = medians[m].get("soup_over_one_hop")
         if r:
-            ax.annotate(f"fused/peer {r:.2f}x", (i, 0), xytext=(0, -28), textcoords="offset points", ha="center",
-                        fontsize=8)
+            ax.annotate(
+                f"fused/peer {r:.2f}x", (i, 0), xytext=(0, -28), textcoords="offset points", ha="center", fontsize=8
+            )
     ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel("peak throughput (req/s)")
     ax.set_title(f"served soup vs one-hop peer (median of {results['rounds']} rounds)")
     ax.legend(fontsize=8)
     roles = ["proxy", "ingress", "model", "one_hop", "controller", "ray", "client"]
-    colors = dict(zip(roles, ["tab:red", "tab:blue", "tab:green", "tab:purple", "0.6", "0.8", "tab:orange"]))
+    colors = dict(
+        zip(roles, ["tab:red", "tab:blue", "tab:green", "tab:purple", "0.6", "0.8", "tab:orange"], strict=True)
+    )
     labels = []
     for i, m in enumerate(modes):
         for j, name in enumerate(TARGETS):
@@ -125,15 +136,21 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             for role in roles:
                 v = cpu.get(role) or 0.0
                 if v:
-                    ax2.bar(x, v, 0.7, bottom=bottom, color=colors[role],
-                            label=role if (i, j) == (0, 0) or role == "one_hop" and i == 0 else None)
+                    ax2.bar(
+                        x,
+                        v,
+                        0.7,
+                        bottom=bottom,
+                        color=colors[role],
+                        label=role if (i, j) == (0, 0) or role == "one_hop" and i == 0 else None,
+                    )
                     bottom += v
             labels.append(f"{m}\n{ {'soup': 'fused', 'soup_split': 'split', 'one_hop': 'peer'}[name] }")
     ax2.set_xticks(range(len(labels)), labels, fontsize=8)
     ax2.set_ylabel("CPU ms per request (at the peak)")
     ax2.set_title("where the CPU goes, by Serve process")
     handles, names = ax2.get_legend_handles_labels()
-    seen = dict(zip(names, handles))
+    seen = dict(zip(names, handles, strict=True))
     ax2.legend(seen.values(), seen.keys(), fontsize=7)
     for a in (ax, ax2):
         a.grid(alpha=0.3, axis="y")
@@ -156,20 +173,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output JSON (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, Any] = {"run_dir": str(args.run_dir), "machine": machine_info(), "modes": {},
-                               "command": "python bench/serve_path.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                   else argv),
-                               "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds}
+    results: dict[str, Any] = {
+        "run_dir": str(args.run_dir),
+        "machine": machine_info(),
+        "modes": {},
+        "command": "python bench/serve_path.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="soup-ray-serve-path-") as tmp:
         for k in range(args.rounds):
             for mode in modes:
                 out = Path(tmp) / f"{mode}-{k}.json"
-                cmd = [sys.executable, "-m", "soup_ray.cli", "bench", str(args.run_dir), "--only",
-                       ",".join(TARGETS), "--no-ceiling", "--throughput-mode", mode, "--concurrency",
-                       args.concurrency, "--requests", str(args.requests), "--seconds", str(args.seconds),
-                       "--out", str(out)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "soup_ray.cli",
+                    "bench",
+                    str(args.run_dir),
+                    "--only",
+                    ",".join(TARGETS),
+                    "--no-ceiling",
+                    "--throughput-mode",
+                    mode,
+                    "--concurrency",
+                    args.concurrency,
+                    "--requests",
+                    str(args.requests),
+                    "--seconds",
+                    str(args.seconds),
+                    "--out",
+                    str(out),
+                ]
                 print(f"[serve_path] round {k + 1}, mode {mode}: {' '.join(cmd[2:])}", flush=True)
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
                 entry = results["modes"].setdefault(mode, {"rounds": []})
@@ -178,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 s = summarise(json.loads(out.read_text()))
                 entry["rounds"].append(s)
-                print(f"[serve_path]   fused {s['soup'].get('peak_rps')}, split {s['soup_split'].get('peak_rps')}, "
-                      f"one-hop {s['one_hop'].get('peak_rps')} req/s: fused/peer {s['soup_over_one_hop']}x, "
-                      f"split/peer {s['soup_split_over_one_hop']}x", flush=True)
+                print(
+                    f"[serve_path]   fused {s['soup'].get('peak_rps')}, split {s['soup_split'].get('peak_rps')}, "
+                    f"one-hop {s['one_hop'].get('peak_rps')} req/s: fused/peer {s['soup_over_one_hop']}x, "
+                    f"split/peer {s['soup_split_over_one_hop']}x",
+                    flush=True,
+                )
     for entry in results["modes"].values():
         entry["median"] = median_of([r for r in entry["rounds"] if "error" not in r])
     results["seconds"] = round(time.perf_counter() - started, 1)

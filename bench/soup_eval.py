@@ -49,15 +49,22 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "what": "held-out scoring of one model's weights by the soup keeper (Kitchen.evaluate_weights) against a "
-                "plain batched inference_mode loop over the same decoded images, same batch size, same process",
+        "plain batched inference_mode loop over the same decoded images, same batch size, same process",
         "run": "synthetic ViT-B-32 run (open_clip ViT-B-32, pretrained=None, 224 px, digits held-out split)"
-               if args.run_dir is None else str(args.run_dir),
+        if args.run_dir is None
+        else str(args.run_dir),
         "figures": figures,
         "target": "kitchen_over_plain_speed >= 0.9",
         "meets_target": figures["kitchen_over_plain_speed"] >= 0.9,
     }
-    report = write_bench_json(args.out, report, script="bench/soup_eval.py", argv=argv, started=t0,
-                              note="shared machine: other work may have run alongside; medians of alternated passes")
+    report = write_bench_json(
+        args.out,
+        report,
+        script="bench/soup_eval.py",
+        argv=argv,
+        started=t0,
+        note="shared machine: other work may have run alongside; medians of alternated passes",
+    )
     print(f"wrote {args.out}")
     return 0
 

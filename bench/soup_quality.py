@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, nargs="+", help="summarise these finished run folders instead")
     ap.add_argument("--out-dir", type=Path, default=Path("runs"), help="where the new runs go (default: runs/)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_quality.json", help="JSON to write")
-    ap.add_argument("--recipes-out", type=Path, default=HERE / "results" / "recipes_local.json",
-                    help="JSON of the per-recipe means (written when the runs computed recipes)")
+    ap.add_argument(
+        "--recipes-out",
+        type=Path,
+        default=HERE / "results" / "recipes_local.json",
+        help="JSON of the per-recipe means (written when the runs computed recipes)",
+    )
     args = ap.parse_args(argv)
     walls: dict[str, float] = {}
     runs = list(args.runs or [])
@@ -42,8 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for seed in args.seeds:
             run = args.out_dir / f"quality-{stamp}-seed{seed}"
-            cmd = [sys.executable, "-m", "soup_ray.cli", "run", args.config, "--no-serve", "--seed", str(seed),
-                   "--out", str(run)] + [a for s in args.set for a in ("--set", s)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "soup_ray.cli",
+                "run",
+                args.config,
+                "--no-serve",
+                "--seed",
+                str(seed),
+                "--out",
+                str(run),
+            ] + [a for s in args.set for a in ("--set", s)]
             print(f"[soup_quality] {' '.join(cmd[2:])}", flush=True)
             t0 = time.perf_counter()
             done = subprocess.run(cmd)
@@ -59,10 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summary))
     print(f"wrote {args.out}")
     if summary["recipes_mean"]:
-        args.recipes_out.write_text(json.dumps({"n_runs": summary["n_runs"], "mean": summary["recipes_mean"],
-                                                "recipe_seconds_per_run": summary["recipe_seconds_per_run"],
-                                                "runs": [r["run_dir"] for r in summary["runs"]],
-                                                "command": summary["command"]}, indent=2))
+        args.recipes_out.write_text(
+            json.dumps(
+                {
+                    "n_runs": summary["n_runs"],
+                    "mean": summary["recipes_mean"],
+                    "recipe_seconds_per_run": summary["recipe_seconds_per_run"],
+                    "runs": [r["run_dir"] for r in summary["runs"]],
+                    "command": summary["command"],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.recipes_out}")
     return 0
 

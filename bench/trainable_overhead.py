@@ -41,24 +41,36 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="soup-ray-trainable-"))
     try:
-        figures = measure(tmp, batch_size=args.batch_size, train_per_class=args.train_per_class,
-                          threads=args.threads, model_name=args.model, epochs=args.epochs)
+        figures = measure(
+            tmp,
+            batch_size=args.batch_size,
+            train_per_class=args.train_per_class,
+            threads=args.threads,
+            model_name=args.model,
+            epochs=args.epochs,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "what": "steady-state training images/s of soup_ray.train.fine_tune (report callback, per-epoch held-out "
-                "scoring) against a bare PyTorch loop of the same model, batch, data and augmentation",
+        "scoring) against a bare PyTorch loop of the same model, batch, data and augmentation",
         "steady_state": "epochs 2 to E-1 of each, together (first: warm-up; the trial's last: the soup candidate's "
-                        "checkpoint and final scoring); the trial's steady epochs include the resumable "
-                        "checkpoints it writes every 30 s (trial_epoch_checkpointed)",
+        "checkpoint and final scoring); the trial's steady epochs include the resumable "
+        "checkpoints it writes every 30 s (trial_epoch_checkpointed)",
         "figures": figures,
         "target": "overhead <= 0.05 in steady-state images/s (wall clock); process CPU seconds reported too",
         "meets_target": figures["overhead_wall"] <= 0.05,
         "meets_target_cpu_seconds": figures["overhead"] <= 0.05,
     }
-    report = write_bench_json(args.out, report, script="bench/trainable_overhead.py", argv=argv, started=t0,
-                              note="shared machine: other work may have run alongside; one run of each "
-                                   f"(load average at the start: {os.getloadavg()[0]:.2f})")
+    report = write_bench_json(
+        args.out,
+        report,
+        script="bench/trainable_overhead.py",
+        argv=argv,
+        started=t0,
+        note="shared machine: other work may have run alongside; one run of each "
+        f"(load average at the start: {os.getloadavg()[0]:.2f})",
+    )
     print(f"wrote {args.out}")
     return 0
 

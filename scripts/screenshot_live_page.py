@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     browser = find_browser(args.browser)
     if browser is None:
-        print("no Chromium found: install Debian's chromium (apt-get install chromium) or pass --browser",
-              file=sys.stderr)
+        print(
+            "no Chromium found: install Debian's chromium (apt-get install chromium) or pass --browser", file=sys.stderr
+        )
         return 2
     stop = None
     url = args.url

@@ -20,9 +20,10 @@ from __future__ import annotations
 import copy
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -55,8 +56,13 @@ def _sweep_config(config: Any, overrides: dict[str, Any] | None) -> SweepConfig:
     return parse_config(data, "<config>")
 
 
-def run(config: Any, out: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
-        log: Callable[[str], None] | None = None) -> Path:
+def run(
+    config: Any,
+    out: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Run a sweep with the live greedy soup, then score and report it; returns the run folder.
 
     ``config``: a sweep YAML path (``tune_configs/local.yaml``), a mapping of the
@@ -72,9 +78,16 @@ def run(config: Any, out: str | Path | None = None, *, overrides: dict[str, Any]
     return Path(sweep_job(cfg, None if out is None else str(out), log=log or log_line).run_dir)
 
 
-def soup(run_dir: str | Path, method: str = "greedy", *, params: dict[str, Any] | None = None,
-         tie: str | None = None, early_rejection: bool = True, report: bool = False,
-         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def soup(
+    run_dir: str | Path,
+    method: str = "greedy",
+    *,
+    params: dict[str, Any] | None = None,
+    tie: str | None = None,
+    early_rejection: bool = True,
+    report: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Compute a soup recipe from a finished run's checkpoints; returns its ingredients, held-out score and folder.
 
     ``method``: a registered recipe (``greedy``, ``uniform``, ``wise_ft``,
@@ -86,8 +99,15 @@ def soup(run_dir: str | Path, method: str = "greedy", *, params: dict[str, Any] 
     from .jobs import log_line, recompute_soup
     from .run_dir import RunDir
 
-    out = recompute_soup(Path(run_dir), method, tie=tie, early_rejection=early_rejection, report=report,
-                         log=log or log_line, options=dict(params or {}))
+    out = recompute_soup(
+        Path(run_dir),
+        method,
+        tie=tie,
+        early_rejection=early_rejection,
+        report=report,
+        log=log or log_line,
+        options=dict(params or {}),
+    )
     out.setdefault("folder", str(RunDir(run_dir).recipe(method)))
     return out
 
@@ -149,8 +169,10 @@ def load_soup(path: str | Path, device: str = "cpu") -> LoadedSoup:
     if not (folder / SOUP_INFO).is_file() and RunDir(folder).soup_info.is_file():
         folder = RunDir(folder).soup
     if not (folder / SOUP_INFO).is_file():
-        raise FileNotFoundError(f"{folder}: no {SOUP_INFO} here, so it is not a published soup folder (give "
-                                "RUN_DIR/soup, RUN_DIR/soups/NAME or a run folder with a soup)")
+        raise FileNotFoundError(
+            f"{folder}: no {SOUP_INFO} here, so it is not a published soup folder (give "
+            "RUN_DIR/soup, RUN_DIR/soups/NAME or a run folder with a soup)"
+        )
     import logging
 
     root = logging.getLogger()
@@ -160,8 +182,9 @@ def load_soup(path: str | Path, device: str = "cpu") -> LoadedSoup:
         model, info = load_folder(folder, device=device)
     finally:
         root.removeFilter(quiet)
-    return LoadedSoup(model=model.eval(), classnames=list(info["classnames"]), image_size=int(info["image_size"]),
-                      info=info)
+    return LoadedSoup(
+        model=model.eval(), classnames=list(info["classnames"]), image_size=int(info["image_size"]), info=info
+    )
 
 
 class _SoupModule(types.ModuleType):
@@ -190,4 +213,4 @@ _soup_call = soup
 _package = sys.modules[__name__]
 _package.__class__ = _Package
 if isinstance(sys.modules.get(f"{__name__}.soup"), types.ModuleType):  # imported before this line ran
-    setattr(_package, "soup", sys.modules[f"{__name__}.soup"])
+    _package.soup = sys.modules[f"{__name__}.soup"]

@@ -45,7 +45,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -53,12 +53,20 @@ from torch import Tensor
 from .soup.average import accumulator_dtype, is_averaged
 from .soup.base import SoupError, key_set_difference
 
-Source = Union[str, os.PathLike, Mapping[str, Tensor]]
+Source = str | os.PathLike | Mapping[str, Tensor]
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -278,8 +286,10 @@ def _means(sources: Sequence[Source], into: Mapping[str, Tensor] | None = None):
                         del v
                         s.release(key)
                         if not same:
-                            raise SoupError(f"non-floating buffer {key!r} differs in ingredient {i}; "
-                                            "integer/boolean tensors cannot be averaged and must be identical")
+                            raise SoupError(
+                                f"non-floating buffer {key!r} differs in ingredient {i}; "
+                                "integer/boolean tensors cannot be averaged and must be identical"
+                            )
                     yield key, exact
                     continue
                 acc = _target_accumulator(into, key, accumulator_dtype(dtype))
@@ -353,8 +363,9 @@ def average_checkpoints(sources: Sequence[Source], into: Mapping[str, Tensor] | 
     return dict(into)
 
 
-def average_checkpoint_files(sources: Sequence[Source], out: str | os.PathLike,
-                             metadata: dict[str, str] | None = None) -> Path:
+def average_checkpoint_files(
+    sources: Sequence[Source], out: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Average ``sources`` and write the result to ``out`` (safetensors) tensor by tensor, atomically.
 
     Memory holds no whole model: each mean goes to the file as soon as it is computed.

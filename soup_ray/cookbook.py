@@ -29,8 +29,16 @@ from .soup import Candidate, GreedyResult, RecipeContext, WeightRecipe, configur
 Log = Callable[[str], None]
 
 DEFAULT_RECIPES: tuple[Any, ...] = (
-    "greedy", {"method": "greedy", "order": "random", "label": "greedy_random_order"}, "uniform", "wise_ft",
-    "model_stock", "task_arithmetic", "ties", "dare", "learned", "learned_by_layer",
+    "greedy",
+    {"method": "greedy", "order": "random", "label": "greedy_random_order"},
+    "uniform",
+    "wise_ft",
+    "model_stock",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "learned",
+    "learned_by_layer",
 )
 """What ``soup.methods: all`` means."""
 
@@ -101,16 +109,37 @@ def score_model(kitchen: Kitchen, model: torch.nn.Module) -> tuple[dict[str, flo
 
 def context(kitchen: Kitchen, candidates: Sequence[Candidate], greedy: GreedyResult, log: Log) -> RecipeContext:
     """The weight recipes' view of a run: base, loader, held-out scorer, greedy soup, held-out gradient."""
-    return RecipeContext(base=kitchen.base_state(), load=kitchen.weights,
-                         score=lambda state: kitchen.evaluate_weights(state).correct,
-                         heldout_size=kitchen.heldout_size, greedy=lambda: greedy,
-                         loss_and_grad=kitchen.heldout_loss_and_grad, log=log)
+    return RecipeContext(
+        base=kitchen.base_state(),
+        load=kitchen.weights,
+        score=lambda state: kitchen.evaluate_weights(state).correct,
+        heldout_size=kitchen.heldout_size,
+        greedy=lambda: greedy,
+        loss_and_grad=kitchen.heldout_loss_and_grad,
+        log=log,
+    )
 
 
-def _summary_row(label: str, method: str, accs: Mapping[str, float], shifts: Sequence[str], ingredients: Sequence[str],
-                 params: Mapping[str, Any], heldout_correct: int, **extra: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {"model_name": label, "kind": "soup", "method": method, "status": "summary",
-                           "summary": True, "recipe": True, "heldout": accs.get("heldout"), "test": accs.get("test")}
+def _summary_row(
+    label: str,
+    method: str,
+    accs: Mapping[str, float],
+    shifts: Sequence[str],
+    ingredients: Sequence[str],
+    params: Mapping[str, Any],
+    heldout_correct: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model_name": label,
+        "kind": "soup",
+        "method": method,
+        "status": "summary",
+        "summary": True,
+        "recipe": True,
+        "heldout": accs.get("heldout"),
+        "test": accs.get("test"),
+    }
     for s in shifts:
         row[s] = accs.get(s)
     vals = [row[s] for s in shifts if row[s] is not None]
@@ -124,8 +153,15 @@ def _summary_row(label: str, method: str, accs: Mapping[str, float], shifts: Seq
     return row
 
 
-def cook_one(kitchen: Kitchen, candidates: Sequence[Candidate], greedy: GreedyResult, spec: RecipeSpec,
-             run_dir: Path, shifts: Sequence[str], log: Log = print) -> Cooked:
+def cook_one(
+    kitchen: Kitchen,
+    candidates: Sequence[Candidate],
+    greedy: GreedyResult,
+    spec: RecipeSpec,
+    run_dir: Path,
+    shifts: Sequence[str],
+    log: Log = print,
+) -> Cooked:
     """Compute, score and export one recipe."""
     t0 = time.perf_counter()
     recipe = configure_soup_method(spec.method, spec.options)
@@ -146,18 +182,34 @@ def cook_one(kitchen: Kitchen, candidates: Sequence[Candidate], greedy: GreedyRe
     accs, _ = score_state(kitchen, weights)
     row = _summary_row(spec.label, spec.method, accs, shifts, ids, params, correct)
     folder = RunDir(run_dir).recipe(spec.label)
-    export_soup(RunDir(run_dir).base, weights, folder,
-                {"version": 1, "method": spec.method, "label": spec.label, "params": params, "ingredients": ids,
-                 "heldout_accuracy": correct / kitchen.heldout_size, "heldout_correct": correct,
-                 "heldout_size": kitchen.heldout_size, "published_at": time.time()})
+    export_soup(
+        RunDir(run_dir).base,
+        weights,
+        folder,
+        {
+            "version": 1,
+            "method": spec.method,
+            "label": spec.label,
+            "params": params,
+            "ingredients": ids,
+            "heldout_accuracy": correct / kitchen.heldout_size,
+            "heldout_correct": correct,
+            "heldout_size": kitchen.heldout_size,
+            "published_at": time.time(),
+        },
+    )
     seconds = time.perf_counter() - t0
     row["seconds"] = round(seconds, 2)
-    log(f"recipe {spec.label}: held-out {100 * correct / kitchen.heldout_size:.1f}%, test "
-        f"{100 * (accs.get('test') or 0):.1f}% ({len(ids)} model(s), {seconds:.1f}s) -> {folder}")
+    log(
+        f"recipe {spec.label}: held-out {100 * correct / kitchen.heldout_size:.1f}%, test "
+        f"{100 * (accs.get('test') or 0):.1f}% ({len(ids)} model(s), {seconds:.1f}s) -> {folder}"
+    )
     return Cooked(spec.label, row, seconds, extra)
 
 
-def wise_ft_curve(kitchen: Kitchen, result: Any, alphas: Sequence[float], shifts: Sequence[str]) -> list[dict[str, Any]]:
+def wise_ft_curve(
+    kitchen: Kitchen, result: Any, alphas: Sequence[float], shifts: Sequence[str]
+) -> list[dict[str, Any]]:
     """Test and mean-shift accuracy along the WiSE-FT line (the WiSE-FT figure), alpha by alpha."""
     from .soup import average_state_dicts
     from .soup.merges import wise_ft
@@ -168,13 +220,26 @@ def wise_ft_curve(kitchen: Kitchen, result: Any, alphas: Sequence[float], shifts
     for alpha in sorted(float(a) for a in alphas):
         accs, _ = score_state(kitchen, wise_ft(base, target, alpha))
         vals = [accs[s] for s in shifts if s in accs]
-        curve.append({"alpha": alpha, "heldout": accs.get("heldout"), "test": accs.get("test"),
-                      "shift_mean": sum(vals) / len(vals) if vals else None})
+        curve.append(
+            {
+                "alpha": alpha,
+                "heldout": accs.get("heldout"),
+                "test": accs.get("test"),
+                "shift_mean": sum(vals) / len(vals) if vals else None,
+            }
+        )
     return curve
 
 
-def cook(kitchen: Kitchen, candidates: Sequence[Candidate], specs: Sequence[RecipeSpec], run_dir: Path,
-         shifts: Sequence[str], greedy: GreedyResult | None = None, log: Log = print) -> list[Cooked]:
+def cook(
+    kitchen: Kitchen,
+    candidates: Sequence[Candidate],
+    specs: Sequence[RecipeSpec],
+    run_dir: Path,
+    shifts: Sequence[str],
+    greedy: GreedyResult | None = None,
+    log: Log = print,
+) -> list[Cooked]:
     """Every recipe in ``specs`` on one run, in order; a recipe that fails is logged and left out."""
     greedy = greedy or greedy_method(">=")(candidates, kitchen.evaluate, heldout_size=kitchen.heldout_size)
     out = []

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -108,9 +108,7 @@ def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
     train_pos, held_pos = stratified_split(y.numpy()[rest], frac_of_rest, cfg.seed + 1)
     train_idx, held_idx = rest[train_pos], rest[held_pos]
     test_x = x[test_idx]
-    shifts = {
-        name: TensorDataset(apply_shift(name, test_x, cfg.seed), y[test_idx]) for name in cfg.shifts
-    }
+    shifts = {name: TensorDataset(apply_shift(name, test_x, cfg.seed), y[test_idx]) for name in cfg.shifts}
     return DatasetBundle(
         name="digits",
         classnames=list(DIGIT_NAMES),
@@ -144,7 +142,8 @@ def _folder_transform(image_size: int, border_crop: int = 0) -> Callable:
 
     steps: list[Callable] = [BorderCrop(border_crop)] if border_crop > 0 else []
     return T.Compose(
-        steps + [
+        steps
+        + [
             T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(image_size),
             T.Lambda(lambda im: im.convert("RGB")),
@@ -276,8 +275,10 @@ def write_heldout_index(path: Path, train_dir: Path, fraction_or_per_class: floa
     rel = sorted(str(Path(ds.samples[i][0]).relative_to(train_dir)) for i in chosen)
     empty = sorted(set(ds.classes) - {Path(r).parts[0] for r in rel})
     if empty:
-        raise ValueError(f"{train_dir}: {len(empty)} class(es) would have no held-out image ({empty[:5]}): "
-                         "every class needs at least 2 images, and a fraction large enough for one of them")
+        raise ValueError(
+            f"{train_dir}: {len(empty)} class(es) would have no held-out image ({empty[:5]}): "
+            "every class needs at least 2 images, and a fraction large enough for one of them"
+        )
     write_json(path, rel, indent=0)  # whole or not at all: the file defines which images no trial may train on
     return rel
 

@@ -64,8 +64,9 @@ def _lr(row: Mapping[str, Any] | None) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def interpolation_curve(kitchen: Kitchen, a: str, b: str, alphas: Sequence[float] = ALPHAS,
-                        ends: tuple[int, int] | None = None) -> list[float]:
+def interpolation_curve(
+    kitchen: Kitchen, a: str, b: str, alphas: Sequence[float] = ALPHAS, ends: tuple[int, int] | None = None
+) -> list[float]:
     """Held-out accuracy of ``(1 - alpha) * a + alpha * b`` for each alpha (ends reuse known counts when given)."""
     wa, wb = kitchen.weights(a), kitchen.weights(b)
     h = kitchen.heldout_size
@@ -98,8 +99,14 @@ def lr_split(distances: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
             continue
         ratio = hi / lo
         if best is None or ratio > best["ratio"]:
-            best = {"lr_above": rows[i - 1]["lr"], "ratio": ratio, "runs_above": len(high), "runs_below": len(low),
-                    "mean_distance_above": hi, "mean_distance_below": lo}
+            best = {
+                "lr_above": rows[i - 1]["lr"],
+                "ratio": ratio,
+                "runs_above": len(high),
+                "runs_below": len(low),
+                "mean_distance_above": hi,
+                "mean_distance_below": lo,
+            }
     return best
 
 
@@ -110,32 +117,48 @@ def verdict_for(d: Diagnostics, uniform_drop_points: float | None = None) -> str
     walls = [c for c in rejected if c.barrier_points >= BARRIER_POINTS]
     if walls:
         worst = max(walls, key=lambda c: c.barrier_points)
-        parts.append(f"the best run and {len(walls)} of the next {len(rejected)} rejected runs are separated by a "
-                     f"barrier (up to {worst.barrier_points:.1f} points at the midpoint, best vs {worst.partner})")
+        parts.append(
+            f"the best run and {len(walls)} of the next {len(rejected)} rejected runs are separated by a "
+            f"barrier (up to {worst.barrier_points:.1f} points at the midpoint, best vs {worst.partner})"
+        )
     elif rejected:
         top = max(c.barrier_points for c in rejected)
-        parts.append(f"the rejected runs sit in the best run's basin (midpoint barrier at most {top:.1f} points) but "
-                     f"do not raise held-out accuracy: the best run makes {d.best_errors} error(s) on "
-                     f"{d.heldout_size} held-out images, so a bigger held-out split would tell them apart")
+        parts.append(
+            f"the rejected runs sit in the best run's basin (midpoint barrier at most {top:.1f} points) but "
+            f"do not raise held-out accuracy: the best run makes {d.best_errors} error(s) on "
+            f"{d.heldout_size} held-out images, so a bigger held-out split would tell them apart"
+        )
     if d.lr_split is not None and d.lr_split["ratio"] >= 1.5:
         s = d.lr_split
-        parts.append(f"runs with lr above {s['lr_above']:.2g} moved {s['ratio']:.1f}x further from the base than "
-                     f"the rest")
+        parts.append(
+            f"runs with lr above {s['lr_above']:.2g} moved {s['ratio']:.1f}x further from the base than the rest"
+        )
     if uniform_drop_points is not None and uniform_drop_points >= 1.0:
-        parts.append(f"the uniform soup is {uniform_drop_points:.1f} points below the best run on held-out: some "
-                     "runs left the basin, which the greedy rule leaves out")
+        parts.append(
+            f"the uniform soup is {uniform_drop_points:.1f} points below the best run on held-out: some "
+            "runs left the basin, which the greedy rule leaves out"
+        )
     advice = []
     if walls and d.kept <= 2:
-        advice.append("try a lower learning-rate range" + (" (below the lr named above)" if d.lr_split else "")
-                      + " or an LP head (model.head_init: linear_probe)")
+        advice.append(
+            "try a lower learning-rate range"
+            + (" (below the lr named above)" if d.lr_split else "")
+            + " or an LP head (model.head_init: linear_probe)"
+        )
     text = "; ".join(parts)
     if advice:
         text += "; " + "; ".join(advice)
     return text + "."
 
 
-def soup_diagnostics(kitchen: Kitchen, candidates: Sequence[Candidate], rows: Mapping[str, Mapping[str, Any]],
-                     greedy: Sequence[str], pairs: int = 3, uniform_drop_points: float | None = None) -> Diagnostics:
+def soup_diagnostics(
+    kitchen: Kitchen,
+    candidates: Sequence[Candidate],
+    rows: Mapping[str, Mapping[str, Any]],
+    greedy: Sequence[str],
+    pairs: int = 3,
+    uniform_drop_points: float | None = None,
+) -> Diagnostics:
     """Barriers between the best candidate and the next ``pairs`` candidates, distances from the base, verdict."""
     h = kitchen.heldout_size
     ordered = list(candidates)
@@ -152,9 +175,15 @@ def soup_diagnostics(kitchen: Kitchen, candidates: Sequence[Candidate], rows: Ma
     base_model, _ = load_base(RunDir(kitchen.run_dir).base)
     base_state = base_model.state_dict()
     for c in ordered:
-        d.distances.append({"trial_id": c.id, "lr": _lr(rows.get(c.id)), "heldout": c.heldout_correct / h,
-                            "distance": round(relative_distance(kitchen.weights(c.id), base_state), 5),
-                            "in_soup": c.id in in_soup})
+        d.distances.append(
+            {
+                "trial_id": c.id,
+                "lr": _lr(rows.get(c.id)),
+                "heldout": c.heldout_correct / h,
+                "distance": round(relative_distance(kitchen.weights(c.id), base_state), 5),
+                "in_soup": c.id in in_soup,
+            }
+        )
     d.lr_split = lr_split(d.distances)
     d.verdict = verdict_for(d, uniform_drop_points)
     return d

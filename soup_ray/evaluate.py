@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -31,13 +31,15 @@ def scoring_autocast(device: str | torch.device, precision: str = "fp32") -> tor
     compares a bf16 soup score with an fp32 candidate score.
     """
     kind = torch.device(device).type
-    return torch.autocast("cuda" if kind == "cuda" else "cpu", dtype=torch.bfloat16,
-                          enabled=kind == "cuda" and precision == "bf16")
+    return torch.autocast(
+        "cuda" if kind == "cuda" else "cpu", dtype=torch.bfloat16, enabled=kind == "cuda" and precision == "bf16"
+    )
 
 
 @torch.no_grad()
-def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0,
-                precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_logits(
+    model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0, precision: str = "fp32"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(logits, labels)`` on the CPU batch by batch (the model may be on a GPU), so a caller may stop early.
 
     ``precision`` is the run's ``model.precision`` (see :func:`scoring_autocast`).
@@ -56,8 +58,9 @@ def iter_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_worker
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0,
-                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, ds: Dataset, batch_size: int = 256, num_workers: int = 0, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits ``[N, C]`` and labels ``[N]`` of a split, in order (on the CPU); ``C`` is the
     projected width for a shift with ``class_groups``; ``precision`` as in :func:`iter_logits`."""
     parts = list(iter_logits(model, ds, batch_size, num_workers, precision))

@@ -38,7 +38,6 @@ from .model import CLIPClassifier
 from .run_dir import BASE_META, HEAD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, SOUP_INFO
 
 
-
 def clip_state_with_soup(base_clip: dict[str, torch.Tensor], soup: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The base CLIP's state with every ``visual.*`` tensor replaced by the soup's."""
     out = dict(base_clip)
@@ -170,6 +169,11 @@ def load_soup(folder: Path, device: str = "cpu") -> tuple[CLIPClassifier, dict[s
     head.load_state_dict(head_state)
     cfg = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
     pp = cfg.get("preprocess_cfg", {})
-    clf = CLIPClassifier(model.visual, head, pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                         pp.get("std", open_clip.OPENAI_DATASET_STD), int(info["image_size"]))
+    clf = CLIPClassifier(
+        model.visual,
+        head,
+        pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
+        pp.get("std", open_clip.OPENAI_DATASET_STD),
+        int(info["image_size"]),
+    )
     return clf.eval().to(device), info

@@ -13,24 +13,24 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-
 from torch.utils.data import TensorDataset
 
 from .checkpoint_average import average_checkpoints, read_header
 from .data import labels_of, loader
 from .evaluate import pick_device, scoring_autocast
 from .model import CLIPClassifier, load_base
-from .soup import Candidate, EvalResult, SoupError, early_rejection_evaluate
-from .soup.base import key_set_difference
 from .run_dir import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, RESULTS_FILE, RunDir
 from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+from .soup import Candidate, EvalResult, SoupError, early_rejection_evaluate
+from .soup.base import key_set_difference
 
 StateDict = dict[str, torch.Tensor]
 
@@ -63,11 +63,13 @@ class TrialRecord:
         return {"trial_id": self.trial_id, "checkpoint": self.checkpoint, "heldout_correct": self.heldout_correct}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "TrialRecord":
+    def from_json(cls, d: dict[str, Any]) -> TrialRecord:
         return cls(str(d["trial_id"]), str(d["checkpoint"]), d.get("heldout_correct"))
 
 
-def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[StateDict, int]:
+def read_checkpoint(
+    record: TrialRecord, base_fingerprint: str, reference: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> tuple[StateDict, int]:
     """Load and check one trial's weights; returns ``(state_dict, heldout_correct)`` or raises ``CheckpointRejected``."""
     folder = Path(record.checkpoint)
     path = folder / CHECKPOINT_WEIGHTS
@@ -114,8 +116,9 @@ def read_checkpoint(record: TrialRecord, base_fingerprint: str, reference: dict[
 class Kitchen:
     """The run's base, held-out split and a bounded cache of ingredient weights."""
 
-    def __init__(self, run_dir: Path, eval_batch_size: int = 256, cache_bytes: int | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, run_dir: Path, eval_batch_size: int = 256, cache_bytes: int | None = None, threads: int | None = None
+    ):
         from .config import SweepConfig
         from .data import build_dataset
 
@@ -153,8 +156,10 @@ class Kitchen:
         """Check a trial's checkpoint and turn it into a soup candidate (raises ``CheckpointRejected``)."""
         state, correct = read_checkpoint(record, self.fingerprint, self.reference)
         if not 0 <= correct <= self.heldout_size:
-            raise CheckpointRejected(f"held-out correct count {correct} of {record.trial_id} is outside "
-                                     f"[0, {self.heldout_size}] (another held-out split?)")
+            raise CheckpointRejected(
+                f"held-out correct count {correct} of {record.trial_id} is outside "
+                f"[0, {self.heldout_size}] (another held-out split?)"
+            )
         self.paths[record.trial_id] = record
         self._remember(record.trial_id, state)
         self._count_mistakes(Path(record.checkpoint))
@@ -272,9 +277,9 @@ class Kitchen:
         bs = self.heldout_batch_size
         for start in range(0, len(order), bs):
             if natural:
-                xb, yb = x_all[start:start + bs], y_all[start:start + bs]
+                xb, yb = x_all[start : start + bs], y_all[start : start + bs]
             else:
-                idx = order[start:start + bs]
+                idx = order[start : start + bs]
                 xb, yb = x_all.index_select(0, idx), y_all.index_select(0, idx)
             with torch.inference_mode(), scoring_autocast(self.device, precision):
                 xb = xb.to(self.device, non_blocking=True)
@@ -309,8 +314,11 @@ class Kitchen:
             loss.backward()
             total += float(loss.detach())
             n += len(y)
-        grads = {k: (p.grad / n).cpu() if p.grad is not None else torch.zeros_like(p).cpu()
-                 for k, p in params.items() if p.is_floating_point()}
+        grads = {
+            k: (p.grad / n).cpu() if p.grad is not None else torch.zeros_like(p).cpu()
+            for k, p in params.items()
+            if p.is_floating_point()
+        }
         return total / n, grads
 
     def evaluate_weights(self, state: StateDict) -> EvalResult:

@@ -26,8 +26,8 @@ is small and accepted here.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -86,8 +86,9 @@ def subset_groups(shift_classes: Sequence[str], train_classes: Sequence[str], wh
     """One single-column group per shift class folder, which must all be training classes."""
     unknown = [c for c in shift_classes if c not in train_classes]
     if unknown:
-        raise ValueError(f"{where}: class folders {unknown[:5]} are not training classes "
-                         f"({len(unknown)} of {len(shift_classes)})")
+        raise ValueError(
+            f"{where}: class folders {unknown[:5]} are not training classes ({len(unknown)} of {len(shift_classes)})"
+        )
     pos = {c: i for i, c in enumerate(train_classes)}
     return [[pos[c]] for c in shift_classes]
 
@@ -96,27 +97,33 @@ def read_class_mapping(path: Path, where: str) -> dict[str, list[str]]:
     """Read a mapping file: a JSON object ``{shift class folder: [training class folder, ...]}``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{where}.mapping: {path} does not exist (a JSON object mapping each shift class "
-                                "folder to a list of train_dir class folders)")
+        raise FileNotFoundError(
+            f"{where}.mapping: {path} does not exist (a JSON object mapping each shift class "
+            "folder to a list of train_dir class folders)"
+        )
     try:
         raw = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{where}.mapping: {path} is not valid JSON: {err}") from None
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{where}.mapping: {path} must be a non-empty JSON object "
-                         "{shift class folder: [train class folder, ...]}")
+        raise ValueError(
+            f"{where}.mapping: {path} must be a non-empty JSON object {{shift class folder: [train class folder, ...]}}"
+        )
     out: dict[str, list[str]] = {}
     for folder, targets in raw.items():
         targets = [targets] if isinstance(targets, str) else targets
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"{where}.mapping: {path}: {folder!r} must map to a non-empty list of train class "
-                             f"folder names, got {raw[folder]!r}")
+            raise ValueError(
+                f"{where}.mapping: {path}: {folder!r} must map to a non-empty list of train class "
+                f"folder names, got {raw[folder]!r}"
+            )
         out[folder] = list(targets)
     return out
 
 
-def mapping_groups(mapping: dict[str, list[str]], shift_classes: Sequence[str], train_classes: Sequence[str],
-                   where: str) -> tuple[list[str], ClassGroups]:
+def mapping_groups(
+    mapping: dict[str, list[str]], shift_classes: Sequence[str], train_classes: Sequence[str], where: str
+) -> tuple[list[str], ClassGroups]:
     """The mapped shift classes (sorted) and each one's training columns.
 
     Every mapped folder must exist in the shift folder and every target must be a
@@ -124,17 +131,21 @@ def mapping_groups(mapping: dict[str, list[str]], shift_classes: Sequence[str], 
     """
     absent = sorted(set(mapping) - set(shift_classes))
     if absent:
-        raise ValueError(f"{where}: the mapping names class folders {absent[:5]} that are not in the shift folder "
-                         f"({len(absent)} of {len(mapping)}); remove them from the mapping or add the folders")
+        raise ValueError(
+            f"{where}: the mapping names class folders {absent[:5]} that are not in the shift folder "
+            f"({len(absent)} of {len(mapping)}); remove them from the mapping or add the folders"
+        )
     pos = {c: i for i, c in enumerate(train_classes)}
     bad = {f: [t for t in ts if t not in pos] for f, ts in mapping.items()}
     bad = {f: ts for f, ts in bad.items() if ts}
     if bad:
         folder, targets = next(iter(sorted(bad.items())))
-        raise ValueError(f"{where}: folder {folder!r} maps to {targets[:5]}, which are not class folders of "
-                         f"train_dir ({len(bad)} folder(s) affected); the values must be train_dir folder names "
-                         "(ImageNet wnids such as 'n01440764'): fix the mapping file, or rebuild it from "
-                         "ObjectNet's mapping files with soup_ray.label_space.write_objectnet_mapping")
+        raise ValueError(
+            f"{where}: folder {folder!r} maps to {targets[:5]}, which are not class folders of "
+            f"train_dir ({len(bad)} folder(s) affected); the values must be train_dir folder names "
+            "(ImageNet wnids such as 'n01440764'): fix the mapping file, or rebuild it from "
+            "ObjectNet's mapping files with soup_ray.label_space.write_objectnet_mapping"
+        )
     classes = sorted(mapping)
     return classes, [[pos[t] for t in mapping[c]] for c in classes]
 
@@ -164,12 +175,16 @@ def objectnet_mapping(mappings_dir: Path, wnids: Sequence[str]) -> dict[str, lis
     out: dict[str, list[str]] = {}
     for label, names in objectnet_to_names.items():
         if label not in label_to_folder:
-            raise ValueError(f"{d / OBJECTNET_FILES[1]}: ObjectNet label {label!r} is not in "
-                             f"{OBJECTNET_FILES[0]}: are both files from the same ObjectNet release?")
+            raise ValueError(
+                f"{d / OBJECTNET_FILES[1]}: ObjectNet label {label!r} is not in "
+                f"{OBJECTNET_FILES[0]}: are both files from the same ObjectNet release?"
+            )
         unknown = [n for n in names.split("; ") if n not in name_to_index]
         if unknown:
-            raise ValueError(f"{d / OBJECTNET_FILES[1]}: ImageNet class name(s) {unknown[:3]} of {label!r} are not in "
-                             f"{OBJECTNET_FILES[3]}: are both files from the same ObjectNet release?")
+            raise ValueError(
+                f"{d / OBJECTNET_FILES[1]}: ImageNet class name(s) {unknown[:3]} of {label!r} are not in "
+                f"{OBJECTNET_FILES[3]}: are both files from the same ObjectNet release?"
+            )
         out[label_to_folder[label]] = [wnids[name_to_index[n]] for n in names.split("; ")]
     return dict(sorted(out.items()))
 

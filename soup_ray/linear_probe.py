@@ -34,8 +34,14 @@ def image_features(clf: CLIPClassifier, ds: Dataset, batch_size: int = 256) -> t
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def fit_linear_probe(clf: CLIPClassifier, train: Dataset, heldout: Dataset, batch_size: int = 256,
-                     c_grid: Sequence[float] = C_GRID, seed: int = 0) -> dict[str, Any]:
+def fit_linear_probe(
+    clf: CLIPClassifier,
+    train: Dataset,
+    heldout: Dataset,
+    batch_size: int = 256,
+    c_grid: Sequence[float] = C_GRID,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Fit the probe, copy it into ``clf.head`` and return what was chosen (C, held-out accuracy per C)."""
     from sklearn.linear_model import LogisticRegression
 

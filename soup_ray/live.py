@@ -116,11 +116,15 @@ def _tune_trials(tune_dir: Path, shifts: list[str]) -> list[dict[str, Any]]:
             continue
         status = str(metrics.get("status") or "running")
         done = status == "completed"
-        row = {"trial_id": str(tid), "status": status, "epoch": metrics.get("epoch"),
-               "heldout": _number(metrics.get("heldout_acc")),
-               "test": _number(metrics.get("test_acc")) if done else None,
-               "shift_mean": _number(metrics.get("shift_mean_acc")) if done else None,
-               "hyperparameters": _hyper(metrics.get("hyperparameters") or metrics.get("config") or {})}
+        row = {
+            "trial_id": str(tid),
+            "status": status,
+            "epoch": metrics.get("epoch"),
+            "heldout": _number(metrics.get("heldout_acc")),
+            "test": _number(metrics.get("test_acc")) if done else None,
+            "shift_mean": _number(metrics.get("shift_mean_acc")) if done else None,
+            "hyperparameters": _hyper(metrics.get("hyperparameters") or metrics.get("config") or {}),
+        }
         for s in shifts:
             row[s] = _number(metrics.get(f"shift_{s}_acc")) if done else None
         rows.append(row)
@@ -133,17 +137,27 @@ def _result_trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("summary") or r.get("kind", "individual") != "individual":
             continue
         tid = r.get("trial_id") or str(r.get("model_name", "")).removeprefix("trial_")
-        out.append({"trial_id": str(tid), "status": str(r.get("status") or "unknown"), "epoch": r.get("epochs_run"),
-                    "heldout": _number(r.get("heldout")), "test": _number(r.get("test")),
-                    "shift_mean": _number(r.get("shift_mean")),
-                    "hyperparameters": _hyper(r.get("hyperparameters") or {})})
+        out.append(
+            {
+                "trial_id": str(tid),
+                "status": str(r.get("status") or "unknown"),
+                "epoch": r.get("epochs_run"),
+                "heldout": _number(r.get("heldout")),
+                "test": _number(r.get("test")),
+                "shift_mean": _number(r.get("shift_mean")),
+                "hyperparameters": _hyper(r.get("hyperparameters") or {}),
+            }
+        )
     return out
 
 
 def _points(trials: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Test vs mean-shift accuracy of the individual models and every scored soup, ensemble and recipe."""
-    pts = [{"name": f"trial {t['trial_id']}", "kind": "individual", "test": t["test"], "shift_mean": t["shift_mean"]}
-           for t in trials if t["test"] is not None and t["shift_mean"] is not None]
+    pts = [
+        {"name": f"trial {t['trial_id']}", "kind": "individual", "test": t["test"], "shift_mean": t["shift_mean"]}
+        for t in trials
+        if t["test"] is not None and t["shift_mean"] is not None
+    ]
     for r in rows:
         if not r.get("summary"):
             continue
@@ -154,8 +168,16 @@ def _points(trials: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[di
         if r.get("recipe") and name in RECIPE_TWINS and any(x.get("model_name") == f"{name}_soup" for x in rows):
             continue
         kind = "recipe" if r.get("recipe") else str(r.get("kind") or "soup")
-        pts.append({"name": name, "kind": kind, "test": test, "shift_mean": shift,
-                    "n_ingredients": r.get("n_ingredients"), "forward_passes": r.get("forward_passes")})
+        pts.append(
+            {
+                "name": name,
+                "kind": kind,
+                "test": test,
+                "shift_mean": shift,
+                "n_ingredients": r.get("n_ingredients"),
+                "forward_passes": r.get("forward_passes"),
+            }
+        )
     return pts
 
 
@@ -171,8 +193,15 @@ def _curve(state: dict[str, Any] | None) -> list[dict[str, Any]]:
         if not isinstance(step, dict):
             continue
         cid = step.get("candidate_id")
-        out.append({"position": step.get("position"), "trial_id": cid, "accepted": bool(step.get("accepted")),
-                    "heldout": _frac(own.get(cid), size), "soup_heldout": _frac(step.get("soup_correct"), size)})
+        out.append(
+            {
+                "position": step.get("position"),
+                "trial_id": cid,
+                "accepted": bool(step.get("accepted")),
+                "heldout": _frac(own.get(cid), size),
+                "soup_heldout": _frac(step.get("soup_correct"), size),
+            }
+        )
     return out
 
 
@@ -196,11 +225,16 @@ def snapshot(run_dir: Path | str) -> dict[str, Any]:
     soup = None
     if isinstance(info, dict):
         ids = [str(i) for i in info.get("ingredients") or []]
-        soup = {"version": info.get("version"), "method": info.get("method"), "tie": info.get("tie"),
-                "heldout_accuracy": _number(info.get("heldout_accuracy")),
-                "heldout_correct": info.get("heldout_correct"), "heldout_size": info.get("heldout_size"),
-                "published_at": info.get("published_at"),
-                "ingredients": [{"trial_id": i, "heldout": own.get(i)} for i in ids]}
+        soup = {
+            "version": info.get("version"),
+            "method": info.get("method"),
+            "tie": info.get("tie"),
+            "heldout_accuracy": _number(info.get("heldout_accuracy")),
+            "heldout_correct": info.get("heldout_correct"),
+            "heldout_size": info.get("heldout_size"),
+            "published_at": info.get("published_at"),
+            "ingredients": [{"trial_id": i, "heldout": own.get(i)} for i in ids],
+        }
 
     keeper = None
     rejected: dict[str, str] = {}
@@ -209,10 +243,17 @@ def snapshot(run_dir: Path | str) -> dict[str, Any]:
         rejected = {str(k): str(v) for k, v in (state.get("rejected") or {}).items()}
         offered = {str(k) for k in (state.get("records") or {})}
         s = state.get("soup") or {}
-        keeper = {"version": state.get("version"), "candidates_seen": len(offered) + len(rejected),
-                  "rejected": rejected, "evaluations": s.get("evaluations"),
-                  "heldout_images_evaluated": s.get("images_evaluated"), "heldout_size": s.get("heldout_size"),
-                  "tie": state.get("tie"), "restarts": state.get("restarts", 0), "updated_at": state.get("updated_at")}
+        keeper = {
+            "version": state.get("version"),
+            "candidates_seen": len(offered) + len(rejected),
+            "rejected": rejected,
+            "evaluations": s.get("evaluations"),
+            "heldout_images_evaluated": s.get("images_evaluated"),
+            "heldout_size": s.get("heldout_size"),
+            "tie": state.get("tie"),
+            "restarts": state.get("restarts", 0),
+            "updated_at": state.get("updated_at"),
+        }
 
     in_soup = {i["trial_id"] for i in (soup or {}).get("ingredients", [])}
     for t in trials:

@@ -84,8 +84,14 @@ def _fmt_tick(v: float) -> str:
 class Plot:
     """A linear x/y mapping into an SVG box with axes, ticks and labels."""
 
-    def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float], width: int = 520,
-                 height: int = 330, margin: tuple[int, int, int, int] = (18, 16, 44, 54)) -> None:
+    def __init__(
+        self,
+        x_range: tuple[float, float],
+        y_range: tuple[float, float],
+        width: int = 520,
+        height: int = 330,
+        margin: tuple[int, int, int, int] = (18, 16, 44, 54),
+    ) -> None:
         self.w, self.h = width, height
         self.top, self.right, self.bottom, self.left = margin
         self.x0, self.x1 = x_range
@@ -107,20 +113,43 @@ class Plot:
         for t in yticks:
             yy = self.y(t)
             p.append(f'<line x1="{x_left}" y1="{yy:.1f}" x2="{x_right}" y2="{yy:.1f}" class="grid"/>')
-            p.append(f'<text x="{x_left - 6}" y="{yy + 4:.1f}" text-anchor="end" class="tick">{esc(_fmt_tick(t))}</text>')
+            p.append(
+                f'<text x="{x_left - 6}" y="{yy + 4:.1f}" text-anchor="end" class="tick">{esc(_fmt_tick(t))}</text>'
+            )
         for t in xticks:
             xx = self.x(t)
             p.append(f'<line x1="{xx:.1f}" y1="{y_top}" x2="{xx:.1f}" y2="{y_bottom}" class="grid"/>')
-            p.append(f'<text x="{xx:.1f}" y="{y_bottom + 16}" text-anchor="middle" class="tick">{esc(_fmt_tick(t))}</text>')
-        p.append(f'<rect x="{x_left}" y="{y_top}" width="{x_right - x_left}" height="{y_bottom - y_top}" class="frame"/>')
-        p.append(f'<text x="{(x_left + x_right) / 2:.1f}" y="{self.h - 8}" text-anchor="middle" class="label">'
-                 f'{esc(xlabel)}</text>')
-        p.append(f'<text transform="translate(14 {(y_top + y_bottom) / 2:.1f}) rotate(-90)" text-anchor="middle" '
-                 f'class="label">{esc(ylabel)}</text>')
+            p.append(
+                f'<text x="{xx:.1f}" y="{y_bottom + 16}" text-anchor="middle" class="tick">{esc(_fmt_tick(t))}</text>'
+            )
+        p.append(
+            f'<rect x="{x_left}" y="{y_top}" width="{x_right - x_left}" height="{y_bottom - y_top}" class="frame"/>'
+        )
+        p.append(
+            f'<text x="{(x_left + x_right) / 2:.1f}" y="{self.h - 8}" text-anchor="middle" class="label">'
+            f"{esc(xlabel)}</text>"
+        )
+        p.append(
+            f'<text transform="translate(14 {(y_top + y_bottom) / 2:.1f}) rotate(-90)" text-anchor="middle" '
+            f'class="label">{esc(ylabel)}</text>'
+        )
 
-    def marker(self, shape: str, cx: float, cy: float, fill: str, title: str, r: float = 4.5,
-               hollow: bool = False, cls: str = "pt") -> None:
-        style = f'fill="none" stroke="{fill}" stroke-width="1.6"' if hollow else f'fill="{fill}" stroke="#202124" stroke-width="0.6"'
+    def marker(
+        self,
+        shape: str,
+        cx: float,
+        cy: float,
+        fill: str,
+        title: str,
+        r: float = 4.5,
+        hollow: bool = False,
+        cls: str = "pt",
+    ) -> None:
+        style = (
+            f'fill="none" stroke="{fill}" stroke-width="1.6"'
+            if hollow
+            else f'fill="{fill}" stroke="#202124" stroke-width="0.6"'
+        )
         tip = f"<title>{esc(title)}</title>"
         if shape == "square":
             body = f'<rect x="{cx - r:.1f}" y="{cy - r:.1f}" width="{2 * r:.1f}" height="{2 * r:.1f}" {style}/>'
@@ -128,16 +157,21 @@ class Plot:
             pts = f"{cx:.1f},{cy - r * 1.2:.1f} {cx - r * 1.1:.1f},{cy + r * 0.9:.1f} {cx + r * 1.1:.1f},{cy + r * 0.9:.1f}"
             body = f'<polygon points="{pts}" {style}/>'
         elif shape == "diamond":
-            pts = f"{cx:.1f},{cy - r * 1.25:.1f} {cx + r:.1f},{cy:.1f} {cx:.1f},{cy + r * 1.25:.1f} {cx - r:.1f},{cy:.1f}"
+            pts = (
+                f"{cx:.1f},{cy - r * 1.25:.1f} {cx + r:.1f},{cy:.1f} {cx:.1f},{cy + r * 1.25:.1f} {cx - r:.1f},{cy:.1f}"
+            )
             body = f'<polygon points="{pts}" {style}/>'
         else:
             body = f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" {style}/>'
         self.parts.append(f'<g class="{esc(cls)}">{tip}{body}</g>')
 
     def svg(self, label: str, cls: str) -> str:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {self.w} {self.h}" width="{self.w}" '
-                f'height="{self.h}" role="img" aria-label="{esc(label)}" class="{esc(cls)}">'
-                + "".join(self.parts) + "</svg>")
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {self.w} {self.h}" width="{self.w}" '
+            f'height="{self.h}" role="img" aria-label="{esc(label)}" class="{esc(cls)}">'
+            + "".join(self.parts)
+            + "</svg>"
+        )
 
 
 def _padded(values: list[float], pad: float = 0.06, floor: float = 0.5) -> tuple[float, float]:
@@ -157,20 +191,33 @@ def greedy_svg(curve: list[dict[str, Any]]) -> str:
     plot = Plot((-0.5, n + 0.5), (y0, y1))
     step = max(1, math.ceil((n + 1) / 12))
     plot.axes("candidate (held-out order)", "held-out accuracy (%)", list(range(0, n + 1, step)), nice_ticks(y0, y1))
-    soup_pts = [(plot.x(c["position"]), plot.y(100 * c["soup_heldout"])) for c in pts
-                if isinstance(c.get("soup_heldout"), (int, float))]
+    soup_pts = [
+        (plot.x(c["position"]), plot.y(100 * c["soup_heldout"]))
+        for c in pts
+        if isinstance(c.get("soup_heldout"), (int, float))
+    ]
     if soup_pts:
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in soup_pts)
-        plot.parts.append(f'<polyline points="{path}" class="soup-line"><title>soup held-out after each step</title>'
-                          "</polyline>")
+        plot.parts.append(
+            f'<polyline points="{path}" class="soup-line"><title>soup held-out after each step</title></polyline>'
+        )
     for c in pts:
         if not isinstance(c.get("heldout"), (int, float)):
             continue
         kept = bool(c.get("accepted"))
-        title = (f"#{c['position']} trial {c.get('trial_id')}: held-out {pct(c['heldout'], 2)}, "
-                 f"{'kept' if kept else 'not kept'}; soup after: {pct(c.get('soup_heldout'), 2)}")
-        plot.marker("circle", plot.x(c["position"]), plot.y(100 * c["heldout"]), "#1e8e3e" if kept else "#d93025",
-                    title, hollow=not kept, cls="kept" if kept else "dropped")
+        title = (
+            f"#{c['position']} trial {c.get('trial_id')}: held-out {pct(c['heldout'], 2)}, "
+            f"{'kept' if kept else 'not kept'}; soup after: {pct(c.get('soup_heldout'), 2)}"
+        )
+        plot.marker(
+            "circle",
+            plot.x(c["position"]),
+            plot.y(100 * c["heldout"]),
+            "#1e8e3e" if kept else "#d93025",
+            title,
+            hollow=not kept,
+            cls="kept" if kept else "dropped",
+        )
     return plot.svg("greedy soup curve", "chart greedy")
 
 
@@ -196,7 +243,9 @@ def scatter_svg(points: list[dict[str, Any]]) -> str:
     """Test accuracy (x) against mean shift accuracy (y) of every model and soup scored so far.
 
     Soups, ensembles and recipes carry their number in :func:`soups_table`."""
-    pts = [p for p in points if isinstance(p.get("test"), (int, float)) and isinstance(p.get("shift_mean"), (int, float))]
+    pts = [
+        p for p in points if isinstance(p.get("test"), (int, float)) and isinstance(p.get("shift_mean"), (int, float))
+    ]
     if not pts:
         return '<p class="empty" id="scatter-empty">No model has test and shift accuracies yet.</p>'
     shown, hidden = _view(pts)
@@ -216,8 +265,14 @@ def scatter_svg(points: list[dict[str, Any]]) -> str:
         plot.marker(shape, cx, cy, fill, title, r=3.5 if individual else 5.5, cls=f"pt {p.get('kind', '')}")
         if not individual:
             plot.parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 5:.1f}" class="pt-label">{numbers[id(p)]}</text>')
-    note = (f'<p class="muted small" id="scatter-hidden">{hidden} weaker model(s) (lowest quarter) lie outside '
-            "this view (the trial table lists them)</p>") if hidden else ""
+    note = (
+        (
+            f'<p class="muted small" id="scatter-hidden">{hidden} weaker model(s) (lowest quarter) lie outside '
+            "this view (the trial table lists them)</p>"
+        )
+        if hidden
+        else ""
+    )
     return plot.svg("test vs mean shift accuracy", "chart scatter") + note
 
 
@@ -227,11 +282,12 @@ def soups_table(points: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     body = "".join(
-        f'<tr><td>{i}</td><td>{esc(p.get("name"))}</td><td>{esc(p.get("kind"))}</td>'
-        f'<td>{esc(pct(p.get("test")))}</td><td>{esc(pct(p.get("shift_mean")))}</td>'
-        f'<td>{esc(p.get("n_ingredients") if p.get("n_ingredients") is not None else "–")}</td>'
-        f'<td>{esc(p.get("forward_passes") if p.get("forward_passes") is not None else "–")}</td></tr>'
-        for i, p in enumerate(rows, 1))
+        f"<tr><td>{i}</td><td>{esc(p.get('name'))}</td><td>{esc(p.get('kind'))}</td>"
+        f"<td>{esc(pct(p.get('test')))}</td><td>{esc(pct(p.get('shift_mean')))}</td>"
+        f"<td>{esc(p.get('n_ingredients') if p.get('n_ingredients') is not None else '–')}</td>"
+        f"<td>{esc(p.get('forward_passes') if p.get('forward_passes') is not None else '–')}</td></tr>"
+        for i, p in enumerate(rows, 1)
+    )
     head = "".join(f"<th>{h}</th>" for h in ("#", "soup", "kind", "test", "shift mean", "models", "passes"))
     return f'<table id="soups" class="compact"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
@@ -239,7 +295,7 @@ def soups_table(points: list[dict[str, Any]]) -> str:
 def _legend(items: list[tuple[str, str, str]]) -> str:
     out = []
     for shape, colour, label in items:
-        mark = (f'<span class="swatch {esc(shape)}" style="--c:{esc(colour)}"></span>')
+        mark = f'<span class="swatch {esc(shape)}" style="--c:{esc(colour)}"></span>'
         out.append(f"<span>{mark}{esc(label)}</span>")
     return '<div class="legend">' + "".join(out) + "</div>"
 
@@ -254,19 +310,25 @@ def _soup_card(snap: dict[str, Any]) -> str:
     served_line = ""
     if isinstance(served, dict):
         if served.get("ready"):
-            served_line = (f'<p class="served">serving <b>{esc(served.get("model"))}</b>, soup version '
-                           f'<b id="served-version">{esc(served.get("soup_version"))}</b></p>')
+            served_line = (
+                f'<p class="served">serving <b>{esc(served.get("model"))}</b>, soup version '
+                f'<b id="served-version">{esc(served.get("soup_version"))}</b></p>'
+            )
         else:
             served_line = f'<p class="served warn">model not loaded: {esc(served.get("detail") or "loading")}</p>'
     if not soup:
         seen = keeper.get("candidates_seen")
-        return ('<section class="card soup"><h2>Soup</h2><p class="big">no soup yet</p>'
-                f'<p id="soup-version" data-version="">–</p>'
-                f'<p>{esc(seen if seen is not None else 0)} candidate(s) seen by the soup actor.</p>'
-                + served_line + "</section>")
+        return (
+            '<section class="card soup"><h2>Soup</h2><p class="big">no soup yet</p>'
+            f'<p id="soup-version" data-version="">–</p>'
+            f"<p>{esc(seen if seen is not None else 0)} candidate(s) seen by the soup actor.</p>"
+            + served_line
+            + "</section>"
+        )
     ingredients = "".join(
         f'<li><code>{esc(i["trial_id"])}</code> <span class="muted">held-out {esc(pct(i.get("heldout"), 2))}</span></li>'
-        for i in soup.get("ingredients", []))
+        for i in soup.get("ingredients", [])
+    )
     size = soup.get("heldout_size")
     correct = soup.get("heldout_correct")
     counted = f" ({esc(correct)}/{esc(size)})" if correct is not None and size else ""
@@ -275,17 +337,23 @@ def _soup_card(snap: dict[str, Any]) -> str:
     rejected = keeper.get("rejected") or {}
     stats = ""
     if keeper:
-        stats = (f'<p class="muted">{esc(keeper.get("candidates_seen"))} candidate(s) seen, {esc(len(rejected))} '
-                 f'rejected; {esc(keeper.get("evaluations"))} soup evaluations, '
-                 f'{esc(keeper.get("heldout_images_evaluated"))} held-out images scored</p>')
-    return ('<section class="card soup"><h2>Soup</h2>'
-            f'<p class="big">version <span id="soup-version" data-version="{esc(soup.get("version"))}">'
-            f'{esc(soup.get("version"))}</span></p>'
-            f'<p>held-out accuracy <b id="soup-heldout">{esc(pct(soup.get("heldout_accuracy"), 2))}</b>{counted}'
-            f'{method}{tie}</p>'
-            f'<p class="muted">published {esc(_when(soup.get("published_at")))}</p>' + served_line + stats
-            + f'<h3>{esc(len(soup.get("ingredients", [])))} ingredient(s)</h3>'
-            f'<ol id="ingredients">{ingredients}</ol></section>')
+        stats = (
+            f'<p class="muted">{esc(keeper.get("candidates_seen"))} candidate(s) seen, {esc(len(rejected))} '
+            f"rejected; {esc(keeper.get('evaluations'))} soup evaluations, "
+            f"{esc(keeper.get('heldout_images_evaluated'))} held-out images scored</p>"
+        )
+    return (
+        '<section class="card soup"><h2>Soup</h2>'
+        f'<p class="big">version <span id="soup-version" data-version="{esc(soup.get("version"))}">'
+        f"{esc(soup.get('version'))}</span></p>"
+        f'<p>held-out accuracy <b id="soup-heldout">{esc(pct(soup.get("heldout_accuracy"), 2))}</b>{counted}'
+        f"{method}{tie}</p>"
+        f'<p class="muted">published {esc(_when(soup.get("published_at")))}</p>'
+        + served_line
+        + stats
+        + f"<h3>{esc(len(soup.get('ingredients', [])))} ingredient(s)</h3>"
+        f'<ol id="ingredients">{ingredients}</ol></section>'
+    )
 
 
 def _trial_table(snap: dict[str, Any]) -> str:
@@ -299,13 +367,29 @@ def _trial_table(snap: dict[str, Any]) -> str:
         role = str(t.get("soup") or "")
         cls = "in" if role == "in soup" else ("rej" if role.startswith("rejected") else "")
         epochs = t.get("epoch") if t.get("status") == "running" else hp.get("epochs", t.get("epoch"))
-        cells = [f"<code>{esc(t.get('trial_id'))}</code>", esc(t.get("status")), esc(_sci(hp.get("lr"))),
-                 esc(_sci(hp.get("weight_decay"))), esc(epochs if epochs is not None else "–"),
-                 esc(pct(t.get("heldout"))), esc(pct(t.get("test"))), esc(pct(t.get("shift_mean"))), esc(role)]
-        rows.append(f'<tr class="{cls}" data-trial="{esc(t.get("trial_id"))}">' + "".join(f"<td>{c}</td>" for c in cells)
-                    + "</tr>")
-    return ('<table id="trials"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>")
+        cells = [
+            f"<code>{esc(t.get('trial_id'))}</code>",
+            esc(t.get("status")),
+            esc(_sci(hp.get("lr"))),
+            esc(_sci(hp.get("weight_decay"))),
+            esc(epochs if epochs is not None else "–"),
+            esc(pct(t.get("heldout"))),
+            esc(pct(t.get("test"))),
+            esc(pct(t.get("shift_mean"))),
+            esc(role),
+        ]
+        rows.append(
+            f'<tr class="{cls}" data-trial="{esc(t.get("trial_id"))}">'
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
+    return (
+        '<table id="trials"><thead><tr>'
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
 
 
 def render_live(snap: dict[str, Any]) -> str:
@@ -313,8 +397,9 @@ def render_live(snap: dict[str, Any]) -> str:
     curve = snap.get("curve") or []
     kept = sum(1 for c in curve if c.get("accepted"))
     shifts = snap.get("shifts") or []
-    greedy_legend = _legend([("circle", "#1e8e3e", "kept"), ("ring", "#d93025", "not kept"),
-                             ("line", "#1a73e8", "soup after the step")])
+    greedy_legend = _legend(
+        [("circle", "#1e8e3e", "kept"), ("ring", "#d93025", "not kept"), ("line", "#1a73e8", "soup after the step")]
+    )
     kinds = {p.get("kind") for p in snap.get("points") or []}
     items = [KIND_STYLE[k] for k in ("individual", "soup", "ensemble", "recipe") if k in kinds]
     if any(p.get("name") == "greedy_soup" for p in snap.get("points") or []):
@@ -322,19 +407,26 @@ def render_live(snap: dict[str, Any]) -> str:
     scatter_legend = _legend(items)
     shift_note = f" over {len(shifts)} shifts ({', '.join(shifts)})" if shifts else ""
     return (
-        '<div class="grid">' + _soup_card(snap)
-        + '<section class="card"><h2>Greedy curve</h2>'
+        '<div class="grid">' + _soup_card(snap) + '<section class="card"><h2>Greedy curve</h2>'
         f'<p class="muted">{esc(len(curve))} candidate(s) in held-out order, {esc(kept)} kept</p>'
-        + greedy_svg(curve) + greedy_legend + "</section>"
+        + greedy_svg(curve)
+        + greedy_legend
+        + "</section>"
         + "</div>"
         + '<section class="card wide"><h2>Test vs distribution shift</h2>'
         f'<p class="muted">mean accuracy{esc(shift_note)}; soups, ensembles and recipes as scored so far</p>'
-        '<div class="side"><div>' + scatter_svg(snap.get("points") or []) + scatter_legend + "</div>"
-        + soups_table(snap.get("points") or []) + "</div></section>"
+        '<div class="side"><div>'
+        + scatter_svg(snap.get("points") or [])
+        + scatter_legend
+        + "</div>"
+        + soups_table(snap.get("points") or [])
+        + "</div></section>"
         + f'<section class="card wide"><h2>Trials ({esc(len(snap.get("trials") or []))})</h2>'
-        + _trial_table(snap) + "</section>"
+        + _trial_table(snap)
+        + "</section>"
         + f'<p class="muted foot">snapshot {esc(_when(snap.get("generated_at")))} · digest '
-          f'<code id="digest">{esc(snap.get("digest"))}</code></p>')
+        f'<code id="digest">{esc(snap.get("digest"))}</code></p>'
+    )
 
 
 STYLE = """
@@ -391,7 +483,7 @@ def render_page(snap: dict[str, Any], json_url: str = JSON_PATH, poll_s: float =
     name = f" ({snap['name']})" if snap.get("name") and snap.get("name") != snap.get("run") else ""
     refresh = max(2, int(round(poll_s * 3)))
     return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{esc(title)}</title>"
         f'<noscript><meta http-equiv="refresh" content="{refresh}"></noscript>'
@@ -400,7 +492,8 @@ def render_page(snap: dict[str, Any], json_url: str = JSON_PATH, poll_s: float =
         '<span class="muted" id="poll-state">live</span></header>'
         f'<main id="live" data-digest="{esc(snap.get("digest"))}" data-json="{esc(json_url)}" '
         f'data-poll="{esc(poll_s)}">' + render_live(snap) + "</main>"
-        f"<script>{SCRIPT}</script></body></html>")
+        f"<script>{SCRIPT}</script></body></html>"
+    )
 
 
 # ---------------------------------------------------------------- a page server without Ray
@@ -423,8 +516,9 @@ def _handler(run_dir: Path, poll_s: float) -> type[BaseHTTPRequestHandler]:
                     self._send(404, b'{"error": "not_found"}', "application/json")
                     return
             except Exception as err:  # noqa: BLE001 - a broken read is answered, never kills the thread
-                self._send(500, json.dumps({"error": "snapshot_failed", "detail": str(err)}).encode(),
-                           "application/json")
+                self._send(
+                    500, json.dumps({"error": "snapshot_failed", "detail": str(err)}).encode(), "application/json"
+                )
                 return
             self._send(200, body, kind)
 
@@ -442,8 +536,9 @@ def _handler(run_dir: Path, poll_s: float) -> type[BaseHTTPRequestHandler]:
     return LivePageHandler
 
 
-def start_live_page(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0,
-                    poll_s: float = DEFAULT_POLL_S) -> tuple[str, Callable[[], None]]:
+def start_live_page(
+    run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, poll_s: float = DEFAULT_POLL_S
+) -> tuple[str, Callable[[], None]]:
     """Serve the live soup page of ``run_dir`` from a daemon thread; returns its URL and a ``stop()``.
 
     ``port=0`` takes a free port. The page and ``/soup.json`` are read from the
@@ -451,8 +546,9 @@ def start_live_page(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0,
     """
     server = ThreadingHTTPServer((host, int(port)), _handler(Path(run_dir), poll_s))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                              name="soup-ray-live-page", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="soup-ray-live-page", daemon=True
+    )
     thread.start()
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host

@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,9 @@ from .run_dir import WEIGHTS_FILE as BASE_WEIGHTS
 class CLIPClassifier(nn.Module):
     """Images in [0, 1] -> normalise -> CLIP image encoder -> L2-normalise -> linear head (logits)."""
 
-    def __init__(self, visual: nn.Module, head: nn.Linear, mean: Sequence[float], std: Sequence[float], image_size: int):
+    def __init__(
+        self, visual: nn.Module, head: nn.Linear, mean: Sequence[float], std: Sequence[float], image_size: int
+    ):
         super().__init__()
         self.visual = visual
         self.head = head
@@ -78,11 +80,13 @@ def _open_clip_model(cfg: ModelConfig) -> tuple[nn.Module, dict, str, str]:
         raise
     note = note or f"{name} pretrained={pretrained}"
     if name.startswith("local-dir:"):
-        oc_cfg = json.loads((Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG).read_text())
+        oc_cfg = json.loads((Path(name[len("local-dir:") :]) / OPEN_CLIP_CONFIG).read_text())
     else:
         mc = open_clip.get_model_config(name)
-        pp = {"mean": list(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
-              "std": list(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)}
+        pp = {
+            "mean": list(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+            "std": list(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        }
         oc_cfg = {"model_cfg": mc, "preprocess_cfg": pp}
     return model, oc_cfg, note, name
 
@@ -93,7 +97,9 @@ def config_image_size(model_cfg: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def zero_shot_weights(model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence) -> torch.Tensor:
+def zero_shot_weights(
+    model: nn.Module, tokenizer: Callable, classnames: Sequence[str], templates: Sequence
+) -> torch.Tensor:
     """Zero-shot head weights ``[n_classes, embed_dim]``: normalised mean text embedding per class."""
     from open_clip import build_zero_shot_classifier
 
@@ -197,8 +203,13 @@ def classifier_from_dir(base_dir: Path) -> CLIPClassifier:
     emb = oc_cfg["model_cfg"]["embed_dim"]
     head = nn.Linear(emb, len(meta["classnames"]))
     pp = oc_cfg.get("preprocess_cfg", {})
-    return CLIPClassifier(model.visual, head, pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                          pp.get("std", open_clip.OPENAI_DATASET_STD), int(meta["image_size"]))
+    return CLIPClassifier(
+        model.visual,
+        head,
+        pp.get("mean", open_clip.OPENAI_DATASET_MEAN),
+        pp.get("std", open_clip.OPENAI_DATASET_STD),
+        int(meta["image_size"]),
+    )
 
 
 def load_base(base_dir: Path) -> tuple[CLIPClassifier, dict]:

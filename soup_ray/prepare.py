@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .atomic import write_json, write_text
 from .config import SweepConfig
@@ -82,8 +82,10 @@ def _prepare(cfg: SweepConfig, run_dir: Path, paths: RunDir, reuse: bool, log: L
         zs[name] = accuracy(lg, lb)
     zs["head_init"] = cfg.model.head_init
     write_json(paths.zero_shot, zs)
-    log(f"base: {base.zero_shot_note}, {head_note}; held-out {100 * zs['heldout']:.1f}%, test {100 * zs['test']:.1f}% "
-        f"(fingerprint {fp[:12]}, {time.time() - t0:.0f}s)")
+    log(
+        f"base: {base.zero_shot_note}, {head_note}; held-out {100 * zs['heldout']:.1f}%, test {100 * zs['test']:.1f}% "
+        f"(fingerprint {fp[:12]}, {time.time() - t0:.0f}s)"
+    )
     return PreparedRun(run_dir, base_dir, fp, bundle, zs)
 
 
@@ -96,7 +98,7 @@ def image_size_for(cfg: SweepConfig) -> int:
     register_model_configs()
     name = cfg.model.name
     if name.startswith("local-dir:"):
-        mc = json.loads((Path(name[len("local-dir:"):]) / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+        mc = json.loads((Path(name[len("local-dir:") :]) / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
     else:
         mc = open_clip.get_model_config(name)
         if mc is None:

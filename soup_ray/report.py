@@ -30,6 +30,17 @@ from .diagnostics import soup_diagnostics
 from .evaluate import correct_count
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
 from .results import read_jsonl, write_jsonl
+from .run_dir import (
+    CHECKPOINT_LOGITS,
+    FIGURE_PNG,
+    GREEDY_PNG,
+    INTERPOLATION_PNG,
+    REPORT_MD,
+    RESULTS_FILE,
+    SOUPS_DIR,
+    WISE_FT_PNG,
+    RunDir,
+)
 from .soup import (
     Candidate,
     GreedyResult,
@@ -41,8 +52,6 @@ from .soup import (
     greedy_method,
     sort_candidates,
 )
-from .run_dir import (CHECKPOINT_LOGITS, FIGURE_PNG, GREEDY_PNG, INTERPOLATION_PNG, REPORT_MD, RESULTS_FILE, SOUPS_DIR,
-                      WISE_FT_PNG, RunDir)
 
 Log = Callable[[str], None]
 
@@ -62,7 +71,6 @@ _LABELS = {
     "ensemble": "ensemble (all models)",
     "greedy_ensemble": "greedy ensemble",
 }
-
 
 
 class ReportError(ValueError):
@@ -95,8 +103,7 @@ def results_path(run_dir: Path) -> Path:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: {run_dir} is not a finished run folder "
-            "(run `soup-ray sweep CONFIG` first)"
+            f"{path} not found: {run_dir} is not a finished run folder (run `soup-ray sweep CONFIG` first)"
         )
     return path
 
@@ -105,8 +112,11 @@ def admit_run(run_dir: Path, log: Log = print, kitchen: Kitchen | None = None) -
     """Admit every completed trial of ``run_dir``; rejected checkpoints are kept with their reason."""
     run_dir = Path(run_dir)
     path = results_path(run_dir)
-    rows = {str(r["trial_id"]): r for r in read_jsonl(path) if r.get("trial_id") is not None
-            and r.get("kind", "individual") == "individual"}
+    rows = {
+        str(r["trial_id"]): r
+        for r in read_jsonl(path)
+        if r.get("trial_id") is not None and r.get("kind", "individual") == "individual"
+    }
     records = trial_records_from_results(run_dir)
     kitchen = kitchen or Kitchen(run_dir)
     candidates: list[Candidate] = []
@@ -126,8 +136,7 @@ def admit_run(run_dir: Path, log: Log = print, kitchen: Kitchen | None = None) -
         candidates.append(cand)
     if not candidates:
         raise ReportError(
-            f"no admissible checkpoint in {run_dir} ({len(records)} completed trial(s), "
-            f"{len(rejected)} rejected)"
+            f"no admissible checkpoint in {run_dir} ({len(records)} completed trial(s), {len(rejected)} rejected)"
         )
     return AdmittedRun(run_dir, kitchen, sort_candidates(candidates), rejected, rows)
 
@@ -162,11 +171,24 @@ def method_ingredients(
 # ---------------------------------------------------------------------------
 
 
-def _row(name: str, kind: str, accs: Mapping[str, float], shifts: Sequence[str],
-         ingredients: Sequence[str], forward_passes: int, **extra: Any) -> dict[str, Any]:
+def _row(
+    name: str,
+    kind: str,
+    accs: Mapping[str, float],
+    shifts: Sequence[str],
+    ingredients: Sequence[str],
+    forward_passes: int,
+    **extra: Any,
+) -> dict[str, Any]:
     """A summary row in the shape of the individual rows of ``results.jsonl``."""
-    row: dict[str, Any] = {"model_name": name, "kind": kind, "status": "summary", "summary": True,
-                           "heldout": accs.get("heldout"), "test": accs.get("test")}
+    row: dict[str, Any] = {
+        "model_name": name,
+        "kind": kind,
+        "status": "summary",
+        "summary": True,
+        "heldout": accs.get("heldout"),
+        "test": accs.get("test"),
+    }
     for s in shifts:
         row[s] = accs.get(s)
     vals = [row[s] for s in shifts if row[s] is not None]
@@ -256,8 +278,10 @@ class LogitStore:
                         sums[name].add_(lg)
                     else:
                         sums[name] = lg.clone()
-        return {name: correct_count(sums[name] / len(ids), self.labels[name]) / len(self.labels[name])
-                for name in self.names}
+        return {
+            name: correct_count(sums[name] / len(ids), self.labels[name]) / len(self.labels[name])
+            for name in self.names
+        }
 
 
 def _history_from_steps(steps: Sequence[Any], run: AdmittedRun) -> list[dict[str, Any]]:
@@ -268,15 +292,17 @@ def _history_from_steps(steps: Sequence[Any], run: AdmittedRun) -> list[dict[str
     points = []
     for s in steps:
         soup_size += int(s.accepted)
-        points.append({
-            "position": s.position,
-            "candidate_id": s.candidate_id,
-            "candidate_accuracy": own[s.candidate_id] / h if s.candidate_id in own else None,
-            "trial_soup_accuracy": None if s.correct is None else s.correct / h,
-            "accepted": bool(s.accepted),
-            "soup_accuracy": s.soup_correct / h,
-            "n_ingredients": soup_size,
-        })
+        points.append(
+            {
+                "position": s.position,
+                "candidate_id": s.candidate_id,
+                "candidate_accuracy": own[s.candidate_id] / h if s.candidate_id in own else None,
+                "trial_soup_accuracy": None if s.correct is None else s.correct / h,
+                "accepted": bool(s.accepted),
+                "soup_accuracy": s.soup_correct / h,
+                "n_ingredients": soup_size,
+            }
+        )
     return points
 
 
@@ -297,15 +323,17 @@ def _history_for_ingredients(ingredients: Sequence[str], run: AdmittedRun) -> li
             else:
                 correct = k.evaluate(list(soup), None).correct
             soup_acc = trial_acc = correct / h
-        points.append({
-            "position": position,
-            "candidate_id": cand.id,
-            "candidate_accuracy": cand.heldout_correct / h,
-            "trial_soup_accuracy": trial_acc,
-            "accepted": accepted,
-            "soup_accuracy": soup_acc,
-            "n_ingredients": len(soup),
-        })
+        points.append(
+            {
+                "position": position,
+                "candidate_id": cand.id,
+                "candidate_accuracy": cand.heldout_correct / h,
+                "trial_soup_accuracy": trial_acc,
+                "accepted": accepted,
+                "soup_accuracy": soup_acc,
+                "n_ingredients": len(soup),
+            }
+        )
     return points
 
 
@@ -346,20 +374,23 @@ def compute_report(
     accs = {n: src.get(n) for n in ["heldout", "test", *shifts]}
     if accs["heldout"] is None:
         accs["heldout"] = best.heldout_correct / h
-    rows["best_individual"] = _row("best_individual", "individual", accs, shifts, [best.id], 1,
-                                   heldout_correct=best.heldout_correct)
+    rows["best_individual"] = _row(
+        "best_individual", "individual", accs, shifts, [best.id], 1, heldout_correct=best.heldout_correct
+    )
 
     # Uniform soup.
     log(f"scoring the uniform soup of {len(ids)} models")
     uni_accs, uni_correct = score_weights(k, ids)
-    rows["uniform_soup"] = _row("uniform_soup", "soup", uni_accs, shifts, ids, 1,
-                                heldout_correct=uni_correct)
+    rows["uniform_soup"] = _row("uniform_soup", "soup", uni_accs, shifts, ids, 1, heldout_correct=uni_correct)
 
     # Greedy soup.
     if greedy_result is not None:
         chosen = list(greedy_result.ingredients)
-        history = _history_from_steps(greedy_result.history, run) if greedy_result.history else \
-            _history_for_ingredients(chosen, run)
+        history = (
+            _history_from_steps(greedy_result.history, run)
+            if greedy_result.history
+            else _history_for_ingredients(chosen, run)
+        )
         source = "given"
     elif greedy_ingredients is not None:
         chosen = list(greedy_ingredients)
@@ -370,8 +401,7 @@ def compute_report(
         source = "given"
     else:
         log(f"computing the greedy soup (tie {tie!r}, early rejection {'on' if early_rejection else 'off'})")
-        greedy_result = greedy_method(tie)(
-            run.candidates, k.evaluate, heldout_size=h, early_rejection=early_rejection)
+        greedy_result = greedy_method(tie)(run.candidates, k.evaluate, heldout_size=h, early_rejection=early_rejection)
         chosen = list(greedy_result.ingredients)
         history = _history_from_steps(greedy_result.history, run)
         source = "computed"
@@ -401,15 +431,29 @@ def compute_report(
         rows["ensemble"] = _row("ensemble", "ensemble", ens_accs, shifts, store.usable, len(store.usable))
         ge = greedy_ensemble(store.usable, store.heldout, store.labels["heldout"], tie)
         ge_accs = store.mean_accuracies(ge.ingredients)
-        rows["greedy_ensemble"] = _row("greedy_ensemble", "ensemble", ge_accs, shifts, ge.ingredients,
-                                       len(ge.ingredients), heldout_correct=ge.correct, tie=tie)
+        rows["greedy_ensemble"] = _row(
+            "greedy_ensemble",
+            "ensemble",
+            ge_accs,
+            shifts,
+            ge.ingredients,
+            len(ge.ingredients),
+            heldout_correct=ge.correct,
+            tie=tie,
+        )
 
     individuals = []
     for c in run.candidates:
         r = run.rows.get(c.id, {})
-        individuals.append({"trial_id": c.id, "heldout": r.get("heldout", c.heldout_correct / h),
-                            "test": r.get("test"), "shift_mean": r.get("shift_mean"),
-                            **{s: r.get(s) for s in shifts}})
+        individuals.append(
+            {
+                "trial_id": c.id,
+                "heldout": r.get("heldout", c.heldout_correct / h),
+                "test": r.get("test"),
+                "shift_mean": r.get("shift_mean"),
+                **{s: r.get(s) for s in shifts},
+            }
+        )
     return {
         "run_dir": str(run_dir),
         "shifts": shifts,
@@ -446,21 +490,32 @@ def _table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     header = ["method", "held-out", "test", *shifts, "shift mean", "forward passes", "models"]
     body = []
     for r in [*report["rows"], *report.get("recipes", [])]:
-        body.append([r["model_name"], _pct(r.get("heldout")), _pct(r.get("test")),
-                     *[_pct(r.get(s)) for s in shifts], _pct(r.get("shift_mean")),
-                     str(r.get("forward_passes", "")), str(len(r.get("ingredients") or []))])
+        body.append(
+            [
+                r["model_name"],
+                _pct(r.get("heldout")),
+                _pct(r.get("test")),
+                *[_pct(r.get(s)) for s in shifts],
+                _pct(r.get("shift_mean")),
+                str(r.get("forward_passes", "")),
+                str(len(r.get("ingredients") or [])),
+            ]
+        )
     return header, body
 
 
 def soup_table(report: Mapping[str, Any]) -> str:
     """A fixed-width console table of the summary rows (accuracies in percent)."""
     header, body = _table_cells(report)
-    widths = [max(len(header[i]), *(len(b[i]) for b in body)) if body else len(header[i])
-              for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(header, widths))),
-             "  ".join("-" * w for w in widths)]
+    widths = [max(len(header[i]), *(len(b[i]) for b in body)) if body else len(header[i]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(header, widths, strict=True))),
+        "  ".join("-" * w for w in widths),
+    ]
     for b in body:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths, strict=True)))
+        )
     return "\n".join(lines)
 
 
@@ -491,10 +546,16 @@ def dead_letters_markdown(report: Mapping[str, Any]) -> list[str]:
     letters = report.get("live_rejected") or []
     if not letters:
         return []
-    lines = ["", "## Offers the live soup set aside", "",
-             f"The soup actor refused {len(letters)} offer(s) during the sweep; the soup never included them. "
-             "Fix the cause and re-offer with `soup-ray soup RUN_DIR`, or leave them out.", "",
-             "| offer | reason |", "|---|---|"]
+    lines = [
+        "",
+        "## Offers the live soup set aside",
+        "",
+        f"The soup actor refused {len(letters)} offer(s) during the sweep; the soup never included them. "
+        "Fix the cause and re-offer with `soup-ray soup RUN_DIR`, or leave them out.",
+        "",
+        "| offer | reason |",
+        "|---|---|",
+    ]
     for r in letters:
         lines.append(f"| `{r['trial_id']}` | {r['reason'].replace('|', '/')} |")
     return lines
@@ -503,10 +564,14 @@ def dead_letters_markdown(report: Mapping[str, Any]) -> list[str]:
 def markdown_report(report: Mapping[str, Any]) -> str:
     """``report.md``: the summary table and the counts line."""
     header, body = _table_cells(report)
-    lines = ["# Model soup report", "",
-             "Accuracy in percent; forward passes per image at inference.", "",
-             "| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = [
+        "# Model soup report",
+        "",
+        "Accuracy in percent; forward passes per image at inference.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     for b in body:
         lines.append("| " + " | ".join(b) + " |")
     lines += ["", counts_line(report)]
@@ -519,8 +584,11 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines += ["", "Greedy soup ingredients (in order): " + ", ".join(f"`{i}`" for i in greedy["ingredients"])]
     excluded = report.get("ensemble_excluded") or []
     if excluded:
-        lines += ["", "Left out of the ensembles (no usable cached logits): "
-                  + "; ".join(f"{e['trial_id']}: {e['reason']}" for e in excluded)]
+        lines += [
+            "",
+            "Left out of the ensembles (no usable cached logits): "
+            + "; ".join(f"{e['trial_id']}: {e['reason']}" for e in excluded),
+        ]
     lines += diagnostics_markdown(report.get("diagnostics"))
     return "\n".join(lines) + "\n"
 
@@ -530,14 +598,24 @@ def recipes_markdown(report: Mapping[str, Any]) -> list[str]:
     recipes = report.get("recipes") or []
     if not recipes:
         return []
-    lines = ["", "## Recipes", "", "Each recipe's hyperparameters were chosen on the held-out split only; each is "
-             "an open_clip `local-dir:` folder under `soups/` (serve one with `soup-ray serve RUN_DIR --method NAME`).",
-             "", "| recipe | method | chosen parameters | models | seconds |", "|---|---|---|---:|---:|"]
+    lines = [
+        "",
+        "## Recipes",
+        "",
+        "Each recipe's hyperparameters were chosen on the held-out split only; each is "
+        "an open_clip `local-dir:` folder under `soups/` (serve one with `soup-ray serve RUN_DIR --method NAME`).",
+        "",
+        "| recipe | method | chosen parameters | models | seconds |",
+        "|---|---|---|---:|---:|",
+    ]
     for r in recipes:
-        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()
-                           if not isinstance(v, (list, tuple, dict)))
-        lines.append(f"| `{r['model_name']}` | {r['method']} | {params or '-'} | {r['n_ingredients']} | "
-                     f"{r.get('seconds', '-')} |")
+        params = ", ".join(
+            f"{k}={v}" for k, v in (r.get("params") or {}).items() if not isinstance(v, (list, tuple, dict))
+        )
+        lines.append(
+            f"| `{r['model_name']}` | {r['method']} | {params or '-'} | {r['n_ingredients']} | "
+            f"{r.get('seconds', '-')} |"
+        )
     return lines
 
 
@@ -545,24 +623,44 @@ def diagnostics_markdown(diag: Mapping[str, Any] | None) -> list[str]:
     """The "why" section of ``report.md``: the verdict, the barriers and each run's distance from the base."""
     if not diag:
         return []
-    lines = ["", "## Why the greedy soup kept what it kept", "", f"**Verdict:** {diag['verdict']}", "",
-             f"Held-out accuracy (%) on the straight line from the best run `{diag['curves'][0]['best']}` to each "
-             "partner (alpha 0 = the best run, 1 = the partner); the barrier is the drop at the midpoint below the "
-             "mean of the ends (`interpolation.png`)." if diag.get("curves") else "Only one candidate: no barrier to "
-             "measure.", ""]
+    lines = [
+        "",
+        "## Why the greedy soup kept what it kept",
+        "",
+        f"**Verdict:** {diag['verdict']}",
+        "",
+        f"Held-out accuracy (%) on the straight line from the best run `{diag['curves'][0]['best']}` to each "
+        "partner (alpha 0 = the best run, 1 = the partner); the barrier is the drop at the midpoint below the "
+        "mean of the ends (`interpolation.png`)."
+        if diag.get("curves")
+        else "Only one candidate: no barrier to measure.",
+        "",
+    ]
     if diag.get("curves"):
         alphas = diag["curves"][0]["alphas"]
-        lines += ["| partner | in soup | " + " | ".join(f"a={a:g}" for a in alphas) + " | barrier (points) |",
-                  "|---|---|" + "---:|" * len(alphas) + "---:|"]
+        lines += [
+            "| partner | in soup | " + " | ".join(f"a={a:g}" for a in alphas) + " | barrier (points) |",
+            "|---|---|" + "---:|" * len(alphas) + "---:|",
+        ]
         for c in diag["curves"]:
-            lines.append(f"| `{c['partner']}` | {'yes' if c['partner_in_soup'] else 'no'} | "
-                         + " | ".join(f"{100 * v:.1f}" for v in c["heldout"]) + f" | {c['barrier_points']:.1f} |")
-    lines += ["", "Distance of each run from the shared base (relative L2 of the weight change), best held-out first:",
-              "", "| run | lr | held-out | distance | in soup |", "|---|---:|---:|---:|---|"]
+            lines.append(
+                f"| `{c['partner']}` | {'yes' if c['partner_in_soup'] else 'no'} | "
+                + " | ".join(f"{100 * v:.1f}" for v in c["heldout"])
+                + f" | {c['barrier_points']:.1f} |"
+            )
+    lines += [
+        "",
+        "Distance of each run from the shared base (relative L2 of the weight change), best held-out first:",
+        "",
+        "| run | lr | held-out | distance | in soup |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in diag["distances"]:
         lr = "-" if r.get("lr") is None else f"{r['lr']:.2g}"
-        lines.append(f"| `{r['trial_id']}` | {lr} | {100 * r['heldout']:.1f} | {r['distance']:.4f} | "
-                     f"{'yes' if r['in_soup'] else ''} |")
+        lines.append(
+            f"| `{r['trial_id']}` | {lr} | {100 * r['heldout']:.1f} | {r['distance']:.4f} | "
+            f"{'yes' if r['in_soup'] else ''} |"
+        )
     return lines
 
 
@@ -588,28 +686,66 @@ def plot_scatter(report: Mapping[str, Any], path: Path) -> Path:
     """The paper's figure: test accuracy (x) against mean shift accuracy (y)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    pts = [(r["test"], r["shift_mean"]) for r in report["individuals"]
-           if r.get("test") is not None and r.get("shift_mean") is not None]
+    pts = [
+        (r["test"], r["shift_mean"])
+        for r in report["individuals"]
+        if r.get("test") is not None and r.get("shift_mean") is not None
+    ]
     if pts:
-        ax.scatter([100 * x for x, _ in pts], [100 * y for _, y in pts], s=14, c="0.55", alpha=0.8,
-                   label="fine-tuned models", zorder=2)
+        ax.scatter(
+            [100 * x for x, _ in pts],
+            [100 * y for _, y in pts],
+            s=14,
+            c="0.55",
+            alpha=0.8,
+            label="fine-tuned models",
+            zorder=2,
+        )
     for r in report.get("recipes", []):
         if r.get("test") is None or r.get("shift_mean") is None or r["model_name"] in ("greedy", "uniform"):
             continue  # the greedy and uniform recipes sit on the greedy and uniform soups' markers
-        ax.scatter([100 * r["test"]], [100 * r["shift_mean"]], marker="P", s=60, c="tab:cyan", edgecolors="k",
-                   linewidths=0.5, zorder=3)
-        ax.annotate(r["model_name"], (100 * r["test"], 100 * r["shift_mean"]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7)
+        ax.scatter(
+            [100 * r["test"]],
+            [100 * r["shift_mean"]],
+            marker="P",
+            s=60,
+            c="tab:cyan",
+            edgecolors="k",
+            linewidths=0.5,
+            zorder=3,
+        )
+        ax.annotate(
+            r["model_name"],
+            (100 * r["test"], 100 * r["shift_mean"]),
+            textcoords="offset points",
+            xytext=(4, 3),
+            fontsize=7,
+        )
     for r in report["rows"]:
         if r.get("test") is None or r.get("shift_mean") is None:
             continue
         marker, color = _MARKERS.get(r["model_name"], ("o", "k"))
         size = 220 if marker == "*" else 80
-        ax.scatter([100 * r["test"]], [100 * r["shift_mean"]], marker=marker, s=size, c=color,
-                   edgecolors="k", linewidths=0.6, label=_LABELS.get(r["model_name"], r["model_name"]),
-                   zorder=3)
-    return _finish(plt, fig, ax, path, "test accuracy (%)", f"mean accuracy over {len(report['shifts'])} shifts (%)",
-                   "Soups and ensembles vs. individual fine-tuned models")
+        ax.scatter(
+            [100 * r["test"]],
+            [100 * r["shift_mean"]],
+            marker=marker,
+            s=size,
+            c=color,
+            edgecolors="k",
+            linewidths=0.6,
+            label=_LABELS.get(r["model_name"], r["model_name"]),
+            zorder=3,
+        )
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "test accuracy (%)",
+        f"mean accuracy over {len(report['shifts'])} shifts (%)",
+        "Soups and ensembles vs. individual fine-tuned models",
+    )
 
 
 def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -638,17 +774,43 @@ def plot_greedy(report: Mapping[str, Any], path: Path) -> Path:
     soup = [100 * p["soup_accuracy"] if p["soup_accuracy"] is not None else float("nan") for p in hist]
     ax.plot(xs, own, "o", ms=4, c="0.55", label="candidate alone")
     ax.step(xs, soup, where="post", c="tab:red", lw=1.5, label="greedy soup")
-    acc = [(x, y) for x, y, p in zip(xs, soup, hist) if p["accepted"]]
+    acc = [(x, y) for x, y, p in zip(xs, soup, hist, strict=True) if p["accepted"]]
     if acc:
-        ax.scatter([x for x, _ in acc], [y for _, y in acc], marker="*", s=120, c="tab:red",
-                   edgecolors="k", linewidths=0.5, zorder=3, label="accepted")
-    rej = [(x, 100 * p["trial_soup_accuracy"]) for x, p in zip(xs, hist)
-           if not p["accepted"] and p.get("trial_soup_accuracy") is not None]
+        ax.scatter(
+            [x for x, _ in acc],
+            [y for _, y in acc],
+            marker="*",
+            s=120,
+            c="tab:red",
+            edgecolors="k",
+            linewidths=0.5,
+            zorder=3,
+            label="accepted",
+        )
+    rej = [
+        (x, 100 * p["trial_soup_accuracy"])
+        for x, p in zip(xs, hist, strict=True)
+        if not p["accepted"] and p.get("trial_soup_accuracy") is not None
+    ]
     if rej:
-        ax.scatter([x for x, _ in rej], [y for _, y in rej], marker="x", s=30, c="tab:blue",
-                   zorder=3, label="rejected (soup with it)")
-    return _finish(plt, fig, ax, path, "candidate (sorted by held-out accuracy)", "held-out accuracy (%)",
-                   "Greedy soup: held-out accuracy as candidates are considered")
+        ax.scatter(
+            [x for x, _ in rej],
+            [y for _, y in rej],
+            marker="x",
+            s=30,
+            c="tab:blue",
+            zorder=3,
+            label="rejected (soup with it)",
+        )
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "candidate (sorted by held-out accuracy)",
+        "held-out accuracy (%)",
+        "Greedy soup: held-out accuracy as candidates are considered",
+    )
 
 
 def _is_summary(row: Mapping[str, Any]) -> bool:
@@ -669,10 +831,16 @@ def write_report(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
         "report": md,
         "figure": plot_scatter(report, run_dir / FIGURE_PNG),
         "greedy": plot_greedy(report, run_dir / GREEDY_PNG),
-        **({"interpolation": plot_interpolation(report, run_dir / INTERPOLATION_PNG)}
-           if (report.get("diagnostics") or {}).get("curves") else {}),
-        **({"wise_ft": plot_wise_ft(report, run_dir / WISE_FT_PNG)}
-           if any("curve" in e for e in (report.get("recipe_extras") or {}).values()) else {}),
+        **(
+            {"interpolation": plot_interpolation(report, run_dir / INTERPOLATION_PNG)}
+            if (report.get("diagnostics") or {}).get("curves")
+            else {}
+        ),
+        **(
+            {"wise_ft": plot_wise_ft(report, run_dir / WISE_FT_PNG)}
+            if any("curve" in e for e in (report.get("recipe_extras") or {}).values())
+            else {}
+        ),
     }
 
 
@@ -686,14 +854,29 @@ def plot_wise_ft(report: Mapping[str, Any], path: Path) -> Path:
             continue
         xs, ys = [100 * p["test"] for p in curve], [100 * p["shift_mean"] for p in curve]
         ax.plot(xs, ys, "-o", ms=4, label=f"{label}: alpha 0 (base) to 1")
-        for p, x, y in zip(curve, xs, ys):
+        for p, x, y in zip(curve, xs, ys, strict=True):
             ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         chosen = next((r for r in report.get("recipes", []) if r["model_name"] == label), None)
         if chosen is not None and chosen.get("test") is not None:
-            ax.scatter([100 * chosen["test"]], [100 * chosen["shift_mean"]], marker="*", s=200, c="tab:red",
-                       edgecolors="k", zorder=3, label=f"chosen on held-out (alpha {chosen['params'].get('alpha')})")
-    return _finish(plt, fig, ax, path, "test accuracy (%)", "mean shift accuracy (%)",
-                   "WiSE-FT: interpolating the base and the fine-tuned weights")
+            ax.scatter(
+                [100 * chosen["test"]],
+                [100 * chosen["shift_mean"]],
+                marker="*",
+                s=200,
+                c="tab:red",
+                edgecolors="k",
+                zorder=3,
+                label=f"chosen on held-out (alpha {chosen['params'].get('alpha')})",
+            )
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "test accuracy (%)",
+        "mean shift accuracy (%)",
+        "WiSE-FT: interpolating the base and the fine-tuned weights",
+    )
 
 
 def plot_interpolation(report: Mapping[str, Any], path: Path) -> Path:
@@ -702,15 +885,29 @@ def plot_interpolation(report: Mapping[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     for c in report["diagnostics"]["curves"]:
         style = "-" if c["partner_in_soup"] else "--"
-        ax.plot(c["alphas"], [100 * v for v in c["heldout"]], style, marker="o", ms=4,
-                label=f"{c['partner']} ({'in soup' if c['partner_in_soup'] else 'rejected'}; "
-                      f"barrier {c['barrier_points']:.1f})")
-    return _finish(plt, fig, ax, path, "alpha (0 = best run, 1 = partner)", "held-out accuracy (%)",
-                   "Interpolating the best run with the next candidates")
+        ax.plot(
+            c["alphas"],
+            [100 * v for v in c["heldout"]],
+            style,
+            marker="o",
+            ms=4,
+            label=f"{c['partner']} ({'in soup' if c['partner_in_soup'] else 'rejected'}; "
+            f"barrier {c['barrier_points']:.1f})",
+        )
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "alpha (0 = best run, 1 = partner)",
+        "held-out accuracy (%)",
+        "Interpolating the best run with the next candidates",
+    )
 
 
-def write_soup_json(run_dir: Path, method: str, result: GreedyResult, *, tie: Tie | None,
-                    early_rejection: bool, admitted: AdmittedRun) -> Path:
+def write_soup_json(
+    run_dir: Path, method: str, result: GreedyResult, *, tie: Tie | None, early_rejection: bool, admitted: AdmittedRun
+) -> Path:
     """``run_dir/soups/<method>.json``: ingredients, held-out accuracy and search cost."""
     h = admitted.kitchen.heldout_size
     out = Path(run_dir) / SOUPS_DIR / f"{method}.json"

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .atomic import replacing
 
 
-def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], checkpoint: str | None,
-              shifts: Iterable[str], error: str | None = None) -> dict[str, Any]:
+def trial_row(
+    trial_id: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    checkpoint: str | None,
+    shifts: Iterable[str],
+    error: str | None = None,
+) -> dict[str, Any]:
     """One JSON object per model: model_name, heldout, test, one key per shift, hyperparameters, status."""
     status = "error" if error else metrics.get("status", "unknown")
     done = status == "completed"
@@ -20,8 +27,13 @@ def trial_row(trial_id: str, metrics: dict[str, Any], config: dict[str, Any], ch
         v = metrics.get(key)
         return float(v) if done and v is not None and not (isinstance(v, float) and math.isnan(v)) else None
 
-    row: dict[str, Any] = {"model_name": f"trial_{trial_id}", "kind": "individual", "status": status,
-                           "heldout": acc("heldout_acc"), "test": acc("test_acc")}
+    row: dict[str, Any] = {
+        "model_name": f"trial_{trial_id}",
+        "kind": "individual",
+        "status": status,
+        "heldout": acc("heldout_acc"),
+        "test": acc("test_acc"),
+    }
     for s in shifts:
         row[s] = acc(f"shift_{s}_acc")
     row["shift_mean"] = acc("shift_mean_acc")
@@ -68,30 +80,41 @@ def format_table(rows: list[dict[str, Any]], shifts: list[str]) -> str:
     body = []
     for r in rows:
         hp = r.get("hyperparameters") or {}
-        body.append([
-            r["model_name"], r.get("status", ""),
-            f"{hp['lr']:.1e}" if "lr" in hp else "",
-            f"{hp['weight_decay']:.1e}" if "weight_decay" in hp else "",
-            str(hp.get("epochs", "")),
-            _fmt(r.get("heldout")), _fmt(r.get("test")), *[_fmt(r.get(s)) for s in shifts], _fmt(r.get("shift_mean")),
-        ])
+        body.append(
+            [
+                r["model_name"],
+                r.get("status", ""),
+                f"{hp['lr']:.1e}" if "lr" in hp else "",
+                f"{hp['weight_decay']:.1e}" if "weight_decay" in hp else "",
+                str(hp.get("epochs", "")),
+                _fmt(r.get("heldout")),
+                _fmt(r.get("test")),
+                *[_fmt(r.get(s)) for s in shifts],
+                _fmt(r.get("shift_mean")),
+            ]
+        )
     widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
     for b in body:
-        lines.append("  ".join(x.rjust(w) for x, w in zip(b, widths)))
+        lines.append("  ".join(x.rjust(w) for x, w in zip(b, widths, strict=True)))
     return "\n".join(lines)
 
 
-def print_table(rows: list[dict[str, Any]], shifts: list[str], zero_shot: dict[str, float] | None = None,
-                log: Callable[[str], None] = print) -> None:
+def print_table(
+    rows: list[dict[str, Any]],
+    shifts: list[str],
+    zero_shot: dict[str, float] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Print the individual models, best held-out first, with the zero-shot base for reference."""
     ordered = sorted(rows, key=lambda r: (r.get("heldout") is None, -(r.get("heldout") or 0.0)))
     extra = []
     if zero_shot:
         label = "linear-probe base" if zero_shot.get("head_init") == "linear_probe" else "zero-shot base"
-        extra.append({"model_name": label, "status": "base", "heldout": zero_shot.get("heldout"),
-                      "test": zero_shot.get("test")})
+        extra.append(
+            {"model_name": label, "status": "base", "heldout": zero_shot.get("heldout"), "test": zero_shot.get("test")}
+        )
     log(format_table(ordered + extra, shifts))
     done = [r for r in rows if r.get("status") == "completed"]
     div = [r for r in rows if r.get("status") == "diverged"]

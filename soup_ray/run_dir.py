@@ -66,8 +66,10 @@ def plain_name(name: str, what: str = "name") -> str:
     A recipe label becomes ``soups/LABEL/``, which the export replaces whole: ``../base`` would replace the base.
     """
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
-        raise ValueError(f"{what} {name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with "
-                         "a letter or digit (no '/', no '..', at most 100 characters)")
+        raise ValueError(
+            f"{what} {name!r} is not a plain name: use letters, digits, '.', '_' and '-', starting with "
+            "a letter or digit (no '/', no '..', at most 100 characters)"
+        )
     return name
 
 

@@ -7,7 +7,7 @@ shifted test sets are identical on every machine and in every trial.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -38,7 +38,7 @@ def _signs(g: torch.Generator, n: int) -> torch.Tensor:
 def rotate(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Rotation by 20-30 degrees, either way."""
     angles = _uniform(g, len(images), 20.0, 30.0) * _signs(g, len(images))
-    return torch.stack([TF.rotate(img, float(a)) for img, a in zip(images, angles)])
+    return torch.stack([TF.rotate(img, float(a)) for img, a in zip(images, angles, strict=True)])
 
 
 @register_shift("affine")
@@ -50,7 +50,7 @@ def affine(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     shifts = torch.randint(-3, 4, (n, 2), generator=g)
     out = [
         TF.affine(img, angle=0.0, translate=[int(t[0]), int(t[1])], scale=float(s), shear=[float(sh), 0.0])
-        for img, sh, s, t in zip(images, shears, scales, shifts)
+        for img, sh, s, t in zip(images, shears, scales, shifts, strict=True)
     ]
     return torch.stack(out)
 

@@ -21,10 +21,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 Log = Callable[[str], None]
 
@@ -147,22 +148,30 @@ def next_step(stage: str | None, command: str, run_dir: Path | None, resumable: 
     sweep_cmd = "run" if command == "run" else "sweep"
     where = f" in {run_dir}" if run_dir is not None else ""
     if stage in (None, STAND_IN):
-        return ("stopped while building the offline stand-in CLIP; nothing of it was kept. "
-                "Start again with the same command")
+        return (
+            "stopped while building the offline stand-in CLIP; nothing of it was kept. "
+            "Start again with the same command"
+        )
     if stage == DATA or (stage in (RAY_START, TRIALS) and not resumable):
-        return (f"stopped before any trial was trained{where}. Start again with the same command"
-                + (f" (or --out {run_dir} to reuse its base model)" if run_dir is not None and stage != DATA else ""))
+        return f"stopped before any trial was trained{where}. Start again with the same command" + (
+            f" (or --out {run_dir} to reuse its base model)" if run_dir is not None and stage != DATA else ""
+        )
     if stage in (RAY_START, TRIALS):
-        return (f"sweep stopped; finished trials, their checkpoints and the soup are kept{where}. "
-                f"Resume with: soup-ray {sweep_cmd} --resume {run_dir}")
+        return (
+            f"sweep stopped; finished trials, their checkpoints and the soup are kept{where}. "
+            f"Resume with: soup-ray {sweep_cmd} --resume {run_dir}"
+        )
     if stage == SOUP:
-        return (f"every trial finished{where}; the soup actor's queue was not drained. Finish the soup and the "
-                f"report with: soup-ray {sweep_cmd} --resume {run_dir}")
+        return (
+            f"every trial finished{where}; the soup actor's queue was not drained. Finish the soup and the "
+            f"report with: soup-ray {sweep_cmd} --resume {run_dir}"
+        )
     if stage == REPORT:
         tail = f", then serve it with: soup-ray serve {run_dir}" if command == "run" else ""
-        return (f"the sweep and the soup are done (final soup in {run_dir}/soup); the report was not written. "
-                f"Write it with: soup-ray report {run_dir}{tail}")
+        return (
+            f"the sweep and the soup are done (final soup in {run_dir}/soup); the report was not written. "
+            f"Write it with: soup-ray report {run_dir}{tail}"
+        )
     if command == "serve":
         return "stopped serving" + (f" {run_dir}" if run_dir is not None else "")
-    return (f"the run is complete (report: {run_dir}/report.md); serve the soup again with: "
-            f"soup-ray serve {run_dir}")
+    return f"the run is complete (report: {run_dir}/report.md); serve the soup again with: soup-ray serve {run_dir}"

@@ -26,8 +26,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -83,24 +83,24 @@ def standin_dir(model_name: str, steps: int, seed: int) -> Path:
 
 # The recipe as data. Every value is part of the cache key, so changing one builds a new stand-in.
 RECIPE: dict = {
-    "loss": "class",          # "class": image vs the 10 class captions (+ text side); "clip": open_clip ClipLoss
-    "text_side": 0.5,         # weight of the text-to-image term of the class loss
+    "loss": "class",  # "class": image vs the 10 class captions (+ text side); "clip": open_clip ClipLoss
+    "text_side": 0.5,  # weight of the text-to-image term of the class loss
     "lr": 3e-3,
     "weight_decay": 0.1,
     "warmup_frac": 0.1,
     "batch_size": 128,
     "freeze_token_embedding": True,  # only ~30 of the 49,408 token rows are ever used
-    "hand_per_digit": 300,    # stroke-drawn "handwritten" glyphs per digit
-    "hand_frac": 0.6,         # share of each batch drawn from the stroke-drawn glyphs (the rest: font glyphs)
-    "fit_frac": 0.8,          # share of images whose glyph fills 75-100 % of the frame height (as in the target data)
-    "p8": 0.8,                # share of images that go through an 8x8 (17-level) bottleneck
-    "elastic": 0.08,          # amplitude of the smooth random displacement field
+    "hand_per_digit": 300,  # stroke-drawn "handwritten" glyphs per digit
+    "hand_frac": 0.6,  # share of each batch drawn from the stroke-drawn glyphs (the rest: font glyphs)
+    "fit_frac": 0.8,  # share of images whose glyph fills 75-100 % of the frame height (as in the target data)
+    "p8": 0.8,  # share of images that go through an 8x8 (17-level) bottleneck
+    "elastic": 0.08,  # amplitude of the smooth random displacement field
     "rot": 15.0,
     "shear": 0.3,
     "noise_p": 0.4,
     "noise_max": 0.3,
-    "text_text": 1.0,         # caption-vs-caption term (two templates per class): spreads the classes apart
-                              # early; without it both towers collapse to constant features for hundreds of steps
+    "text_text": 1.0,  # caption-vs-caption term (two templates per class): spreads the classes apart
+    # early; without it both towers collapse to constant features for hundreds of steps
 }
 
 
@@ -117,7 +117,13 @@ def render_glyph_bank(seed: int, canvas: int = 64) -> tuple[torch.Tensor, torch.
                 draw = ImageDraw.Draw(im)
                 box = draw.textbbox((0, 0), str(d), font=font, stroke_width=stroke)
                 w, h = box[2] - box[0], box[3] - box[1]
-                draw.text(((canvas - w) / 2 - box[0], (canvas - h) / 2 - box[1]), str(d), fill=255, font=font, stroke_width=stroke)
+                draw.text(
+                    ((canvas - w) / 2 - box[0], (canvas - h) / 2 - box[1]),
+                    str(d),
+                    fill=255,
+                    font=font,
+                    stroke_width=stroke,
+                )
                 glyphs.append(np.asarray(im, dtype=np.float32) / 255.0)
                 labels.append(d)
     return torch.from_numpy(np.stack(glyphs))[:, None], torch.tensor(labels)
@@ -125,31 +131,51 @@ def render_glyph_bank(seed: int, canvas: int = 64) -> tuple[torch.Tensor, torch.
 
 def _arc(cx: float, cy: float, rx: float, ry: float, a0: float, a1: float, n: int = 14) -> list[tuple[float, float]]:
     a = np.deg2rad(np.linspace(a0, a1, n))
-    return list(zip((cx + rx * np.cos(a)).tolist(), (cy + ry * np.sin(a)).tolist()))
+    return list(zip((cx + rx * np.cos(a)).tolist(), (cy + ry * np.sin(a)).tolist(), strict=True))
 
 
 # Each digit as pen strokes in a unit box (x right, y down), a few common ways of writing it.
 HAND_STROKES: dict[int, list[list[list[tuple[float, float]]]]] = {
     0: [[_arc(0.5, 0.5, 0.32, 0.47, -90, 270, 20)], [_arc(0.5, 0.5, 0.26, 0.47, -70, 300, 20)]],
-    1: [[[(0.5, 0.0), (0.5, 1.0)]], [[(0.28, 0.22), (0.52, 0.0), (0.52, 1.0)]],
-        [[(0.3, 0.2), (0.52, 0.0), (0.52, 1.0)], [(0.3, 1.0), (0.75, 1.0)]]],
-    2: [[_arc(0.5, 0.3, 0.3, 0.28, 180, 390) + [(0.15, 1.0), (0.88, 1.0)]],
-        [_arc(0.5, 0.28, 0.3, 0.27, 200, 400) + [(0.4, 0.75), (0.18, 0.98), (0.5, 0.9), (0.9, 0.98)]]],
-    3: [[_arc(0.48, 0.26, 0.3, 0.25, 200, 450) + _arc(0.48, 0.75, 0.34, 0.25, 270, 520)],
-        [[(0.18, 0.02), (0.8, 0.02), (0.42, 0.42)] + _arc(0.48, 0.7, 0.34, 0.29, 260, 520)]],
-    4: [[[(0.7, 1.0), (0.7, 0.0), (0.1, 0.68), (0.92, 0.68)]],
-        [[(0.28, 0.0), (0.15, 0.62), (0.9, 0.62)], [(0.68, 0.25), (0.68, 1.0)]]],
-    5: [[[(0.82, 0.02), (0.3, 0.02), (0.25, 0.45)] + _arc(0.5, 0.69, 0.33, 0.29, 225, 510)],
-        [[(0.3, 0.02), (0.25, 0.45)] + _arc(0.5, 0.69, 0.33, 0.29, 225, 510), [(0.3, 0.02), (0.85, 0.02)]]],
-    6: [[[(0.75, 0.02), (0.5, 0.12), (0.3, 0.35), (0.21, 0.65)] + _arc(0.5, 0.72, 0.29, 0.27, 180, 540)],
-        [[(0.6, 0.0), (0.35, 0.35), (0.22, 0.7)] + _arc(0.5, 0.75, 0.28, 0.24, 160, 520)]],
-    7: [[[(0.12, 0.0), (0.88, 0.0), (0.4, 1.0)]], [[(0.12, 0.0), (0.88, 0.0), (0.4, 1.0)], [(0.35, 0.52), (0.8, 0.52)]],
-        [[(0.12, 0.18), (0.14, 0.0), (0.88, 0.02), (0.55, 0.55), (0.45, 1.0)]]],
-    8: [[_arc(0.5, 0.26, 0.24, 0.25, 0, 360), _arc(0.5, 0.73, 0.3, 0.27, 0, 360)],
-        [_arc(0.5, 0.25, 0.26, 0.24, 90, 450, 18) + _arc(0.5, 0.74, 0.3, 0.26, 270, -90, 18)]],
-    9: [[_arc(0.48, 0.3, 0.28, 0.29, 0, 360), [(0.76, 0.3), (0.72, 0.65), (0.6, 1.0)]],
+    1: [
+        [[(0.5, 0.0), (0.5, 1.0)]],
+        [[(0.28, 0.22), (0.52, 0.0), (0.52, 1.0)]],
+        [[(0.3, 0.2), (0.52, 0.0), (0.52, 1.0)], [(0.3, 1.0), (0.75, 1.0)]],
+    ],
+    2: [
+        [_arc(0.5, 0.3, 0.3, 0.28, 180, 390) + [(0.15, 1.0), (0.88, 1.0)]],
+        [_arc(0.5, 0.28, 0.3, 0.27, 200, 400) + [(0.4, 0.75), (0.18, 0.98), (0.5, 0.9), (0.9, 0.98)]],
+    ],
+    3: [
+        [_arc(0.48, 0.26, 0.3, 0.25, 200, 450) + _arc(0.48, 0.75, 0.34, 0.25, 270, 520)],
+        [[(0.18, 0.02), (0.8, 0.02), (0.42, 0.42)] + _arc(0.48, 0.7, 0.34, 0.29, 260, 520)],
+    ],
+    4: [
+        [[(0.7, 1.0), (0.7, 0.0), (0.1, 0.68), (0.92, 0.68)]],
+        [[(0.28, 0.0), (0.15, 0.62), (0.9, 0.62)], [(0.68, 0.25), (0.68, 1.0)]],
+    ],
+    5: [
+        [[(0.82, 0.02), (0.3, 0.02), (0.25, 0.45)] + _arc(0.5, 0.69, 0.33, 0.29, 225, 510)],
+        [[(0.3, 0.02), (0.25, 0.45)] + _arc(0.5, 0.69, 0.33, 0.29, 225, 510), [(0.3, 0.02), (0.85, 0.02)]],
+    ],
+    6: [
+        [[(0.75, 0.02), (0.5, 0.12), (0.3, 0.35), (0.21, 0.65)] + _arc(0.5, 0.72, 0.29, 0.27, 180, 540)],
+        [[(0.6, 0.0), (0.35, 0.35), (0.22, 0.7)] + _arc(0.5, 0.75, 0.28, 0.24, 160, 520)],
+    ],
+    7: [
+        [[(0.12, 0.0), (0.88, 0.0), (0.4, 1.0)]],
+        [[(0.12, 0.0), (0.88, 0.0), (0.4, 1.0)], [(0.35, 0.52), (0.8, 0.52)]],
+        [[(0.12, 0.18), (0.14, 0.0), (0.88, 0.02), (0.55, 0.55), (0.45, 1.0)]],
+    ],
+    8: [
+        [_arc(0.5, 0.26, 0.24, 0.25, 0, 360), _arc(0.5, 0.73, 0.3, 0.27, 0, 360)],
+        [_arc(0.5, 0.25, 0.26, 0.24, 90, 450, 18) + _arc(0.5, 0.74, 0.3, 0.26, 270, -90, 18)],
+    ],
+    9: [
+        [_arc(0.48, 0.3, 0.28, 0.29, 0, 360), [(0.76, 0.3), (0.72, 0.65), (0.6, 1.0)]],
         [_arc(0.48, 0.3, 0.28, 0.29, 0, 360), [(0.76, 0.3), (0.76, 1.0)]],
-        [_arc(0.5, 0.3, 0.27, 0.28, 10, 370), [(0.77, 0.35), (0.7, 0.8), (0.45, 1.0), (0.25, 0.9)]]],
+        [_arc(0.5, 0.3, 0.27, 0.28, 10, 370), [(0.77, 0.35), (0.7, 0.8), (0.45, 1.0), (0.25, 0.9)]],
+    ],
 }
 
 
@@ -173,7 +199,13 @@ def render_hand_bank(seed: int, per_digit: int, canvas: int = 64) -> tuple[torch
                 p = np.asarray(stroke, dtype=np.float64)
                 p = p + rng.normal(0.0, jitter, p.shape)
                 x = 0.5 + (p[:, 0] - 0.5) * aspect + lean * (0.5 - p[:, 1])
-                pts = list(zip((canvas / 2 + (x - 0.5) * height).tolist(), (canvas / 2 + (p[:, 1] - 0.5) * height).tolist()))
+                pts = list(
+                    zip(
+                        (canvas / 2 + (x - 0.5) * height).tolist(),
+                        (canvas / 2 + (p[:, 1] - 0.5) * height).tolist(),
+                        strict=True,
+                    )
+                )
                 draw.line(pts, fill=255, width=width, joint="curve")
                 r = width / 2
                 for px, py in (pts[0], pts[-1]):
@@ -199,8 +231,14 @@ def glyph_boxes(bank: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx, cy, height], 1)
 
 
-def augment_glyphs(bank: torch.Tensor, idx: torch.Tensor, out_size: int, g: torch.Generator,
-                   boxes: torch.Tensor | None = None, recipe: dict | None = None) -> torch.Tensor:
+def augment_glyphs(
+    bank: torch.Tensor,
+    idx: torch.Tensor,
+    out_size: int,
+    g: torch.Generator,
+    boxes: torch.Tensor | None = None,
+    recipe: dict | None = None,
+) -> torch.Tensor:
     """Fit to the frame, rotation, shear, aspect, elastic warp, thickness, an 8x8 bottleneck, blur and noise, in one batch."""
     r = {**RECIPE, **(recipe or {})}
     n = len(idx)
@@ -268,7 +306,9 @@ def caption_tokens(tokenizer: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     return toks, torch.tensor(len(CAPTION_TEMPLATES))
 
 
-def class_loss(img_f: torch.Tensor, cls_f: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, text_side: float) -> torch.Tensor:
+def class_loss(
+    img_f: torch.Tensor, cls_f: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, text_side: float
+) -> torch.Tensor:
     """Image vs the 10 class captions (cross-entropy), plus each caption vs the batch's images of its class.
 
     Unlike ``ClipLoss`` the ~13 other images of the same class in a batch are positives, not negatives.
@@ -287,7 +327,14 @@ def class_loss(img_f: torch.Tensor, cls_f: torch.Tensor, labels: torch.Tensor, s
 # ---------------------------------------------------------------- build
 
 
-def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batch_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+def pretrain_standin(
+    model_name: str,
+    steps: int,
+    seed: int,
+    out_dir: Path,
+    batch_size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Pretrain the stand-in CLIP on glyph/caption pairs and save it as an open_clip ``local-dir:`` folder."""
     import open_clip
     from open_clip.loss import ClipLoss
@@ -328,8 +375,11 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
     for step in range(steps):
         if n_hand > 0:
             from_hand = torch.rand(batch_size, generator=g) < r["hand_frac"]
-            idx = torch.where(from_hand, n_font + torch.randint(0, len(bank) - n_font, (batch_size,), generator=g),
-                              torch.randint(0, n_font, (batch_size,), generator=g))
+            idx = torch.where(
+                from_hand,
+                n_font + torch.randint(0, len(bank) - n_font, (batch_size,), generator=g),
+                torch.randint(0, n_font, (batch_size,), generator=g),
+            )
         else:
             idx = torch.randint(0, len(bank), (batch_size,), generator=g)
         labels = bank_labels[idx]
@@ -377,7 +427,10 @@ def pretrain_standin(model_name: str, steps: int, seed: int, out_dir: Path, batc
         json.dumps(
             {
                 "model_cfg": cfg,
-                "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
+                "preprocess_cfg": {
+                    "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                    "std": list(open_clip.OPENAI_DATASET_STD),
+                },
             },
             indent=2,
         )
@@ -393,7 +446,9 @@ def standin_cached(model_cfg) -> bool:
     return (standin_dir(model_cfg.name, model_cfg.standin_steps, model_cfg.standin_seed) / "standin.json").is_file()
 
 
-def ensure_standin(model_name: str = "soupray-digits-tiny", steps: int = 800, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+def ensure_standin(
+    model_name: str = "soupray-digits-tiny", steps: int = 800, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
     """Return the cached stand-in folder, building it first if this recipe has never been built here.
 
     Safe to call from several processes at once: one builds, the others wait for it.

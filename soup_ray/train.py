@@ -17,9 +17,10 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,17 @@ from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
 from .trial_state import restore_training_state, save_training_state
 
 HYPERPARAMETERS = (
-    "lr", "weight_decay", "epochs", "label_smoothing", "mixup_alpha",
-    "randaug_n", "randaug_m", "batch_size", "warmup_steps", "grad_clip", "seed",
+    "lr",
+    "weight_decay",
+    "epochs",
+    "label_smoothing",
+    "mixup_alpha",
+    "randaug_n",
+    "randaug_m",
+    "batch_size",
+    "warmup_steps",
+    "grad_clip",
+    "seed",
 )
 
 
@@ -98,7 +108,9 @@ def randaugment(images: torch.Tensor, n: int, m: int, g: torch.Generator) -> tor
     return out.float() / 255.0
 
 
-def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def mixup(
+    images: torch.Tensor, labels: torch.Tensor, alpha: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup: a convex mix of the batch with a permutation of itself, Beta(alpha, alpha) weight."""
     if alpha <= 0:
         return images, labels, labels, 1.0
@@ -118,8 +130,17 @@ def _hp(config: dict[str, Any]) -> dict[str, Any]:
     return hp
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
-               hp: dict[str, Any], g: torch.Generator, autocast: Any, device: str = "cpu") -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hp: dict[str, Any],
+    g: torch.Generator,
+    autocast: Any,
+    device: str = "cpu",
+) -> torch.Tensor:
     """One optimisation step: RandAugment, mixup, forward, label-smoothed cross-entropy, clip, AdamW and schedule.
 
     Returns the (detached) loss. A non-finite loss is returned before any update:
@@ -131,7 +152,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torc
     with autocast:
         logits = model(x).float()
     ls = float(hp.get("label_smoothing", 0.0))
-    loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(logits, yb, label_smoothing=ls)
+    loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(
+        logits, yb, label_smoothing=ls
+    )
     if not torch.isfinite(loss):
         return loss.detach()
     opt.zero_grad(set_to_none=True)
@@ -174,28 +197,41 @@ def fine_tune(
     metrics: dict[str, Any] = {}
     first_epoch = 1
     if resume_from is not None:
-        resumed = restore_training_state(resume_from, model=model, optimizer=opt, scheduler=sched, generator=g,
-                                         hyperparameters=hp, base_fingerprint=meta["fingerprint"])
+        resumed = restore_training_state(
+            resume_from,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            generator=g,
+            hyperparameters=hp,
+            base_fingerprint=meta["fingerprint"],
+        )
         first_epoch, metrics = resumed.epoch + 1, resumed.metrics
         t0 -= float(metrics.get("seconds", 0.0))
     last_checkpoint = time.time()
     for epoch in range(first_epoch, hp["epochs"] + 1):
         model.train()
         losses = []
-        batches = loader(bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch,
-                         num_workers=ctx.num_workers)
+        batches = loader(
+            bundle.train, hp["batch_size"], shuffle=True, seed=hp["seed"] * 1000 + epoch, num_workers=ctx.num_workers
+        )
         for x, y in batches:
             loss = train_step(model, opt, sched, x, y, hp, g, autocast, device)
             if not torch.isfinite(loss):
                 metrics = {
-                    "epoch": epoch, "heldout_acc": 0.0, "train_loss": float("nan"), "status": "diverged",
-                    "diverged_at_step": len(losses) + (epoch - 1) * steps_per_epoch, "seconds": time.time() - t0,
+                    "epoch": epoch,
+                    "heldout_acc": 0.0,
+                    "train_loss": float("nan"),
+                    "status": "diverged",
+                    "diverged_at_step": len(losses) + (epoch - 1) * steps_per_epoch,
+                    "seconds": time.time() - t0,
                 }
                 report(metrics, None)
                 return metrics
             losses.append(float(loss))
-        held_logits, held_labels = predict_logits(model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers,
-                                                  ctx.precision)
+        held_logits, held_labels = predict_logits(
+            model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers, ctx.precision
+        )
         metrics = {
             "epoch": epoch,
             "heldout_acc": accuracy(held_logits, held_labels),
@@ -209,9 +245,17 @@ def fine_tune(
         elif epoch < hp["epochs"]:
             last_checkpoint = time.time()
             with tempfile.TemporaryDirectory(prefix="soup-ray-epoch-") as tmp:
-                save_training_state(Path(tmp), epoch=epoch, model=model, optimizer=opt, scheduler=sched,
-                                    generator=g, hyperparameters=hp, base_fingerprint=meta["fingerprint"],
-                                    metrics=metrics)
+                save_training_state(
+                    Path(tmp),
+                    epoch=epoch,
+                    model=model,
+                    optimizer=opt,
+                    scheduler=sched,
+                    generator=g,
+                    hyperparameters=hp,
+                    base_fingerprint=meta["fingerprint"],
+                    metrics=metrics,
+                )
                 report(metrics, tmp)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         metrics.update(status="diverged", heldout_acc=0.0)
@@ -239,7 +283,9 @@ def finished_result(folder: str | Path, config: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in saved.items() if k not in ("hyperparameters", "base_fingerprint")}
 
 
-def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict) -> dict:
+def save_trial_checkpoint(
+    out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict
+) -> dict:
     """Write weights, cached logits and metrics of a finished trial into ``out``; returns final metrics."""
     from safetensors.torch import save_file
 
@@ -247,8 +293,9 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
     final = dict(metrics, status="completed")
     for name, ds in bundle.eval_sets().items():
         # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares them
-        lg, lb = predict_logits(model, ds, ctx.eval_batch_size, ctx.num_workers,
-                                ctx.precision if name == "heldout" else "fp32")
+        lg, lb = predict_logits(
+            model, ds, ctx.eval_batch_size, ctx.num_workers, ctx.precision if name == "heldout" else "fp32"
+        )
         logits[f"{name}"] = lg.contiguous()
         logits[f"{name}.labels"] = lb.contiguous()
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")
@@ -268,7 +315,9 @@ def save_trial_checkpoint(out: Path, model: CLIPClassifier, bundle, ctx: TrialCo
         },
     )
     save_file(logits, str(out / CHECKPOINT_LOGITS))
-    (out / CHECKPOINT_METRICS).write_text(json.dumps({"hyperparameters": hp, "base_fingerprint": meta["fingerprint"], **final}, indent=2))
+    (out / CHECKPOINT_METRICS).write_text(
+        json.dumps({"hyperparameters": hp, "base_fingerprint": meta["fingerprint"], **final}, indent=2)
+    )
     return final
 
 

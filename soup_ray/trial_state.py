@@ -41,9 +41,18 @@ def has_training_state(folder: Path | str) -> bool:
     return (folder / TRAINING_STATE_JSON).is_file() and (folder / TRAINING_STATE_TENSORS).is_file()
 
 
-def save_training_state(folder: Path, *, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, generator: torch.Generator, hyperparameters: dict[str, Any],
-                        base_fingerprint: str, metrics: dict[str, Any]) -> None:
+def save_training_state(
+    folder: Path,
+    *,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    hyperparameters: dict[str, Any],
+    base_fingerprint: str,
+    metrics: dict[str, Any],
+) -> None:
     """Write the state after ``epoch`` into ``folder`` (safetensors for tensors, JSON for the rest)."""
     from safetensors.torch import save_file
 
@@ -77,40 +86,58 @@ def save_training_state(folder: Path, *, epoch: int, model: nn.Module, optimizer
     (folder / TRAINING_STATE_JSON).write_text(json.dumps(doc, indent=1))
 
 
-def restore_training_state(folder: Path | str, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: Any, generator: torch.Generator, hyperparameters: dict[str, Any],
-                           base_fingerprint: str) -> Resumed:
+def restore_training_state(
+    folder: Path | str,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    hyperparameters: dict[str, Any],
+    base_fingerprint: str,
+) -> Resumed:
     """Load the state in ``folder`` into the given objects; raises ``TrainingStateError`` naming what is wrong."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not has_training_state(folder):
-        raise TrainingStateError(f"{folder} holds no training state ({TRAINING_STATE_JSON} and "
-                                 f"{TRAINING_STATE_TENSORS}): it is not a per-epoch checkpoint of soup-ray")
+        raise TrainingStateError(
+            f"{folder} holds no training state ({TRAINING_STATE_JSON} and "
+            f"{TRAINING_STATE_TENSORS}): it is not a per-epoch checkpoint of soup-ray"
+        )
     try:
         doc = json.loads((folder / TRAINING_STATE_JSON).read_text())
     except ValueError as err:
         raise TrainingStateError(f"{folder / TRAINING_STATE_JSON} is not valid JSON ({err})") from None
     if doc.get("format") != FORMAT_VERSION:
-        raise TrainingStateError(f"{folder} has training-state format {doc.get('format')!r}, this version reads "
-                                 f"{FORMAT_VERSION}: start the trial afresh")
+        raise TrainingStateError(
+            f"{folder} has training-state format {doc.get('format')!r}, this version reads "
+            f"{FORMAT_VERSION}: start the trial afresh"
+        )
     if doc.get("base_fingerprint") != base_fingerprint:
-        raise TrainingStateError(f"{folder} was trained from another base ({doc.get('base_fingerprint')}, this run's "
-                                 f"is {base_fingerprint}): resume it in the run folder it came from")
+        raise TrainingStateError(
+            f"{folder} was trained from another base ({doc.get('base_fingerprint')}, this run's "
+            f"is {base_fingerprint}): resume it in the run folder it came from"
+        )
     if doc.get("hyperparameters") != json.loads(json.dumps(hyperparameters)):
-        raise TrainingStateError(f"{folder} was written with other hyperparameters ({doc.get('hyperparameters')}) "
-                                 f"than this trial's ({hyperparameters})")
+        raise TrainingStateError(
+            f"{folder} was written with other hyperparameters ({doc.get('hyperparameters')}) "
+            f"than this trial's ({hyperparameters})"
+        )
     try:
         tensors = load_file(str(folder / TRAINING_STATE_TENSORS))
     except (SafetensorError, OSError) as err:
-        raise TrainingStateError(f"{folder / TRAINING_STATE_TENSORS} cannot be read ({err}): the checkpoint is "
-                                 "damaged; Tune falls back to an older one or restarts the trial") from None
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        raise TrainingStateError(
+            f"{folder / TRAINING_STATE_TENSORS} cannot be read ({err}): the checkpoint is "
+            "damaged; Tune falls back to an older one or restarts the trial"
+        ) from None
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     missing = set(model.state_dict()) ^ set(weights)
     if missing:
-        raise TrainingStateError(f"{folder} does not match this model: {len(missing)} key(s) differ, "
-                                 f"e.g. {sorted(missing)[:3]}")
+        raise TrainingStateError(
+            f"{folder} does not match this model: {len(missing)} key(s) differ, e.g. {sorted(missing)[:3]}"
+        )
     model.load_state_dict(weights, strict=True)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for idx, names in doc["optimizer_slots"].items():

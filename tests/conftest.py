@@ -30,8 +30,10 @@ class UnmarkedSlowTest(AssertionError):
 def _guard(what: str) -> None:
     item = _current[-1] if _current else None
     if item is not None and item.get_closest_marker("slow") is None:
-        raise UnmarkedSlowTest(f"{item.nodeid} starts {what} but is not marked slow: add @pytest.mark.slow (or "
-                               "pytestmark = pytest.mark.slow) so `scripts/test.sh --quick` leaves it out")
+        raise UnmarkedSlowTest(
+            f"{item.nodeid} starts {what} but is not marked slow: add @pytest.mark.slow (or "
+            "pytestmark = pytest.mark.slow) so `scripts/test.sh --quick` leaves it out"
+        )
 
 
 HEAVY_ARGS = ("soup_ray.cli", "soup-ray", "ray", "chromium", "venv", "gpu_check.sh")
@@ -91,6 +93,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     finally:
         _current.pop()
 
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private stand-in cache for the test session (never the user's own cache)."""
@@ -146,8 +149,19 @@ def make_trials(cfg, prep, out_dir: Path, lrs: list[float], epochs: int = 1) -> 
     ctx = TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=1)
     rows = []
     for i, lr in enumerate(lrs):
-        hp = dict(lr=lr, weight_decay=0.1, epochs=epochs, label_smoothing=0.0, mixup_alpha=0.0, randaug_n=0,
-                  randaug_m=9, batch_size=64, warmup_steps=2, grad_clip=1.0, seed=i)
+        hp = dict(
+            lr=lr,
+            weight_decay=0.1,
+            epochs=epochs,
+            label_smoothing=0.0,
+            mixup_alpha=0.0,
+            randaug_n=0,
+            randaug_m=9,
+            batch_size=64,
+            warmup_steps=2,
+            grad_clip=1.0,
+            seed=i,
+        )
         tid = f"t{i:03d}"
         dest = out_dir / "trials" / tid
 

@@ -14,7 +14,6 @@ import pytest
 
 import soup_ray
 from soup_ray.config import ConfigError
-
 from tests.conftest import tiny_config_dict
 
 
@@ -64,8 +63,11 @@ def test_soup_and_load_soup_on_a_finished_run(run_copy: Path) -> None:
     assert sorted(out["ingredients"]) == sorted(r["trial_id"] for r in rows)
     folder = Path(out["folder"])
     assert folder == run_copy / "soups" / "uniform" and (folder / "soup.json").is_file()
-    row = next(r for r in (json.loads(x) for x in (run_copy / "results.jsonl").read_text().splitlines())
-               if r.get("model_name") == "uniform" and r.get("recipe"))
+    row = next(
+        r
+        for r in (json.loads(x) for x in (run_copy / "results.jsonl").read_text().splitlines())
+        if r.get("model_name") == "uniform" and r.get("recipe")
+    )
     assert row["heldout_correct"] == out["correct"]
 
     loaded = soup_ray.load_soup(folder)
@@ -91,7 +93,7 @@ def test_soup_and_load_soup_on_a_finished_run(run_copy: Path) -> None:
     pil = Image.open(io.BytesIO(pngs[0]))
     assert loaded.preprocess(pil).shape == (3, 32, 32)
     assert loaded.predict([pil])[0][0]["index"] == preds[0][0]["index"]  # a PIL image decodes like its bytes
-    accuracy = float(np.mean([p[0]["index"] == y for p, y in zip(preds, labels)]))
+    accuracy = float(np.mean([p[0]["index"] == y for p, y in zip(preds, labels, strict=True)]))
     assert abs(accuracy - row["test"]) < 0.2, (accuracy, row["test"])  # the recipe's own test score, roughly
 
 

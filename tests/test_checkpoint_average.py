@@ -19,14 +19,16 @@ def _states(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        out.append({
-            "w32": torch.randn(33, 17, generator=g),
-            "w16": torch.randn(40, generator=g).half(),
-            "wbf": (torch.randn(8, 9, generator=g) * 1e3).bfloat16(),
-            "w64": torch.randn(5, generator=g, dtype=torch.float64),
-            "steps": torch.tensor([7, 1, 3]),
-            "mask": torch.tensor([True, False]),
-        })
+        out.append(
+            {
+                "w32": torch.randn(33, 17, generator=g),
+                "w16": torch.randn(40, generator=g).half(),
+                "wbf": (torch.randn(8, 9, generator=g) * 1e3).bfloat16(),
+                "w64": torch.randn(5, generator=g, dtype=torch.float64),
+                "steps": torch.tensor([7, 1, 3]),
+                "mask": torch.tensor([True, False]),
+            }
+        )
     return out
 
 
@@ -150,8 +152,13 @@ def test_average_into_a_model_state_dict_writes_in_place_and_checks_first(tmp_pa
 
 def _child(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (a lowered limit or a fatal signal stays there)."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 FEW_DESCRIPTORS = r"""

@@ -117,7 +117,10 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
     from soup_ray.cli import build_parser, parse_set
 
     assert parse_set("trial_resources.gpu=0.5") == ("trial_resources.gpu", 0.5)
-    assert parse_set("search_space.lr={loguniform: [1.0e-5, 1.0e-3]}") == ("search_space.lr", {"loguniform": [1e-5, 1e-3]})
+    assert parse_set("search_space.lr={loguniform: [1.0e-5, 1.0e-3]}") == (
+        "search_space.lr",
+        {"loguniform": [1e-5, 1e-3]},
+    )
     # YAML 1.1 would leave 1e-4 a string: it must reach the config as a number
     assert parse_set("search_space.lr=1e-4") == ("search_space.lr", 1e-4)
     assert parse_set("search_space.lr={loguniform: [1e-5, 1e-3]}") == ("search_space.lr", {"loguniform": [1e-5, 1e-3]})
@@ -125,8 +128,18 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
     for bad in ("no_equals", "=1", "a..b=1", "x=[unclosed"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_set(bad)
-    args = build_parser().parse_args(["sweep", str(write(tmp_path, tiny_config_dict())), "--set", "tune.num_samples=5",
-                                      "--set", "search_space.epochs=3", "--num-samples", "7"])
+    args = build_parser().parse_args(
+        [
+            "sweep",
+            str(write(tmp_path, tiny_config_dict())),
+            "--set",
+            "tune.num_samples=5",
+            "--set",
+            "search_space.epochs=3",
+            "--num-samples",
+            "7",
+        ]
+    )
     from soup_ray.cli import overrides_from_args
 
     cfg = load_config(args.config, overrides_from_args(args))
@@ -138,8 +151,9 @@ def test_set_overrides_are_dotted_yaml_values(tmp_path: Path) -> None:
         load_config(args.config, {"trial_resources.gpux": 1})
 
 
-def test_out_must_not_be_a_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_out_must_not_be_a_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from soup_ray.cli import main
 
     monkeypatch.chdir(tmp_path)

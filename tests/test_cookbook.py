@@ -31,11 +31,19 @@ def test_soup_command_computes_a_weight_recipe_into_a_servable_folder(run_copy: 
 
 
 def test_wise_ft_chooses_alpha_on_heldout_and_its_endpoints_are_base_and_soup(run_copy: Path) -> None:
-    assert main(["soup", str(run_copy), "--method", "wise_ft", "--param", "alphas=[0.0, 1.0]",
-                 "--param", "target=best"]) == 0
+    assert (
+        main(["soup", str(run_copy), "--method", "wise_ft", "--param", "alphas=[0.0, 1.0]", "--param", "target=best"])
+        == 0
+    )
     row = next(r for r in read_jsonl(run_copy / "results.jsonl") if r.get("model_name") == "wise_ft")
-    best = max((r for r in read_jsonl(run_copy / "results.jsonl") if r.get("kind") == "individual"
-                and r.get("status") == "completed"), key=lambda r: (r["heldout"], -int(r["trial_id"][1:])))
+    best = max(
+        (
+            r
+            for r in read_jsonl(run_copy / "results.jsonl")
+            if r.get("kind") == "individual" and r.get("status") == "completed"
+        ),
+        key=lambda r: (r["heldout"], -int(r["trial_id"][1:])),
+    )
     zero_shot = json.loads((run_copy / "base" / "zero_shot.json").read_text())["heldout"]
     chosen = row["params"]["alpha"]
     assert chosen in (0.0, 1.0)
@@ -57,10 +65,12 @@ def test_unknown_recipes_and_options_fail_before_any_work(run_copy: Path, capsys
 
 
 def test_winner_is_the_best_one_model_row_on_heldout() -> None:
-    rows = [{"model_name": "ensemble", "heldout": 0.99, "forward_passes": 5},
-            {"model_name": "greedy_soup", "heldout": 0.95, "forward_passes": 1, "n_ingredients": 3},
-            {"model_name": "uniform_soup", "heldout": 0.95, "forward_passes": 1, "n_ingredients": 8},
-            {"model_name": "ties", "heldout": 0.90, "forward_passes": 1}]
+    rows = [
+        {"model_name": "ensemble", "heldout": 0.99, "forward_passes": 5},
+        {"model_name": "greedy_soup", "heldout": 0.95, "forward_passes": 1, "n_ingredients": 3},
+        {"model_name": "uniform_soup", "heldout": 0.95, "forward_passes": 1, "n_ingredients": 8},
+        {"model_name": "ties", "heldout": 0.90, "forward_passes": 1},
+    ]
     assert winner(rows) == "greedy_soup"
     assert winner([]) is None
 
@@ -74,8 +84,9 @@ def test_a_recipe_label_that_is_not_a_plain_name_is_refused_and_no_run_folder_is
     base_meta = RunDir(run_copy).base_meta
     run = admit_run(run_copy, log=lambda m: None)
     with pytest.raises(ValueError, match="plain name"):
-        cook_one(run.kitchen, run.candidates, None, RecipeSpec("uniform", {}, "../base"), run_copy, [],
-                 log=lambda m: None)
+        cook_one(
+            run.kitchen, run.candidates, None, RecipeSpec("uniform", {}, "../base"), run_copy, [], log=lambda m: None
+        )
     assert base_meta.is_file() and json.loads(base_meta.read_text())["fingerprint"]
     for bad in ["../soup", "../base", "a/b", "..", ".", "/tmp/elsewhere", ".hidden", "x\\y", "a b", "a" * 101]:
         with pytest.raises(ValueError, match="plain name"):
@@ -89,5 +100,7 @@ def test_a_recipe_label_that_is_not_a_plain_name_is_refused_and_no_run_folder_is
         parse_config(tiny_config_dict(**{"soup.methods": [{"method": "uniform", "label": "../base"}]}))
     with pytest.raises(ValueError, match="plain name"):
         recipe_specs([{"method": "uniform", "label": "../soup"}])
-    assert [s.label for s in recipe_specs(["uniform", {"method": "greedy", "label": "greedy_v2.1-b"}])] == \
-        ["uniform", "greedy_v2.1-b"]
+    assert [s.label for s in recipe_specs(["uniform", {"method": "greedy", "label": "greedy_v2.1-b"}])] == [
+        "uniform",
+        "greedy_v2.1-b",
+    ]

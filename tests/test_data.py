@@ -112,4 +112,6 @@ def test_heldout_index_refuses_a_split_that_leaves_a_class_out(tmp_path: Path, c
     assert "small" in capsys.readouterr().err and not out.exists()
     assert main(["heldout-index", str(train), str(tmp_path), "--per-class", "1"]) == 2  # a folder, not a file
     assert "is a folder" in capsys.readouterr().err
-    assert main(["heldout-index", str(train), str(out), "--per-class", "1"]) == 0 and len(json.loads(out.read_text())) == 2
+    assert (
+        main(["heldout-index", str(train), str(out), "--per-class", "1"]) == 0 and len(json.loads(out.read_text())) == 2
+    )

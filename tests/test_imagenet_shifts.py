@@ -23,8 +23,15 @@ from torch import nn
 from soup_ray.config import ConfigError, ImageFolderData, ShiftDir, load_config, parse_config
 from soup_ray.data import BorderCrop, build_imagefolder
 from soup_ray.evaluate import accuracy, predict_logits
-from soup_ray.label_space import (class_groups_of, mapping_groups, objectnet_mapping, project_logits,
-                                  read_class_mapping, subset_groups, write_objectnet_mapping)
+from soup_ray.label_space import (
+    class_groups_of,
+    mapping_groups,
+    objectnet_mapping,
+    project_logits,
+    read_class_mapping,
+    subset_groups,
+    write_objectnet_mapping,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "tune_configs" / "vitb32_imagenet.yaml"
@@ -69,8 +76,15 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _folder(root / "objectnet", name, cls, 2, border=2)
     mapping = root / "objectnet_to_wnids.json"
     mapping.write_text(json.dumps(OBJECTNET))
-    return {"train": root / "train", "val": root / "val", "v2": root / "v2", "r": root / "rendition",
-            "objectnet": root / "objectnet", "mapping": mapping, "root": root}
+    return {
+        "train": root / "train",
+        "val": root / "val",
+        "v2": root / "v2",
+        "r": root / "rendition",
+        "objectnet": root / "objectnet",
+        "mapping": mapping,
+        "root": root,
+    }
 
 
 def _data(trees: dict[str, Path], **shift_dirs) -> ImageFolderData:
@@ -79,9 +93,15 @@ def _data(trees: dict[str, Path], **shift_dirs) -> ImageFolderData:
         "imagenet_r": {"path": str(trees["r"]), "classes": "subset"},
         "objectnet": {"path": str(trees["objectnet"]), "mapping": str(trees["mapping"])},
     }
-    return ImageFolderData.model_validate({"kind": "imagefolder", "train_dir": trees["train"],
-                                          "test_dir": trees["val"], "heldout_fraction": 0.34,
-                                          "shift_dirs": shift_dirs})
+    return ImageFolderData.model_validate(
+        {
+            "kind": "imagefolder",
+            "train_dir": trees["train"],
+            "test_dir": trees["val"],
+            "heldout_fraction": 0.34,
+            "shift_dirs": shift_dirs,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +123,7 @@ class GreenReader(nn.Module):
 
 
 def _expected_full(cls: int) -> torch.Tensor:
-    return -(cls - torch.arange(len(WNIDS), dtype=torch.float32)) ** 2
+    return -((cls - torch.arange(len(WNIDS), dtype=torch.float32)) ** 2)
 
 
 # ---------------------------------------------------------------- project_logits
@@ -158,31 +178,52 @@ def test_project_logits_properties(case, rnd) -> None:
 
 
 def _sweep(shift_dirs) -> dict:
-    return {"search_space": {"lr": 1e-3, "weight_decay": 0.1, "epochs": 1},
-            "data": {"kind": "imagefolder", "train_dir": "/t", "test_dir": "/v", "heldout_fraction": 0.1,
-                     "shift_dirs": shift_dirs}}
+    return {
+        "search_space": {"lr": 1e-3, "weight_decay": 0.1, "epochs": 1},
+        "data": {
+            "kind": "imagefolder",
+            "train_dir": "/t",
+            "test_dir": "/v",
+            "heldout_fraction": 0.1,
+            "shift_dirs": shift_dirs,
+        },
+    }
 
 
 def test_config_forms() -> None:
-    cfg = parse_config(_sweep({"v2": "/v2", "r": {"path": "/r", "classes": "subset"},
-                               "on": {"path": "/on", "mapping": "/m.json"},
-                               "on0": {"path": "/on", "mapping": "/m.json", "border_crop": 0}}))
+    cfg = parse_config(
+        _sweep(
+            {
+                "v2": "/v2",
+                "r": {"path": "/r", "classes": "subset"},
+                "on": {"path": "/on", "mapping": "/m.json"},
+                "on0": {"path": "/on", "mapping": "/m.json", "border_crop": 0},
+            }
+        )
+    )
     s = cfg.data.shift_dirs
-    assert [(s[k].label_space, s[k].crop_pixels) for k in s] == [("all", 0), ("subset", 0), ("mapping", 2),
-                                                                  ("mapping", 0)]
+    assert [(s[k].label_space, s[k].crop_pixels) for k in s] == [
+        ("all", 0),
+        ("subset", 0),
+        ("mapping", 2),
+        ("mapping", 0),
+    ]
     assert str(s["v2"]) == "/v2" and s["on"].mapping == Path("/m.json")
     # round trip through JSON, as trials receive it
     assert ImageFolderData.model_validate_json(cfg.data.model_dump_json()) == cfg.data
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"path": "/r", "clases": "subset"}, "shift_dirs.r.clases: unknown key"),
-    ({"path": "/r", "classes": "some"}, "shift_dirs.r.classes: Input should be 'all' or 'subset'"),
-    ({"path": "/r", "classes": "subset", "mapping": "/m"}, "either classes (all or subset) or mapping"),
-    ({"classes": "subset"}, "shift_dirs.r.path: required key is missing"),
-    ({"path": "/r", "border_crop": -2}, "shift_dirs.r.border_crop"),
-    (3, "shift_dirs.r must be a folder path or an object"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"path": "/r", "clases": "subset"}, "shift_dirs.r.clases: unknown key"),
+        ({"path": "/r", "classes": "some"}, "shift_dirs.r.classes: Input should be 'all' or 'subset'"),
+        ({"path": "/r", "classes": "subset", "mapping": "/m"}, "either classes (all or subset) or mapping"),
+        ({"classes": "subset"}, "shift_dirs.r.path: required key is missing"),
+        ({"path": "/r", "border_crop": -2}, "shift_dirs.r.border_crop"),
+        (3, "shift_dirs.r must be a folder path or an object"),
+    ],
+)
 def test_config_errors_name_the_key(spec, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(_sweep({"r": spec}), "f.yaml")
@@ -192,8 +233,12 @@ def test_config_errors_name_the_key(spec, message: str) -> None:
 def test_gpu_config_uses_the_papers_label_spaces() -> None:
     s = load_config(GPU_CONFIG).data.shift_dirs
     assert {k: v.label_space for k, v in s.items()} == {
-        "imagenet_v2": "all", "imagenet_sketch": "all", "imagenet_r": "subset", "imagenet_a": "subset",
-        "objectnet": "mapping"}
+        "imagenet_v2": "all",
+        "imagenet_sketch": "all",
+        "imagenet_r": "subset",
+        "imagenet_a": "subset",
+        "objectnet": "mapping",
+    }
     assert s["objectnet"].crop_pixels == 2 and s["objectnet"].mapping is not None
 
 
@@ -218,8 +263,9 @@ def test_border_crop_removes_the_border(trees: dict[str, Path], bundle) -> None:
         x, y = on[i]
         assert x.shape == (3, SIZE, SIZE) and float(x[0].max()) == 0.0  # no red left
         assert torch.allclose(x[1], x[1, 0, 0].expand_as(x[1]))  # the uniform centre only
-    uncropped = build_imagefolder(_data(trees, on={"path": str(trees["objectnet"]), "mapping": str(trees["mapping"]),
-                                                   "border_crop": 0}), SIZE).shifts["on"]
+    uncropped = build_imagefolder(
+        _data(trees, on={"path": str(trees["objectnet"]), "mapping": str(trees["mapping"]), "border_crop": 0}), SIZE
+    ).shifts["on"]
     assert float(uncropped[0][0][0].max()) > 0.5  # without the crop the red border is still there
     tiny = _solid(1, border=0).resize((8, 8))
     assert BorderCrop(4)(tiny).size == (8, 8)  # too small to crop: kept whole, the trial does not fail
@@ -300,7 +346,9 @@ def test_mapping_errors(trees: dict[str, Path], tmp_path: Path) -> None:
 def test_label_space_helpers_directly() -> None:
     assert subset_groups(["b", "d"], ["a", "b", "c", "d"], "x") == [[1], [3]]
     assert mapping_groups({"z": ["d", "a"], "y": ["c"]}, ["y", "z", "w"], ["a", "b", "c", "d"], "x") == (
-        ["y", "z"], [[2], [3, 0]])
+        ["y", "z"],
+        [[2], [3, 0]],
+    )
 
 
 # ---------------------------------------------------------------- dry run
@@ -309,20 +357,28 @@ def test_label_space_helpers_directly() -> None:
 def test_dry_run_checks_mapping_and_layout(trees: dict[str, Path], tmp_path: Path) -> None:
     from soup_ray.cluster.dryrun import check_data
 
-    overrides = {"data.train_dir": str(trees["train"]), "data.test_dir": str(trees["val"]),
-                 "data.heldout_index": None, "data.heldout_fraction": 0.3, "data.classnames": None,
-                 "data.shift_dirs.imagenet_v2": str(trees["v2"]), "data.shift_dirs.imagenet_sketch": str(trees["v2"]),
-                 "data.shift_dirs.imagenet_r.path": str(trees["r"]), "data.shift_dirs.imagenet_a.path": str(trees["r"]),
-                 "data.shift_dirs.objectnet.path": str(trees["objectnet"]),
-                 "data.shift_dirs.objectnet.mapping": str(trees["mapping"])}
+    overrides = {
+        "data.train_dir": str(trees["train"]),
+        "data.test_dir": str(trees["val"]),
+        "data.heldout_index": None,
+        "data.heldout_fraction": 0.3,
+        "data.classnames": None,
+        "data.shift_dirs.imagenet_v2": str(trees["v2"]),
+        "data.shift_dirs.imagenet_sketch": str(trees["v2"]),
+        "data.shift_dirs.imagenet_r.path": str(trees["r"]),
+        "data.shift_dirs.imagenet_a.path": str(trees["r"]),
+        "data.shift_dirs.objectnet.path": str(trees["objectnet"]),
+        "data.shift_dirs.objectnet.mapping": str(trees["mapping"]),
+    }
     check, names = check_data(load_config(GPU_CONFIG, overrides).data)
     text = "\n".join([check.summary, *check.details])
     assert check.status == "ok", text
     assert "2 mapped classes over 3 training classes" in text and "1 unmapped folder(s) skipped" in text
     assert "border crop 2px" in text and "scored on the 3 training classes present" in text
 
-    check, _ = check_data(load_config(GPU_CONFIG, {**overrides, "data.shift_dirs.objectnet.mapping":
-                                                   str(tmp_path / "absent.json")}).data)
+    check, _ = check_data(
+        load_config(GPU_CONFIG, {**overrides, "data.shift_dirs.objectnet.mapping": str(tmp_path / "absent.json")}).data
+    )
     assert check.status == "fail" and "1 path(s) missing" in check.summary
     assert any(str(tmp_path / "absent.json") in d for d in check.details)
 
@@ -331,8 +387,9 @@ def test_dry_run_checks_mapping_and_layout(trees: dict[str, Path], tmp_path: Pat
     check, _ = check_data(load_config(GPU_CONFIG, {**overrides, "data.shift_dirs.objectnet.mapping": str(bad)}).data)
     assert check.status == "fail" and any("folder 'alarm_clock' maps to ['n0bad']" in d for d in check.details)
 
-    check, _ = check_data(load_config(GPU_CONFIG, {**overrides, "data.shift_dirs.imagenet_r.path":
-                                                   str(trees["objectnet"])}).data)
+    check, _ = check_data(
+        load_config(GPU_CONFIG, {**overrides, "data.shift_dirs.imagenet_r.path": str(trees["objectnet"])}).data
+    )
     assert check.status == "fail" and any("imagenet_r: class folders ['alarm_clock'" in d for d in check.details)
 
 
@@ -342,10 +399,12 @@ def test_dry_run_checks_mapping_and_layout(trees: dict[str, Path], tmp_path: Pat
 def test_objectnet_mapping_from_objectnets_files(tmp_path: Path, trees: dict[str, Path]) -> None:
     d = tmp_path / "mappings"
     d.mkdir()
-    (d / "folder_to_objectnet_label.json").write_text(json.dumps(
-        {"alarm_clock": "Alarm clock", "banana": "Banana", "zebra_toy": "Zebra toy"}))
-    (d / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
-        {"Alarm clock": "name10; name20", "Banana": "banana, plantain"}))
+    (d / "folder_to_objectnet_label.json").write_text(
+        json.dumps({"alarm_clock": "Alarm clock", "banana": "Banana", "zebra_toy": "Zebra toy"})
+    )
+    (d / "objectnet_to_imagenet_1k.json").write_text(
+        json.dumps({"Alarm clock": "name10; name20", "Banana": "banana, plantain"})
+    )
     (d / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps({str(k): 999 - k for k in range(1000)}))
     names = [f"name{i}" for i in range(1000)]
     names[30] = "banana, plantain"

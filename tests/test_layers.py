@@ -104,8 +104,10 @@ def test_ray_only_at_the_edges() -> None:
             continue
         for target, line in imports_of(path):
             if target.split(".")[0] == "ray":
-                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (only cluster/, serving/, bench/, "
-                           "jobs and cli may)")
+                bad.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {target} (only cluster/, serving/, bench/, "
+                    "jobs and cli may)"
+                )
     assert not bad, "\n".join(bad)
 
 
@@ -163,7 +165,7 @@ def test_the_import_graph_has_no_cycle() -> None:
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycle = stack[stack.index(n):] + [n]
+                cycle = stack[stack.index(n) :] + [n]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if n not in state:
                 visit(n)
@@ -184,8 +186,12 @@ def test_the_package_never_imports_the_serve_entry_nor_edits_the_path() -> None:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
         tree = ast.parse(text)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
-                    and node.value.id == "sys":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} touches sys.path")
             if isinstance(node, ast.Constant) and node.value == "PYTHONPATH":
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} sets PYTHONPATH")

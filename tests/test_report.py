@@ -16,10 +16,9 @@ from soup_ray.ingredients import Kitchen, trial_records_from_results
 from soup_ray.model import load_base
 from soup_ray.report import SUMMARY_NAMES, compute_report, soup_table, write_report
 from soup_ray.results import read_jsonl, trial_row, write_jsonl
-from soup_ray.run_dir import RESULTS_FILE
-from soup_ray.soup import SOUP_METHODS, greedy_soup
-from soup_ray.run_dir import CHECKPOINT_LOGITS
+from soup_ray.run_dir import CHECKPOINT_LOGITS, RESULTS_FILE
 from soup_ray.run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+from soup_ray.soup import SOUP_METHODS, greedy_soup
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,8 +41,11 @@ def run_dir(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _trials(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Completed trials with an intact checkpoint, by id."""
-    return {r["trial_id"]: r for r in read_jsonl(run_dir / RESULTS_FILE)
-            if r.get("status") == "completed" and r.get("checkpoint") and r["trial_id"] != "bad"}
+    return {
+        r["trial_id"]: r
+        for r in read_jsonl(run_dir / RESULTS_FILE)
+        if r.get("status") == "completed" and r.get("checkpoint") and r["trial_id"] != "bad"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,7 @@ def test_write_report_is_idempotent(report: dict[str, Any], run_dir: Path, tmp_p
     paths = write_report(run, report)
     rows = read_jsonl(run / RESULTS_FILE)
     assert rows[: len(before)] == before
-    assert [r["model_name"] for r in rows[len(before):]] == list(SUMMARY_NAMES)
+    assert [r["model_name"] for r in rows[len(before) :]] == list(SUMMARY_NAMES)
     assert len(trial_records_from_results(run)) == len(_trials(run)) + 1  # summary rows are not trials
     md = paths["report"].read_text()
     assert "| method | held-out | test | rotate | noise | shift mean | forward passes |" in md
@@ -208,8 +210,11 @@ def test_offers_the_live_soup_refused_get_a_note_in_the_report(report: dict[str,
 
     run = tmp_path / "run"
     (run / "soup_state").mkdir(parents=True)
-    (run / "soup_state" / "state.json").write_text(json.dumps(
-        {"rejected": {"t007": "non-finite values (NaN/inf) in ['head.weight']", "t009": "still unreadable | x"}}))
+    (run / "soup_state" / "state.json").write_text(
+        json.dumps(
+            {"rejected": {"t007": "non-finite values (NaN/inf) in ['head.weight']", "t009": "still unreadable | x"}}
+        )
+    )
     letters = live_soup_rejections(run)
     assert [r["trial_id"] for r in letters] == ["t007", "t009"]
     md = markdown_report({**report, "live_rejected": letters})

@@ -9,8 +9,20 @@ from pathlib import Path
 import pytest
 
 from soup_ray import atomic
-from soup_ray.stages import (DATA, RAY_START, REPORT, SERVING, SERVING_START, SOUP, STAND_IN, TRIALS, Stages,
-                             install_ctrl_c, next_step, stage_pause)
+from soup_ray.stages import (
+    DATA,
+    RAY_START,
+    REPORT,
+    SERVING,
+    SERVING_START,
+    SOUP,
+    STAND_IN,
+    TRIALS,
+    Stages,
+    install_ctrl_c,
+    next_step,
+    stage_pause,
+)
 
 
 def test_each_stage_names_what_finished_and_the_command_that_carries_on(tmp_path: Path) -> None:
@@ -72,7 +84,8 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Pat
 
 
 def test_an_interrupted_base_save_leaves_no_base_and_the_next_run_builds_it(
-        prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import soup_ray.model as model
     from soup_ray.prepare import prepare_run
     from soup_ray.run_dir import RunDir

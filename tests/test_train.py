@@ -9,17 +9,37 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from soup_ray.train import (
+    CHECKPOINT_LOGITS,
+    CHECKPOINT_METRICS,
+    CHECKPOINT_WEIGHTS,
+    TrialContext,
+    cosine_with_warmup,
+    fine_tune,
+)
 from soup_ray.trial_state import TrainingStateError, has_training_state
-from soup_ray.train import CHECKPOINT_LOGITS, CHECKPOINT_METRICS, CHECKPOINT_WEIGHTS, TrialContext, cosine_with_warmup, fine_tune
 
 
 def ctx_for(cfg, prep) -> TrialContext:
-    return TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=1)
+    return TrialContext(
+        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=1
+    )
 
 
 def hp(**kw):
-    base = dict(lr=1e-3, weight_decay=0.1, epochs=2, label_smoothing=0.1, mixup_alpha=0.0, randaug_n=0,
-                randaug_m=9, batch_size=64, warmup_steps=2, grad_clip=1.0, seed=0)
+    base = dict(
+        lr=1e-3,
+        weight_decay=0.1,
+        epochs=2,
+        label_smoothing=0.1,
+        mixup_alpha=0.0,
+        randaug_n=0,
+        randaug_m=9,
+        batch_size=64,
+        warmup_steps=2,
+        grad_clip=1.0,
+        seed=0,
+    )
     base.update(kw)
     return base
 
@@ -161,8 +181,13 @@ def test_a_trials_heldout_count_is_what_the_soup_keeper_scores_for_that_model(ru
     kitchen.admit(record)
     keeper_count = kitchen.evaluate([record.trial_id], None).correct
     assert calls == ["bf16"] * len(calls) and calls
-    ctx = TrialContext(base_dir=str(RunDir(run_copy).base), data_json=kitchen.config.data.model_dump_json(),
-                       data_kind="digits", threads=1, precision="bf16")
+    ctx = TrialContext(
+        base_dir=str(RunDir(run_copy).base),
+        data_json=kitchen.config.data.model_dump_json(),
+        data_kind="digits",
+        threads=1,
+        precision="bf16",
+    )
     model, meta = fresh_base(ctx.base_dir)
     model.load_state_dict(kitchen.weights(record.trial_id))
     bundle = build_dataset(kitchen.config.data, int(meta["image_size"]))

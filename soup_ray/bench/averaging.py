@@ -36,8 +36,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 CHUNK = 64 * 2**10
 MODES = ("read", "read_write", "stream", "stream_into_model", "stream_in_memory", "mmap", "loaded")
@@ -73,12 +73,18 @@ def vit_shapes(model_name: str = "ViT-B-32", num_classes: int = 10) -> dict[str,
 
 def tiny_shapes() -> dict[str, tuple[int, ...]]:
     """A few small tensors for dry runs."""
-    return {"visual.conv1.weight": (64, 3, 8, 8), "visual.proj": (64, 32), "visual.ln.weight": (64,),
-            "head.weight": (10, 32), "head.bias": (10,)}
+    return {
+        "visual.conv1.weight": (64, 3, 8, 8),
+        "visual.proj": (64, 32),
+        "visual.ln.weight": (64,),
+        "head.weight": (10, 32),
+        "head.bias": (10,),
+    }
 
 
-def write_checkpoints(folder: Path, n: int, shapes: dict[str, tuple[int, ...]], seed: int = 0,
-                      log: Callable[[str], None] = print) -> list[Path]:
+def write_checkpoints(
+    folder: Path, n: int, shapes: dict[str, tuple[int, ...]], seed: int = 0, log: Callable[[str], None] = print
+) -> list[Path]:
     """``n`` random fp32 checkpoints with ``shapes`` (a shared start plus noise, like fine-tuned models)."""
     import torch
     from safetensors.torch import save_file
@@ -138,9 +144,8 @@ def child(mode: str, paths: list[str], out: str | None) -> dict:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from safetensors.torch import load_file, save_file
-
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from soup_ray.checkpoint_average import average_checkpoint_files, average_checkpoints
     from soup_ray.soup import average_state_dicts
@@ -193,8 +198,9 @@ def measure(mode: str, paths: list[Path], out: Path | None = None, timeout: floa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_case(paths: list[Path], out: Path, repeats: int = 2, modes: tuple[str, ...] = MODES,
-             log: Callable[[str], None] = print) -> dict:
+def run_case(
+    paths: list[Path], out: Path, repeats: int = 2, modes: tuple[str, ...] = MODES, log: Callable[[str], None] = print
+) -> dict:
     """Warm the page cache with every file once, then alternate the modes ``repeats`` times; medians reported."""
     read_files(paths)  # equalised page cache: every file read once before any measurement
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -204,25 +210,33 @@ def run_case(paths: list[Path], out: Path, repeats: int = 2, modes: tuple[str, .
             runs[m].append(r)
             if out.exists():
                 out.unlink()
-    case: dict = {"n": len(paths), "file_mb": round(paths[0].stat().st_size / 2**20, 1),
-                  "total_mb": round(sum(p.stat().st_size for p in paths) / 2**20, 1)}
+    case: dict = {
+        "n": len(paths),
+        "file_mb": round(paths[0].stat().st_size / 2**20, 1),
+        "total_mb": round(sum(p.stat().st_size for p in paths) / 2**20, 1),
+    }
     for m, rs in runs.items():
-        case[m] = {"seconds": round(statistics.median(r["seconds"] for r in rs), 4),
-                   "seconds_all": [round(r["seconds"], 4) for r in rs],
-                   "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
-                   "rss_before_mb": round(statistics.median(r["rss_before_mb"] for r in rs), 1)}
+        case[m] = {
+            "seconds": round(statistics.median(r["seconds"] for r in rs), 4),
+            "seconds_all": [round(r["seconds"], 4) for r in rs],
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+            "rss_before_mb": round(statistics.median(r["rss_before_mb"] for r in rs), 1),
+        }
     if "read" in case:
         base = max(case["read"]["seconds"], 1e-6)
         for m in modes:
             if m != "read":
                 case[f"{m}_over_read"] = round(case[m]["seconds"] / base, 3)
-                case[f"{m}_over_read_best"] = round(min(rs_["seconds"] for rs_ in runs[m])
-                                                    / max(min(r["seconds"] for r in runs["read"]), 1e-6), 3)
+                case[f"{m}_over_read_best"] = round(
+                    min(rs_["seconds"] for rs_ in runs[m]) / max(min(r["seconds"] for r in runs["read"]), 1e-6), 3
+                )
         case["read_mb_per_s"] = round(case["total_mb"] / base, 1)
     if "read_write" in case and "stream" in case:
         case["stream_over_read_write"] = round(case["stream"]["seconds"] / max(case["read_write"]["seconds"], 1e-6), 3)
-    log(f"N={len(paths)}: " + ", ".join(f"{m} {case[m]['seconds']:.2f}s / {case[m]['peak_rss_mb']:.0f} MiB"
-                                        for m in modes))
+    log(
+        f"N={len(paths)}: "
+        + ", ".join(f"{m} {case[m]['seconds']:.2f}s / {case[m]['peak_rss_mb']:.0f} MiB" for m in modes)
+    )
     return case
 
 
@@ -237,8 +251,12 @@ def summarise(cases: list[dict]) -> dict:
     peaks = [c["stream"]["peak_rss_mb"] for c in cases]
     spread = (max(peaks) - min(peaks)) / min(peaks)
     out: dict = {"stream_peak_rss_spread": round(spread, 3), "stream_peak_rss_flat_within_10pct": spread <= 0.10}
-    for key in ("stream_over_read", "stream_over_read_write", "stream_into_model_over_read",
-                "stream_in_memory_over_read"):
+    for key in (
+        "stream_over_read",
+        "stream_over_read_write",
+        "stream_into_model_over_read",
+        "stream_in_memory_over_read",
+    ):
         ratios = {c["n"]: c[key] for c in cases if key in c}
         if ratios:
             out[f"{key}_by_n"] = ratios

@@ -22,8 +22,14 @@ TRAIN_FLOP_PER_IMAGE = {"ViT-B-32": 3 * 8.82e9}
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s by a substring of torch.cuda.get_device_name(), first
 # match wins (the PCIe/NVL parts before the SXM ones: "NVIDIA H100 80GB HBM3" and "NVIDIA H200" are SXM).
 # Unknown devices: no peak fraction.
-BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
-                    ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import platform
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -39,8 +39,11 @@ def process_cpu_seconds() -> ProcessSample:
         times = info.get("cpu_times")
         if times is None:
             continue
-        out[proc.pid] = (_display_name(proc, info.get("cmdline"), info.get("name")), times.user + times.system,
-                         int(info.get("ppid") or 0))
+        out[proc.pid] = (
+            _display_name(proc, info.get("cmdline"), info.get("name")),
+            times.user + times.system,
+            int(info.get("ppid") or 0),
+        )
     return out
 
 
@@ -57,8 +60,9 @@ def _descendants(sample: ProcessSample, root: int) -> set[int]:
     return seen
 
 
-def top_processes(before: ProcessSample, after: ProcessSample, wall_s: float, min_cores: float = 0.03,
-                  limit: int = 12) -> dict[str, Any]:
+def top_processes(
+    before: ProcessSample, after: ProcessSample, wall_s: float, min_cores: float = 0.03, limit: int = 12
+) -> dict[str, Any]:
     """The processes that used the most CPU between two ``process_cpu_seconds`` samples, busiest first.
 
     ``ours`` marks this process and its descendants (the embedded Ray it
@@ -93,7 +97,8 @@ def serve_role(name: str) -> str | None:
                 return role
             deployment = name.split(marker, 1)[1].split(":")[-1].split()[0]
             return {"Ingress": "ingress", "Model": "model", "Ensemble": "ensemble", "OneHop": "one_hop"}.get(
-                deployment, "member" if deployment.startswith("Member") else deployment.lower())
+                deployment, "member" if deployment.startswith("Member") else deployment.lower()
+            )
     return None
 
 
@@ -124,8 +129,9 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return total - idle, total
 
 
-def cpu_usage(before: dict[int, float], after: dict[int, float], wall_s: float,
-              busy_fraction: float = 0.05) -> dict[str, Any]:
+def cpu_usage(
+    before: dict[int, float], after: dict[int, float], wall_s: float, busy_fraction: float = 0.05
+) -> dict[str, Any]:
     """Cores used by a process between two ``thread_cpu_seconds`` samples and how many threads were busy."""
     per_thread = {tid: (after[tid] - before.get(tid, 0.0)) / max(wall_s, 1e-9) for tid in after}
     busy = sorted((round(v, 3) for v in per_thread.values() if v >= busy_fraction), reverse=True)
@@ -134,8 +140,12 @@ def cpu_usage(before: dict[int, float], after: dict[int, float], wall_s: float,
 
 def machine_info() -> dict[str, Any]:
     """CPU, memory, GPU and library versions of this machine."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    }
     try:
         info["load_average_at_start"] = [round(v, 2) for v in psutil.getloadavg()]
         info["cpu_affinity"] = len(psutil.Process().cpu_affinity())
@@ -164,17 +174,23 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_bench_json(out: Path | str, report: dict[str, Any], *, script: str, argv: list[str] | None,
-                     started: float, note: str) -> dict[str, Any]:
+def write_bench_json(
+    out: Path | str, report: dict[str, Any], *, script: str, argv: list[str] | None, started: float, note: str
+) -> dict[str, Any]:
     """Add the machine, the note, the command line, the date and the seconds since ``started`` (perf_counter) to a
     benchmark's ``report`` and write it as JSON to ``out``; returns the full report."""
     import json
     import sys
     import time
 
-    full = {**report, "machine": machine_info(), "note": note,
-            "command": f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
-            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - started, 1)}
+    full = {
+        **report,
+        "machine": machine_info(),
+        "note": note,
+        "command": f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(full, indent=2))

@@ -101,9 +101,17 @@ def parse_server_timing(value: str | None) -> dict[str, float]:
     return out
 
 
-def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests: int, max_seconds: float, *,
-              timeout_s: float = 30.0, content_type: str = "image/png",
-              client: httpx.Client | None = None) -> LevelResult:
+def run_level(
+    url: str,
+    bodies: Sequence[bytes],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    *,
+    timeout_s: float = 30.0,
+    content_type: str = "image/png",
+    client: httpx.Client | None = None,
+) -> LevelResult:
     """POST ``bodies`` (cycled) to ``url`` from ``concurrency`` threads until ``max_requests`` or ``max_seconds``.
 
     A request counts as successful when its status is 2xx. Throughput is the
@@ -185,11 +193,20 @@ def run_level(url: str, bodies: Sequence[bytes], concurrency: int, max_requests:
         extra["server_timing_ms"] = {k: round(float(np.mean([t[k] for t in seen if k in t])), 3) for k in names}
         extra["server_timing_answers"] = len(seen)
     return LevelResult(
-        concurrency=concurrency, max_requests=max_requests, max_seconds=max_seconds, sent=sent, ok=len(ok_lat),
-        errors=dict(sorted(errors.items())), unfinished=sent - len(done),
-        stopped_by="count" if sent >= max_requests else "time", duration_s=round(duration, 4),
-        throughput_rps=round(len(ok_lat) / duration, 3), latency_ms=latency_summary(ok_lat),
-        client_cpu_s=round(time.process_time() - cpu0, 3), extra=extra)
+        concurrency=concurrency,
+        max_requests=max_requests,
+        max_seconds=max_seconds,
+        sent=sent,
+        ok=len(ok_lat),
+        errors=dict(sorted(errors.items())),
+        unfinished=sent - len(done),
+        stopped_by="count" if sent >= max_requests else "time",
+        duration_s=round(duration, 4),
+        throughput_rps=round(len(ok_lat) / duration, 3),
+        latency_ms=latency_summary(ok_lat),
+        client_cpu_s=round(time.process_time() - cpu0, 3),
+        extra=extra,
+    )
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -197,8 +214,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
     arr = np.asarray(array, dtype=np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 3 and np.array_equal(arr[..., 0], arr[..., 1]) \
-            and np.array_equal(arr[..., 0], arr[..., 2]):
+    if (
+        arr.ndim == 3
+        and arr.shape[2] == 3
+        and np.array_equal(arr[..., 0], arr[..., 1])
+        and np.array_equal(arr[..., 0], arr[..., 2])
+    ):
         img = Image.fromarray(arr[..., 0], "L")
     else:
         img = Image.fromarray(arr, "RGB")

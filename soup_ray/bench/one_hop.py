@@ -31,8 +31,9 @@ app = FastAPI(title="one-hop peer")
 class OneHop:
     """The soup, decoding and batching in one replica."""
 
-    def __init__(self, run_dir: str, max_batch_size: int = CPU_BATCH, batch_wait_timeout_s: float = 0.01,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, run_dir: str, max_batch_size: int = CPU_BATCH, batch_wait_timeout_s: float = 0.01, device: str = "cpu"
+    ) -> None:
         from ..serving.models import load_model
 
         self.loaded = load_model(run_dir, "soup", device=device)
@@ -67,13 +68,25 @@ class OneHop:
             return self.loaded.classifier(x.contiguous()).float().cpu().tolist()
 
 
-def deploy_one_hop(run_dir: str, num_cpus: float, num_gpus: float, max_batch_size: int,
-                   batch_wait_timeout_s: float, app_name: str, host: str, port: int, replicas: int = 1) -> str:
+def deploy_one_hop(
+    run_dir: str,
+    num_cpus: float,
+    num_gpus: float,
+    max_batch_size: int,
+    batch_wait_timeout_s: float,
+    app_name: str,
+    host: str,
+    port: int,
+    replicas: int = 1,
+) -> str:
     """Deploy the peer as ``app_name`` at ``/`` on Serve (started with ``host``/``port`` if it is not running)."""
     serve.start(http_options={"host": host, "port": int(port)})
     device = "cuda" if num_gpus > 0 else "cpu"
-    deployment = OneHop.options(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                                num_replicas=replicas)
-    serve.run(deployment.bind(run_dir, max_batch_size, batch_wait_timeout_s, device), name=app_name,
-              route_prefix="/", blocking=False)
+    deployment = OneHop.options(ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}, num_replicas=replicas)
+    serve.run(
+        deployment.bind(run_dir, max_batch_size, batch_wait_timeout_s, device),
+        name=app_name,
+        route_prefix="/",
+        blocking=False,
+    )
     return f"http://{host}:{int(port)}"

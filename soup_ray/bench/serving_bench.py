@@ -35,11 +35,27 @@ import numpy as np
 
 from ..cluster.session import ray_session
 from ..run_dir import RunDir
-from ..serving import (SOUP_MODEL, ensemble_members, load_image, load_model, resolve_run_dir, serve_run,
-                       sigterm_as_interrupt, stop_serve_and_ray, to_model_input)
+from ..serving import (
+    SOUP_MODEL,
+    ensemble_members,
+    load_image,
+    load_model,
+    resolve_run_dir,
+    serve_run,
+    sigterm_as_interrupt,
+    stop_serve_and_ray,
+    to_model_input,
+)
 from ..serving.launch import DEFAULT_THROUGHPUT_MODE, throughput_mode_env
-from .host import (cpu_per_request, cpu_usage, machine_cpu_seconds, machine_info, process_cpu_seconds,
-                   thread_cpu_seconds, top_processes)
+from .host import (
+    cpu_per_request,
+    cpu_usage,
+    machine_cpu_seconds,
+    machine_info,
+    process_cpu_seconds,
+    thread_cpu_seconds,
+    top_processes,
+)
 from .loadgen import run_level, sample_pngs
 
 Log = Callable[[str], None]
@@ -51,9 +67,17 @@ APP_NAME = "bench"
 # ---------------------------------------------------------------- the in-process ceiling
 
 
-def forward_ceiling(classifier: Any, pngs: Sequence[bytes], image_size: int, batch_size: int, threads: int | None,
-                    max_seconds: float = 10.0, max_batches: int = 10_000, device: str = "cpu",
-                    warmup: int = 2) -> dict[str, Any]:
+def forward_ceiling(
+    classifier: Any,
+    pngs: Sequence[bytes],
+    image_size: int,
+    batch_size: int,
+    threads: int | None,
+    max_seconds: float = 10.0,
+    max_batches: int = 10_000,
+    device: str = "cpu",
+    warmup: int = 2,
+) -> dict[str, Any]:
     """Images/s of batched forward passes (decoded test images, ``batch_size`` each) with ``threads`` torch threads.
 
     The images are decoded once, the way the server decodes them; each batch is
@@ -88,9 +112,16 @@ def forward_ceiling(classifier: Any, pngs: Sequence[bytes], image_size: int, bat
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
-    return {"images_per_s": round(n * batch_size / secs, 3), "batch_size": int(batch_size), "batches": n,
-            "seconds": round(secs, 3), "ms_per_batch": round(1000 * secs / n, 3), "threads": used,
-            "device": device, "decode_images_per_s": round(len(decoded) / max(decode_s, 1e-9), 1)}
+    return {
+        "images_per_s": round(n * batch_size / secs, 3),
+        "batch_size": int(batch_size),
+        "batches": n,
+        "seconds": round(secs, 3),
+        "ms_per_batch": round(1000 * secs / n, 3),
+        "threads": used,
+        "device": device,
+        "decode_images_per_s": round(len(decoded) / max(decode_s, 1e-9), 1),
+    }
 
 
 # ---------------------------------------------------------------- settings
@@ -154,9 +185,9 @@ def plan_targets(run_dir: Path | str, ensemble_cap: int, only: Sequence[str] = T
         elif name == "single":
             plan[name] = {"model": ranked[0], "members": [], "route": "/predict"}
         elif name == "ensemble_k":
-            plan[name] = {"model": SOUP_MODEL, "members": ranked[:max(1, k)], "route": "/predict/ensemble"}
+            plan[name] = {"model": SOUP_MODEL, "members": ranked[: max(1, k)], "route": "/predict/ensemble"}
         elif name == "ensemble_all":
-            plan[name] = {"model": SOUP_MODEL, "members": ranked[:max(1, ensemble_cap)], "route": "/predict/ensemble"}
+            plan[name] = {"model": SOUP_MODEL, "members": ranked[: max(1, ensemble_cap)], "route": "/predict/ensemble"}
     return plan
 
 
@@ -230,14 +261,25 @@ def _batch_stats(before: dict[str, dict[str, Any]], after: dict[str, dict[str, A
         b = before.get(name, {})
         ba, bb = (a.get("batching") or {}), (b.get("batching") or {})
         n = (ba.get("batches") or 0) - (bb.get("batches") or 0)
-        out[name] = {"batches": n, "mean_batch": round(requests / n, 2) if n > 0 else None,
-                     "largest_batch_so_far": ba.get("largest_batch")}
+        out[name] = {
+            "batches": n,
+            "mean_batch": round(requests / n, 2) if n > 0 else None,
+            "largest_batch_so_far": ba.get("largest_batch"),
+        }
     return out
 
 
-def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequence[bytes], settings: BenchSettings,
-                   share: float, log: Log, deadline: float | None = None,
-                   out: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure_target(
+    name: str,
+    plan: dict[str, Any],
+    run_dir: Path,
+    pngs: Sequence[bytes],
+    settings: BenchSettings,
+    share: float,
+    log: Log,
+    deadline: float | None = None,
+    out: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Deploy one target as the ``bench`` application, load it at every concurrency level, delete it.
 
     The figures go into ``out`` (a new dict by default) level by level, so an
@@ -253,18 +295,38 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
         if plan.get("one_hop"):  # the bare peer gets the model replica's and the ingress's CPUs in one replica
             from .one_hop import deploy_one_hop
 
-            url = deploy_one_hop(str(run_dir), share + settings.ingress_cpus * settings.ingress_replicas,
-                                 settings.num_gpus, settings.max_batch_size, settings.batch_wait_timeout_s, APP_NAME,
-                                 settings.host, settings.port, replicas=settings.model_replicas)
+            url = deploy_one_hop(
+                str(run_dir),
+                share + settings.ingress_cpus * settings.ingress_replicas,
+                settings.num_gpus,
+                settings.max_batch_size,
+                settings.batch_wait_timeout_s,
+                APP_NAME,
+                settings.host,
+                settings.port,
+                replicas=settings.model_replicas,
+            )
         else:
-            url = serve_run(run_dir, settings.host, settings.port, blocking=False, app_name=APP_NAME,
-                            route_prefix="/", log=lambda m: None, model=plan["model"], ensemble=ensemble,
-                            follow=False, num_cpus=share, num_gpus=settings.num_gpus,
-                            ingress_cpus=settings.ingress_cpus, ingress_replicas=settings.ingress_replicas,
-                            model_replicas=1 if plan["members"] else settings.model_replicas,
-                            topology=plan.get("topology", settings.topology),
-                            max_batch_size=settings.max_batch_size,
-                            batch_wait_timeout_s=settings.batch_wait_timeout_s)
+            url = serve_run(
+                run_dir,
+                settings.host,
+                settings.port,
+                blocking=False,
+                app_name=APP_NAME,
+                route_prefix="/",
+                log=lambda m: None,
+                model=plan["model"],
+                ensemble=ensemble,
+                follow=False,
+                num_cpus=share,
+                num_gpus=settings.num_gpus,
+                ingress_cpus=settings.ingress_cpus,
+                ingress_replicas=settings.ingress_replicas,
+                model_replicas=1 if plan["members"] else settings.model_replicas,
+                topology=plan.get("topology", settings.topology),
+                max_batch_size=settings.max_batch_size,
+                batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            )
         out["deploy_s"] = round(time.perf_counter() - t0, 2)
         wait_s = settings.deploy_timeout_s
         if deadline is not None:
@@ -274,8 +336,14 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
         names = _replica_names(plan)
         target_url = f"{url}{plan['route']}"
         if settings.warmup_requests > 0:
-            w = run_level(target_url, pngs, max(settings.concurrency), settings.warmup_requests,
-                          min(10.0, settings.seconds), timeout_s=settings.request_timeout_s)
+            w = run_level(
+                target_url,
+                pngs,
+                max(settings.concurrency),
+                settings.warmup_requests,
+                min(10.0, settings.seconds),
+                timeout_s=settings.request_timeout_s,
+            )
             out["warmup"] = {"sent": w.sent, "ok": w.ok, "errors": w.errors}
         for c in settings.concurrency:
             seconds = settings.seconds
@@ -304,15 +372,19 @@ def measure_target(name: str, plan: dict[str, Any], run_dir: Path, pngs: Sequenc
             level.extra["batching"] = _batch_stats(infos, after, level.ok)
             if machine1[1] > machine0[1]:
                 level.extra["machine_busy_cores"] = round(
-                    (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * (os.cpu_count() or 1), 2)
+                    (machine1[0] - machine0[0]) / (machine1[1] - machine0[1]) * (os.cpu_count() or 1), 2
+                )
             out["levels"].append(level.to_json())
             lat = level.latency_ms
-            log(f"  {name} c={c}: {level.ok}/{level.sent} ok in {level.duration_s:.1f}s -> "
+            log(
+                f"  {name} c={c}: {level.ok}/{level.sent} ok in {level.duration_s:.1f}s -> "
                 f"{level.throughput_rps:.1f} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms"
-                + (f", errors {level.errors}" if level.errors else ""))
+                + (f", errors {level.errors}" if level.errors else "")
+            )
         infos = _replica_infos(names)
-        out["replicas"] = {n: {k: i.get(k) for k in ("pid", "model", "batching", "error") if k in i}
-                           for n, i in infos.items()}
+        out["replicas"] = {
+            n: {k: i.get(k) for k in ("pid", "model", "batching", "error") if k in i} for n, i in infos.items()
+        }
     finally:
         try:
             serve.delete(APP_NAME)  # blocks until its replicas are gone: the next target gets the CPUs back
@@ -330,14 +402,17 @@ def _replica_share(settings: BenchSettings, plan: dict[str, dict[str, Any]]) -> 
         return float(settings.num_cpus)
     cpus = float(ray.available_resources().get("CPU", 0.0))
     # members + the Model deployment, or the model's replicas
-    replicas = max((len(p["members"]) + 1 if p["members"] else settings.model_replicas for p in plan.values()),
-                   default=1)
+    replicas = max(
+        (len(p["members"]) + 1 if p["members"] else settings.model_replicas for p in plan.values()), default=1
+    )
     has_ensemble = any(p["members"] for p in plan.values())
     free = cpus - settings.ingress_cpus * (settings.ingress_replicas + (1 if has_ensemble else 0))
     share = min(1.0, math.floor(100 * free / replicas) / 100)
     if share <= 0:
-        raise ValueError(f"{cpus} free CPUs cannot hold {replicas} model replicas plus the ingress; "
-                         "lower --ensemble-cap or pass --num-cpus")
+        raise ValueError(
+            f"{cpus} free CPUs cannot hold {replicas} model replicas plus the ingress; "
+            "lower --ensemble-cap or pass --num-cpus"
+        )
     return share
 
 
@@ -380,8 +455,9 @@ def start_ray(settings: BenchSettings, log: Log) -> bool:
     return ray_session(None, log=log, env=env, num_cpus=os.cpu_count(), log_to_driver=False)
 
 
-def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print,
-              figures: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_bench(
+    run_dir: Path | str, settings: BenchSettings | None = None, log: Log = print, figures: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Measure every target and the in-process ceiling; returns the figures (``compute_ratios`` adds ratios).
 
     ``figures``, when given, is filled in place as the bench goes, so a caller
@@ -398,45 +474,73 @@ def run_bench(run_dir: Path | str, settings: BenchSettings | None = None, log: L
     plan = plan_targets(run_dir, settings.ensemble_cap, settings.only)
     base = json.loads(paths.base_meta.read_text())
     pngs = sample_pngs(run_dir, settings.images, settings.image_size)
-    log(f"bench of {run_dir}: soup of {len(soup_info.get('ingredients') or [])} ingredient(s); targets "
+    log(
+        f"bench of {run_dir}: soup of {len(soup_info.get('ingredients') or [])} ingredient(s); targets "
         + ", ".join(f"{n} ({len(p['members']) or 1} model(s))" for n, p in plan.items())
-        + f"; {len(pngs)} test PNGs, concurrency {settings.concurrency}")
+        + f"; {len(pngs)} test PNGs, concurrency {settings.concurrency}"
+    )
     figures = figures if figures is not None else {}
-    figures.update({
-        "run_dir": str(run_dir),
-        "settings": asdict(settings),
-        "machine": machine_info(),
-        "soup": {"ingredients": list(soup_info.get("ingredients") or []), "version": soup_info.get("version"),
-                 "heldout_accuracy": soup_info.get("heldout_accuracy"), "image_size": int(base["image_size"])},
-        "request_bytes": {"mean": round(float(np.mean([len(b) for b in pngs])), 1),
-                          "image_size": settings.image_size or int(base["image_size"])},
-        "targets": {},
-    })
+    figures.update(
+        {
+            "run_dir": str(run_dir),
+            "settings": asdict(settings),
+            "machine": machine_info(),
+            "soup": {
+                "ingredients": list(soup_info.get("ingredients") or []),
+                "version": soup_info.get("version"),
+                "heldout_accuracy": soup_info.get("heldout_accuracy"),
+                "image_size": int(base["image_size"]),
+            },
+            "request_bytes": {
+                "mean": round(float(np.mean([len(b) for b in pngs])), 1),
+                "image_size": settings.image_size or int(base["image_size"]),
+            },
+            "targets": {},
+        }
+    )
     own_ray = start_ray(settings, log)
     try:
         share = _replica_share(settings, plan)
         probe = probe_replica_threads(share, settings.num_gpus)
         if settings.replica_threads and int(probe["torch_threads"]) != int(settings.replica_threads):
-            log(f"WARNING: {settings.replica_threads} thread(s) per replica were asked for, but replicas get "
-                f"{probe['torch_threads']}: the running Ray was not started with OMP_NUM_THREADS set")
-        figures["replica"] = {"num_cpus": share, "num_gpus": settings.num_gpus, "ingress_cpus": settings.ingress_cpus,
-                              "max_batch_size": settings.max_batch_size,
-                              "batch_wait_timeout_s": settings.batch_wait_timeout_s, "probe": probe,
-                              "ray_cpus": ray.cluster_resources().get("CPU")}
-        log(f"each model replica: {share} CPU(s), {settings.num_gpus} GPU(s); an actor with those resources runs "
-            f"torch with {probe['torch_threads']} thread(s) (OMP_NUM_THREADS={probe['omp_num_threads']})")
+            log(
+                f"WARNING: {settings.replica_threads} thread(s) per replica were asked for, but replicas get "
+                f"{probe['torch_threads']}: the running Ray was not started with OMP_NUM_THREADS set"
+            )
+        figures["replica"] = {
+            "num_cpus": share,
+            "num_gpus": settings.num_gpus,
+            "ingress_cpus": settings.ingress_cpus,
+            "max_batch_size": settings.max_batch_size,
+            "batch_wait_timeout_s": settings.batch_wait_timeout_s,
+            "probe": probe,
+            "ray_cpus": ray.cluster_resources().get("CPU"),
+        }
+        log(
+            f"each model replica: {share} CPU(s), {settings.num_gpus} GPU(s); an actor with those resources runs "
+            f"torch with {probe['torch_threads']} thread(s) (OMP_NUM_THREADS={probe['omp_num_threads']})"
+        )
         if settings.ceiling:
             device = "cuda" if settings.num_gpus > 0 else "cpu"
             loaded = load_model(run_dir, "soup", device=device)
             seconds = settings.ceiling_seconds
             if deadline is not None:
                 seconds = max(1.0, min(seconds, (deadline - time.perf_counter()) / 10))
-            figures["ceiling"] = forward_ceiling(loaded.classifier, pngs, loaded.image_size, settings.max_batch_size,
-                                                 int(probe["torch_threads"]), max_seconds=seconds, device=device)
+            figures["ceiling"] = forward_ceiling(
+                loaded.classifier,
+                pngs,
+                loaded.image_size,
+                settings.max_batch_size,
+                int(probe["torch_threads"]),
+                max_seconds=seconds,
+                device=device,
+            )
             del loaded
             c = figures["ceiling"]
-            log(f"in-process ceiling: {c['images_per_s']:.1f} images/s (batch {c['batch_size']}, {c['threads']} "
-                f"thread(s), {c['ms_per_batch']:.1f} ms/batch); decoding {c['decode_images_per_s']:.0f} images/s")
+            log(
+                f"in-process ceiling: {c['images_per_s']:.1f} images/s (batch {c['batch_size']}, {c['threads']} "
+                f"thread(s), {c['ms_per_batch']:.1f} ms/batch); decoding {c['decode_images_per_s']:.0f} images/s"
+            )
         measured: dict[tuple, str] = {}
         for name, p in plan.items():
             key = (p["model"], tuple(p["members"]), p["route"], bool(p.get("one_hop")), p.get("topology"))
@@ -476,18 +580,24 @@ def observed_threads(figures: dict[str, Any]) -> dict[str, Any] | None:
     bottleneck), with more torch threads the OpenMP pool threads show up too.
     """
     levels = (figures.get("targets", {}).get("soup") or {}).get("levels") or []
-    cpu = [next((c[n] for n in ("Model", "Ingress") if n in c), None)
-           for c in ((lv.get("extra", {}).get("replica_cpu") or {}) for lv in levels)]
+    cpu = [
+        next((c[n] for n in ("Model", "Ingress") if n in c), None)
+        for c in ((lv.get("extra", {}).get("replica_cpu") or {}) for lv in levels)
+    ]
     cpu = [c for c in cpu if c]
     if not cpu:
         return None
     busiest = max(cpu, key=lambda c: c["cores"])
     probe = (figures.get("replica") or {}).get("probe") or {}
     ceiling = figures.get("ceiling") or {}
-    return {"soup_replica_cores": busiest["cores"], "soup_replica_busy_threads": busiest["busy_threads"],
-            "soup_replica_busy_thread_cores": busiest["busy_thread_cores"],
-            "probe_torch_threads": probe.get("torch_threads"), "ceiling_threads": ceiling.get("threads"),
-            "ceiling_matches_probe": ceiling.get("threads") == probe.get("torch_threads") if ceiling else None}
+    return {
+        "soup_replica_cores": busiest["cores"],
+        "soup_replica_busy_threads": busiest["busy_threads"],
+        "soup_replica_busy_thread_cores": busiest["busy_thread_cores"],
+        "probe_torch_threads": probe.get("torch_threads"),
+        "ceiling_threads": ceiling.get("threads"),
+        "ceiling_matches_probe": ceiling.get("threads") == probe.get("torch_threads") if ceiling else None,
+    }
 
 
 # ---------------------------------------------------------------- ratios, files, table
@@ -532,11 +642,15 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
         "served_soup_over_ceiling": _div(soup, ceiling),
     }
     by_c: dict[str, dict[str, float | None]] = {}
-    rates = {n: {lv["concurrency"]: lv.get("throughput_rps") for lv in (t.get("levels") or [])}
-             for n, t in targets.items()}
+    rates = {
+        n: {lv["concurrency"]: lv.get("throughput_rps") for lv in (t.get("levels") or [])} for n, t in targets.items()
+    }
     for c, s in sorted((rates.get("soup") or {}).items()):
-        by_c[str(c)] = {f"soup_over_{n}": _div(s, rates[n].get(c))
-                        for n in ("one_hop", "single", "ensemble_k", "ensemble_all") if n in rates}
+        by_c[str(c)] = {
+            f"soup_over_{n}": _div(s, rates[n].get(c))
+            for n in ("one_hop", "single", "ensemble_k", "ensemble_all")
+            if n in rates
+        }
         by_c[str(c)]["served_soup_over_ceiling"] = _div(s, ceiling)
     out["by_concurrency"] = by_c
     # per busy core: the same peaks divided by the cores the whole machine used at that level (replicas, Serve,
@@ -550,14 +664,22 @@ def compute_ratios(figures: dict[str, Any]) -> dict[str, Any]:
     soup_pc = per_core.get("soup")
     out["per_busy_core"] = {
         "rps_per_core": per_core,
-        **{f"soup_over_{n}": _div(soup_pc, per_core.get(n))
-           for n in ("one_hop", "single", "ensemble_k", "ensemble_all")},
+        **{
+            f"soup_over_{n}": _div(soup_pc, per_core.get(n))
+            for n in ("one_hop", "single", "ensemble_k", "ensemble_all")
+        },
     }
     return out
 
 
-COLORS = {"soup": "tab:green", "soup_split": "tab:olive", "one_hop": "tab:purple", "single": "tab:blue", "ensemble_k": "tab:orange",
-          "ensemble_all": "tab:red"}
+COLORS = {
+    "soup": "tab:green",
+    "soup_split": "tab:olive",
+    "one_hop": "tab:purple",
+    "single": "tab:blue",
+    "ensemble_k": "tab:orange",
+    "ensemble_all": "tab:red",
+}
 
 
 def plot_bench(figures: dict[str, Any], path: Path | str) -> Path:
@@ -587,8 +709,7 @@ def plot_bench(figures: dict[str, Any], path: Path | str) -> Path:
         color = COLORS.get(name)
         ax_t.plot(xs, ys, "o-", color=color, label=label)
         for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
-            ax_l.plot(xs, [lv["latency_ms"][q] for lv in levels], style, marker="o", color=color,
-                      label=f"{name} {q}")
+            ax_l.plot(xs, [lv["latency_ms"][q] for lv in levels], style, marker="o", color=color, label=f"{name} {q}")
     if ceiling:
         ax_t.axhline(ceiling, color="black", ls="--", lw=1, label=f"in-process soup ceiling ({ceiling:.1f}/s)")
         if top and ceiling / top > 4:
@@ -613,10 +734,14 @@ def plot_bench(figures: dict[str, Any], path: Path | str) -> Path:
     replica = figures.get("replica") or {}
     machine = figures.get("machine") or {}
     title = figures.get("title") or Path(figures.get("run_dir", "")).name
-    fig.suptitle(f"soup-ray serving bench: {title}, "
-                 f"{machine.get('gpu') or str(machine.get('cpu_count')) + ' CPUs'}, "
-                 f"{replica.get('num_cpus')} CPU" + (f" + {replica['num_gpus']} GPU" if replica.get("num_gpus") else "")
-                 + f" per model replica, batch {replica.get('max_batch_size')}", fontsize=10)
+    fig.suptitle(
+        f"soup-ray serving bench: {title}, "
+        f"{machine.get('gpu') or str(machine.get('cpu_count')) + ' CPUs'}, "
+        f"{replica.get('num_cpus')} CPU"
+        + (f" + {replica['num_gpus']} GPU" if replica.get("num_gpus") else "")
+        + f" per model replica, batch {replica.get('max_batch_size')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -645,8 +770,10 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 
 def format_table(figures: dict[str, Any]) -> str:
     """A short text table: one row per target and concurrency, then the ratios."""
-    lines = [f"{'target':<14}{'models':>7}{'conc':>6}{'ok':>7}{'errors':>9}{'req/s':>10}"
-             f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'other cpu':>11}"]
+    lines = [
+        f"{'target':<14}{'models':>7}{'conc':>6}{'ok':>7}{'errors':>9}{'req/s':>10}"
+        f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'other cpu':>11}"
+    ]
     for name, t in (figures.get("targets") or {}).items():
         models = len(t.get("members") or []) or 1
         if not t.get("levels"):
@@ -654,32 +781,41 @@ def format_table(figures: dict[str, Any]) -> str:
         for lv in t.get("levels") or []:
             lat = lv.get("latency_ms") or {}
             errs = sum((lv.get("errors") or {}).values())
-            lines.append(f"{name:<14}{models:>7}{lv['concurrency']:>6}{lv['ok']:>7}{errs:>9}"
-                         f"{_fmt(lv['throughput_rps']):>10}{_fmt(lat.get('p50')):>10}{_fmt(lat.get('p95')):>10}"
-                         f"{_fmt(lat.get('p99')):>10}"
-                         f"{_fmt((lv.get('extra') or {}).get('other_processes_cores'), '.2f'):>11}")
+            lines.append(
+                f"{name:<14}{models:>7}{lv['concurrency']:>6}{lv['ok']:>7}{errs:>9}"
+                f"{_fmt(lv['throughput_rps']):>10}{_fmt(lat.get('p50')):>10}{_fmt(lat.get('p95')):>10}"
+                f"{_fmt(lat.get('p99')):>10}"
+                f"{_fmt((lv.get('extra') or {}).get('other_processes_cores'), '.2f'):>11}"
+            )
     r = figures.get("ratios") or compute_ratios(figures)
     c = figures.get("ceiling") or {}
     lines.append("(other cpu: cores used by processes outside this bench meanwhile; high values mean a noisy machine)")
     if c:
-        lines.append(f"in-process ceiling: {_fmt(c.get('images_per_s'))} images/s "
-                     f"(batch {c.get('batch_size')}, {c.get('threads')} thread(s), {c.get('device')})")
+        lines.append(
+            f"in-process ceiling: {_fmt(c.get('images_per_s'))} images/s "
+            f"(batch {c.get('batch_size')}, {c.get('threads')} thread(s), {c.get('device')})"
+        )
     verdict = {True: "met", False: "missed"}.get(r.get("meets_target"), "n/a")
-    lines.append(f"soup/single {_fmt(r.get('soup_over_single'), '.2f')}   "
-                 f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(r.get('soup_over_ensemble_k'), '.2f')} "
-                 f"(target {_fmt(r.get('target_soup_over_ensemble_k'), '.2f')}: {verdict})   "
-                 f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(r.get('soup_over_ensemble_all'), '.2f')}   "
-                 f"served soup/ceiling {_fmt(r.get('served_soup_over_ceiling'), '.3f')}")
+    lines.append(
+        f"soup/single {_fmt(r.get('soup_over_single'), '.2f')}   "
+        f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(r.get('soup_over_ensemble_k'), '.2f')} "
+        f"(target {_fmt(r.get('target_soup_over_ensemble_k'), '.2f')}: {verdict})   "
+        f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(r.get('soup_over_ensemble_all'), '.2f')}   "
+        f"served soup/ceiling {_fmt(r.get('served_soup_over_ceiling'), '.3f')}"
+    )
     pc = r.get("per_busy_core") or {}
     if any(v is not None for v in (pc.get("rps_per_core") or {}).values()):
-        lines.append(f"per busy core: soup/single {_fmt(pc.get('soup_over_single'), '.2f')}   "
-                     f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(pc.get('soup_over_ensemble_k'), '.2f')}   "
-                     f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(pc.get('soup_over_ensemble_all'), '.2f')}")
+        lines.append(
+            f"per busy core: soup/single {_fmt(pc.get('soup_over_single'), '.2f')}   "
+            f"soup/ensemble-of-{r.get('ensemble_k')} {_fmt(pc.get('soup_over_ensemble_k'), '.2f')}   "
+            f"soup/ensemble-of-{r.get('ensemble_all') or 'all'} {_fmt(pc.get('soup_over_ensemble_all'), '.2f')}"
+        )
     return "\n".join(lines)
 
 
-def bench_main(run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None,
-               log: Log = print) -> dict[str, Any]:
+def bench_main(
+    run_dir: Path | str, settings: BenchSettings, out: Path | str | None = None, log: Log = print
+) -> dict[str, Any]:
     """Run the bench, write ``bench.json`` + ``bench.png`` (default: in the run folder) and print the table."""
     run_dir = resolve_run_dir(run_dir)
     own_ray = start_ray(settings, log)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -176,7 +176,7 @@ class ReplayEvaluator:
 
     def __init__(
         self,
-        source: Union[VectorSource, VectorTable],
+        source: VectorSource | VectorTable,
         *,
         heldout_size: int,
         batch_size: int,
@@ -222,8 +222,7 @@ class ReplayEvaluator:
         self.compute_seconds += time.perf_counter() - t0
         if len(raw) != self.heldout_size:
             raise ValueError(
-                f"correctness vector of {sorted(key)} has {len(raw)} entries, "
-                f"expected {self.heldout_size}"
+                f"correctness vector of {sorted(key)} has {len(raw)} entries, expected {self.heldout_size}"
             )
         self.computed += 1
         self._memo[key] = np.asarray(raw, dtype=np.int64)
@@ -249,7 +248,7 @@ class ReplayEvaluator:
         if self.ordering is not None:
             self.ordering.check_admitted(ids)
         counts = self.batch_correct(ids)
-        result = early_rejection_evaluate(zip(counts, self.sizes), max_wrong)
+        result = early_rejection_evaluate(zip(counts, self.sizes, strict=True), max_wrong)
         self.calls += 1
         self.images += result.evaluated
         return result
@@ -334,9 +333,7 @@ def run_stream(
             f"images: updates {update_images}, soup {soup.images_evaluated}, evaluator {counter.images}"
         )
     if not update_evals == soup.evaluations == counter.calls:
-        raise CountMismatch(
-            f"evaluations: updates {update_evals}, soup {soup.evaluations}, evaluator {counter.calls}"
-        )
+        raise CountMismatch(f"evaluations: updates {update_evals}, soup {soup.evaluations}, evaluator {counter.calls}")
     sorted_ids = [c.id for c in soup.candidates]
     last_ids = {c.id for c in chunks[-1]}
     return StreamStats(
@@ -360,7 +357,7 @@ def random_chunks(items: Sequence[Candidate], rng: random.Random, max_chunk: int
     chunks, i = [], 0
     while i < len(items):
         size = rng.randint(1, max_chunk)
-        chunks.append(list(items[i:i + size]))
+        chunks.append(list(items[i : i + size]))
         i += size
     return chunks
 
@@ -400,9 +397,7 @@ def _target(ratios: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _variant_report(
-    stats: list[StreamStats], reference: int, batch_er: int, heldout_size: int
-) -> dict[str, Any]:
+def _variant_report(stats: list[StreamStats], reference: int, batch_er: int, heldout_size: int) -> dict[str, Any]:
     """Summaries, ratios and target checks of one arrival variant."""
     totals = [s.total_images for s in stats]
     lasts = [s.last_images for s in stats]
@@ -503,8 +498,7 @@ def run_benchmark(
         for name, plan, bucket in (("single", [[c] for c in perm], single), ("batched", chunks, batched)):
             if ordering is not None:
                 ordering.reset()  # a fresh actor: nothing admitted yet
-            stats = run_stream(plan, evaluator, heldout_size=h, tie=tie, early_rejection=early_rejection,
-                               admit=admit)
+            stats = run_stream(plan, evaluator, heldout_size=h, tie=tie, early_rejection=early_rejection, admit=admit)
             bucket.append(stats)
             if stats.ingredients != expected:
                 mismatches.append(
@@ -530,7 +524,8 @@ def run_benchmark(
         "hardest_first": bool(ordering is not None and ordering.hardest_first),
         "heldout_order": (
             {**ordering.describe(), "wrong_counts_from": "candidates admitted so far (each offer's own included)"}
-            if ordering is not None else {"hardest_first": False, "candidates_with_cached_logits": 0}
+            if ordering is not None
+            else {"hardest_first": False, "candidates_with_cached_logits": 0}
         ),
         "tie": tie,
         "early_rejection": early_rejection,
@@ -589,7 +584,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"orders, last <= one pass for {t['last_arrival_le_one_pass']['orders_meeting']}/{v['orders']} orders"
         )
     lines.append(
-        "final soups equal batch greedy in every order" if report["all_match_batch"]
+        "final soups equal batch greedy in every order"
+        if report["all_match_batch"]
         else f"MISMATCH: {len(report['mismatches'])} streams ended with a soup other than batch greedy"
     )
     if "time_seconds" in report:
@@ -604,6 +600,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
 
 def kitchen_source(kitchen: Any) -> VectorSource:
     """Correctness vectors computed for real: averaged weights, classifier over the held-out split (index order)."""
+
     def vector(ids: list[str]) -> list[bool]:
         model = kitchen.classifier(list(ids))
         logits, labels = predict_logits(model, kitchen.heldout, kitchen.eval_batch_size)
@@ -680,22 +677,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--orders", type=int, default=200, help="random arrival orders to simulate (default 200)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrival orders and chunks (default 0)")
     ap.add_argument("--tie", choices=[">=", ">"], default=">=", help="greedy tie rule (default '>=')")
-    ap.add_argument("--no-early-rejection", action="store_true",
-                    help="incremental soup scores every evaluation in full")
-    ap.add_argument("--max-chunk", type=int, default=4,
-                    help="batched variant: each offer holds 1..MAX_CHUNK trials (default 4)")
-    ap.add_argument("--heldout-batch-size", type=int, default=None,
-                    help="held-out images per scored batch, the granularity of early rejection "
-                         "(default: the run config's soup.heldout_batch_size, as the soup actor uses)")
-    ap.add_argument("--hardest-first", action=argparse.BooleanOptionalAction, default=None,
-                    help="score the images the admitted candidates most often get wrong first; "
-                         "--no-hardest-first scores them in index order (default: the run config's "
-                         "soup.hardest_first)")
-    ap.add_argument("--eval-batch-size", type=int, default=None,
-                    help="batch size of the real forward passes that compute the memoised correctness "
-                         "vectors (wall time only; the counted images do not depend on it)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for the real evaluations (default 1: more is slower on a busy machine)")
+    ap.add_argument(
+        "--no-early-rejection", action="store_true", help="incremental soup scores every evaluation in full"
+    )
+    ap.add_argument(
+        "--max-chunk", type=int, default=4, help="batched variant: each offer holds 1..MAX_CHUNK trials (default 4)"
+    )
+    ap.add_argument(
+        "--heldout-batch-size",
+        type=int,
+        default=None,
+        help="held-out images per scored batch, the granularity of early rejection "
+        "(default: the run config's soup.heldout_batch_size, as the soup actor uses)",
+    )
+    ap.add_argument(
+        "--hardest-first",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score the images the admitted candidates most often get wrong first; "
+        "--no-hardest-first scores them in index order (default: the run config's "
+        "soup.hardest_first)",
+    )
+    ap.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="batch size of the real forward passes that compute the memoised correctness "
+        "vectors (wall time only; the counted images do not depend on it)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for the real evaluations (default 1: more is slower on a busy machine)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default {DEFAULT_OUT})")
     return ap.parse_args(argv)
 
@@ -733,8 +748,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ordering=HeldoutOrder(kitchen.heldout_size, run.mistakes, hardest_first=hardest_first),
     )
     report = run_benchmark(
-        cands, evaluator, orders=args.orders, seed=args.seed, tie=args.tie,
-        early_rejection=not args.no_early_rejection, max_chunk=args.max_chunk, progress=say,
+        cands,
+        evaluator,
+        orders=args.orders,
+        seed=args.seed,
+        tie=args.tie,
+        early_rejection=not args.no_early_rejection,
+        max_chunk=args.max_chunk,
+        progress=say,
     )
     report = {
         "run_dir": str(Path(args.run_dir).resolve()),
@@ -753,8 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rejected_trials": run.rejected,
         "candidates": [
-            {"id": c.id, "heldout_correct": c.heldout_correct, "cached_logits": c.id in run.mistakes}
-            for c in ranked
+            {"id": c.id, "heldout_correct": c.heldout_correct, "cached_logits": c.id in run.mistakes} for c in ranked
         ],
         "torch_threads": _torch_threads(),
         "time_seconds": time.perf_counter() - t0,

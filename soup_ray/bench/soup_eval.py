@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,9 +30,9 @@ def plain_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(y), batch_size):
-            xb = x[i:i + batch_size]
+            xb = x[i : i + batch_size]
             xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb
-            correct += int((model(xb).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((model(xb).argmax(1) == y[i : i + batch_size]).sum())
     return correct
 
 
@@ -45,12 +46,18 @@ def previous_path(kitchen, model: torch.nn.Module) -> int:
     order = kitchen.heldout_order().tolist()
     x, y = kitchen.heldout.tensors
     ds = TensorDataset(x[order], y[order])
-    return early_rejection_evaluate(iter_logits(model, ds, kitchen.heldout_batch_size, kitchen.num_workers),
-                                    None).correct
+    return early_rejection_evaluate(
+        iter_logits(model, ds, kitchen.heldout_batch_size, kitchen.num_workers), None
+    ).correct
 
 
-def measure(run_dir: Path, repeats: int = 3, threads: int | None = None, with_previous: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+def measure(
+    run_dir: Path,
+    repeats: int = 3,
+    threads: int | None = None,
+    with_previous: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Score the run's first ingredient (or the base) every way ``repeats`` times; medians and the ratio."""
     from torch.utils.data import TensorDataset
 
@@ -94,13 +101,22 @@ def measure(run_dir: Path, repeats: int = 3, threads: int | None = None, with_pr
             cpu[m].append(time.process_time() - c0)
     if len(set(correct.values())) != 1:
         raise AssertionError(f"the scorings disagree: {correct}")
-    out: dict[str, Any] = {"heldout_images": n, "batch_size": bs, "device": kitchen.device,
-                           "image_size": int(x.shape[-1]), "correct": correct["kitchen"],
-                           "torch_threads": torch.get_num_threads(), "repeats": repeats}
+    out: dict[str, Any] = {
+        "heldout_images": n,
+        "batch_size": bs,
+        "device": kitchen.device,
+        "image_size": int(x.shape[-1]),
+        "correct": correct["kitchen"],
+        "torch_threads": torch.get_num_threads(),
+        "repeats": repeats,
+    }
     for m, ss in secs.items():
-        out[m] = {"seconds": round(statistics.median(ss), 4), "seconds_all": [round(s, 4) for s in ss],
-                  "images_per_s": round(n / statistics.median(ss), 2),
-                  "cpu_seconds": round(statistics.median(cpu[m]), 4)}
+        out[m] = {
+            "seconds": round(statistics.median(ss), 4),
+            "seconds_all": [round(s, 4) for s in ss],
+            "images_per_s": round(n / statistics.median(ss), 2),
+            "cpu_seconds": round(statistics.median(cpu[m]), 4),
+        }
     out["kitchen_over_plain_speed"] = round(out["kitchen"]["images_per_s"] / out["plain"]["images_per_s"], 3)
     out["kitchen_over_plain_speed_best"] = round(min(secs["plain"]) / min(secs["kitchen"]), 3)
     out["kitchen_over_plain_speed_cpu"] = round(out["plain"]["cpu_seconds"] / out["kitchen"]["cpu_seconds"], 3)
@@ -113,9 +129,15 @@ def measure(run_dir: Path, repeats: int = 3, threads: int | None = None, with_pr
         out["soup_ingredients"] = len(ids)
         t0 = time.perf_counter()
         early = kitchen.evaluate(ids, max(0, full.wrong // 4))
-        out["early_rejection"] = {"max_wrong": max(0, full.wrong // 4), "evaluated": early.evaluated,
-                                  "complete": early.complete, "seconds": round(time.perf_counter() - t0, 3)}
-    log(f"held-out {n} images, batch {bs}: kitchen {out['kitchen']['images_per_s']} img/s, plain "
+        out["early_rejection"] = {
+            "max_wrong": max(0, full.wrong // 4),
+            "evaluated": early.evaluated,
+            "complete": early.complete,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    log(
+        f"held-out {n} images, batch {bs}: kitchen {out['kitchen']['images_per_s']} img/s, plain "
         f"{out['plain']['images_per_s']} img/s, ratio {out['kitchen_over_plain_speed']}"
-        + (f", previous {out['previous']['images_per_s']} img/s" if "previous" in out else ""))
+        + (f", previous {out['previous']['images_per_s']} img/s" if "previous" in out else "")
+    )
     return out

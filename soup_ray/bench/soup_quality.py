@@ -31,8 +31,9 @@ def _standin_seconds(cfg: SweepConfig) -> float | None:
     from ..standin import standin_dir
 
     try:
-        meta = json.loads((standin_dir(cfg.model.name, cfg.model.standin_steps, cfg.model.standin_seed)
-                           / "standin.json").read_text())
+        meta = json.loads(
+            (standin_dir(cfg.model.name, cfg.model.standin_steps, cfg.model.standin_seed) / "standin.json").read_text()
+        )
     except (OSError, ValueError):
         return None
     return meta.get("seconds")
@@ -49,13 +50,22 @@ def run_figures(run: Path) -> dict[str, Any]:
     cfg = SweepConfig.model_validate_json(paths.config.read_text())
     zs = json.loads(paths.zero_shot.read_text()) if paths.zero_shot.is_file() else {}
     trials = [r for r in rows if r.get("kind", "individual") == "individual" and r.get("trial_id") is not None]
-    recipes = {r["model_name"]: {**{k: r.get(k) for k in METRICS}, "ingredients": r.get("n_ingredients"),
-                                 "seconds": r.get("seconds"), "params": r.get("params")}
-               for r in rows if r.get("recipe")}
+    recipes = {
+        r["model_name"]: {
+            **{k: r.get(k) for k in METRICS},
+            "ingredients": r.get("n_ingredients"),
+            "seconds": r.get("seconds"),
+            "params": r.get("params"),
+        }
+        for r in rows
+        if r.get("recipe")
+    }
     return {
         "recipes": recipes,
-        "methods": {m: {**{k: by_name[m].get(k) for k in METRICS}, "ingredients": len(by_name[m].get("ingredients") or [])}
-                    for m in METHODS},
+        "methods": {
+            m: {**{k: by_name[m].get(k) for k in METRICS}, "ingredients": len(by_name[m].get("ingredients") or [])}
+            for m in METHODS
+        },
         "base_heldout": zs.get("heldout"),
         "head_init": zs.get("head_init", "zeroshot"),
         "standin_build_s": _standin_seconds(cfg),
@@ -75,9 +85,11 @@ def checks(per_run: Sequence[Mapping[str, Any]], mean: Mapping[str, Mapping[str,
         "greedy_test_minus_best_points": {"value": round(test_gain, 2), "target": ">= 0.5", "ok": test_gain >= 0.5},
         "greedy_shift_minus_best_points": {"value": round(shift_gain, 2), "target": ">= 1.5", "ok": shift_gain >= 1.5},
         "greedy_ingredients_mean": {"value": round(g["ingredients"], 2), "target": ">= 3", "ok": g["ingredients"] >= 3},
-        "greedy_test_minus_uniform_points_per_run": {"value": [round(v, 2) for v in over_uniform],
-                                                      "target": ">= 1 in every run",
-                                                      "ok": all(v >= 1.0 for v in over_uniform)},
+        "greedy_test_minus_uniform_points_per_run": {
+            "value": [round(v, 2) for v in over_uniform],
+            "target": ">= 1 in every run",
+            "ok": all(v >= 1.0 for v in over_uniform),
+        },
     }
 
 
@@ -89,40 +101,56 @@ def summarise(runs: Sequence[Path], walls: Mapping[str, float] | None = None) ->
         fig["run_dir"] = str(run)
         fig["wall_s"] = (walls or {}).get(str(run))
         per_run.append(fig)
-    mean = {m: {k: statistics.fmean(r["methods"][m][k] for r in per_run) for k in (*METRICS, "ingredients")}
-            for m in METHODS}
+    mean = {
+        m: {k: statistics.fmean(r["methods"][m][k] for r in per_run) for k in (*METRICS, "ingredients")}
+        for m in METHODS
+    }
     bases = [r["base_heldout"] for r in per_run if r["base_heldout"] is not None]
     labels = [k for k in per_run[0]["recipes"] if all(k in r["recipes"] for r in per_run)] if per_run else []
-    recipes_mean = {k: {m: statistics.fmean(r["recipes"][k][m] for r in per_run) for m in (*METRICS, "ingredients")}
-                    for k in labels}
+    recipes_mean = {
+        k: {m: statistics.fmean(r["recipes"][k][m] for r in per_run) for m in (*METRICS, "ingredients")} for k in labels
+    }
     seconds = [sum(v.get("seconds") or 0 for v in r["recipes"].values()) for r in per_run]
-    return {"runs": per_run, "mean": mean, "n_runs": len(per_run), "recipes_mean": recipes_mean,
-            "recipe_seconds_per_run": seconds,
-            "base_heldout_mean": statistics.fmean(bases) if bases else None,
-            "checks": checks(per_run, mean)}
+    return {
+        "runs": per_run,
+        "mean": mean,
+        "n_runs": len(per_run),
+        "recipes_mean": recipes_mean,
+        "recipe_seconds_per_run": seconds,
+        "base_heldout_mean": statistics.fmean(bases) if bases else None,
+        "checks": checks(per_run, mean),
+    }
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
     """Mean over runs per method, then one line per run and the checks."""
-    lines = [f"{'method':16s} {'held-out':>8s} {'test':>6s} {'shifts':>7s} {'models':>7s}   "
-             f"(mean of {summary['n_runs']} run(s))"]
+    lines = [
+        f"{'method':16s} {'held-out':>8s} {'test':>6s} {'shifts':>7s} {'models':>7s}   "
+        f"(mean of {summary['n_runs']} run(s))"
+    ]
     for m, v in summary["mean"].items():
-        lines.append(f"{m:16s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
-                     f"{v['ingredients']:7.1f}")
+        lines.append(
+            f"{m:16s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
+            f"{v['ingredients']:7.1f}"
+        )
     lines.append("")
     for r in summary["runs"]:
         g, b, u = (r["methods"][k] for k in ("greedy_soup", "best_individual", "uniform_soup"))
         wall = f", {r['wall_s']:.0f}s wall" if r.get("wall_s") else ""
-        lines.append(f"seed {r['seed']}: best {100 * b['test']:.1f}/{100 * b['shift_mean']:.1f}, uniform "
-                     f"{100 * u['test']:.1f}/{100 * u['shift_mean']:.1f}, greedy {100 * g['test']:.1f}/"
-                     f"{100 * g['shift_mean']:.1f} ({g['ingredients']} models) test/shifts; base held-out "
-                     f"{100 * (r['base_heldout'] or 0):.1f}{wall}")
+        lines.append(
+            f"seed {r['seed']}: best {100 * b['test']:.1f}/{100 * b['shift_mean']:.1f}, uniform "
+            f"{100 * u['test']:.1f}/{100 * u['shift_mean']:.1f}, greedy {100 * g['test']:.1f}/"
+            f"{100 * g['shift_mean']:.1f} ({g['ingredients']} models) test/shifts; base held-out "
+            f"{100 * (r['base_heldout'] or 0):.1f}{wall}"
+        )
     if summary.get("recipes_mean"):
         lines.append("")
         lines.append(f"{'recipe':20s} {'held-out':>8s} {'test':>6s} {'shifts':>7s} {'models':>7s}")
         for k, v in summary["recipes_mean"].items():
-            lines.append(f"{k:20s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
-                         f"{v['ingredients']:7.1f}")
+            lines.append(
+                f"{k:20s} {100 * v['heldout']:8.1f} {100 * v['test']:6.1f} {100 * v['shift_mean']:7.1f} "
+                f"{v['ingredients']:7.1f}"
+            )
         lines.append("recipe seconds per run: " + ", ".join(f"{s:.0f}" for s in summary["recipe_seconds_per_run"]))
     lines.append("")
     for name, c in summary["checks"].items():

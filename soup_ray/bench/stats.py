@@ -17,5 +17,8 @@ def percentile(values: Sequence[float], q: float, method: Literal["linear", "nea
     """
     if len(values) == 0:
         return None
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q,
-                               method="linear" if method == "linear" else "inverted_cdf"))
+    return float(
+        np.percentile(
+            np.asarray(values, dtype=np.float64), q, method="linear" if method == "linear" else "inverted_cdf"
+        )
+    )

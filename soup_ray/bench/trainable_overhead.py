@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +42,16 @@ def write_digit_folders(root: Path, train_per_class: int, test_per_class: int, s
         for c, name in enumerate(DIGIT_NAMES):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            idx = np.flatnonzero(d.target == c)[skip:skip + count]
+            idx = np.flatnonzero(d.target == c)[skip : skip + count]
             for i in idx:
                 im = Image.fromarray((d.images[i] * 255 / 16).astype("uint8")).resize((size, size))
                 im.save(folder / f"{i}.png")
     return root / "train", root / "test"
 
 
-def bare_loop(model: torch.nn.Module, train, hp: dict[str, Any], epochs: int, threads: int) -> list[tuple[float, float]]:
+def bare_loop(
+    model: torch.nn.Module, train, hp: dict[str, Any], epochs: int, threads: int
+) -> list[tuple[float, float]]:
     """The baseline: (wall, process CPU) seconds of each epoch of a plain training loop with the same augmentation."""
     from ..data import loader
     from ..train import cosine_with_warmup, mixup, randaugment
@@ -69,7 +72,8 @@ def bare_loop(model: torch.nn.Module, train, hp: dict[str, Any], epochs: int, th
             logits = model(x)
             ls = hp["label_smoothing"]
             loss = lam * F.cross_entropy(logits, ya, label_smoothing=ls) + (1 - lam) * F.cross_entropy(
-                logits, yb, label_smoothing=ls)
+                logits, yb, label_smoothing=ls
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
@@ -94,8 +98,15 @@ def randaugment_share(train, hp: dict[str, Any], step_seconds: float, repeats: i
     return {"seconds_per_batch": round(secs, 4), "share_of_step": round(secs / step_seconds, 4)}
 
 
-def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads: int = 2,
-            model_name: str = "ViT-B-32", epochs: int = 6, log: Callable[[str], None] = print) -> dict[str, Any]:
+def measure(
+    work: Path,
+    batch_size: int = 16,
+    train_per_class: int = 7,
+    threads: int = 2,
+    model_name: str = "ViT-B-32",
+    epochs: int = 6,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Build the base and the folders under ``work``, run the trial and the bare loop, return the figures."""
     from ..config import ImageFolderData, ModelConfig, TuneSettings
     from ..data import DIGIT_NAMES, DIGIT_TEMPLATES, build_dataset
@@ -109,16 +120,33 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
     base = build_base(ModelConfig(name=model_name, pretrained=None), names, DIGIT_TEMPLATES)
     save_base(base, work / "base")
     image_size = int(json.loads((work / "base" / "base.json").read_text())["image_size"])
-    data = ImageFolderData(kind="imagefolder", train_dir=train_dir, test_dir=test_dir, heldout_fraction=0.15,
-                           classnames=names)
+    data = ImageFolderData(
+        kind="imagefolder", train_dir=train_dir, test_dir=test_dir, heldout_fraction=0.15, classnames=names
+    )
     bundle = build_dataset(data, image_size)
     if epochs < 3:
         raise ValueError("epochs must be at least 3: a warm-up epoch, a steady one and the last one")
-    hp = dict(lr=1e-5, weight_decay=0.1, epochs=epochs, label_smoothing=0.1, mixup_alpha=0.2, randaug_n=2, randaug_m=9,
-              batch_size=batch_size, warmup_steps=1, grad_clip=1.0, seed=0)
-    ctx = TrialContext(base_dir=str(work / "base"), data_json=data.model_dump_json(), data_kind="imagefolder",
-                       threads=threads, eval_batch_size=64,
-                       checkpoint_interval_s=TuneSettings().checkpoint_interval_s)  # what a sweep uses
+    hp = dict(
+        lr=1e-5,
+        weight_decay=0.1,
+        epochs=epochs,
+        label_smoothing=0.1,
+        mixup_alpha=0.2,
+        randaug_n=2,
+        randaug_m=9,
+        batch_size=batch_size,
+        warmup_steps=1,
+        grad_clip=1.0,
+        seed=0,
+    )
+    ctx = TrialContext(
+        base_dir=str(work / "base"),
+        data_json=data.model_dump_json(),
+        data_kind="imagefolder",
+        threads=threads,
+        eval_batch_size=64,
+        checkpoint_interval_s=TuneSettings().checkpoint_interval_s,
+    )  # what a sweep uses
     n_train, n_held = len(bundle.train), len(bundle.heldout)
     log(f"{model_name} at {image_size} px, {n_train} train / {n_held} held-out images, batch {batch_size}")
 
@@ -133,7 +161,7 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
     fine_tune(hp, ctx, on_report)
     trial_total = time.perf_counter() - t_start
     starts = [(t_start, c_start)] + marks[:-1]
-    epochs_trial = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, marks)]
+    epochs_trial = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, marks, strict=True)]
     log(f"trial epochs: {', '.join(f'{w:.1f}s' for w, _ in epochs_trial)}")
     model, _ = fresh_base(ctx.base_dir)
     bare = bare_loop(model, bundle.train, hp, epochs - 1, threads)
@@ -145,8 +173,13 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
     steady_bare_cpu = sum(c for _, c in bare[steady])
     steps = math.ceil(n_train / batch_size)
     out = {
-        "model": model_name, "image_size": image_size, "batch_size": batch_size, "threads": threads,
-        "train_images": n_train, "heldout_images": n_held, "steps_per_epoch": steps,
+        "model": model_name,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "threads": threads,
+        "train_images": n_train,
+        "heldout_images": n_held,
+        "steps_per_epoch": steps,
         "hyperparameters": hp,
         "trial_epoch_seconds": [round(s[0], 3) for s in epochs_trial],
         "trial_epoch_cpu_seconds": [round(s[1], 3) for s in epochs_trial],
@@ -161,9 +194,11 @@ def measure(work: Path, batch_size: int = 16, train_per_class: int = 7, threads:
         "overhead_wall": round(steady_trial / steady_bare - 1, 4),
         "overhead": round(steady_trial_cpu / steady_bare_cpu - 1, 4),
         "overhead_measure": "process CPU seconds of the steady epoch (all threads), which other processes on a "
-                            "shared machine disturb far less than wall time; overhead_wall is the wall-clock one",
+        "shared machine disturb far less than wall time; overhead_wall is the wall-clock one",
         "randaugment": randaugment_share(bundle.train, hp, steady_bare_cpu / (steps * n_steady)),
     }
-    log(f"trial {out['trial_steady_images_per_s']} img/s, bare {out['bare_steady_images_per_s']} img/s (wall), "
-        f"overhead {out['overhead']:.1%} (CPU seconds), {out['overhead_wall']:.1%} (wall); RandAugment {out['randaugment']['share_of_step']:.1%} of a step")
+    log(
+        f"trial {out['trial_steady_images_per_s']} img/s, bare {out['bare_steady_images_per_s']} img/s (wall), "
+        f"overhead {out['overhead']:.1%} (CPU seconds), {out['overhead_wall']:.1%} (wall); RandAugment {out['randaugment']['share_of_step']:.1%} of a step"
+    )
     return out

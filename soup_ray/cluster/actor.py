@@ -30,8 +30,9 @@ def actor_name(run_dir: Path | str) -> str:
 class SoupActor:
     """Ray actor shell around ``SoupKeeper`` with Ray metrics and a worker thread."""
 
-    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
-                 keep_versions: int = 3):
+    def __init__(
+        self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1, keep_versions: int = 3
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.run_dir = run_dir
         self._stop = threading.Event()
@@ -39,14 +40,16 @@ class SoupActor:
         self.fatal_error: str | None = None
         self._setup_metrics(Path(run_dir).name)
         try:
-            self.keeper = SoupKeeper(run_dir, tie, early_rejection, threads, keep_versions,
-                                     on_processed=self._record_metrics)
+            self.keeper = SoupKeeper(
+                run_dir, tie, early_rejection, threads, keep_versions, on_processed=self._record_metrics
+            )
         except Exception as err:  # noqa: BLE001 - a failing constructor would make Ray restart it forever
             # stay up and say why: every call answers with the reason instead of hanging the driver
             self.fatal_error = f"{type(err).__name__}: {err}"
             return
-        self._thread = threading.Thread(target=self.keeper.run_forever, args=(self._stop,), daemon=True,
-                                        name="soup-worker")
+        self._thread = threading.Thread(
+            target=self.keeper.run_forever, args=(self._stop,), daemon=True, name="soup-worker"
+        )
         self._thread.start()
         if self.keeper.retire_idle_s is not None:  # a restarted actor keeps its predecessor's exit plan
             try:
@@ -113,6 +116,7 @@ class SoupActor:
 
         me = ray.get_runtime_context().current_actor
         if self.fatal_error is not None:  # a broken actor holds its CPU/GPU share for nothing: it exits at once
+
             def leave() -> None:
                 time.sleep(0.2)  # let this call answer first
                 ray.kill(me, no_restart=True)
@@ -150,9 +154,17 @@ class SoupActor:
             self.keeper.set_retirement(None)
 
 
-def start_soup_actor(run_dir: Path, namespace_actor_options: dict[str, Any] | None = None, *, tie: str = ">=",
-                     early_rejection: bool = True, cpu: float = 0.25, gpu: float = 0.0, detached: bool = False,
-                     keep_versions: int = 3):
+def start_soup_actor(
+    run_dir: Path,
+    namespace_actor_options: dict[str, Any] | None = None,
+    *,
+    tie: str = ">=",
+    early_rejection: bool = True,
+    cpu: float = 0.25,
+    gpu: float = 0.0,
+    detached: bool = False,
+    keep_versions: int = 3,
+):
     """Create (or reattach to) the run's named soup actor."""
     import ray
 

@@ -23,8 +23,7 @@ class SoupCallback(tune.Callback):
     stalls or fails the sweep; the sweep re-offers every trial at the end anyway.
     """
 
-    def __init__(self, actor_name: str, namespace: str | None = None, total: int | None = None,
-                 progress: bool = False):
+    def __init__(self, actor_name: str, namespace: str | None = None, total: int | None = None, progress: bool = False):
         self.actor_name = actor_name
         self.namespace = namespace
         self.total = total
@@ -57,8 +56,9 @@ class SoupCallback(tune.Callback):
         try:
             ref = self._actor().offer.remote(trial_offer(trial.trial_id, ckpt.path, result))
         except Exception as err:  # never let the soup stop the sweep
-            log.warning("could not offer trial %s to the soup actor (%s); it will be offered at the end",
-                        trial.trial_id, err)
+            log.warning(
+                "could not offer trial %s to the soup actor (%s); it will be offered at the end", trial.trial_id, err
+            )
             return
         self._pending.append(ref)
         self.offered.append(trial.trial_id)
@@ -66,8 +66,10 @@ class SoupCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.finished += 1
         if self.progress:
-            print(f"[soup-ray] trial {trial.trial_id} failed ({self._of()}); its error is in {trial.path}/error.txt",
-                  flush=True)
+            print(
+                f"[soup-ray] trial {trial.trial_id} failed ({self._of()}); its error is in {trial.path}/error.txt",
+                flush=True,
+            )
 
     def _of(self) -> str:
         return f"{self.finished}/{self.total}" if self.total else str(self.finished)
@@ -76,16 +78,21 @@ class SoupCallback(tune.Callback):
         """One console line per finished trial: its held-out score and the live soup as it stands."""
         status = result.get("status", "?")
         acc = result.get("heldout_acc")
-        what = (f"held-out {100 * acc:.1f}%, {result.get('epoch', '?')} epoch(s), {result.get('seconds', 0):.0f}s"
-                if status == "completed" and acc is not None else status)
+        what = (
+            f"held-out {100 * acc:.1f}%, {result.get('epoch', '?')} epoch(s), {result.get('seconds', 0):.0f}s"
+            if status == "completed" and acc is not None
+            else status
+        )
         soup = ""
         try:
             import ray
 
             st = ray.get(self._actor().status.remote(), timeout=2.0)
             if st.get("soup_size"):
-                soup = (f"; live soup v{st['version']}: {st['soup_size']} ingredient(s), held-out "
-                        f"{100 * st['heldout_accuracy']:.1f}%")
+                soup = (
+                    f"; live soup v{st['version']}: {st['soup_size']} ingredient(s), held-out "
+                    f"{100 * st['heldout_accuracy']:.1f}%"
+                )
         except Exception:  # noqa: BLE001 - a progress line never stops the sweep
             soup = ""
         print(f"[soup-ray] trial {trial_id} {what} [{self._of()} done]{soup}", flush=True)

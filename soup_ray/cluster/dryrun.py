@@ -48,12 +48,26 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
-from ..config import (Choice, ConfigError, Const, DigitsData, ImageFolderData, LogUniform, RandInt, SearchSpace,
-                     ShiftDir, SweepConfig, Uniform, is_uri, load_config)
+from ..config import (
+    Choice,
+    ConfigError,
+    Const,
+    DigitsData,
+    ImageFolderData,
+    LogUniform,
+    RandInt,
+    SearchSpace,
+    ShiftDir,
+    SweepConfig,
+    Uniform,
+    is_uri,
+    load_config,
+)
 from ..label_space import mapping_groups, read_class_mapping
 
 Log = Callable[[str], None]
@@ -111,8 +125,9 @@ class DryRunReport:
             lines += [f"{'':19}- {d}" for d in c.details]
         probs = self.problems
         if probs:
-            lines.append(f"result: {len(probs)} problem(s) ({', '.join(c.name for c in probs)}): "
-                         f"exit status {self.exit_code}")
+            lines.append(
+                f"result: {len(probs)} problem(s) ({', '.join(c.name for c in probs)}): exit status {self.exit_code}"
+            )
         else:
             warns = [c.name for c in self.checks if c.status == "warn"]
             lines.append("result: ready" + (f" (warnings: {', '.join(warns)})" if warns else "") + ": exit status 0")
@@ -147,15 +162,31 @@ def check_placeholders(cfg: SweepConfig) -> Check:
     """Fail when a value still holds the ``CHANGE-ME`` placeholder of the shipped cluster files."""
     found = _find_placeholders(cfg.model_dump(mode="json"))
     if found:
-        return Check("placeholders", "fail", f"{len(found)} value(s) still contain {PLACEHOLDER}: replace them",
-                     found)
+        return Check("placeholders", "fail", f"{len(found)} value(s) still contain {PLACEHOLDER}: replace them", found)
     return Check("placeholders", "ok", f"no {PLACEHOLDER} left")
 
 
 #: filesystem types that every node of a cluster can mount at the same path
-SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "efs", "fuse.s3fs", "fuse.mountpoint-s3", "fuse.gcsfuse",
-                   "fuse.juicefs", "fuse.sshfs", "beegfs", "gpfs", "ceph", "fuse.ceph-fuse", "glusterfs",
-                   "fuse.glusterfs", "9p")
+SHARED_FS_TYPES = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "lustre",
+    "efs",
+    "fuse.s3fs",
+    "fuse.mountpoint-s3",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "fuse.sshfs",
+    "beegfs",
+    "gpfs",
+    "ceph",
+    "fuse.ceph-fuse",
+    "glusterfs",
+    "fuse.glusterfs",
+    "9p",
+)
 
 
 def filesystem_of(path: Path, mounts_file: Path = Path("/proc/mounts")) -> tuple[str, str] | None:
@@ -182,17 +213,27 @@ def check_storage(cfg: SweepConfig, out: str | None = None, mounts_file: Path = 
     key = "--out" if out else "storage"
     target = out or cfg.storage
     if is_uri(target):  # the config refuses URIs; --out is a plain CLI string
-        return Check("storage", "fail", f"{key} is the URI {target!r}, not a folder",
-                     ["run folders are POSIX folders that every node sees at the same path: mount the bucket "
-                      "(cluster.yaml mounts s3://... at /mnt/soup-ray-runs) and pass that path"])
+        return Check(
+            "storage",
+            "fail",
+            f"{key} is the URI {target!r}, not a folder",
+            [
+                "run folders are POSIX folders that every node sees at the same path: mount the bucket "
+                "(cluster.yaml mounts s3://... at /mnt/soup-ray-runs) and pass that path"
+            ],
+        )
     run_dir = Path(target) if out else Path(target) / f"{cfg.name}-<timestamp>"
     absolute = run_dir if run_dir.is_absolute() else Path.cwd() / run_dir
     existing = Path(target).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not os.access(existing, os.W_OK):
-        return Check("storage", "fail", f"{key} {target!r}: {existing} is not writable here",
-                     [f"the run folder would be {absolute}"])
+        return Check(
+            "storage",
+            "fail",
+            f"{key} {target!r}: {existing} is not writable here",
+            [f"the run folder would be {absolute}"],
+        )
     details = [f"the run folder would be {absolute}"]
     if cfg.resolved_address() == "local":
         return Check("storage", "ok", f"{key} {target!r} is writable", details)
@@ -201,10 +242,12 @@ def check_storage(cfg: SweepConfig, out: str | None = None, mounts_file: Path = 
         details.append(f"{existing} is on {fs[1]} mounted at {fs[0]}: a shared filesystem")
         return Check("storage", "ok", f"{key} {target!r} is on a shared filesystem ({fs[1]})", details)
     found = f"{existing} is on {fs[1]} (mounted at {fs[0]})" if fs else f"the filesystem of {existing} is unknown"
-    details += [found + ": not a network or FUSE filesystem that other nodes share",
-                "on a multi-node cluster every node must see the run folder at the same path, or trials "
-                "cannot read the base model and the soup actor cannot read their checkpoints: mount the "
-                "runs' bucket or an NFS/EFS share there (cluster.yaml's initialization_commands do)"]
+    details += [
+        found + ": not a network or FUSE filesystem that other nodes share",
+        "on a multi-node cluster every node must see the run folder at the same path, or trials "
+        "cannot read the base model and the soup actor cannot read their checkpoints: mount the "
+        "runs' bucket or an NFS/EFS share there (cluster.yaml's initialization_commands do)",
+    ]
     return Check("storage", "warn", f"{key} {target!r} is not on a shared filesystem", details)
 
 
@@ -226,8 +269,14 @@ def _has_image(folder: Path) -> bool:
     return False
 
 
-def _check_folder(key: str, path: Path, missing: list[str], problems: list[str], notes: list[str],
-                  train_classes: list[str] | None = None) -> list[str] | None:
+def _check_folder(
+    key: str,
+    path: Path,
+    missing: list[str],
+    problems: list[str],
+    notes: list[str],
+    train_classes: list[str] | None = None,
+) -> list[str] | None:
     if not path.is_dir():
         missing.append(f"data.{key}: {path} (a folder of class sub-folders)")
         return None
@@ -241,14 +290,16 @@ def _check_folder(key: str, path: Path, missing: list[str], problems: list[str],
     if train_classes is not None:
         unknown = [c for c in classes if c not in train_classes]
         if unknown:
-            problems.append(f"data.{key}: class folders {unknown[:5]} are not training classes "
-                            f"({len(unknown)} of {len(classes)})")
+            problems.append(
+                f"data.{key}: class folders {unknown[:5]} are not training classes ({len(unknown)} of {len(classes)})"
+            )
     notes.append(f"data.{key}: {path}: {len(classes)} class folder(s)")
     return classes
 
 
-def _check_shift(name: str, spec: ShiftDir, missing: list[str], problems: list[str], notes: list[str],
-                 train: list[str] | None) -> None:
+def _check_shift(
+    name: str, spec: ShiftDir, missing: list[str], problems: list[str], notes: list[str], train: list[str] | None
+) -> None:
     """A shift folder, plus its mapping file and its label space when it has one."""
     key = f"shift_dirs.{name}"
     mapped = spec.label_space == "mapping"
@@ -258,8 +309,10 @@ def _check_shift(name: str, spec: ShiftDir, missing: list[str], problems: list[s
     if not mapped or spec.mapping is None:
         return
     if not spec.mapping.is_file():
-        missing.append(f"data.{key}.mapping: {spec.mapping} (a JSON object {{shift class folder: [train class "
-                       "folder, ...]}; for ObjectNet write it with soup_ray.label_space.write_objectnet_mapping)")
+        missing.append(
+            f"data.{key}.mapping: {spec.mapping} (a JSON object {{shift class folder: [train class "
+            "folder, ...]}; for ObjectNet write it with soup_ray.label_space.write_objectnet_mapping)"
+        )
         return
     try:
         mapping = read_class_mapping(spec.mapping, f"data.{key}")
@@ -270,9 +323,11 @@ def _check_shift(name: str, spec: ShiftDir, missing: list[str], problems: list[s
         problems.append(str(err))
         return
     columns = len({c for g in groups for c in g})
-    notes.append(f"data.{key}: {len(kept)} mapped classes over {columns} training classes (max over each "
-                 f"class's columns), {len(folders) - len(kept)} unmapped folder(s) skipped, "
-                 f"border crop {spec.crop_pixels}px")
+    notes.append(
+        f"data.{key}: {len(kept)} mapped classes over {columns} training classes (max over each "
+        f"class's columns), {len(folders) - len(kept)} unmapped folder(s) skipped, "
+        f"border crop {spec.crop_pixels}px"
+    )
 
 
 def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
@@ -293,8 +348,10 @@ def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
     if data.heldout_index is not None:
         p = data.heldout_index
         if not p.is_file():
-            missing.append(f"data.heldout_index: {p} (a JSON list of train_dir-relative image paths; "
-                           "write it with soup_ray.data.write_heldout_index)")
+            missing.append(
+                f"data.heldout_index: {p} (a JSON list of train_dir-relative image paths; "
+                "write it with soup_ray.data.write_heldout_index)"
+            )
         else:
             try:
                 rel = json.loads(p.read_text())
@@ -307,16 +364,18 @@ def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
                 if train is not None:
                     absent = [r for r in rel[:20] if not (data.train_dir / r).is_file()]
                     if absent:
-                        problems.append(f"data.heldout_index: entries not found under {data.train_dir}, "
-                                        f"e.g. {absent[:3]}")
+                        problems.append(
+                            f"data.heldout_index: entries not found under {data.train_dir}, e.g. {absent[:3]}"
+                        )
     else:
         notes.append(f"held-out: {data.heldout_fraction:g} of every class of train_dir (seed {data.seed})")
     for name, spec in data.shift_dirs.items():
         _check_shift(name, spec, missing, problems, notes, train)
     if data.classnames is not None and train:
         if len(data.classnames) != len(train):
-            problems.append(f"data.classnames has {len(data.classnames)} names but {data.train_dir} has "
-                            f"{len(train)} class folders")
+            problems.append(
+                f"data.classnames has {len(data.classnames)} names but {data.train_dir} has {len(train)} class folders"
+            )
     if data.classnames is not None:
         names = list(data.classnames)
     elif train:
@@ -380,8 +439,14 @@ def node_types_from_launcher_config(path: Path) -> list[NodeShape]:
         label = f"{name} ({itype})" if itype else name
         if name == head:
             label += " [head]"
-        out.append(NodeShape(label, float(res.get("CPU", 0)), float(res.get("GPU", 0)),
-                             max_workers=int(spec.get("max_workers", 0 if name == head else data.get("max_workers", 0)))))
+        out.append(
+            NodeShape(
+                label,
+                float(res.get("CPU", 0)),
+                float(res.get("GPU", 0)),
+                max_workers=int(spec.get("max_workers", 0 if name == head else data.get("max_workers", 0))),
+            )
+        )
     return out
 
 
@@ -396,16 +461,23 @@ def _live_shapes() -> list[NodeShape]:
         res = n.get("Resources") or {}
         key = ("node:__internal_head__" in res, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
         groups[key] = groups.get(key, 0) + 1
-    return [NodeShape("head node" if head else "worker node", cpu, gpu, count=c)
-            for (head, cpu, gpu), c in sorted(groups.items(), reverse=True)]
+    return [
+        NodeShape("head node" if head else "worker node", cpu, gpu, count=c)
+        for (head, cpu, gpu), c in sorted(groups.items(), reverse=True)
+    ]
 
 
 def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, float]) -> str:
     n = fit_count(shape, *trial)
     beside = trials_beside_actor(shape, trial, actor)
     many = "any number of" if n >= 10**6 else str(n)
-    where = (f" x{shape.count} live" if shape.count is not None
-             else f", autoscaling 0..{shape.max_workers}" if shape.max_workers is not None else "")
+    where = (
+        f" x{shape.count} live"
+        if shape.count is not None
+        else f", autoscaling 0..{shape.max_workers}"
+        if shape.max_workers is not None
+        else ""
+    )
     text = f"{shape.name}: {_fmt(shape.cpu)} CPU, {_fmt(shape.gpu)} GPU{where} -> {many} trial(s) per node"
     if beside < 0:
         text += "; the soup actor does not fit"
@@ -421,7 +493,9 @@ def _repo_cluster_yaml() -> Path | None:
     return None
 
 
-def evaluate_fit(trial: tuple[float, float], actor: tuple[float, float], shapes: Sequence[NodeShape]) -> tuple[bool, bool]:
+def evaluate_fit(
+    trial: tuple[float, float], actor: tuple[float, float], shapes: Sequence[NodeShape]
+) -> tuple[bool, bool]:
     """Whether one trial fits on some node shape, and whether the soup actor fits on some node shape."""
     return (any(fit_count(s, *trial) >= 1 for s in shapes), any(fit_count(s, *actor) >= 1 for s in shapes))
 
@@ -468,8 +542,10 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
 
     trial = (cfg.trial_resources.cpu, cfg.trial_resources.gpu)
     actor = (cfg.soup.resources.cpu, cfg.soup.resources.gpu)
-    need = (f"one trial needs {_fmt(trial[0])} CPU + {_fmt(trial[1])} GPU, the soup actor "
-            f"{_fmt(actor[0])} CPU + {_fmt(actor[1])} GPU")
+    need = (
+        f"one trial needs {_fmt(trial[0])} CPU + {_fmt(trial[1])} GPU, the soup actor "
+        f"{_fmt(actor[0])} CPU + {_fmt(actor[1])} GPU"
+    )
     address = cfg.resolved_address()
     started = False
     try:
@@ -494,8 +570,12 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
     finally:
         if started:
             ray.shutdown()
-    details = [need, f"{source}: " + ", ".join(f"{_fmt(v)} {k}" for k, v in sorted(totals.items()))
-               + ("" if "GPU" in totals else ", 0 GPU")]
+    details = [
+        need,
+        f"{source}: "
+        + ", ".join(f"{_fmt(v)} {k}" for k, v in sorted(totals.items()))
+        + ("" if "GPU" in totals else ", 0 GPU"),
+    ]
     details += [_describe(s, trial, actor) for s in live]
     shapes: list[NodeShape] = list(live)
     bootstrap = launcher_config or (LAUNCHER_BOOTSTRAP.expanduser() if address != "local" else None)
@@ -517,8 +597,10 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
         what.append("the soup actor fits on no node")
     summary = f"does not fit here: {' and '.join(what)} (the sweep would wait for resources forever)"
     if trial[1] > 0 and not any(s.gpu >= trial[1] for s in shapes):
-        details.append(f"this config asks for {_fmt(trial[1])} GPU per trial and no node here has that many: "
-                       "run it on a GPU cluster, or set trial_resources.gpu: 0 (and fewer CPUs) for a CPU run")
+        details.append(
+            f"this config asks for {_fmt(trial[1])} GPU per trial and no node here has that many: "
+            "run it on a GPU cluster, or set trial_resources.gpu: 0 (and fewer CPUs) for a CPU run"
+        )
     repo = _repo_cluster_yaml()
     if repo is not None and len(shapes) == len(live):  # no autoscaling types known: show what cluster.yaml offers
         details.append(f"node types {repo} would offer:")
@@ -587,11 +669,15 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
     m = cfg.model
     what = f"{m.name}" + (f" ({m.pretrained})" if m.pretrained else " (random init)")
     encoded = list(classnames[:ZERO_SHOT_CLASS_CAP])
-    head_note = (f"zero-shot head: {len(classnames)} classes, text embeddings from 1 of "
-                 f"{len(_templates_for(cfg.data))} prompt templates")
+    head_note = (
+        f"zero-shot head: {len(classnames)} classes, text embeddings from 1 of "
+        f"{len(_templates_for(cfg.data))} prompt templates"
+    )
     if len(encoded) < len(classnames):
-        head_note += (f" for the first {len(encoded)} classes (the other rows random: the text tower is slow "
-                      "on a CPU and the real run encodes them all)")
+        head_note += (
+            f" for the first {len(encoded)} classes (the other rows random: the text tower is slow "
+            "on a CPU and the real run encodes them all)"
+        )
     status: Status = "ok"
     notes: list[str] = []
     t0 = time.time()
@@ -606,9 +692,11 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
                 base = build_base(m, encoded, templates)
             else:
                 status = "warn"
-                notes.append(f"the offline stand-in is not built yet ({folder}): the real run builds it first "
-                             f"({m.standin_steps} pre-training steps; 800 take about 2 minutes on 2 CPUs), or build it now with "
-                             "`soup-ray standin`")
+                notes.append(
+                    f"the offline stand-in is not built yet ({folder}): the real run builds it first "
+                    f"({m.standin_steps} pre-training steps; 800 take about 2 minutes on 2 CPUs), or build it now with "
+                    "`soup-ray standin`"
+                )
                 notes.append(f"RANDOM INIT of {m.name} used for the checks below")
                 log(f"dry run: stand-in not cached; building a random {m.name} instead")
                 base = build_base(random_cfg, encoded, templates)
@@ -621,8 +709,11 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
                     raise
                 status = "fail"
                 offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-                notes.append(f"pretrained weights {m.name}/{m.pretrained} are unreachable here"
-                             + (" (HF_HUB_OFFLINE=1)" if offline else "") + f": {str(err).splitlines()[0][:200]}")
+                notes.append(
+                    f"pretrained weights {m.name}/{m.pretrained} are unreachable here"
+                    + (" (HF_HUB_OFFLINE=1)" if offline else "")
+                    + f": {str(err).splitlines()[0][:200]}"
+                )
                 notes.append("the real run would stop here; on the cluster the head downloads them once")
                 notes.append(f"RANDOM INIT of {m.name} used for the checks below")
                 log("dry run: pretrained weights unreachable; building a random initialisation instead")
@@ -635,16 +726,28 @@ def check_model(cfg: SweepConfig, classnames: Sequence[str], log: Log = print) -
     if len(encoded) < len(classnames):
         _widen_head(base.classifier, len(classnames))
     n_params = sum(p.numel() for p in base.classifier.parameters())
-    summary = {"ok": f"{what} built", "warn": f"{what}: stand-in not cached, random init used",
-               "fail": f"{what}: pretrained weights unreachable, random init used"}[status]
-    details = [*notes, f"{base.zero_shot_note}; {head_note}",
-               f"{n_params / 1e6:.1f}M trainable parameters, input {base.classifier.image_size}px, "
-               f"built in {time.time() - t0:.1f}s"]
+    summary = {
+        "ok": f"{what} built",
+        "warn": f"{what}: stand-in not cached, random init used",
+        "fail": f"{what}: pretrained weights unreachable, random init used",
+    }[status]
+    details = [
+        *notes,
+        f"{base.zero_shot_note}; {head_note}",
+        f"{n_params / 1e6:.1f}M trainable parameters, input {base.classifier.image_size}px, "
+        f"built in {time.time() - t0:.1f}s",
+    ]
     return Check("model", status, summary, details), base
 
 
-def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 2,
-                cpu_batch_cap: int = CPU_BATCH_CAP, log: Log = print) -> Check:
+def check_steps(
+    cfg: SweepConfig,
+    classifier: Any,
+    n_classes: int,
+    steps: int = 2,
+    cpu_batch_cap: int = CPU_BATCH_CAP,
+    log: Log = print,
+) -> Check:
     """A few optimisation steps on synthetic images, exactly as ``train.fine_tune`` takes them."""
     import torch
     from torch.utils.data import TensorDataset
@@ -679,24 +782,34 @@ def check_steps(cfg: SweepConfig, classifier: Any, n_classes: int, steps: int = 
             losses.append(float(loss))
             seconds.append(time.time() - t0)
         changed = any(not torch.equal(p.detach(), small[n]) for n, p in model.named_parameters() if n in small)
-        eval_logits, _ = predict_logits(model, TensorDataset(torch.rand(batch, 3, size, size, generator=g),
-                                                             torch.zeros(batch, dtype=torch.long)), batch)
+        eval_logits, _ = predict_logits(
+            model,
+            TensorDataset(torch.rand(batch, 3, size, size, generator=g), torch.zeros(batch, dtype=torch.long)),
+            batch,
+        )
     except Exception as err:
         return Check("steps", "fail", f"a training step failed: {type(err).__name__}: {str(err)[:300]}")
     if not changed:
         return Check("steps", "fail", "the optimiser steps left the weights unchanged")
     if tuple(eval_logits.shape) != (batch, n_classes) or not torch.isfinite(eval_logits).all():
         return Check("steps", "fail", f"the evaluation forward pass gave logits of shape {tuple(eval_logits.shape)}")
-    shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in hp.items()
-             if k not in ("seed", "batch_size")}
+    shown = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in hp.items() if k not in ("seed", "batch_size")}
     details = [
-        f"batch {batch}" + (f" (batch_size {hp['batch_size']} capped to {cpu_batch_cap} on the CPU; "
-                            "the dry run steps on the CPU; trials use the GPU Ray gives them)" if capped else "")
+        f"batch {batch}"
+        + (
+            f" (batch_size {hp['batch_size']} capped to {cpu_batch_cap} on the CPU; "
+            "the dry run steps on the CPU; trials use the GPU Ray gives them)"
+            if capped
+            else ""
+        )
         + f", synthetic {size}px images, {n_classes} classes",
         "hyperparameters (upper end of every range): " + ", ".join(f"{k}={v}" for k, v in shown.items()),
         "AdamW + linear warm-up/cosine schedule: lr " + " -> ".join(f"{v:.3g}" for v in lrs),
-        "loss " + " -> ".join(f"{v:.4f}" for v in losses) + "; "
-        + ", ".join(f"{s:.2f}s" for s in seconds) + " per step; evaluation forward pass OK",
+        "loss "
+        + " -> ".join(f"{v:.4f}" for v in losses)
+        + "; "
+        + ", ".join(f"{s:.2f}s" for s in seconds)
+        + " per step; evaluation forward pass OK",
     ]
     return Check("steps", "ok", f"{steps} optimisation step(s) ran with finite loss", details)
 
@@ -718,9 +831,17 @@ def _header(cfg: SweepConfig, out: str | None) -> list[str]:
     ]
 
 
-def dry_run(config_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None, *, out: str | None = None,
-            steps: int = 2, cpu_batch_cap: int = CPU_BATCH_CAP, check_model_steps: bool = True,
-            launcher_config: Path | None = None, log: Log = print) -> DryRunReport:
+def dry_run(
+    config_path: str | os.PathLike[str],
+    overrides: dict[str, Any] | None = None,
+    *,
+    out: str | None = None,
+    steps: int = 2,
+    cpu_batch_cap: int = CPU_BATCH_CAP,
+    check_model_steps: bool = True,
+    launcher_config: Path | None = None,
+    log: Log = print,
+) -> DryRunReport:
     """Run every check for a sweep file and return the report (nothing is started or written).
 
     ``overrides`` are dotted keys as for ``load_config``; ``out`` is the ``--out`` run folder;

@@ -26,9 +26,10 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..atomic import write_json
 from ..export import export_soup, recover_folder
@@ -65,8 +66,16 @@ def published_versions(versions_dir: Path) -> list[int]:
 class SoupKeeper:
     """The actor's logic without Ray (so it can be tested and reused directly)."""
 
-    def __init__(self, run_dir: str, tie: str = ">=", early_rejection: bool = True, threads: int = 1,
-                 keep_versions: int = 3, publish: bool = True, on_processed: ProcessedHook | None = None):
+    def __init__(
+        self,
+        run_dir: str,
+        tie: str = ">=",
+        early_rejection: bool = True,
+        threads: int = 1,
+        keep_versions: int = 3,
+        publish: bool = True,
+        on_processed: ProcessedHook | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.paths = RunDir(self.run_dir)
         self.on_processed = on_processed
@@ -88,8 +97,9 @@ class SoupKeeper:
         self.retiring = False
         state = read_state(self.run_dir)
         if state is None:
-            self.soup = IncrementalGreedySoup(self.kitchen.evaluate, heldout_size=self.kitchen.heldout_size,
-                                              tie=tie, early_rejection=early_rejection)  # type: ignore[arg-type]
+            self.soup = IncrementalGreedySoup(
+                self.kitchen.evaluate, heldout_size=self.kitchen.heldout_size, tie=tie, early_rejection=early_rejection
+            )  # type: ignore[arg-type]
             self.records: dict[str, dict] = {}
             self.rejected: dict[str, str] = {}
             self.version = 0
@@ -97,14 +107,18 @@ class SoupKeeper:
             self.restarts = 0
         else:
             if state.get("tie", tie) != tie:
-                raise ValueError(f"{self.paths.state_file} was written with tie {state.get('tie')!r}, but this "
-                                 f"keeper was asked for {tie!r}: keep soup.tie as the run had it, or start a new run "
-                                 "folder")
+                raise ValueError(
+                    f"{self.paths.state_file} was written with tie {state.get('tie')!r}, but this "
+                    f"keeper was asked for {tie!r}: keep soup.tie as the run had it, or start a new run "
+                    "folder"
+                )
             saved_size = (state.get("soup") or {}).get("heldout_size")
             if saved_size is not None and int(saved_size) != self.kitchen.heldout_size:
-                raise ValueError(f"{self.paths.state_file} was written for {saved_size} held-out images, but the "
-                                 f"run's data now gives {self.kitchen.heldout_size}: the held-out split changed; "
-                                 "start a new run folder")
+                raise ValueError(
+                    f"{self.paths.state_file} was written for {saved_size} held-out images, but the "
+                    f"run's data now gives {self.kitchen.heldout_size}: the held-out split changed; "
+                    "start a new run folder"
+                )
             self.records = state["records"]
             self.rejected = state["rejected"]
             self.version = state["version"]
@@ -128,8 +142,16 @@ class SoupKeeper:
             # an offer recorded without its soup (a state persisted mid-evaluation by an older keeper): queue it again
             for tid in [t for t in self.records if t not in self.soup]:
                 rec = self.records.pop(tid)
-                write_json(self._inbox_file(tid), {"trial_id": tid, "checkpoint": rec.get("checkpoint"),
-                                                   "heldout_correct": rec.get("heldout_correct")}, indent=1, durable=True)
+                write_json(
+                    self._inbox_file(tid),
+                    {
+                        "trial_id": tid,
+                        "checkpoint": rec.get("checkpoint"),
+                        "heldout_correct": rec.get("heldout_correct"),
+                    },
+                    indent=1,
+                    durable=True,
+                )
             self._persist()
         self.inbox = self._read_inbox()
         recover_folder(self.paths.soup)  # a crash inside a two-rename swap left the served soup aside
@@ -236,8 +258,10 @@ class SoupKeeper:
         tid = str(trial["trial_id"])
         with self._lock:
             if self.retiring:
-                raise RuntimeError(f"the soup actor of {self.run_dir} is retiring: offer {tid} to a new one "
-                                   "(start_soup_actor resumes from the run folder)")
+                raise RuntimeError(
+                    f"the soup actor of {self.run_dir} is retiring: offer {tid} to a new one "
+                    "(start_soup_actor resumes from the run folder)"
+                )
             self.last_offer_at = time.time()
             if tid in self.transient:  # it was only unreadable so far: try again from the start
                 self.transient.discard(tid)
@@ -247,8 +271,11 @@ class SoupKeeper:
             known = tid in self.records or tid in self.rejected or any(r["trial_id"] == tid for r in self.inbox)
             if known:
                 return {"trial_id": tid, "queued": False, "duplicate": True}
-            rec = {"trial_id": tid, "checkpoint": str(trial["checkpoint"]),
-                   "heldout_correct": trial.get("heldout_correct")}
+            rec = {
+                "trial_id": tid,
+                "checkpoint": str(trial["checkpoint"]),
+                "heldout_correct": trial.get("heldout_correct"),
+            }
             write_json(self._inbox_file(tid), rec, indent=1, durable=True)
             self.inbox.append(rec)
             self._snapshot = {**self._snapshot, "queued": len(self.inbox)}
@@ -388,8 +415,17 @@ class SoupKeeper:
             later |= {c.id for c in g}
         if last is None:
             return None, later, failed
-        return replace(last, previous_ingredients=before, previous_correct=before_correct,
-                       evaluations=evaluations, images_evaluated=images), later, failed
+        return (
+            replace(
+                last,
+                previous_ingredients=before,
+                previous_correct=before_correct,
+                evaluations=evaluations,
+                images_evaluated=images,
+            ),
+            later,
+            failed,
+        )
 
     def _drop(self, tid: str, why: str) -> None:
         """Take a soup candidate whose weights cannot be read any more out of the soup and commit that.
@@ -445,8 +481,11 @@ class SoupKeeper:
         with self._lock:
             self.publishing = False
             self.version = version
-            self.published = {"version": version, "folder": str(self.paths.version(version)),
-                              "ingredients": list(self.soup.ingredients)}
+            self.published = {
+                "version": version,
+                "folder": str(self.paths.version(version)),
+                "ingredients": list(self.soup.ingredients),
+            }
             self.publish_pending = False
             self.last_error = None
             self._persist()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-from ray.tune.search.sample import Float, Uniform as _UniformSampler, _BackwardsCompatibleNumpyRng
+from ray.tune.search.sample import Float, _BackwardsCompatibleNumpyRng
+from ray.tune.search.sample import Uniform as _UniformSampler
 
 from ..config import Choice, Const, LogUniform, RandInt, SearchSpace, Uniform
 

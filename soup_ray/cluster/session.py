@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 #: driver settings every worker must share: offline model hub, the stand-in cache
 SHARED_ENV_VARS = ("HF_HUB_OFFLINE", "SOUP_RAY_CACHE")
@@ -83,10 +84,19 @@ def metrics_url(host: str | None = None) -> str | None:
     return None
 
 
-def ray_session(address: str | None = None, *, namespace: str | None = None, log: Log = print,
-                env: dict[str, str] | None = None, num_cpus: int | None = None, log_to_driver: bool = True,
-                quiet: bool = False, dashboard: bool = False, dashboard_port: int = DEFAULT_DASHBOARD_PORT,
-                verbose: bool = True) -> bool:
+def ray_session(
+    address: str | None = None,
+    *,
+    namespace: str | None = None,
+    log: Log = print,
+    env: dict[str, str] | None = None,
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    quiet: bool = False,
+    dashboard: bool = False,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    verbose: bool = True,
+) -> bool:
     """Start (``"local"``) or join (any other address) Ray unless it is initialised; returns whether it did.
 
     ``env`` adds environment variables for every worker on top of
@@ -103,8 +113,11 @@ def ray_session(address: str | None = None, *, namespace: str | None = None, log
         return False
     target = resolve_address(address)
     worker_env = {**worker_env_vars(), **(env or {})}
-    kwargs: dict[str, Any] = {"namespace": namespace, "runtime_env": {"env_vars": worker_env} if worker_env else None,
-                              "log_to_driver": log_to_driver}
+    kwargs: dict[str, Any] = {
+        "namespace": namespace,
+        "runtime_env": {"env_vars": worker_env} if worker_env else None,
+        "log_to_driver": log_to_driver,
+    }
     if quiet:
         kwargs["logging_level"] = "ERROR"
     elif not verbose:
@@ -115,15 +128,17 @@ def ray_session(address: str | None = None, *, namespace: str | None = None, log
         if not quiet:
             log("starting an embedded local Ray (address='local')")
         if dashboard:
-            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1",
-                          dashboard_port=free_port(dashboard_port))
+            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(dashboard_port))
         else:
             kwargs["include_dashboard"] = False
         context = ray.init(address="local", num_cpus=num_cpus, **kwargs)
         if dashboard and not quiet:
             url = context.dashboard_url
-            log(f"Ray dashboard: http://{url}  (it asks for Ray's auth token: `ray get-auth-token` prints it)"
-                if url else "the Ray dashboard did not start (see Ray's log above)")
+            log(
+                f"Ray dashboard: http://{url}  (it asks for Ray's auth token: `ray get-auth-token` prints it)"
+                if url
+                else "the Ray dashboard did not start (see Ray's log above)"
+            )
             metrics = metrics_url("127.0.0.1")
             if metrics:
                 log(f"Ray metrics (Prometheus text, soup_size, soup_heldout_accuracy, ...): {metrics}")

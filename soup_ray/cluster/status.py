@@ -62,17 +62,23 @@ def disk_status(run_dir: Path) -> dict[str, Any] | None:
 
 def format_status(st: dict[str, Any], live: bool) -> str:
     """A few readable lines about the soup."""
-    lines = [f"run:         {st.get('run_dir')}",
-             f"source:      {'live soup actor (pid %s)' % st.get('pid') if live else 'persisted state (actor not running)'}",
-             f"soup:        version {st.get('version')}, {len(st.get('ingredients') or [])} ingredient(s)"]
+    lines = [
+        f"run:         {st.get('run_dir')}",
+        f"source:      {'live soup actor (pid {})'.format(st.get('pid')) if live else 'persisted state (actor not running)'}",
+        f"soup:        version {st.get('version')}, {len(st.get('ingredients') or [])} ingredient(s)",
+    ]
     acc = st.get("heldout_accuracy")
     if acc is not None:
         lines.append(f"held-out:    {100 * acc:.2f}% of {st.get('heldout_size')} images")
-    lines.append(f"candidates:  {st.get('candidates_seen')} seen, {len(st.get('rejected') or {})} rejected"
-                 + (f", {st.get('queued')} queued" if live else ""))
+    lines.append(
+        f"candidates:  {st.get('candidates_seen')} seen, {len(st.get('rejected') or {})} rejected"
+        + (f", {st.get('queued')} queued" if live else "")
+    )
     if live:
-        lines.append(f"work:        {'evaluating' if st.get('busy') else 'idle'}; {st.get('evaluations')} evaluations, "
-                     f"{st.get('heldout_images_evaluated')} held-out images scored; restarts {st.get('restarts')}")
+        lines.append(
+            f"work:        {'evaluating' if st.get('busy') else 'idle'}; {st.get('evaluations')} evaluations, "
+            f"{st.get('heldout_images_evaluated')} held-out images scored; restarts {st.get('restarts')}"
+        )
     for tid in st.get("ingredients") or []:
         lines.append(f"  + {tid}")
     for tid, why in (st.get("rejected") or {}).items():
@@ -84,7 +90,9 @@ def format_status(st: dict[str, Any], live: bool) -> str:
     return "\n".join(lines)
 
 
-def status(run_dir: Path | None, namespace: str = "soup-ray", address: str | None = None) -> tuple[dict[str, Any], bool]:
+def status(
+    run_dir: Path | None, namespace: str = "soup-ray", address: str | None = None
+) -> tuple[dict[str, Any], bool]:
     """Live status when a cluster answers, else the persisted one; raises FileNotFoundError when neither exists."""
     if run_dir is None:
         run_dir = latest_run()

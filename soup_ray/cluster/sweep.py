@@ -6,9 +6,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import SweepConfig
 from ..prepare import PreparedRun, prepare_run
@@ -52,9 +53,17 @@ def can_resume(run_dir: Path) -> bool:
     return tune.Tuner.can_restore(str(RunDir(run_dir).tune))
 
 
-def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list | None = None,
-              prepared: PreparedRun | None = None, live_soup: bool = True, resume: bool = False,
-              verbose: bool = False, stages: Stages | None = None) -> SweepOutcome:
+def run_sweep(
+    cfg: SweepConfig,
+    run_dir: Path,
+    log: Log = print,
+    callbacks: list | None = None,
+    prepared: PreparedRun | None = None,
+    live_soup: bool = True,
+    resume: bool = False,
+    verbose: bool = False,
+    stages: Stages | None = None,
+) -> SweepOutcome:
     """Run the Tune sweep for ``cfg`` into ``run_dir`` with the live soup actor.
 
     ``resume`` continues the sweep already in ``run_dir`` through ``Tuner.restore``:
@@ -70,8 +79,10 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
     import ray
 
     if resume and not can_resume(run_dir):
-        raise NothingToResume(f"{run_dir} has no sweep to resume ({RunDir(run_dir).tune} holds no Tune experiment "
-                              "state): start it without --resume")
+        raise NothingToResume(
+            f"{run_dir} has no sweep to resume ({RunDir(run_dir).tune} holds no Tune experiment "
+            "state): start it without --resume"
+        )
     loggers = logger_callbacks(cfg.tune.loggers)  # a missing package fails here, before anything starts
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # exactly the loggers tune.loggers names
     if not verbose:
@@ -84,9 +95,14 @@ def run_sweep(cfg: SweepConfig, run_dir: Path, log: Log = print, callbacks: list
     actor = None
     try:
         with stages.stage(RAY_START):
-            started = ray_session(cfg.resolved_address(), namespace=cfg.ray.namespace, log=log,
-                                  dashboard=cfg.ray.dashboard, dashboard_port=cfg.ray.dashboard_port,
-                                  verbose=verbose)
+            started = ray_session(
+                cfg.resolved_address(),
+                namespace=cfg.ray.namespace,
+                log=log,
+                dashboard=cfg.ray.dashboard,
+                dashboard_port=cfg.ray.dashboard_port,
+                verbose=verbose,
+            )
             actor = _start_actor(cfg, prep, live_soup)
         return _sweep(cfg, prep, log, callbacks, actor, resume, verbose, loggers, stages)
     finally:
@@ -103,8 +119,11 @@ def _start_actor(cfg: SweepConfig, prep: PreparedRun, live_soup: bool) -> Any:
     if not live_soup:
         return None
     actor = start_soup_actor(
-        prep.run_dir, tie=cfg.soup.tie, early_rejection=cfg.soup.early_rejection,
-        cpu=cfg.soup.resources.cpu, gpu=cfg.soup.resources.gpu,
+        prep.run_dir,
+        tie=cfg.soup.tie,
+        early_rejection=cfg.soup.early_rejection,
+        cpu=cfg.soup.resources.cpu,
+        gpu=cfg.soup.resources.gpu,
         detached=cfg.resolved_address() != "local",
     )
     check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
@@ -113,8 +132,17 @@ def _start_actor(cfg: SweepConfig, prep: PreparedRun, live_soup: bool) -> Any:
     return actor
 
 
-def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None, actor: Any, resume: bool,
-           verbose: bool, loggers: list, stages: Stages) -> SweepOutcome:
+def _sweep(
+    cfg: SweepConfig,
+    prep: PreparedRun,
+    log: Log,
+    callbacks: list | None,
+    actor: Any,
+    resume: bool,
+    verbose: bool,
+    loggers: list,
+    stages: Stages,
+) -> SweepOutcome:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -131,19 +159,30 @@ def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None
     )
     cbs = list(callbacks or [])
     if actor is not None:
-        cbs.insert(0, SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace, total=cfg.tune.num_samples,
-                                   progress=not verbose))
-        log(f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
-            f"(watch it with: soup-ray status {prep.run_dir})")
+        cbs.insert(
+            0,
+            SoupCallback(actor_name(prep.run_dir), cfg.ray.namespace, total=cfg.tune.num_samples, progress=not verbose),
+        )
+        log(
+            f"soup actor {actor_name(prep.run_dir)!r} is keeping the greedy soup up to date "
+            f"(watch it with: soup-ray status {prep.run_dir})"
+        )
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx),
         {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
     )
     if resume:
-        log(f"resuming the sweep in {RunDir(prep.run_dir).tune} (finished trials are kept, unfinished ones "
-            "continue from their last epoch checkpoint)")
-        tuner = tune.Tuner.restore(str(RunDir(prep.run_dir).tune), trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
+        log(
+            f"resuming the sweep in {RunDir(prep.run_dir).tune} (finished trials are kept, unfinished ones "
+            "continue from their last epoch checkpoint)"
+        )
+        tuner = tune.Tuner.restore(
+            str(RunDir(prep.run_dir).tune),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -161,8 +200,7 @@ def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None
                 storage_path=str(prep.run_dir),
                 callbacks=cbs + loggers,
                 verbose=1 if verbose else 0,  # quiet: one line per finished trial (SoupCallback) instead
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(
-                    cfg.resolved_address())),
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.resolved_max_failures(cfg.resolved_address())),
                 # at most two checkpoints per trial on disk: the newest resumable state and the final weights.
                 # Tune snapshots its experiment state once a trial has reported num_to_keep checkpoints since
                 # the last snapshot; checkpoint_interval_s keeps short local trials at one checkpoint each
@@ -170,8 +208,10 @@ def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None
             ),
         )
     tune_dir = RunDir(prep.run_dir).tune
-    log(f"trial folders: {tune_dir}" + (f"  (TensorBoard: tensorboard --logdir {tune_dir})"
-                                         if "tensorboard" in cfg.tune.loggers else ""))
+    log(
+        f"trial folders: {tune_dir}"
+        + (f"  (TensorBoard: tensorboard --logdir {tune_dir})" if "tensorboard" in cfg.tune.loggers else "")
+    )
     with stages.stage(TRIALS):
         t0 = time.time()
         own = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
@@ -181,15 +221,16 @@ def _sweep(cfg: SweepConfig, prep: PreparedRun, log: Log, callbacks: list | None
             if own is not None:  # Tune leaves its handler installed: put back the one fit() found
                 signal.signal(signal.SIGINT, own)
         unfinished = sum(1 for r in grid if not _finished(r))
-        log(f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
-            f"finished in {time.time() - t0:.0f}s")
+        log(
+            f"sweep {'stopped' if unfinished else 'finished'}: {len(grid) - unfinished} of {len(grid)} trials "
+            f"finished in {time.time() - t0:.0f}s"
+        )
         if unfinished:
             stopping()  # Tune's handler took the first Ctrl-C: the next one exits at once
             rows = collect_rows([r for r in grid if _finished(r)], prep.run_dir, list(prep.bundle.shifts))
             write_jsonl(RunDir(prep.run_dir).results, rows)
             log(f"sweep interrupted with {unfinished} trial(s) unfinished and {len(rows)} finished")
-            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished,
-                                seconds=_own(stages.seconds))
+            return SweepOutcome(rows, None, interrupted=True, unfinished=unfinished, seconds=_own(stages.seconds))
         rows = collect_rows(grid, prep.run_dir, list(prep.bundle.shifts))
         write_jsonl(RunDir(prep.run_dir).results, rows)
     if actor is None:
@@ -241,8 +282,10 @@ def _need(package: str, logger: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(package) is None:
-        raise ValueError(f"tune.loggers names {logger!r}, but the {package!r} package is not installed: "
-                         f"pip install {package} (or remove {logger!r} from tune.loggers)")
+        raise ValueError(
+            f"tune.loggers names {logger!r}, but the {package!r} package is not installed: "
+            f"pip install {package} (or remove {logger!r} from tune.loggers)"
+        )
 
 
 def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None:
@@ -257,12 +300,16 @@ def _retire_later(actor: Any, cfg: SweepConfig, run_dir: Path, log: Log) -> None
     except ray.exceptions.RayActorError:
         return  # gone already (check_actor stops one that could not start): nothing holds its resources
     except Exception as err:  # noqa: BLE001 - its state is on disk either way
-        log(f"could not schedule the soup actor's exit ({type(err).__name__}: {err}); if the dashboard still "
+        log(
+            f"could not schedule the soup actor's exit ({type(err).__name__}: {err}); if the dashboard still "
             f"lists it, stop it with ray.kill(ray.get_actor({actor_name(run_dir)!r}, "
-            f"namespace={cfg.ray.namespace!r}))")
+            f"namespace={cfg.ray.namespace!r}))"
+        )
         return
-    log(f"the soup actor stays up {minutes:g} more minute(s) while idle, then exits and frees its resources; "
-        f"its state stays in {run_dir}")
+    log(
+        f"the soup actor stays up {minutes:g} more minute(s) while idle, then exits and frees its resources; "
+        f"its state stays in {run_dir}"
+    )
 
 
 class SoupActorFailed(RuntimeError):
@@ -285,20 +332,25 @@ def check_actor(actor: Any, name: str, timeout: float = ACTOR_CALL_TIMEOUT_S) ->
     try:
         status = ray.get(actor.status.remote(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
-        raise SoupActorFailed(f"the soup actor {name!r} did not answer within {timeout:.0f}s (see its log in the "
-                              "Ray dashboard, Actors tab)") from None
+        raise SoupActorFailed(
+            f"the soup actor {name!r} did not answer within {timeout:.0f}s (see its log in the "
+            "Ray dashboard, Actors tab)"
+        ) from None
     if status.get("fatal_error"):
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        raise SoupActorFailed(f"the soup actor {name!r} could not start: {status['fatal_error']}. It was stopped; "
-                              "fix or move aside the run's soup_state/ and resume (trials and checkpoints are kept)")
+        raise SoupActorFailed(
+            f"the soup actor {name!r} could not start: {status['fatal_error']}. It was stopped; "
+            "fix or move aside the run's soup_state/ and resume (trials and checkpoints are kept)"
+        )
     return status
 
 
-def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log: Log = print,
-                timeout: float = 1800.0) -> dict[str, Any]:
+def finish_soup(
+    run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log: Log = print, timeout: float = 1800.0
+) -> dict[str, Any]:
     """Re-offer every completed trial (idempotent), wait for the actor's queue to drain, return its status.
 
     Every wait is bounded: past ``timeout`` (or an actor that cannot start) it
@@ -314,13 +366,18 @@ def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log
     while True:
         left = deadline - time.time()
         if left <= 0:
-            raise SoupActorFailed(f"the soup actor {name!r} did not finish its queue within {timeout:.0f}s; "
-                                  f"its last error: {status.get('last_error') or last_problem}")
+            raise SoupActorFailed(
+                f"the soup actor {name!r} did not finish its queue within {timeout:.0f}s; "
+                f"its last error: {status.get('last_error') or last_problem}"
+            )
         try:
             actor = ray.get_actor(name, namespace=cfg.ray.namespace)
             status = check_actor(actor, name, timeout=min(ACTOR_CALL_TIMEOUT_S, left))
-            refs = [actor.offer.remote(trial_offer(r["trial_id"], str(run_dir / r["checkpoint"]), r))
-                    for r in rows if r["status"] == "completed" and r.get("checkpoint")]
+            refs = [
+                actor.offer.remote(trial_offer(r["trial_id"], str(run_dir / r["checkpoint"]), r))
+                for r in rows
+                if r["status"] == "completed" and r.get("checkpoint")
+            ]
             ray.get(refs, timeout=min(ACTOR_CALL_TIMEOUT_S, left))
             if ray.get(actor.wait_idle.remote(min(60.0, left)), timeout=min(60.0, left) + ACTOR_CALL_TIMEOUT_S):
                 status = ray.get(actor.status.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
@@ -333,8 +390,12 @@ def finish_soup(run_dir: Path, rows: list[dict[str, Any]], cfg: SweepConfig, log
             log(f"soup actor unavailable ({type(err).__name__}); retrying")
             time.sleep(1.0)
     acc = status.get("heldout_accuracy")
-    log(f"greedy soup v{status['version']}: {status['soup_size']} of {status['candidates_seen']} candidates, "
-        f"held-out {100 * acc:.1f}%" if acc is not None else "greedy soup: no candidate yet")
+    log(
+        f"greedy soup v{status['version']}: {status['soup_size']} of {status['candidates_seen']} candidates, "
+        f"held-out {100 * acc:.1f}%"
+        if acc is not None
+        else "greedy soup: no candidate yet"
+    )
     if status.get("rejected"):
         for tid, why in status["rejected"].items():
             log(f"  rejected {tid}: {why}")

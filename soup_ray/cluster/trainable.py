@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import tune
 
-from ..train import TrialContext, finished_result, fine_tune
+from ..train import TrialContext, fine_tune, finished_result
 from ..trial_state import has_training_state
 
 
@@ -21,6 +21,7 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     epoch 1 would waste it, and Tune could then delete the final checkpoint the
     soup actor points at).
     """
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)

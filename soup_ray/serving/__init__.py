@@ -18,14 +18,40 @@ from typing import Any
 # name -> submodule; loaded on first use, so a Serve replica that imports one light module (the ingress) does
 # not pay for torch and open_clip through this package
 _EXPORTS = {
-    **dict.fromkeys(["ACCEPTED_FORMATS", "ImageError", "decode_image", "image_from_json", "load_image",
-                     "sniff_format", "to_model_input", "top_predictions"], "images"),
+    **dict.fromkeys(
+        [
+            "ACCEPTED_FORMATS",
+            "ImageError",
+            "decode_image",
+            "image_from_json",
+            "load_image",
+            "sniff_format",
+            "to_model_input",
+            "top_predictions",
+        ],
+        "images",
+    ),
     **dict.fromkeys(["serve_run", "sigterm_as_interrupt", "stop_serve_and_ray"], "launch"),
-    **dict.fromkeys(["LoadedModel", "ModelSlot", "ModelUnavailable", "check_model", "ensemble_members",
-                     "load_model", "resolve_run_dir", "resolve_trial", "soup_folder", "soup_stamp", "stamp_of"],
-                    "models"),
-    **dict.fromkeys(["APP_NAME", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PIXELS", "SOUP_MODEL", "ModelSpec",
-                     "ServeOptions"], "options"),
+    **dict.fromkeys(
+        [
+            "LoadedModel",
+            "ModelSlot",
+            "ModelUnavailable",
+            "check_model",
+            "ensemble_members",
+            "load_model",
+            "resolve_run_dir",
+            "resolve_trial",
+            "soup_folder",
+            "soup_stamp",
+            "stamp_of",
+        ],
+        "models",
+    ),
+    **dict.fromkeys(
+        ["APP_NAME", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_PIXELS", "SOUP_MODEL", "ModelSpec", "ServeOptions"],
+        "options",
+    ),
 }
 
 __all__ = list(_EXPORTS)

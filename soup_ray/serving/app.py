@@ -50,6 +50,7 @@ from ..live import snapshot, with_digest
 from ..run_dir import RunDir
 from .auth import BearerAuth, read_token
 from .images import ACCEPTED_FORMATS, ImageError, base64_image, image_from_json, load_image, top_predictions
+
 # ``.models`` (torch, open_clip, torchvision: seconds of imports) is imported where a model is loaded, so the
 # ingress and ensemble replicas, which hold no model, start without it
 if TYPE_CHECKING:
@@ -91,8 +92,9 @@ class ClassifierModel:
         from .models import resolve_run_dir
 
         spec = ModelSpec.model_validate(user_config)
-        spec = spec.model_copy(update={"run_dir": str(resolve_run_dir(spec.run_dir)),
-                                       "device": self._pick_device(spec.device)})
+        spec = spec.model_copy(
+            update={"run_dir": str(resolve_run_dir(spec.run_dir)), "device": self._pick_device(spec.device)}
+        )
         self._predict_batch.set_max_batch_size(spec.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
         if await self.slot.configure(spec):
@@ -141,10 +143,19 @@ class ClassifierModel:
         self.batches += 1
         self.images += len(items)
         self.forward_s += forward
-        return [{"ready": True, "logits": row, "model": current.name, "soup_version": current.soup_version,
-                 "wait_ms": round(1000 * (start - entered), 3), "forward_ms": round(1000 * forward, 3),
-                 "batch": len(items), "replica": self.replica}
-                for row, (_, entered) in zip(logits, items)]
+        return [
+            {
+                "ready": True,
+                "logits": row,
+                "model": current.name,
+                "soup_version": current.soup_version,
+                "wait_ms": round(1000 * (start - entered), 3),
+                "forward_ms": round(1000 * forward, 3),
+                "batch": len(items),
+                "replica": self.replica,
+            }
+            for row, (_, entered) in zip(logits, items, strict=True)
+        ]
 
     def _forward(self, current: "LoadedModel", images: list[np.ndarray]) -> list[list[float]]:
         """One forward pass: the uint8 images go to the model's device as they are, then become floats there."""
@@ -156,8 +167,9 @@ class ClassifierModel:
             x = x.pin_memory()
         x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[-1] != current.image_size or x.shape[-2] != current.image_size:
-            x = torch.nn.functional.interpolate(x, size=(current.image_size, current.image_size),
-                                                mode="bilinear", align_corners=False)
+            x = torch.nn.functional.interpolate(
+                x, size=(current.image_size, current.image_size), mode="bilinear", align_corners=False
+            )
         with torch.inference_mode():
             out = current.classifier(x.contiguous()).float().cpu()
         return out.tolist()
@@ -166,15 +178,24 @@ class ClassifierModel:
         """What this replica serves, its process id and actor name, a rejected soup version, batching statistics."""
         spec = self.slot.spec
         current = self.slot.current
-        out: dict[str, Any] = {"ready": current is not None, "pid": os.getpid(), "last_error": self.slot.last_error,
-                               "actor": ray.get_runtime_context().get_actor_name(),
-                               "rejected": self.slot.rejected, "reloads": self.slot.reloads,
-                               "follow": bool(spec and spec.follows_soup()),
-                               "replica": self.replica,
-                               "batching": {"max_batch_size": spec.max_batch_size if spec else None,
-                                            "batch_wait_timeout_s": spec.batch_wait_timeout_s if spec else None,
-                                            "largest_batch": self.largest_batch, "batches": self.batches,
-                                            "images": self.images, "forward_s": round(self.forward_s, 4)}}
+        out: dict[str, Any] = {
+            "ready": current is not None,
+            "pid": os.getpid(),
+            "last_error": self.slot.last_error,
+            "actor": ray.get_runtime_context().get_actor_name(),
+            "rejected": self.slot.rejected,
+            "reloads": self.slot.reloads,
+            "follow": bool(spec and spec.follows_soup()),
+            "replica": self.replica,
+            "batching": {
+                "max_batch_size": spec.max_batch_size if spec else None,
+                "batch_wait_timeout_s": spec.batch_wait_timeout_s if spec else None,
+                "largest_batch": self.largest_batch,
+                "batches": self.batches,
+                "images": self.images,
+                "forward_s": round(self.forward_s, 4),
+            },
+        }
         if current is not None:
             out.update(current.describe())
         elif spec is not None:
@@ -197,8 +218,13 @@ class Ensemble:
         if waiting:
             return {"ready": False, "detail": waiting[0].get("detail", "an ensemble member is not ready")}
         logits = np.asarray([o["logits"] for o in outs], dtype=np.float32).mean(axis=0)
-        return {"ready": True, "logits": logits.tolist(), "model": "ensemble", "soup_version": None,
-                "members": [o["model"] for o in outs]}
+        return {
+            "ready": True,
+            "logits": logits.tolist(),
+            "model": "ensemble",
+            "soup_version": None,
+            "members": [o["model"] for o in outs],
+        }
 
     async def info(self) -> dict[str, Any]:
         """The members' own ``info``."""
@@ -225,7 +251,8 @@ class PredictionResponse(BaseModel):
     model: str
     members: list[str] | None = None
     served_by: dict[str, str | None] | None = Field(
-        None, description="Which ingress and model replica answered (only with ?detail=local from loopback)")
+        None, description="Which ingress and model replica answered (only with ?detail=local from loopback)"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -256,30 +283,49 @@ class BatchResponse(BaseModel):
 
 
 # Standard base64 (RFC 4648 section 4, padded), at least one byte, optionally behind a `data:` URL prefix.
-BASE64_PATTERN = (r"^(data:image/(png|jpeg);base64,)?([A-Za-z0-9+/]{4})*"
-                  r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
+BASE64_PATTERN = (
+    r"^(data:image/(png|jpeg);base64,)?([A-Za-z0-9+/]{4})*"
+    r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"
+)
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
-_BINARY = {"type": "string", "format": "binary", "minLength": 1,
-           "description": "The bytes of one PNG or JPEG image (recognised from its first bytes)"}
+_BINARY = {
+    "type": "string",
+    "format": "binary",
+    "minLength": 1,
+    "description": "The bytes of one PNG or JPEG image (recognised from its first bytes)",
+}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "description": "One PNG or JPEG image: a multipart upload in field `file`, the raw bytes "
-                       "(image/png, image/jpeg or application/octet-stream), or JSON `{\"image_base64\": \"...\"}`. "
-                       "Bytes that are no PNG or JPEG are refused (400 not an image or corrupt, 415 another format).",
+        '(image/png, image/jpeg or application/octet-stream), or JSON `{"image_base64": "..."}`. '
+        "Bytes that are no PNG or JPEG are refused (400 not an image or corrupt, 415 another format).",
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
-                           "properties": {"file": dict(_BINARY)}},
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {"file": dict(_BINARY)},
+                },
                 "encoding": {"file": {"contentType": "image/png, image/jpeg, application/octet-stream"}},
             },
             **{kind: {"schema": dict(_BINARY)} for kind in IMAGE_MEDIA_TYPES},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image_base64"],
-                "properties": {"image_base64": {
-                    "type": "string", "minLength": 4, "pattern": BASE64_PATTERN,
-                    "description": "The image's bytes in standard, padded base64 (non-empty), optionally as a "
-                                   "`data:image/png;base64,...` URL"}}}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image_base64"],
+                    "properties": {
+                        "image_base64": {
+                            "type": "string",
+                            "minLength": 4,
+                            "pattern": BASE64_PATTERN,
+                            "description": "The image's bytes in standard, padded base64 (non-empty), optionally as a "
+                            "`data:image/png;base64,...` URL",
+                        }
+                    },
+                }
+            },
         },
     }
 }
@@ -287,40 +333,73 @@ BATCH_BODY = {
     "requestBody": {
         "required": True,
         "description": "Several PNG or JPEG images: repeated multipart `file` fields, or a JSON list of base64 "
-                       "strings. Each image gets its own entry in the answer, in the order sent; an image that "
-                       "cannot be used gets its own error there (the others are still answered).",
+        "strings. Each image gets its own entry in the answer, in the order sent; an image that "
+        "cannot be used gets its own error there (the others are still answered).",
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["file"], "additionalProperties": False,
-                           "properties": {"file": {
-                               "type": "array", "minItems": 1, "maxItems": DEFAULT_BATCH_IMAGES,
-                               "items": {"type": "string", "format": "binary",
-                                         "description": "One PNG or JPEG image; an empty or unreadable one is "
-                                                        "that image's error"}}}},
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": DEFAULT_BATCH_IMAGES,
+                            "items": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "One PNG or JPEG image; an empty or unreadable one is "
+                                "that image's error",
+                            },
+                        }
+                    },
+                },
                 "encoding": {"file": {"contentType": "image/png, image/jpeg, application/octet-stream"}},
             },
-            "application/json": {"schema": {
-                "type": "object", "required": ["images_base64"],
-                "properties": {"images_base64": {
-                    "type": "array", "minItems": 1, "maxItems": DEFAULT_BATCH_IMAGES,
-                    "items": {"type": "string", "description": "One image's bytes in base64 (as /predict's "
-                                                               "image_base64); an invalid one is that image's error"},
-                }}}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images_base64"],
+                    "properties": {
+                        "images_base64": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": DEFAULT_BATCH_IMAGES,
+                            "items": {
+                                "type": "string",
+                                "description": "One image's bytes in base64 (as /predict's "
+                                "image_base64); an invalid one is that image's error",
+                            },
+                        }
+                    },
+                }
+            },
         },
     }
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse,
-          "description": "Empty body, not an image, truncated/corrupt image, malformed JSON or multipart"},
-    401: {"model": ErrorResponse, "description": "A bearer token is configured and the request lacks it (or it is "
-                                                 "wrong); see the WWW-Authenticate header"},
+    400: {
+        "model": ErrorResponse,
+        "description": "Empty body, not an image, truncated/corrupt image, malformed JSON or multipart",
+    },
+    401: {
+        "model": ErrorResponse,
+        "description": "A bearer token is configured and the request lacks it (or it is "
+        "wrong); see the WWW-Authenticate header",
+    },
     408: {"model": ErrorResponse, "description": "The body did not arrive within the configured time"},
     413: {"model": ErrorResponse, "description": "Body larger than the configured limit"},
     415: {"model": ErrorResponse, "description": "An image format other than PNG or JPEG"},
-    422: {"model": ErrorResponse, "description": "Too many pixels, too large once decoded, a missing field or an "
-                                                 "invalid parameter"},
-    503: {"model": ErrorResponse, "description": "The model is not loaded yet, cannot be loaded, is restarting or "
-                                                 "is overloaded; retry after the Retry-After header's seconds"},
+    422: {
+        "model": ErrorResponse,
+        "description": "Too many pixels, too large once decoded, a missing field or an invalid parameter",
+    },
+    503: {
+        "model": ErrorResponse,
+        "description": "The model is not loaded yet, cannot be loaded, is restarting or "
+        "is overloaded; retry after the Retry-After header's seconds",
+    },
     504: {"model": ErrorResponse, "description": "The model did not answer within the configured time"},
 }
 
@@ -328,7 +407,7 @@ app = FastAPI(
     title="soup-ray",
     version="0.1.0",
     description="A greedy model soup of fine-tuned CLIP classifiers, served with Ray Serve. "
-                "Send PNG or JPEG images to `/predict` (the soup) or `/predict/ensemble` (mean logits of trials).",
+    "Send PNG or JPEG images to `/predict` (the soup) or `/predict/ensemble` (mean logits of trials).",
 )
 
 
@@ -368,11 +447,22 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return JSONResponse({"error": codes.get(exc.status_code, "http_error"), "detail": exc.detail},
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        {"error": codes.get(exc.status_code, "http_error"), "detail": exc.detail},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
-PRIVATE_INFO = ("pid", "actor", "source", "run_dir", "ingress_pid", "replica", "ingress")  # in /info only with ?detail=local from loopback
+PRIVATE_INFO = (
+    "pid",
+    "actor",
+    "source",
+    "run_dir",
+    "ingress_pid",
+    "replica",
+    "ingress",
+)  # in /info only with ?detail=local from loopback
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 
@@ -391,13 +481,14 @@ def public_snapshot(snap: dict[str, Any], run_dir: str) -> dict[str, Any]:
     keeper = snap.get("keeper")
     if isinstance(keeper, dict) and isinstance(keeper.get("rejected"), dict):
         keeper = {**keeper, "rejected": {k: public_text(v, run_dir) for k, v in keeper["rejected"].items()}}
-    trials = [{**t, "soup": public_text(t.get("soup"), run_dir)} if isinstance(t, dict) else t
-              for t in snap.get("trials") or []]
+    trials = [
+        {**t, "soup": public_text(t.get("soup"), run_dir)} if isinstance(t, dict) else t
+        for t in snap.get("trials") or []
+    ]
     return {**snap, "keeper": keeper, "trials": trials}
 
 
-RELAY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host", "true-client-ip",
-                 "cf-connecting-ip")
+RELAY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host", "true-client-ip", "cf-connecting-ip")
 """Headers a reverse proxy adds when it relays a request: such a request is never local, whatever address the
 proxy (on this host, on loopback) connects from."""
 
@@ -421,8 +512,7 @@ async def _awaited(response: Any) -> Any:
 
 def server_timing(seconds: dict[str, Any]) -> str:
     """A ``Server-Timing`` header value (durations in ms) from ``{name: seconds}``; other values are skipped."""
-    return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in seconds.items()
-                     if isinstance(v, float) and k != "batch")
+    return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in seconds.items() if isinstance(v, float) and k != "batch")
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
@@ -482,8 +572,11 @@ async def multipart_files(request: Request, body: bytes, max_files: int, many: b
         if many:
             other = sorted(set(form.keys()) - {"file"})
             if other:
-                raise ImageError(422, "unexpected_field", f"unexpected multipart field(s) {other[:5]}: send the "
-                                                          "images as 'file' fields only")
+                raise ImageError(
+                    422,
+                    "unexpected_field",
+                    f"unexpected multipart field(s) {other[:5]}: send the images as 'file' fields only",
+                )
         if any(isinstance(item, str) for item in items):
             raise ImageError(422, "invalid_field", "the 'file' field must be a file upload, not text")
         return [await item.read() for item in items]  # type: ignore[union-attr]
@@ -507,8 +600,9 @@ async def image_bytes(request: Request, limit: int, timeout_s: float | None = No
     return body
 
 
-async def batch_images(request: Request, limit: int, per_image: int, most: int,
-                       timeout_s: float | None = None) -> list[bytes | ImageError]:
+async def batch_images(
+    request: Request, limit: int, per_image: int, most: int, timeout_s: float | None = None
+) -> list[bytes | ImageError]:
     """The images of a /predict/batch request, in order: multipart ``file`` fields or JSON ``images_base64``.
 
     The body as a whole is refused (413, 400, 422) when it is too large, malformed or holds more than
@@ -517,23 +611,30 @@ async def batch_images(request: Request, limit: int, per_image: int, most: int,
     """
     body = await read_body(request, limit, timeout_s)
     if not body:
-        raise ImageError(400, "empty_body", "the request body is empty; send images as multipart 'file' fields "
-                                            'or JSON {"images_base64": [...]}')
+        raise ImageError(
+            400,
+            "empty_body",
+            "the request body is empty; send images as multipart 'file' fields or JSON {\"images_base64\": [...]}",
+        )
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind == "multipart/form-data":
         items: list[bytes | ImageError] = list(await multipart_files(request, body, max_files=most, many=True))
     elif kind == "application/json" or kind.endswith("+json"):
         items = images_from_json_list(body, most)
     else:
-        raise ImageError(415, "unsupported_media_type", "send the images as multipart/form-data 'file' fields or "
-                                                        'as JSON {"images_base64": [...]}')
+        raise ImageError(
+            415,
+            "unsupported_media_type",
+            "send the images as multipart/form-data 'file' fields or as JSON {\"images_base64\": [...]}",
+        )
     out: list[bytes | ImageError] = []
     for item in items:
         if isinstance(item, bytes) and not item:
             item = ImageError(400, "empty_body", "this image is empty")
         elif isinstance(item, bytes) and len(item) > per_image:
-            item = ImageError(413, "body_too_large", f"this image is {len(item)} bytes; at most {per_image} are "
-                                                     "accepted per image")
+            item = ImageError(
+                413, "body_too_large", f"this image is {len(item)} bytes; at most {per_image} are accepted per image"
+            )
         out.append(item)
     return out
 
@@ -625,8 +726,9 @@ class SoupIngress:
     deployment's ``user_config``), so an image is decoded and batched where it is scored, with no hop.
     """
 
-    def __init__(self, model: DeploymentHandle | None, ensemble: DeploymentHandle | None,
-                 settings: dict[str, Any]) -> None:
+    def __init__(
+        self, model: DeploymentHandle | None, ensemble: DeploymentHandle | None, settings: dict[str, Any]
+    ) -> None:
         self._local = None
         if model is None:
             self._local = ClassifierModel.func_or_class()
@@ -648,8 +750,7 @@ class SoupIngress:
         token_file = settings.get("auth_token_file")
         self.auth_token = read_token(token_file) if token_file else None  # read here, on the replica's node
         self.max_batch_images = int(settings.get("max_batch_images", defaults["max_batch_images"].default))
-        self.max_batch_body_bytes = int(settings.get("max_batch_body_bytes",
-                                                     defaults["max_batch_body_bytes"].default))
+        self.max_batch_body_bytes = int(settings.get("max_batch_body_bytes", defaults["max_batch_body_bytes"].default))
         threads = int(settings.get("decode_threads", defaults["decode_threads"].default))
         # decoding never runs on the event loop: a pool of its own, so a burst of large images cannot starve it
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="soup-ray-decode")
@@ -694,18 +795,28 @@ class SoupIngress:
             cancel = getattr(response, "cancel", None)
             if callable(cancel):
                 cancel()
-            raise ApiError(timeout_status, "model_timeout", f"the {what} did not answer within "
-                           f"{self.model_timeout_s:g}s", self.retry_after) from None
+            raise ApiError(
+                timeout_status,
+                "model_timeout",
+                f"the {what} did not answer within {self.model_timeout_s:g}s",
+                self.retry_after,
+            ) from None
         except BackPressureError as err:  # its queue is full: Serve rejects rather than queue without bound
-            raise ApiError(503, "overloaded", f"the {what} is overloaded ({err.message}); retry later",
-                           self.retry_after) from None
+            raise ApiError(
+                503, "overloaded", f"the {what} is overloaded ({err.message}); retry later", self.retry_after
+            ) from None
         except Exception as err:  # noqa: BLE001 - the replica died or is restarting: not the client's fault
             logger.warning("the %s could not answer: %s: %s", what, type(err).__name__, err)
-            raise ApiError(503, "model_error", f"the {what} could not answer ({type(err).__name__}); it may be "
-                           "restarting", self.retry_after) from None
+            raise ApiError(
+                503,
+                "model_error",
+                f"the {what} could not answer ({type(err).__name__}); it may be restarting",
+                self.retry_after,
+            ) from None
 
-    async def _answer(self, request: Request, response: Response, top_k: int, target: DeploymentHandle,
-                      local: bool = False) -> dict[str, Any]:
+    async def _answer(
+        self, request: Request, response: Response, top_k: int, target: DeploymentHandle, local: bool = False
+    ) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = await image_bytes(request, self.max_body_bytes, self.body_timeout_s)
         t_read = time.perf_counter()
@@ -717,8 +828,9 @@ class SoupIngress:
             answer["served_by"] = {"ingress": self.replica, "model": timing.pop("replica", None)}
         return answer
 
-    async def _predict_one(self, image: np.ndarray, top_k: int,
-                           target: DeploymentHandle) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _predict_one(
+        self, image: np.ndarray, top_k: int, target: DeploymentHandle
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Ask ``target`` about one decoded image: the answer, and where its time went (seconds)."""
         what = "ensemble" if target is self.ensemble else "model"
         t0 = time.perf_counter()
@@ -727,15 +839,23 @@ class SoupIngress:
         if not out.get("ready"):
             detail = public_text(out.get("detail") or "the model is not loaded yet", self.settings["run_dir"])
             raise ApiError(503, "model_unavailable", detail, self.retry_after)
-        answer = {"predictions": top_predictions(out["logits"], self.classnames, top_k),
-                  "soup_version": out.get("soup_version"), "model": out.get("model")}
+        answer = {
+            "predictions": top_predictions(out["logits"], self.classnames, top_k),
+            "soup_version": out.get("soup_version"),
+            "model": out.get("model"),
+        }
         if "members" in out:
             answer["members"] = out["members"]
         timing: dict[str, Any] = {"model_call": call}
         if "forward_ms" in out:  # one model replica (an ensemble's members answer on their own)
             wait, forward = out["wait_ms"] / 1000, out["forward_ms"] / 1000
-            timing.update(hops=max(0.0, call - wait - forward), batch_wait=wait, forward=forward,
-                          batch=out.get("batch"), replica=out.get("replica"))
+            timing.update(
+                hops=max(0.0, call - wait - forward),
+                batch_wait=wait,
+                forward=forward,
+                batch=out.get("batch"),
+                replica=out.get("replica"),
+            )
         return answer, timing
 
     async def _batch_item(self, index: int, item: bytes | ImageError, top_k: int) -> dict[str, Any]:
@@ -760,13 +880,24 @@ class SoupIngress:
                 info["rejected"] = {**info["rejected"], "error": public_text(info["rejected"].get("error"), run_dir)}
         return info
 
-    @app.post("/predict", response_model=PredictionResponse, response_model_exclude_unset=True,
-              responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY, summary="Classify an image with the served model")
-    async def predict(self, request: Request, response: Response,
-                      top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
-                      detail: Literal["local"] | None = Query(
-                          None, description="`local`: also which ingress and model replica answered; honoured "
-                                            "only for a loopback client")) -> dict[str, Any]:
+    @app.post(
+        "/predict",
+        response_model=PredictionResponse,
+        response_model_exclude_unset=True,
+        responses=ERROR_RESPONSES,
+        openapi_extra=IMAGE_BODY,
+        summary="Classify an image with the served model",
+    )
+    async def predict(
+        self,
+        request: Request,
+        response: Response,
+        top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
+        detail: Literal["local"] | None = Query(
+            None,
+            description="`local`: also which ingress and model replica answered; honoured only for a loopback client",
+        ),
+    ) -> dict[str, Any]:
         """Top-``top_k`` classes of a PNG or JPEG image, with the soup version that answered.
 
         The ``Server-Timing`` header says where the request's time went in the server: reading the body,
@@ -774,58 +905,88 @@ class SoupIngress:
         """
         return await self._answer(request, response, top_k, self.model, local=detail == "local")
 
-    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_none=True,
-              responses={k: v for k, v in ERROR_RESPONSES.items() if k != 504}, openapi_extra=BATCH_BODY,
-              summary="Classify several images in one request")
-    async def predict_batch(self, request: Request,
-                            top_k: int = Query(3, ge=1, le=1000, description="How many classes per image")
-                            ) -> dict[str, Any]:
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        response_model_exclude_none=True,
+        responses={k: v for k, v in ERROR_RESPONSES.items() if k != 504},
+        openapi_extra=BATCH_BODY,
+        summary="Classify several images in one request",
+    )
+    async def predict_batch(
+        self, request: Request, top_k: int = Query(3, ge=1, le=1000, description="How many classes per image")
+    ) -> dict[str, Any]:
         """Top-``top_k`` classes of each image (at most ``max_batch_images``, each within the single-image limits,
         the body within ``max_batch_body_bytes``), in the order sent. An image that cannot be used gets its own
         entry with ``error``, ``detail`` and ``status``; the others are answered. 503 when no image could be
         answered because the model is unavailable."""
-        items = await batch_images(request, self.max_batch_body_bytes, self.max_body_bytes, self.max_batch_images,
-                                   self.body_timeout_s)
+        items = await batch_images(
+            request, self.max_batch_body_bytes, self.max_body_bytes, self.max_batch_images, self.body_timeout_s
+        )
         results = await asyncio.gather(*(self._batch_item(i, item, top_k) for i, item in enumerate(items)))
         failed = [r for r in results if "error" in r]
         if failed and len(failed) == len(results) and all(r["status"] in (503, 504) for r in failed):
-            raise ApiError(503 if failed[0]["status"] == 503 else 504, failed[0]["error"], failed[0]["detail"],
-                           self.retry_after)
+            raise ApiError(
+                503 if failed[0]["status"] == 503 else 504, failed[0]["error"], failed[0]["detail"], self.retry_after
+            )
         return {"results": results, "ok": len(results) - len(failed), "failed": len(failed)}
 
-    @app.post("/predict/ensemble", response_model=PredictionResponse, response_model_exclude_unset=True,
-              responses=ERROR_RESPONSES, openapi_extra=IMAGE_BODY, summary="Classify an image with the ensemble")
+    @app.post(
+        "/predict/ensemble",
+        response_model=PredictionResponse,
+        response_model_exclude_unset=True,
+        responses=ERROR_RESPONSES,
+        openapi_extra=IMAGE_BODY,
+        summary="Classify an image with the ensemble",
+    )
     async def predict_ensemble(
-        self, request: Request, response: Response,
-        top_k: int = Query(3, ge=1, le=1000, description="How many classes to return")
+        self,
+        request: Request,
+        response: Response,
+        top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
     ) -> dict[str, Any]:
         """Top-``top_k`` classes from the mean logits of the ensemble's trial checkpoints."""
         if self.ensemble is None:
             raise ApiError(404, "ensemble_disabled", "no ensemble is configured (ensemble: 0)")
         return await self._answer(request, response, top_k, self.ensemble)
 
-    @app.get("/info", summary="What is served",
-             responses={k: ERROR_RESPONSES[k] for k in (401, 422, 503)})
-    async def info(self, request: Request, detail: Literal["local"] | None = Query(
-            None, description="`local`: also the run folder, model source, process ids and replica actor name; "
-                              "honoured only for a loopback client")) -> dict[str, Any]:
+    @app.get("/info", summary="What is served", responses={k: ERROR_RESPONSES[k] for k in (401, 422, 503)})
+    async def info(
+        self,
+        request: Request,
+        detail: Literal["local"] | None = Query(
+            None,
+            description="`local`: also the run folder, model source, process ids and replica actor name; "
+            "honoured only for a loopback client",
+        ),
+    ) -> dict[str, Any]:
         """Model, soup version, ingredients, held-out accuracy, classes, a rejected soup version, ensemble, limits."""
         local = detail == "local" and is_loopback(request)
         out = await self._model_info(local)
         out["classes"] = out.get("classes") or self.classnames
         out["image_size"] = out.get("image_size") or self.image_size
         out["ensemble"] = {"members": self.settings.get("members", [])} if self.ensemble is not None else None
-        out["limits"] = {"max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels,
-                         "max_decoded_bytes": self.max_decoded_bytes, "body_timeout_s": self.body_timeout_s,
-                         "model_timeout_s": self.model_timeout_s, "formats": list(ACCEPTED_FORMATS)}
+        out["limits"] = {
+            "max_body_bytes": self.max_body_bytes,
+            "max_pixels": self.max_pixels,
+            "max_decoded_bytes": self.max_decoded_bytes,
+            "body_timeout_s": self.body_timeout_s,
+            "model_timeout_s": self.model_timeout_s,
+            "formats": list(ACCEPTED_FORMATS),
+        }
         out["auth"] = "bearer" if self.auth_token is not None else None
         if local:
             out["run_dir"] = self.settings["run_dir"]
             out["ingress_pid"] = os.getpid()
             stats = self.decode_stats
-            out["ingress"] = {"replica": self.replica, "pid": os.getpid(), "decoded": stats["images"],
-                              "decode_s": round(stats["seconds"], 4), "decoded_on_event_loop": stats["on_event_loop"],
-                              "decode_threads": sorted(stats["threads"])}
+            out["ingress"] = {
+                "replica": self.replica,
+                "pid": os.getpid(),
+                "decoded": stats["images"],
+                "decode_s": round(stats["seconds"], 4),
+                "decoded_on_event_loop": stats["on_event_loop"],
+                "decode_threads": sorted(stats["threads"]),
+            }
         else:
             for key in PRIVATE_INFO:
                 out.pop(key, None)
@@ -837,8 +998,12 @@ class SoupIngress:
         snap = public_snapshot(await asyncio.to_thread(snapshot, run_dir), run_dir)
         try:
             m = await self._model_info()
-            served = {"ready": bool(m.get("ready")), "model": m.get("model"), "soup_version": m.get("soup_version"),
-                      "detail": m.get("last_error")}
+            served = {
+                "ready": bool(m.get("ready")),
+                "model": m.get("model"),
+                "soup_version": m.get("soup_version"),
+                "detail": m.get("last_error"),
+            }
         except ApiError as err:
             served = {"ready": False, "model": None, "soup_version": None, "detail": err.message}
         return with_digest({**snap, "served": served})
@@ -864,12 +1029,22 @@ class SoupIngress:
         try:
             info = await self._model_info()
         except ApiError as err:
-            return JSONResponse({"status": "unavailable", "error": err.code, "detail": err.message,
-                                 "latency_ms": round(1000 * (time.perf_counter() - started), 2)},
-                                status_code=503, headers=self.retry_after)
-        body = {"status": "ok" if info["ready"] else "loading", "model": info.get("model"),
-                "soup_version": info.get("soup_version"),
-                "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+            return JSONResponse(
+                {
+                    "status": "unavailable",
+                    "error": err.code,
+                    "detail": err.message,
+                    "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                },
+                status_code=503,
+                headers=self.retry_after,
+            )
+        body = {
+            "status": "ok" if info["ready"] else "loading",
+            "model": info.get("model"),
+            "soup_version": info.get("soup_version"),
+            "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+        }
         if not info["ready"]:
             body["error"] = "model_unavailable"
             body["detail"] = info.get("last_error")
@@ -892,39 +1067,68 @@ def build_app(args: dict | ServeOptions) -> Application:
     actor = {"num_cpus": opts.num_cpus, "num_gpus": opts.num_gpus}
     ongoing = opts.model_max_ongoing()
     backpressure = BackpressureConfig(retry_after_s=opts.retry_after_s)  # a full queue: 503 with Retry-After
-    queue = {"max_ongoing_requests": ongoing, "max_queued_requests": opts.max_queued_requests,
-             "backpressure_config": backpressure, "health_check_period_s": opts.health_check_period_s}
+    queue = {
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": opts.max_queued_requests,
+        "backpressure_config": backpressure,
+        "health_check_period_s": opts.health_check_period_s,
+    }
     token_file = None
     if opts.auth_token_file:
         token_file = str(Path(opts.auth_token_file).expanduser().resolve())
         read_token(token_file)  # fail here, before any replica starts, on a missing or empty file
 
     def spec(model: str, follow: bool, version: int | None, method: str | None = None) -> dict[str, Any]:
-        return ModelSpec(run_dir=run_dir, model=model, soup_version=version, method=method, follow=follow,
-                         poll_interval_s=opts.poll_interval_s, max_batch_size=opts.batch_size(),
-                         batch_wait_timeout_s=opts.batch_wait_timeout_s, device=device).model_dump()
+        return ModelSpec(
+            run_dir=run_dir,
+            model=model,
+            soup_version=version,
+            method=method,
+            follow=follow,
+            poll_interval_s=opts.poll_interval_s,
+            max_batch_size=opts.batch_size(),
+            batch_wait_timeout_s=opts.batch_wait_timeout_s,
+            device=device,
+        ).model_dump()
 
     served = spec(opts.model, opts.follow, opts.soup_version, opts.method)
     model = None
     if opts.topology == "split":
-        model = ClassifierModel.options(name="Model", ray_actor_options=actor, num_replicas=opts.model_replicas,
-                                        **queue, user_config=served).bind()
+        model = ClassifierModel.options(
+            name="Model", ray_actor_options=actor, num_replicas=opts.model_replicas, **queue, user_config=served
+        ).bind()
     check_model(run_dir, opts.model, opts.soup_version, opts.method)
     members = ensemble_members(run_dir, opts.ensemble)
     ensemble = None
     if members:
-        handles = [ClassifierModel.options(name=f"Member{i}", ray_actor_options=actor, **queue,
-                                           user_config=spec(tid, False, None)).bind()
-                   for i, tid in enumerate(members)]
+        handles = [
+            ClassifierModel.options(
+                name=f"Member{i}", ray_actor_options=actor, **queue, user_config=spec(tid, False, None)
+            ).bind()
+            for i, tid in enumerate(members)
+        ]
         ensemble = Ensemble.options(ray_actor_options={"num_cpus": opts.ingress_cpus}, **queue).bind(handles, members)
-    settings = {"run_dir": run_dir, "max_body_bytes": opts.max_body_bytes, "max_pixels": opts.max_pixels,
-                "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
-                "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
-                "auth_token_file": token_file, "members": members, "decode_threads": opts.decode_threads,
-                "max_batch_images": opts.max_batch_images, "max_batch_body_bytes": opts.max_batch_body_bytes,
-                "model_max_ongoing": ongoing, "model_max_queued": opts.max_queued_requests}
-    scale: dict[str, Any] = ({"autoscaling_config": dict(opts.ingress_autoscaling)} if opts.ingress_autoscaling
-                             else {"num_replicas": opts.ingress_count(cluster_cpus())})
+    settings = {
+        "run_dir": run_dir,
+        "max_body_bytes": opts.max_body_bytes,
+        "max_pixels": opts.max_pixels,
+        "max_decoded_bytes": opts.max_decoded_bytes,
+        "body_timeout_s": opts.body_timeout_s,
+        "model_timeout_s": opts.model_timeout_s,
+        "retry_after_s": opts.retry_after_s,
+        "auth_token_file": token_file,
+        "members": members,
+        "decode_threads": opts.decode_threads,
+        "max_batch_images": opts.max_batch_images,
+        "max_batch_body_bytes": opts.max_batch_body_bytes,
+        "model_max_ongoing": ongoing,
+        "model_max_queued": opts.max_queued_requests,
+    }
+    scale: dict[str, Any] = (
+        {"autoscaling_config": dict(opts.ingress_autoscaling)}
+        if opts.ingress_autoscaling
+        else {"num_replicas": opts.ingress_count(cluster_cpus())}
+    )
     resources: dict[str, Any] = {"num_cpus": opts.ingress_cpus}
     if model is None:  # fused: every replica holds the model, with the model's resources and health checks
         resources = {"num_cpus": opts.ingress_cpus + opts.num_cpus, "num_gpus": opts.num_gpus}
@@ -932,10 +1136,13 @@ def build_app(args: dict | ServeOptions) -> Application:
         extra: dict[str, Any] = {"user_config": served, "health_check_period_s": opts.health_check_period_s}
     else:
         extra = {}
-    extra.update(max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
-                 max_queued_requests=opts.ingress_max_queued_requests)
-    return SoupIngress.options(ray_actor_options=resources, **scale, **extra,
-                               backpressure_config=backpressure).bind(model, ensemble, settings)
+    extra.update(
+        max_ongoing_requests=max(opts.ingress_max_ongoing_requests, ongoing),
+        max_queued_requests=opts.ingress_max_queued_requests,
+    )
+    return SoupIngress.options(ray_actor_options=resources, **scale, **extra, backpressure_config=backpressure).bind(
+        model, ensemble, settings
+    )
 
 
 def cluster_cpus() -> float:

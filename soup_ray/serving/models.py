@@ -116,9 +116,18 @@ def _load_soup_folder(folder: Path, device: str, attempts: int = 3) -> LoadedMod
         if soup_stamp(folder) != stamp_of(info):
             time.sleep(0.2)
             continue
-        return LoadedModel(clf.eval(), SOUP_MODEL, info.get("version"), list(info.get("ingredients") or []),
-                           info.get("heldout_accuracy"), list(info["classnames"]), int(info["image_size"]),
-                           str(folder), stamp_of(info), recipe=info.get("method", "greedy"))
+        return LoadedModel(
+            clf.eval(),
+            SOUP_MODEL,
+            info.get("version"),
+            list(info.get("ingredients") or []),
+            info.get("heldout_accuracy"),
+            list(info["classnames"]),
+            int(info["image_size"]),
+            str(folder),
+            stamp_of(info),
+            recipe=info.get("method", "greedy"),
+        )
     reason = f"{type(last).__name__}: {last}" if last is not None else "it kept changing while being read"
     raise ModelUnavailable(f"soup version {version} in {folder} cannot be loaded ({reason})")
 
@@ -138,12 +147,14 @@ def resolve_trial(run_dir: Path | str, model: str) -> TrialRecord:
     if Path(model).is_dir():
         return TrialRecord(Path(model).name, str(Path(model).resolve()))
     known = ", ".join(sorted(records)) or "none"
-    raise ValueError(f"model {model!r} is neither 'soup', a completed trial id of {run_dir} (known: {known}) "
-                     "nor a checkpoint folder")
+    raise ValueError(
+        f"model {model!r} is neither 'soup', a completed trial id of {run_dir} (known: {known}) nor a checkpoint folder"
+    )
 
 
-def check_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None,
-                method: str | None = None) -> None:
+def check_model(
+    run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None, method: str | None = None
+) -> None:
     """Fail fast (before any replica starts) when ``model``/``soup_version`` cannot exist in ``run_dir``.
 
     The latest soup may be missing: a server started during a sweep waits for it.
@@ -153,14 +164,22 @@ def check_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int 
             raise ValueError("method names a computed recipe: leave model ('soup') and soup_version unset with it")
         folder = soup_folder(run_dir, None, method)
         if soup_stamp(folder) is None:
-            have = sorted(p.name for p in folder.parent.glob("*") if (p / SOUP_INFO).is_file()) if folder.parent.is_dir() else []
-            raise ValueError(f"no recipe {method!r} in {folder.parent} (computed: {', '.join(have) or 'none'}); "
-                             f"compute it with `soup-ray soup {run_dir} --method {method}`")
+            have = (
+                sorted(p.name for p in folder.parent.glob("*") if (p / SOUP_INFO).is_file())
+                if folder.parent.is_dir()
+                else []
+            )
+            raise ValueError(
+                f"no recipe {method!r} in {folder.parent} (computed: {', '.join(have) or 'none'}); "
+                f"compute it with `soup-ray soup {run_dir} --method {method}`"
+            )
     elif model != SOUP_MODEL:
         resolve_trial(run_dir, model)
     elif soup_version is not None and soup_stamp(soup_folder(run_dir, soup_version)) is None:
-        raise ValueError(f"soup version {soup_version} is not in {soup_folder(run_dir, soup_version).parent} "
-                         "(the actor keeps only the last few versions)")
+        raise ValueError(
+            f"soup version {soup_version} is not in {soup_folder(run_dir, soup_version).parent} "
+            "(the actor keeps only the last few versions)"
+        )
 
 
 def _load_trial(run_dir: Path, model: str, device: str) -> LoadedModel:
@@ -177,12 +196,26 @@ def _load_trial(run_dir: Path, model: str, device: str) -> LoadedModel:
         raise ValueError(f"cannot serve trial {record.trial_id}: {err}") from None
     clf.load_state_dict(state)
     heldout = next((r.get("heldout") for r in _results_rows(run_dir) if r.get("trial_id") == record.trial_id), None)
-    return LoadedModel(clf.eval().to(device), record.trial_id, None, [record.trial_id], heldout,
-                       list(meta["classnames"]), int(meta["image_size"]), record.checkpoint, None)
+    return LoadedModel(
+        clf.eval().to(device),
+        record.trial_id,
+        None,
+        [record.trial_id],
+        heldout,
+        list(meta["classnames"]),
+        int(meta["image_size"]),
+        record.checkpoint,
+        None,
+    )
 
 
-def load_model(run_dir: Path | str, model: str = SOUP_MODEL, soup_version: int | None = None,
-               device: str = "cpu", method: str | None = None) -> LoadedModel:
+def load_model(
+    run_dir: Path | str,
+    model: str = SOUP_MODEL,
+    soup_version: int | None = None,
+    device: str = "cpu",
+    method: str | None = None,
+) -> LoadedModel:
     """Load the soup (latest or pinned version) or one trial checkpoint of ``run_dir``, fully, ready to predict."""
     run_dir = Path(run_dir)
     if model == SOUP_MODEL:
@@ -236,8 +269,9 @@ class ModelSlot:
             return False
         return await self._load(spec, only_if_changed=True)
 
-    async def watch(self, spec: ModelSpec, log: Callable[[str], None] = print,
-                    on_change: Callable[[], None] | None = None) -> None:
+    async def watch(
+        self, spec: ModelSpec, log: Callable[[str], None] = print, on_change: Callable[[], None] | None = None
+    ) -> None:
         """Poll for new soup versions while ``spec`` is the configured one (cancel the task to stop)."""
         import asyncio
 
@@ -266,8 +300,9 @@ class ModelSlot:
                 if self._failed is not None and self._failed[0] == stamp and time.monotonic() < self._failed[2]:
                     return False  # this version failed to load: not again before its back-off ends
             try:
-                loaded = await asyncio.to_thread(load_model, spec.run_dir, spec.model, spec.soup_version,
-                                                 spec.device, spec.method)
+                loaded = await asyncio.to_thread(
+                    load_model, spec.run_dir, spec.model, spec.soup_version, spec.device, spec.method
+                )
             except ModelUnavailable as err:
                 self._note_failure(spec, stamp, err)
                 raise
@@ -289,11 +324,17 @@ class ModelSlot:
         failures = self._failed[1] + 1 if self._failed is not None and self._failed[0] == stamp else 1
         wait = min(self.RETRY_MAX_S, spec.poll_interval_s * 2 ** (failures - 1))
         self._failed = (stamp, failures, time.monotonic() + wait)
-        self.rejected = {"soup_version": stamp[0], "error": str(err), "failures": failures, "at": time.time(),
-                         "retry_in_s": round(wait, 2)}
+        self.rejected = {
+            "soup_version": stamp[0],
+            "error": str(err),
+            "failures": failures,
+            "at": time.time(),
+            "retry_in_s": round(wait, 2),
+        }
         if self.current is not None:
-            self.last_error = (f"{err}; still serving soup version {self.current.soup_version}, "
-                               f"trying again in {wait:.0f}s")
+            self.last_error = (
+                f"{err}; still serving soup version {self.current.soup_version}, trying again in {wait:.0f}s"
+            )
         else:
             self.last_error = str(err)
 
@@ -328,5 +369,7 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     for c in candidates:
         if RunDir(c).is_run():
             return c.resolve()
-    raise FileNotFoundError(f"run_dir {run_dir}: no run folder there (expected a base/ folder inside; "
-                            "set run_dir to a folder written by `soup-ray run`)")
+    raise FileNotFoundError(
+        f"run_dir {run_dir}: no run folder there (expected a base/ folder inside; "
+        "set run_dir to a folder written by `soup-ray run`)"
+    )

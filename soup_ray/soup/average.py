@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import SoupError, StateDict, key_set_difference
+
 
 def is_averaged(t: Tensor) -> bool:
     """Whether a tensor is averaged (floating/complex) or must match exactly."""
@@ -95,15 +96,11 @@ class RunningAverage:
             if state_dict[key].shape != self._shapes[key]
         ]
         if bad_shapes:
-            raise SoupError(
-                f"ingredient {self._count} has mismatched shapes: " + "; ".join(bad_shapes)
-            )
+            raise SoupError(f"ingredient {self._count} has mismatched shapes: " + "; ".join(bad_shapes))
         for key in self._order:
             value = state_dict[key]
             if is_averaged(value) != (key in self._sums):
-                raise SoupError(
-                    f"key {key!r} changes kind: {self._dtypes[key]} vs {value.dtype}"
-                )
+                raise SoupError(f"key {key!r} changes kind: {self._dtypes[key]} vs {value.dtype}")
         for key, ref in self._exact.items():
             value = state_dict[key].detach()
             if value.dtype != ref.dtype or not torch.equal(value.to(ref.device), ref):
@@ -118,7 +115,7 @@ class RunningAverage:
             raise SoupError(f"value for key {key!r} is not a tensor: {type(value).__name__}")
 
 
-StateDictSource = Union[StateDict, Callable[[], StateDict]]
+StateDictSource = StateDict | Callable[[], StateDict]
 
 
 def average_state_dicts(items: Iterable[StateDictSource]) -> dict[str, Tensor]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from torch import Tensor
 
 Tie = Literal[">=", ">"]
 TIES: tuple[str, ...] = (">=", ">")
 StateDict = Mapping[str, Tensor]
+
 
 class SoupError(ValueError):
     """Raised when ingredients cannot be souped or an input is inconsistent."""
@@ -36,16 +37,13 @@ def key_set_difference(expected: Iterable[str], got: Iterable[str]) -> str | Non
     return "; ".join(parts) or None
 
 
-
 @dataclass(frozen=True)
 class Candidate:
     """One fine-tuned model: its id and its own held-out correct count."""
 
     id: str
     heldout_correct: int
-    load: Callable[[], StateDict] | None = field(
-        default=None, compare=False, hash=False, repr=False
-    )
+    load: Callable[[], StateDict] | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ class EvalResult:
     complete: bool
 
 
-Evaluate = Callable[[list[str], Union[int, None]], EvalResult]
+Evaluate = Callable[[list[str], int | None], EvalResult]
 """``evaluate(ingredient_ids, max_wrong)``: score the soup of those ids.
 
 Ids arrive in sort order.  With ``max_wrong`` set the evaluator may stop as
@@ -111,4 +109,3 @@ class GreedyResult:
     history: list[Step] = field(default_factory=list)
     evaluations: int = 0
     images_evaluated: int = 0
-

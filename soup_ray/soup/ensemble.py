@@ -11,6 +11,7 @@ from .average import accumulator_dtype
 from .base import GreedyResult, SoupError, Step, Tie, check_tie, fmt_names
 from .greedy import accept
 
+
 def _check_logits(logits: Tensor, shape: torch.Size | None, name: str) -> None:
     if logits.dim() != 2:
         raise SoupError(f"logits {name} must be [n_images, n_classes], got {tuple(logits.shape)}")
@@ -60,9 +61,7 @@ def greedy_ensemble(
     first = heldout_logits[ids[0]]
     _check_logits(first, None, repr(ids[0]))
     if heldout_labels.dim() != 1 or first.shape[0] != n_images:
-        raise SoupError(
-            f"labels {tuple(heldout_labels.shape)} do not match logits {tuple(first.shape)}"
-        )
+        raise SoupError(f"labels {tuple(heldout_labels.shape)} do not match logits {tuple(first.shape)}")
     total = first.detach().to(dtype=accumulator_dtype(first.dtype), copy=True)
     chosen = [ids[0]]
     correct = _count_correct(total, 1, heldout_labels)

@@ -45,7 +45,7 @@ def barrier_height(alphas: Sequence[float], accuracies: Sequence[float]) -> floa
 
     ``alphas`` must include 0, 0.5 and 1; accuracies in any unit (fractions or points).
     """
-    points = dict(zip(alphas, accuracies))
+    points = dict(zip(alphas, accuracies, strict=True))
     try:
         ends, mid = (points[0.0] + points[1.0]) / 2, points[0.5]
     except KeyError:

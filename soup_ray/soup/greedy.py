@@ -9,11 +9,11 @@ worse; it never changes a decision.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Union
 
 from torch import Tensor
 
 from .base import Candidate, EvalResult, Evaluate, GreedyResult, SoupError, Step, Tie, check_tie, sort_candidates
+
 
 def accept(new_correct: int, current_correct: int, tie: Tie = ">=") -> bool:
     """Greedy rule: keep the new soup when it is at least as good (``>=``) or better (``>``)."""
@@ -32,7 +32,7 @@ def max_wrong_for(current_wrong: int, tie: Tie = ">=") -> int:
     return current_wrong if tie == ">=" else current_wrong - 1
 
 
-BatchCounts = Union[tuple[int, int], tuple[Tensor, Tensor]]
+BatchCounts = tuple[int, int] | tuple[Tensor, Tensor]
 
 
 def _batch_counts(batch: BatchCounts) -> tuple[int, int]:
@@ -41,9 +41,7 @@ def _batch_counts(batch: BatchCounts) -> tuple[int, int]:
     if isinstance(first, Tensor) and isinstance(second, Tensor) and second.dim() > 0:
         preds = first.argmax(dim=-1) if first.dim() == second.dim() + 1 else first
         if preds.shape != second.shape:
-            raise SoupError(
-                f"predictions {tuple(first.shape)} do not match labels {tuple(second.shape)}"
-            )
+            raise SoupError(f"predictions {tuple(first.shape)} do not match labels {tuple(second.shape)}")
         return int((preds == second).sum()), second.numel()
     correct, size = int(first), int(second)
     if not 0 <= correct <= size:
@@ -51,9 +49,7 @@ def _batch_counts(batch: BatchCounts) -> tuple[int, int]:
     return correct, size
 
 
-def early_rejection_evaluate(
-    batches: Iterable[BatchCounts], max_wrong: int | None = None
-) -> EvalResult:
+def early_rejection_evaluate(batches: Iterable[BatchCounts], max_wrong: int | None = None) -> EvalResult:
     """Score held-out batches lazily, stopping once ``wrong > max_wrong``.
 
     Each batch is ``(n_correct, n_total)`` or ``(predictions_or_logits, labels)``.
@@ -84,13 +80,9 @@ def check_result(result: EvalResult, heldout_size: int, max_wrong: int | None) -
     if min(result.correct, result.wrong) < 0 or result.correct + result.wrong != result.evaluated:
         raise SoupError(f"inconsistent evaluation result {result}")
     if result.complete and result.evaluated != heldout_size:
-        raise SoupError(
-            f"complete evaluation scored {result.evaluated} images, expected {heldout_size}"
-        )
+        raise SoupError(f"complete evaluation scored {result.evaluated} images, expected {heldout_size}")
     if not result.complete and (max_wrong is None or result.wrong <= max_wrong):
-        raise SoupError(
-            f"evaluation stopped early without exceeding max_wrong={max_wrong}: {result}"
-        )
+        raise SoupError(f"evaluation stopped early without exceeding max_wrong={max_wrong}: {result}")
     return result
 
 
@@ -99,11 +91,10 @@ def check_result(result: EvalResult, heldout_size: int, max_wrong: int | None) -
 # ---------------------------------------------------------------------------
 
 
-
 _HOPELESS = EvalResult(0, 0, 0, complete=False)
 
 # query(ingredient_ids, max_wrong) -> (result, images scored now)
-Query = Callable[[list[str], Union[int, None]], tuple[EvalResult, int]]
+Query = Callable[[list[str], int | None], tuple[EvalResult, int]]
 
 
 def start_step(candidate: Candidate) -> Step:
@@ -149,8 +140,7 @@ def validate_candidates(candidates: Sequence[Candidate], heldout_size: int) -> N
         seen.add(cand.id)
         if not 0 <= cand.heldout_correct <= heldout_size:
             raise SoupError(
-                f"candidate {cand.id!r} has heldout_correct={cand.heldout_correct} "
-                f"outside [0, {heldout_size}]"
+                f"candidate {cand.id!r} has heldout_correct={cand.heldout_correct} outside [0, {heldout_size}]"
             )
 
 
@@ -184,8 +174,9 @@ def greedy_soup(
     a strict improvement.  Early rejection stops scoring hopeless soups and
     never changes a decision.
     """
-    return greedy_in_order(sort_candidates(candidates), evaluate, heldout_size=heldout_size, tie=tie,
-                           early_rejection=early_rejection)
+    return greedy_in_order(
+        sort_candidates(candidates), evaluate, heldout_size=heldout_size, tie=tie, early_rejection=early_rejection
+    )
 
 
 def greedy_in_order(
@@ -224,9 +215,7 @@ def batch_greedy_cost(n_candidates: int, heldout_size: int) -> int:
     return max(n_candidates - 1, 0) * heldout_size
 
 
-def uniform_soup(
-    candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int
-) -> GreedyResult:
+def uniform_soup(candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int) -> GreedyResult:
     """Uniform soup of every candidate, evaluated once (no evaluation for one)."""
     ordered = sort_candidates(candidates)
     if not ordered:
@@ -247,4 +236,3 @@ def best_candidate(candidates: Iterable[Candidate], *, heldout_size: int) -> Gre
         raise SoupError("need at least one candidate")
     validate_candidates(ordered, heldout_size)
     return GreedyResult([ordered[0].id], ordered[0].heldout_correct)
-

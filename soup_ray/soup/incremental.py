@@ -9,6 +9,7 @@ from typing import Any
 from .base import Candidate, EvalResult, Evaluate, GreedyResult, SoupError, Step, Tie, check_tie, sort_candidates
 from .greedy import check_result, decide, start_step, validate_candidates
 
+
 @dataclass
 class Update:
     """What one :meth:`IncrementalGreedySoup.offer` call changed."""
@@ -106,7 +107,7 @@ class IncrementalGreedySoup:
         """Per sorted position: the candidate, the decision and the soup's accuracy after it."""
         h = self.heldout_size
         points = []
-        for cand, step, (soup, correct) in zip(self._candidates, self._steps, self._soups):
+        for cand, step, (soup, correct) in zip(self._candidates, self._steps, self._soups, strict=False):
             points.append(
                 {
                     "position": step.position,
@@ -130,7 +131,10 @@ class IncrementalGreedySoup:
         if not self._soups:
             raise SoupError("no candidates offered yet")
         return GreedyResult(
-            self.ingredients, self._soups[-1][1], self.steps, self.evaluations,
+            self.ingredients,
+            self._soups[-1][1],
+            self.steps,
+            self.evaluations,
             self.images_evaluated,
         )
 
@@ -185,11 +189,16 @@ class IncrementalGreedySoup:
             self._memo = {k: v for k, v in self._memo.items() if not k & gone}
         now_ids = self.ingredients
         return Update(
-            added=[], duplicates=[], accepted=[], rejected=[],
+            added=[],
+            duplicates=[],
+            accepted=[],
+            rejected=[],
             joined=[i for i in now_ids if i not in before_ids],
             dropped=[i for i in before_ids if i not in now_ids],
-            ingredients=now_ids, correct=self.correct,
-            previous_ingredients=before_ids, previous_correct=before_correct,
+            ingredients=now_ids,
+            correct=self.correct,
+            previous_ingredients=before_ids,
+            previous_correct=before_correct,
             replayed_from=start,
             evaluations=self.evaluations - evals0,
             images_evaluated=self.images_evaluated - images0,
@@ -209,8 +218,7 @@ class IncrementalGreedySoup:
                 continue
             if not 0 <= cand.heldout_correct <= self.heldout_size:
                 raise SoupError(
-                    f"candidate {cand.id!r} has heldout_correct={cand.heldout_correct} "
-                    f"outside [0, {self.heldout_size}]"
+                    f"candidate {cand.id!r} has heldout_correct={cand.heldout_correct} outside [0, {self.heldout_size}]"
                 )
             known.add(cand.id)
             fresh.append(cand)
@@ -230,8 +238,14 @@ class IncrementalGreedySoup:
                 step = self._reused(previous.get(cand.id), soup, correct, position)
                 if step is None:
                     step = decide(
-                        soup, correct, cand, position, self._query,
-                        self.heldout_size, self.tie, self.early_rejection,
+                        soup,
+                        correct,
+                        cand,
+                        position,
+                        self._query,
+                        self.heldout_size,
+                        self.tie,
+                        self.early_rejection,
                     )
             if step.accepted:
                 soup.append(cand.id)
@@ -245,7 +259,7 @@ class IncrementalGreedySoup:
         contexts = {}
         soup: frozenset[str] = frozenset()
         correct = 0
-        for step, (after, after_correct) in zip(self._steps, self._soups):
+        for step, (after, after_correct) in zip(self._steps, self._soups, strict=False):
             contexts[step.candidate_id] = (soup, correct, step)
             soup, correct = frozenset(after), after_correct
         return contexts
@@ -298,13 +312,10 @@ class IncrementalGreedySoup:
             "tie": self.tie,
             "heldout_size": self.heldout_size,
             "early_rejection": self.early_rejection,
-            "candidates": [
-                {"id": c.id, "heldout_correct": c.heldout_correct} for c in self._candidates
-            ],
+            "candidates": [{"id": c.id, "heldout_correct": c.heldout_correct} for c in self._candidates],
             "steps": [asdict(s) for s in self._steps],
             "soups": [
-                {"ingredients": list(ids), "correct": c, "wrong": self.heldout_size - c}
-                for ids, c in self._soups
+                {"ingredients": list(ids), "correct": c, "wrong": self.heldout_size - c} for ids, c in self._soups
             ],
             "memo": memo,
             "evaluations": self.evaluations,
@@ -329,7 +340,9 @@ class IncrementalGreedySoup:
         soup._candidates, soup._steps, soup._soups = cands, steps, soups
         for entry in state.get("memo", []):
             result = EvalResult(
-                int(entry["correct"]), int(entry["wrong"]), int(entry["evaluated"]),
+                int(entry["correct"]),
+                int(entry["wrong"]),
+                int(entry["evaluated"]),
                 bool(entry["complete"]),
             )
             soup._memo[frozenset(entry["ids"])] = (result, entry["max_wrong"])
@@ -351,7 +364,7 @@ def _check_loaded(
     if not len(cands) == len(steps) == len(soups):
         raise SoupError("state has mismatched candidate/step/soup counts")
     ingredients: list[str] = []
-    for i, (cand, step, (ids, correct)) in enumerate(zip(cands, steps, soups)):
+    for i, (cand, step, (ids, correct)) in enumerate(zip(cands, steps, soups, strict=False)):
         if step.candidate_id != cand.id or step.position != i:
             raise SoupError(f"state step {i} does not match candidate {cand.id!r}")
         if step.accepted:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -30,7 +29,7 @@ from .average import StateDictSource, accumulator_dtype, is_averaged
 from .base import SoupError, StateDict, fmt_names
 from .merges import Layout, ingredient_list, load_state
 
-LossAndGrad = Callable[[dict[str, Tensor]], tuple[Union[float, Tensor], Mapping[str, Tensor]]]
+LossAndGrad = Callable[[dict[str, Tensor]], tuple[float | Tensor, Mapping[str, Tensor]]]
 """``loss_and_grad(theta) -> (loss, grads)``: the held-out loss at ``theta`` and ``dL/dtheta`` per floating key.
 
 A key missing from ``grads`` has zero gradient (e.g. a floating buffer).
@@ -74,8 +73,10 @@ def mix(ingredients: Iterable[StateDictSource], coeffs: Tensor) -> dict[str, Ten
             if layout is None:
                 layout, keys = Layout.of(state, what), soup_keys(state)
                 check_columns(coeffs, keys, "mix")
-                sums = {k: torch.zeros(state[k].shape, dtype=accumulator_dtype(state[k].dtype),
-                                       device=state[k].device) for k in keys}
+                sums = {
+                    k: torch.zeros(state[k].shape, dtype=accumulator_dtype(state[k].dtype), device=state[k].device)
+                    for k in keys
+                }
             else:
                 layout.check(state, what)
             for j, key in enumerate(keys):
@@ -93,14 +94,18 @@ def check_grads(grads: Mapping[str, Tensor], layout: Layout, keys: Sequence[str]
     unknown = set(grads) - set(keys)
     if unknown:
         raise SoupError(f"gradients for keys that are not floating tensors of the soup: {fmt_names(unknown)}")
-    bad = [f"{k!r}: {tuple(g.shape)} vs {tuple(layout.shapes[k])}" for k, g in grads.items()
-           if not isinstance(g, Tensor) or g.shape != layout.shapes[k]]
+    bad = [
+        f"{k!r}: {tuple(g.shape)} vs {tuple(layout.shapes[k])}"
+        for k, g in grads.items()
+        if not isinstance(g, Tensor) or g.shape != layout.shapes[k]
+    ]
     if bad:
         raise SoupError("gradients with the wrong shape: " + "; ".join(bad))
 
 
-def coefficient_gradients(ingredients: Iterable[StateDictSource], grads: Mapping[str, Tensor],
-                          by_layer: bool) -> Tensor:
+def coefficient_gradients(
+    ingredients: Iterable[StateDictSource], grads: Mapping[str, Tensor], by_layer: bool
+) -> Tensor:
     """``dL/dalpha``: ``<g_key, theta_i,key>`` in float64, shape [N, K] by layer, else summed over keys to [N]."""
     items = ingredient_list(ingredients, "coefficient_gradients")
     layout: Layout | None = None
@@ -143,8 +148,9 @@ def call_loss(loss_and_grad: LossAndGrad, theta: dict[str, Tensor]) -> tuple[flo
     return float(result[0]), result[1]
 
 
-def learned_soup_gradient(ingredients: Sequence[StateDictSource], beta: Tensor,
-                          loss_and_grad: LossAndGrad) -> tuple[float, Tensor]:
+def learned_soup_gradient(
+    ingredients: Sequence[StateDictSource], beta: Tensor, loss_and_grad: LossAndGrad
+) -> tuple[float, Tensor]:
     """The loss at ``softmax(beta)`` and ``dL/dbeta`` (float64, beta's shape), loading each ingredient twice."""
     items = ingredient_list(ingredients, "learned_soup_gradient")
     beta = check_coeffs(beta, len(items), "learned_soup_gradient")
@@ -164,9 +170,15 @@ class LearnedResult:
     beta: Tensor | None = None
 
 
-def fit_learned_soup(ingredients: Iterable[StateDictSource], loss_and_grad: LossAndGrad, *,
-                     by_layer: bool = False, epochs: int = 20, lr: float = 0.05,
-                     log: Callable[[int, float], None] | None = None) -> LearnedResult:
+def fit_learned_soup(
+    ingredients: Iterable[StateDictSource],
+    loss_and_grad: LossAndGrad,
+    *,
+    by_layer: bool = False,
+    epochs: int = 20,
+    lr: float = 0.05,
+    log: Callable[[int, float], None] | None = None,
+) -> LearnedResult:
     """Fit the learned soup by Adam on ``beta`` from the uniform soup; an epoch is one full-batch step.
 
     ``losses[e]`` is the loss before step ``e``; ``weights`` is the soup after

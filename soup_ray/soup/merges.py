@@ -70,8 +70,11 @@ class Layout:
         difference = key_set_difference(self.order, state)
         if difference:
             raise SoupError(f"{what} has a different key set ({difference})")
-        bad = [f"{k!r}: {tuple(self.shapes[k])} vs {tuple(state[k].shape)}"
-               for k in self.order if state[k].shape != self.shapes[k]]
+        bad = [
+            f"{k!r}: {tuple(self.shapes[k])} vs {tuple(state[k].shape)}"
+            for k in self.order
+            if state[k].shape != self.shapes[k]
+        ]
         if bad:
             raise SoupError(f"{what} has mismatched shapes: " + "; ".join(bad))
         for key in self.order:
@@ -80,8 +83,10 @@ class Layout:
         for key, ref in self.exact.items():
             value = state[key].detach()
             if value.dtype != ref.dtype or not torch.equal(value.to(ref.device), ref):
-                raise SoupError(f"{what}: non-floating buffer {key!r} differs; integer/boolean tensors "
-                                "cannot be merged and must be identical in every input")
+                raise SoupError(
+                    f"{what}: non-floating buffer {key!r} differs; integer/boolean tensors "
+                    "cannot be merged and must be identical in every input"
+                )
 
     def copies(self) -> dict[str, Tensor]:
         """Fresh copies of the non-floating buffers."""
@@ -162,12 +167,19 @@ def task_arithmetic(base: StateDictSource, ingredients: Iterable[StateDictSource
     return finish(base, layout, merged)
 
 
-def sum_task_vectors(base: StateDict, layout: Layout, ingredients: Iterable[StateDictSource], method: str,
-                     transform: Callable[[int, str, Tensor], Tensor] | None = None) -> tuple[dict[str, Tensor], int]:
+def sum_task_vectors(
+    base: StateDict,
+    layout: Layout,
+    ingredients: Iterable[StateDictSource],
+    method: str,
+    transform: Callable[[int, str, Tensor], Tensor] | None = None,
+) -> tuple[dict[str, Tensor], int]:
     """Sum of the ingredients' task vectors per floating key (``transform(index, key, delta)`` applied first),
     loading one ingredient at a time; returns the sums and the number of ingredients (at least one)."""
-    sums = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
-            for k in layout.floating}
+    sums = {
+        k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
+        for k in layout.floating
+    }
     count = 0
     with torch.no_grad():
         for i, item in enumerate(ingredients):
@@ -212,8 +224,9 @@ def trim_by_magnitude(vector: Tensor, density: float) -> Tensor:
     return out.reshape(vector.shape)
 
 
-def ties_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], density: float,
-               scale: float = 1.0) -> dict[str, Tensor]:
+def ties_merge(
+    base: StateDictSource, ingredients: Iterable[StateDictSource], density: float, scale: float = 1.0
+) -> dict[str, Tensor]:
     """TIES merging (Yadav et al. 2023), element by element of each floating tensor:
 
     1. trim: ``tau_i = trim_by_magnitude(theta_i - base, density)`` keeps the
@@ -237,8 +250,9 @@ def ties_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], de
     for key in keys:
         real_floating(key, base[key], "ties_merge")
     with torch.no_grad():
-        votes = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
-                 for k in keys}
+        votes = {
+            k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device) for k in keys
+        }
         for i, item in enumerate(items):
             tau = trimmed_vector(base, layout, item, density, f"ties_merge: ingredient {i}")
             for key in keys:
@@ -262,13 +276,15 @@ def ties_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], de
     return finish(base, layout, merged)
 
 
-def trimmed_vector(base: StateDict, layout: Layout, item: StateDictSource, density: float,
-                   what: str) -> dict[str, Tensor]:
+def trimmed_vector(
+    base: StateDict, layout: Layout, item: StateDictSource, density: float, what: str
+) -> dict[str, Tensor]:
     """Load one ingredient and return its trimmed task vector per floating key (the loaded model is released)."""
     state = load_state(item, what)
     layout.check(state, what)
-    return {k: trim_by_magnitude(as_acc(state[k], base[k]) - as_acc(base[k], base[k]), density)
-            for k in layout.floating}
+    return {
+        k: trim_by_magnitude(as_acc(state[k], base[k]) - as_acc(base[k], base[k]), density) for k in layout.floating
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +305,9 @@ def dare_mask(shape: torch.Size, drop_rate: float, seed: int) -> Tensor:
     return torch.rand(shape, generator=gen) >= drop_rate
 
 
-def dare_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], drop_rate: float,
-               scale: float = 1.0, seed: int = 0) -> dict[str, Tensor]:
+def dare_merge(
+    base: StateDictSource, ingredients: Iterable[StateDictSource], drop_rate: float, scale: float = 1.0, seed: int = 0
+) -> dict[str, Tensor]:
     """DARE (Yu et al. 2023): ``base + scale * mean_i(mask_i * (theta_i - base) / (1 - drop_rate))``.
 
     Each task-vector element is dropped with probability ``drop_rate``; the mask
@@ -307,8 +324,9 @@ def dare_merge(base: StateDictSource, ingredients: Iterable[StateDictSource], dr
         mask = dare_mask(delta.shape, drop_rate, dare_seed(seed, i, key)).to(delta.device)
         return torch.where(mask, delta * keep_scale, torch.zeros_like(delta))
 
-    sums, count = sum_task_vectors(base, layout, ingredients, "dare_merge",
-                                   drop_and_rescale if drop_rate > 0.0 else None)
+    sums, count = sum_task_vectors(
+        base, layout, ingredients, "dare_merge", drop_and_rescale if drop_rate > 0.0 else None
+    )
     with torch.no_grad():
         merged = {k: as_acc(base[k], base[k]) + (scale / count) * acc for k, acc in sums.items()}
     return finish(base, layout, merged)
@@ -329,7 +347,9 @@ def model_stock_ratio(cos: float, n: int) -> float:
     return n * c / (1.0 + (n - 1) * c)
 
 
-def model_stock(base: StateDictSource, ingredients: Iterable[StateDictSource]) -> tuple[dict[str, Tensor], dict[str, float]]:
+def model_stock(
+    base: StateDictSource, ingredients: Iterable[StateDictSource]
+) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Model Stock (Jang et al. 2024) per floating tensor: ``t * mean_i(theta_i) + (1 - t) * base``.
 
     The paper's two-model ratio is ``t = 2 cos / (1 + cos)`` and its N-model
@@ -348,8 +368,7 @@ def model_stock(base: StateDictSource, ingredients: Iterable[StateDictSource]) -
     keys = layout.floating
     for key in keys:
         real_floating(key, base[key], "model_stock")
-    sums = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device)
-            for k in keys}
+    sums = {k: torch.zeros(base[k].shape, dtype=accumulator_dtype(base[k].dtype), device=base[k].device) for k in keys}
     units = {k: torch.zeros_like(v) for k, v in sums.items()}
     nonzero = dict.fromkeys(keys, 0)
     count = 0

@@ -48,7 +48,9 @@ class SoupMethod:
         unknown = sorted(set(options) - set(declared))
         if unknown:
             allowed = ", ".join(declared) or "none"
-            raise SoupError(f"soup method {self.name!r} has no parameter {', '.join(unknown)} (its parameters: {allowed})")
+            raise SoupError(
+                f"soup method {self.name!r} has no parameter {', '.join(unknown)} (its parameters: {allowed})"
+            )
         self.options: dict[str, Any] = {
             p.name: p.check(options[p.name] if options.get(p.name) is not None else p.default, self.name)
             for p in self.params
@@ -63,8 +65,9 @@ class SoupMethod:
         """The method name and its chosen parameters, for results files."""
         return {"method": self.name, **self.options}
 
-    def __call__(self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int,
-                 early_rejection: bool = True) -> GreedyResult:
+    def __call__(
+        self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int, early_rejection: bool = True
+    ) -> GreedyResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -127,8 +130,9 @@ class Uniform(SoupMethod):
     name = "uniform"
     doc = "the plain average of every admitted candidate"
 
-    def __call__(self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int,
-                 early_rejection: bool = True) -> GreedyResult:
+    def __call__(
+        self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int, early_rejection: bool = True
+    ) -> GreedyResult:
         return uniform_soup(candidates, evaluate, heldout_size=heldout_size)
 
 
@@ -138,23 +142,36 @@ class Greedy(SoupMethod):
 
     name = "greedy"
     doc = "greedy soup; tie '>=' keeps equal-accuracy soups as the paper does, '>' the reference code's strict rule"
-    params = (Param("tie", ">=", "accept a candidate when the soup's held-out accuracy is >= (or >) the current one",
-                    choices=TIES),
-              Param("order", "heldout", "consider candidates best held-out first (the paper's rule), or in a seeded "
-                    "random order (the paper's ablation)", choices=("heldout", "random")),
-              Param("seed", 0, "seed of the random order"))
+    params = (
+        Param(
+            "tie",
+            ">=",
+            "accept a candidate when the soup's held-out accuracy is >= (or >) the current one",
+            choices=TIES,
+        ),
+        Param(
+            "order",
+            "heldout",
+            "consider candidates best held-out first (the paper's rule), or in a seeded "
+            "random order (the paper's ablation)",
+            choices=("heldout", "random"),
+        ),
+        Param("seed", 0, "seed of the random order"),
+    )
 
     @property
     def tie(self) -> Tie:
         return self.options["tie"]
 
-    def __call__(self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int,
-                 early_rejection: bool = True) -> GreedyResult:
+    def __call__(
+        self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int, early_rejection: bool = True
+    ) -> GreedyResult:
         ordered = sort_candidates(candidates)
         if self.options.get("order") == "random":
             random.Random(int(self.options["seed"])).shuffle(ordered)
-        return greedy_in_order(ordered, evaluate, heldout_size=heldout_size, tie=self.tie,
-                               early_rejection=early_rejection)
+        return greedy_in_order(
+            ordered, evaluate, heldout_size=heldout_size, tie=self.tie, early_rejection=early_rejection
+        )
 
 
 @register_soup_method
@@ -177,12 +194,12 @@ class Best(SoupMethod):
     name = "best"
     doc = "the best candidate on held-out, as a one-ingredient soup"
 
-    def __call__(self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int,
-                 early_rejection: bool = True) -> GreedyResult:
+    def __call__(
+        self, candidates: Iterable[Candidate], evaluate: Evaluate, *, heldout_size: int, early_rejection: bool = True
+    ) -> GreedyResult:
         return best_candidate(candidates, heldout_size=heldout_size)
 
 
 def greedy_method(tie: Tie) -> SoupMethod:
     """The greedy recipe configured with ``tie``."""
     return get_soup_method("greedy", tie=tie)
-

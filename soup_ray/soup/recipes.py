@@ -60,10 +60,13 @@ class WeightRecipe(SoupMethod):
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         raise NotImplementedError
 
-    def __call__(self, candidates: Iterable[Candidate], evaluate: Any, *, heldout_size: int,
-                 early_rejection: bool = True) -> GreedyResult:
-        raise SoupError(f"soup method {self.name!r} makes new weights: compute it with `soup-ray soup RUN_DIR "
-                        f"--method {self.name}` (it needs the run's base and held-out split)")
+    def __call__(
+        self, candidates: Iterable[Candidate], evaluate: Any, *, heldout_size: int, early_rejection: bool = True
+    ) -> GreedyResult:
+        raise SoupError(
+            f"soup method {self.name!r} makes new weights: compute it with `soup-ray soup RUN_DIR "
+            f"--method {self.name}` (it needs the run's base and held-out split)"
+        )
 
     def _pool(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> list[str]:
         """The ids a recipe merges: every admitted candidate, or the greedy soup's ingredients."""
@@ -77,8 +80,9 @@ class WeightRecipe(SoupMethod):
     def _loaders(self, ids: Sequence[str], ctx: RecipeContext) -> list[Callable[[], StateDict]]:
         return [lambda i=i: ctx.load(i) for i in ids]
 
-    def _choose(self, ctx: RecipeContext, points: Sequence[dict[str, Any]],
-                build: Callable[..., dict[str, Tensor]]) -> tuple[dict[str, Tensor], int, dict[str, Any], list[dict]]:
+    def _choose(
+        self, ctx: RecipeContext, points: Sequence[dict[str, Any]], build: Callable[..., dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], int, dict[str, Any], list[dict]]:
         """Score every grid point on held-out; the best (earliest on ties) wins."""
         best: tuple[int, dict[str, Tensor], dict[str, Any]] | None = None
         tried = []
@@ -94,8 +98,12 @@ class WeightRecipe(SoupMethod):
         return best[1], best[0], dict(best[2]), tried
 
 
-_CANDIDATES = Param("candidates", "all", "which runs to merge: every admitted candidate, or the greedy soup's "
-                    "ingredients", choices=("all", "greedy"))
+_CANDIDATES = Param(
+    "candidates",
+    "all",
+    "which runs to merge: every admitted candidate, or the greedy soup's ingredients",
+    choices=("all", "greedy"),
+)
 
 
 @register_soup_method
@@ -104,8 +112,10 @@ class WiseFT(WeightRecipe):
 
     name = "wise_ft"
     doc = "interpolate the zero-shot (or LP) base and the greedy soup or the best model; alpha on held-out"
-    params = (Param("target", "greedy", "what to interpolate towards", choices=("greedy", "best")),
-              Param("alphas", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the grid of alpha"))
+    params = (
+        Param("target", "greedy", "what to interpolate towards", choices=("greedy", "best")),
+        Param("alphas", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "the grid of alpha"),
+    )
 
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         ordered = sort_candidates(candidates)
@@ -113,8 +123,9 @@ class WiseFT(WeightRecipe):
         target = average_state_dicts(self._loaders(ids, ctx))
         points = [{"alpha": float(a)} for a in sorted(self.options["alphas"], reverse=True)]  # 1.0 (the target) first
         weights, correct, params, grid = self._choose(ctx, points, lambda alpha: wise_ft(ctx.base, target, alpha))
-        return RecipeResult(weights, ids, correct, {"target": self.options["target"], **params},
-                            sorted(grid, key=lambda g: g["alpha"]))
+        return RecipeResult(
+            weights, ids, correct, {"target": self.options["target"], **params}, sorted(grid, key=lambda g: g["alpha"])
+        )
 
 
 @register_soup_method
@@ -130,9 +141,17 @@ class ModelStock(WeightRecipe):
         weights, ratios = model_stock(ctx.base, self._loaders(ids, ctx))
         correct = ctx.score(weights)
         mean_t = sum(ratios.values()) / len(ratios) if ratios else None
-        return RecipeResult(weights, ids, correct, {"candidates": self.options["candidates"]},
-                            extra={"ratio_mean": mean_t, "ratio_min": min(ratios.values(), default=None),
-                                   "ratio_max": max(ratios.values(), default=None)})
+        return RecipeResult(
+            weights,
+            ids,
+            correct,
+            {"candidates": self.options["candidates"]},
+            extra={
+                "ratio_mean": mean_t,
+                "ratio_min": min(ratios.values(), default=None),
+                "ratio_max": max(ratios.values(), default=None),
+            },
+        )
 
 
 @register_soup_method
@@ -149,9 +168,15 @@ class TaskArithmetic(WeightRecipe):
         loaders = self._loaders(ids, ctx)
         points = [{"scale": float(s)} for s in self.options["scales"]]
         weights, correct, params, grid = self._choose(
-            ctx, points, lambda scale: task_arithmetic(ctx.base, loaders, scale / n))
-        return RecipeResult(weights, ids, correct, {"candidates": self.options["candidates"], **params,
-                                                    "lambda": params["scale"] / n}, grid)
+            ctx, points, lambda scale: task_arithmetic(ctx.base, loaders, scale / n)
+        )
+        return RecipeResult(
+            weights,
+            ids,
+            correct,
+            {"candidates": self.options["candidates"], **params, "lambda": params["scale"] / n},
+            grid,
+        )
 
 
 @register_soup_method
@@ -160,16 +185,21 @@ class Ties(WeightRecipe):
 
     name = "ties"
     doc = "TIES (Yadav et al. 2023): trim to a density, elect signs, disjoint mean; density and scale on held-out"
-    params = (_CANDIDATES, Param("densities", (0.2, 0.5, 0.8), "the grid of density"),
-              Param("scales", (1.0,), "the grid of scale (TIES's own default is 1)"))
+    params = (
+        _CANDIDATES,
+        Param("densities", (0.2, 0.5, 0.8), "the grid of density"),
+        Param("scales", (1.0,), "the grid of scale (TIES's own default is 1)"),
+    )
 
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         ids = self._pool(candidates, ctx)
         loaders = self._loaders(ids, ctx)
-        points = [{"density": float(d), "scale": float(s)} for d in self.options["densities"]
-                  for s in self.options["scales"]]
+        points = [
+            {"density": float(d), "scale": float(s)} for d in self.options["densities"] for s in self.options["scales"]
+        ]
         weights, correct, params, grid = self._choose(
-            ctx, points, lambda density, scale: ties_merge(ctx.base, loaders, density, scale))
+            ctx, points, lambda density, scale: ties_merge(ctx.base, loaders, density, scale)
+        )
         return RecipeResult(weights, ids, correct, {"candidates": self.options["candidates"], **params}, grid)
 
 
@@ -179,19 +209,28 @@ class Dare(WeightRecipe):
 
     name = "dare"
     doc = "DARE (Yu et al. 2023): seeded random drop with 1/(1-p) rescale, then the mean task vector times scale"
-    params = (_CANDIDATES, Param("drop_rates", (0.3, 0.6, 0.9), "the grid of drop rate"),
-              Param("scales", (1.0, 1.5), "the grid of scale"), Param("seed", 0, "seed of the random drop"))
+    params = (
+        _CANDIDATES,
+        Param("drop_rates", (0.3, 0.6, 0.9), "the grid of drop rate"),
+        Param("scales", (1.0, 1.5), "the grid of scale"),
+        Param("seed", 0, "seed of the random drop"),
+    )
 
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         ids = self._pool(candidates, ctx)
         loaders = self._loaders(ids, ctx)
         seed = int(self.options["seed"])
-        points = [{"drop_rate": float(p), "scale": float(s)} for p in self.options["drop_rates"]
-                  for s in self.options["scales"]]
+        points = [
+            {"drop_rate": float(p), "scale": float(s)}
+            for p in self.options["drop_rates"]
+            for s in self.options["scales"]
+        ]
         weights, correct, params, grid = self._choose(
-            ctx, points, lambda drop_rate, scale: dare_merge(ctx.base, loaders, drop_rate, scale, seed))
-        return RecipeResult(weights, ids, correct, {"candidates": self.options["candidates"], **params, "seed": seed},
-                            grid)
+            ctx, points, lambda drop_rate, scale: dare_merge(ctx.base, loaders, drop_rate, scale, seed)
+        )
+        return RecipeResult(
+            weights, ids, correct, {"candidates": self.options["candidates"], **params, "seed": seed}, grid
+        )
 
 
 @register_soup_method
@@ -201,20 +240,29 @@ class Learned(WeightRecipe):
     name = "learned"
     doc = "mixing coefficients (softmax, from the uniform soup) fitted by Adam on held-out cross-entropy"
     by_layer = False
-    params = (_CANDIDATES, Param("epochs", 20, "full-batch steps on the held-out split"),
-              Param("lr", 0.05, "Adam learning rate of the coefficients' logits"))
+    params = (
+        _CANDIDATES,
+        Param("epochs", 20, "full-batch steps on the held-out split"),
+        Param("lr", 0.05, "Adam learning rate of the coefficients' logits"),
+    )
 
     def merge(self, candidates: Iterable[Candidate], ctx: RecipeContext) -> RecipeResult:
         if ctx.loss_and_grad is None:
             raise SoupError(f"soup method {self.name!r} needs a held-out loss and gradient")
         ids = self._pool(candidates, ctx)
-        fitted = fit_learned_soup(self._loaders(ids, ctx), ctx.loss_and_grad, by_layer=self.by_layer,
-                                  epochs=int(self.options["epochs"]), lr=float(self.options["lr"]),
-                                  log=lambda e, loss: ctx.log(f"  {self.name} step {e + 1}: held-out loss {loss:.4f}"))
+        fitted = fit_learned_soup(
+            self._loaders(ids, ctx),
+            ctx.loss_and_grad,
+            by_layer=self.by_layer,
+            epochs=int(self.options["epochs"]),
+            lr=float(self.options["lr"]),
+            log=lambda e, loss: ctx.log(f"  {self.name} step {e + 1}: held-out loss {loss:.4f}"),
+        )
         correct = ctx.score(fitted.weights)
-        alpha = fitted.alpha if self.by_layer else dict(zip(ids, fitted.alpha))
-        return RecipeResult(fitted.weights, ids, correct, dict(self.options),
-                            extra={"alpha": alpha, "losses": fitted.losses})
+        alpha = fitted.alpha if self.by_layer else dict(zip(ids, fitted.alpha, strict=True))
+        return RecipeResult(
+            fitted.weights, ids, correct, dict(self.options), extra={"alpha": alpha, "losses": fitted.losses}
+        )
 
 
 @register_soup_method

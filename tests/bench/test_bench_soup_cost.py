@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import soup_ray.bench.soup_cost as sc
 from soup_ray.ingredients import Kitchen
 from soup_ray.soup import Candidate, batch_greedy_cost, greedy_soup, sort_candidates
-
-import soup_ray.bench.soup_cost as sc
 
 H = 40
 BATCH = 8
@@ -43,8 +42,9 @@ class MajoritySource:
         return [2 * sum(self.vectors[i][k] for i in ids) >= len(ids) for k in range(H)]
 
 
-def _evaluator(vectors: dict[str, list[bool]], batch_size: int = BATCH,
-               hardest_first: bool | None = None) -> tuple[object, MajoritySource]:
+def _evaluator(
+    vectors: dict[str, list[bool]], batch_size: int = BATCH, hardest_first: bool | None = None
+) -> tuple[object, MajoritySource]:
     """Replay of majority soups; ``hardest_first`` None: no ordering (natural order, no admissions)."""
     source = MajoritySource(vectors)
     ordering = None
@@ -81,8 +81,7 @@ def _stream(plan, ev, tie: str = ">="):
     if ordering is not None:
         ordering.reset()
     rec = Recorder(ev, ordering)
-    stats = sc.run_stream(plan, rec, heldout_size=H, tie=tie,
-                          admit=ordering.admit if ordering is not None else None)
+    stats = sc.run_stream(plan, rec, heldout_size=H, tie=tie, admit=ordering.admit if ordering is not None else None)
     return stats, rec
 
 
@@ -126,8 +125,9 @@ def test_table_source_and_canonical_order() -> None:
     with pytest.raises(KeyError):
         ev(["c"], None)
     seen: list[list[str]] = []
-    ranked = sc.ReplayEvaluator(lambda ids: seen.append(ids) or [True], heldout_size=1, batch_size=1,
-                                rank={"z": 0, "a": 1})
+    ranked = sc.ReplayEvaluator(
+        lambda ids: seen.append(ids) or [True], heldout_size=1, batch_size=1, rank={"z": 0, "a": 1}
+    )
     ranked(["a", "z"], None)
     assert seen == [["z", "a"]]
     with pytest.raises(ValueError):
@@ -217,8 +217,7 @@ def test_report_written_with_keys(tmp_path: Path) -> None:
     cands, vectors = _synthetic()
     ev, _ = _evaluator(vectors)
     messages: list[str] = []
-    report = sc.run_benchmark(cands, ev, orders=12, seed=4, max_chunk=3, progress=messages.append,
-                              progress_every=5)
+    report = sc.run_benchmark(cands, ev, orders=12, seed=4, max_chunk=3, progress=messages.append, progress_every=5)
     assert messages and report["all_match_batch"] and report["mismatches"] == []
     b = report["baselines"]
     assert b["batch_reference_images"] == batch_greedy_cost(len(cands), H)
@@ -233,14 +232,15 @@ def test_report_written_with_keys(tmp_path: Path) -> None:
         assert v["total_images"]["max"] == max(totals)
         r = v["ratios"]
         assert r["incremental_total_over_batch_reference"]["max"] == pytest.approx(
-            max(totals) / b["batch_reference_images"])
+            max(totals) / b["batch_reference_images"]
+        )
         assert r["last_arrival_over_one_pass"]["mean"] == pytest.approx(sum(lasts) / len(lasts) / H)
         t = v["targets"]
         assert t["last_arrival_le_one_pass"]["holds_for_every_order"] == (max(lasts) <= H)
-        assert t["total_le_batch_reference"]["orders_meeting"] == sum(
-            x <= b["batch_reference_images"] for x in totals)
+        assert t["total_le_batch_reference"]["orders_meeting"] == sum(x <= b["batch_reference_images"] for x in totals)
         assert t["last_arrival_le_one_pass"]["fraction_meeting"] == pytest.approx(
-            sum(x <= H for x in lasts) / len(lasts))
+            sum(x <= H for x in lasts) / len(lasts)
+        )
         assert r["last_arrival_over_one_pass"]["median"] == pytest.approx(v["last_arrival_images"]["median"] / H)
     assert all(o["offers"] == len(cands) for o in report["single"]["per_order"])
     out = tmp_path / "nested" / "soup_cost.json"
@@ -290,8 +290,9 @@ def test_cli_defaults() -> None:
 
 def _kitchen_order(counts: list[int], hardest_first: bool = True) -> list[int]:
     """``Kitchen.heldout_order`` itself, on a stand-in holding only what it reads."""
-    stub = SimpleNamespace(heldout_size=len(counts), hardest_first=hardest_first,
-                           wrong_counts=torch.tensor(counts, dtype=torch.long))
+    stub = SimpleNamespace(
+        heldout_size=len(counts), hardest_first=hardest_first, wrong_counts=torch.tensor(counts, dtype=torch.long)
+    )
     return Kitchen.heldout_order(stub).tolist()
 
 
@@ -304,7 +305,7 @@ def test_heldout_order_matches_the_kitchen() -> None:
     counts = [0] * n
     for cid in ["c3", "c0", "c5", "c1"]:
         order.admit([cid])
-        counts = [c + int(w) for c, w in zip(counts, mistakes[cid])]
+        counts = [c + int(w) for c, w in zip(counts, mistakes[cid], strict=True)]
         assert order.counts.tolist() == counts
         assert order.order().tolist() == _kitchen_order(counts)  # ties by index (stable)
     order.admit(["no-logits"])  # a candidate without cached logits adds nothing
@@ -340,8 +341,12 @@ def test_replay_scores_in_the_current_order() -> None:
     ordering.reset()
     ordering.admit(["b", "a"])  # same counts, same order
     assert ev.batch_correct(["a", "b"]) == (0, 4, 4)
-    natural = sc.ReplayEvaluator(lambda ids: vector, heldout_size=12, batch_size=4,
-                                 ordering=sc.HeldoutOrder(12, ordering.mistakes, hardest_first=False))
+    natural = sc.ReplayEvaluator(
+        lambda ids: vector,
+        heldout_size=12,
+        batch_size=4,
+        ordering=sc.HeldoutOrder(12, ordering.mistakes, hardest_first=False),
+    )
     natural.ordering.admit(["a", "b"])
     assert natural.batch_correct(["a", "b"]) == (4, 4, 0)
     assert natural(["a", "b"], 0).evaluated == 12  # the mistakes come last in index order
@@ -362,11 +367,11 @@ def test_order_uses_only_the_candidates_arrived_so_far() -> None:
             offered: list[set[str]] = []
             admitted_sizes: list[int] = []
 
-            def admit(ids: list[str]) -> None:
+            def admit(ids: list[str], offered: list[set[str]] = offered) -> None:
                 offered.append(set(ids))
                 ordering.admit(ids)
 
-            def evaluate(ids, max_wrong):
+            def evaluate(ids, max_wrong, offered=offered, admitted_sizes=admitted_sizes):
                 # exactly the offers so far, the current one included, and none after it
                 arrived = set().union(*offered)
                 assert ordering.admitted == arrived and set(ids) <= arrived
@@ -397,7 +402,7 @@ def test_order_never_changes_the_soup(tie: str) -> None:
             runs = {s: _stream(plan, ev, tie) for s, ev in evs.items()}
             ref_stats, ref_rec = runs[(None, BATCH)]
             assert ref_stats.ingredients == expected.ingredients
-            for s, (stats, rec) in runs.items():
+            for stats, rec in runs.values():
                 assert stats.ingredients == ref_stats.ingredients and stats.correct == ref_stats.correct
                 assert rec.decisions() == ref_rec.decisions()  # same calls, same outcomes
                 assert stats.evaluations == ref_stats.evaluations and stats.restarts == ref_stats.restarts
@@ -432,7 +437,7 @@ def test_hardest_first_never_counts_more_where_mistakes_are_shared() -> None:
             n_stats, n_rec = _stream(plan, natural)
             assert h_stats.ingredients == n_stats.ingredients
             assert h_rec.decisions() == n_rec.decisions()
-            for (_, _, hr), (_, _, nr) in zip(h_rec.calls, n_rec.calls):
+            for (_, _, hr), (_, _, nr) in zip(h_rec.calls, n_rec.calls, strict=False):
                 assert hr.evaluated <= nr.evaluated  # per evaluation, not just in total
                 early += not hr.complete
             assert h_stats.total_images <= n_stats.total_images
@@ -444,7 +449,7 @@ def test_hardest_first_never_counts_more_where_mistakes_are_shared() -> None:
     assert h_rep["batch_soup"] == n_rep["batch_soup"]
     assert h_rep["baselines"]["batch_early_rejection_images"] <= n_rep["baselines"]["batch_early_rejection_images"]
     for name in ("single", "batched"):
-        for ho, no in zip(h_rep[name]["per_order"], n_rep[name]["per_order"]):
+        for ho, no in zip(h_rep[name]["per_order"], n_rep[name]["per_order"], strict=True):
             assert ho["total"] <= no["total"] and ho["last"] <= no["last"]
             assert ho["evaluations"] == no["evaluations"]
         assert h_rep[name]["total_images"]["mean"] < n_rep[name]["total_images"]["mean"]
@@ -459,5 +464,5 @@ def test_smaller_batches_never_count_more() -> None:
             ev, _ = _evaluator(vectors, batch_size=b, hardest_first=hf)
             rep = sc.run_benchmark(cands, ev, orders=8, seed=2)
             totals.append([o["total"] for o in rep["single"]["per_order"]])
-        for fine, coarse in zip(totals, totals[1:]):
-            assert all(f <= c for f, c in zip(fine, coarse))
+        for fine, coarse in zip(totals, totals[1:], strict=False):
+            assert all(f <= c for f, c in zip(fine, coarse, strict=True))

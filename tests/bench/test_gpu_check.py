@@ -19,20 +19,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", GPU_CHECK_SECONDS="1")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["dry_run"] is True and res["model"].startswith("soupray-digits-tiny")
-    for key in ("train_fp32_images_per_s", "train_bf16_autocast_images_per_s", "eval_fp32_images_per_s",
-                "eval_bf16_autocast_images_per_s"):
+    for key in (
+        "train_fp32_images_per_s",
+        "train_bf16_autocast_images_per_s",
+        "eval_fp32_images_per_s",
+        "eval_bf16_autocast_images_per_s",
+    ):
         assert res[key] > 0, key
     # the wrapper turns --train-compile on: compiled on CPU with the dry run's backend, no fused AdamW there
     comp = res["train_bf16_compiled"]
     assert "error" not in comp and "skipped" not in comp, comp
     assert res["train_bf16_compiled_images_per_s"] > 0
     assert res["train_compiled_over_bf16"] == round(
-        res["train_bf16_compiled_images_per_s"] / res["train_bf16_autocast_images_per_s"], 3)
+        res["train_bf16_compiled_images_per_s"] / res["train_bf16_autocast_images_per_s"], 3
+    )
     assert comp["compile_backend"] == "aot_eager" and comp["compile_mode"] is None and "note" in comp
     assert comp["fused_adamw"] is False and "optimizer_note" in comp and comp["channels_last"] is True
     assert comp["compile_warmup_s"] > 0 and comp["compile_warmup_steps"] >= 1 and comp["steps"] >= 1
@@ -51,8 +62,10 @@ def test_the_compiled_phase_runs_only_when_its_warm_up_fits_beside_the_later_pha
     assert gf.compile_spare_s(reserve + 60, no_average=False, no_serve=False) is None  # skipped
     # without the later phases the same budget leaves room for the compile warm-up
     assert gf.compile_spare_s(reserve + 60, no_average=True, no_serve=True) == reserve + 60
-    assert gf.compile_spare_s(reserve + gf.COMPILE_WARMUP_MAX_S, no_average=False, no_serve=False) == \
-        gf.COMPILE_WARMUP_MAX_S
+    assert (
+        gf.compile_spare_s(reserve + gf.COMPILE_WARMUP_MAX_S, no_average=False, no_serve=False)
+        == gf.COMPILE_WARMUP_MAX_S
+    )
 
 
 def test_bf16_peak_fraction() -> None:

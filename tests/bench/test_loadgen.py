@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from soup_ray.bench.loadgen import latency_summary, parse_concurrency, run_level
-from soup_ray.bench.serving_bench import (TARGETS, BenchSettings, compute_ratios, format_table, plan_targets,
-                                         write_bench)
+from soup_ray.bench.serving_bench import TARGETS, BenchSettings, compute_ratios, format_table, plan_targets, write_bench
 from soup_ray.bench.stats import percentile
 
 httpx = pytest.importorskip("httpx")
@@ -151,15 +150,28 @@ def test_level_refuses_meaningless_bounds() -> None:
 
 
 def _level(c: int, rps: float, p50: float, busy: float = 2.0) -> dict[str, Any]:
-    return {"concurrency": c, "max_requests": 100, "max_seconds": 5.0, "sent": 100, "ok": 100, "errors": {},
-            "unfinished": 0, "stopped_by": "count", "duration_s": 100 / rps, "throughput_rps": rps,
-            "latency_ms": {"p50": p50, "p95": 1.5 * p50, "p99": 2 * p50, "mean": p50, "min": p50 / 2, "max": 3 * p50},
-            "client_cpu_s": 0.1, "extra": {"machine_busy_cores": busy, "other_processes_cores": 0.01}}
+    return {
+        "concurrency": c,
+        "max_requests": 100,
+        "max_seconds": 5.0,
+        "sent": 100,
+        "ok": 100,
+        "errors": {},
+        "unfinished": 0,
+        "stopped_by": "count",
+        "duration_s": 100 / rps,
+        "throughput_rps": rps,
+        "latency_ms": {"p50": p50, "p95": 1.5 * p50, "p99": 2 * p50, "mean": p50, "min": p50 / 2, "max": 3 * p50},
+        "client_cpu_s": 0.1,
+        "extra": {"machine_busy_cores": busy, "other_processes_cores": 0.01},
+    }
 
 
 def synthetic_figures() -> dict[str, Any]:
     return {
-        "run_dir": "runs/example", "settings": {"concurrency": [1, 4]}, "machine": {"cpu_count": 2},
+        "run_dir": "runs/example",
+        "settings": {"concurrency": [1, 4]},
+        "machine": {"cpu_count": 2},
         "soup": {"ingredients": ["a", "b", "c"]},
         "replica": {"num_cpus": 0.2, "max_batch_size": 16},
         "ceiling": {"images_per_s": 1000.0, "batch_size": 16, "threads": 1, "device": "cpu"},
@@ -191,8 +203,15 @@ def test_ratios_json_and_plot_from_synthetic_figures(tmp_path: Path) -> None:
     paths = write_bench(figures, tmp_path / "out" / "bench.json")
     data = json.loads(paths["json"].read_text())
     assert {"targets", "ratios", "ceiling", "machine", "settings", "soup", "replica"} <= set(data)
-    for key in ("soup_over_single", "soup_over_ensemble_k", "target_soup_over_ensemble_k", "meets_target",
-                "soup_over_ensemble_all", "served_soup_over_ceiling", "by_concurrency"):
+    for key in (
+        "soup_over_single",
+        "soup_over_ensemble_k",
+        "target_soup_over_ensemble_k",
+        "meets_target",
+        "soup_over_ensemble_all",
+        "served_soup_over_ceiling",
+        "by_concurrency",
+    ):
         assert key in data["ratios"]
     assert paths["png"] == tmp_path / "out" / "bench.png"
     with Image.open(paths["png"]) as img:
@@ -219,9 +238,9 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     import ray
     from ray import serve
 
+    from soup_ray.bench.serving_bench import run_bench
     from soup_ray.cluster.keeper import SoupKeeper
     from soup_ray.ingredients import trial_records_from_results
-    from soup_ray.bench.serving_bench import run_bench
 
     keeper = SoupKeeper(str(run_copy), tie=">")  # the strict rule keeps the soup (and the K ensemble) small
     for rec in trial_records_from_results(run_copy):
@@ -231,8 +250,13 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     assert (run_copy / "soup" / "soup.json").is_file() and k >= 1
 
     assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        log_to_driver=False,
+    )
     plan = plan_targets(run_copy, ensemble_cap=2)  # all four targets, planned without Ray
     assert list(plan) == list(TARGETS)
     assert plan["soup"]["members"] == [] and plan["single"]["model"] not in ("soup", None)
@@ -244,9 +268,19 @@ def test_bench_end_to_end_on_a_tiny_run(run_copy: Path) -> None:
     # one of the four targets deployed (each is a Serve deployment of its own, tens of seconds on two cores):
     # the soup; the ensembles are served in tests/serving, and the ratios over them are checked on synthetic
     # figures above
-    settings = BenchSettings(concurrency=[2], requests=12, seconds=2.0, ensemble_cap=2, port=free_port(),
-                             images=8, warmup_requests=2, request_timeout_s=20.0, deploy_timeout_s=120.0,
-                             ceiling_seconds=0.5, only=["soup"])
+    settings = BenchSettings(
+        concurrency=[2],
+        requests=12,
+        seconds=2.0,
+        ensemble_cap=2,
+        port=free_port(),
+        images=8,
+        warmup_requests=2,
+        request_timeout_s=20.0,
+        deploy_timeout_s=120.0,
+        ceiling_seconds=0.5,
+        only=["soup"],
+    )
     try:
         figures = run_bench(run_copy, settings, log=lambda m: None)
     finally:

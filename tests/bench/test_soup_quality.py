@@ -22,24 +22,49 @@ def fake_run(root: Path, seed: int, test: dict[str, float], shift: dict[str, flo
     rows = [{"model_name": "trial_a", "kind": "individual", "trial_id": "a", "status": "completed"}]
     for m in METHODS:
         n = greedy_models if m == "greedy_soup" else 1
-        rows.append({"model_name": m, "status": "summary", "summary": True, "heldout": 0.9, "test": test.get(m, 0.9),
-                     "shift_mean": shift.get(m, 0.5), "ingredients": [f"t{i}" for i in range(n)]})
+        rows.append(
+            {
+                "model_name": m,
+                "status": "summary",
+                "summary": True,
+                "heldout": 0.9,
+                "test": test.get(m, 0.9),
+                "shift_mean": shift.get(m, 0.5),
+                "ingredients": [f"t{i}" for i in range(n)],
+            }
+        )
     write_jsonl(run / "results.jsonl", rows)
     return run
 
 
 def test_targets_are_checked_from_the_means_and_every_run(tmp_path: Path) -> None:
-    runs = [fake_run(tmp_path, 0, {"best_individual": 0.95, "greedy_soup": 0.96, "uniform_soup": 0.90},
-                     {"best_individual": 0.55, "greedy_soup": 0.58}, 4),
-            fake_run(tmp_path, 1, {"best_individual": 0.95, "greedy_soup": 0.955, "uniform_soup": 0.95},
-                     {"best_individual": 0.55, "greedy_soup": 0.56}, 2)]
+    runs = [
+        fake_run(
+            tmp_path,
+            0,
+            {"best_individual": 0.95, "greedy_soup": 0.96, "uniform_soup": 0.90},
+            {"best_individual": 0.55, "greedy_soup": 0.58},
+            4,
+        ),
+        fake_run(
+            tmp_path,
+            1,
+            {"best_individual": 0.95, "greedy_soup": 0.955, "uniform_soup": 0.95},
+            {"best_individual": 0.55, "greedy_soup": 0.56},
+            2,
+        ),
+    ]
     s = summarise(runs, {str(runs[0]): 100.0})
     assert s["n_runs"] == 2 and s["runs"][0]["wall_s"] == 100.0 and s["runs"][1]["wall_s"] is None
     assert s["mean"]["greedy_soup"]["test"] == pytest.approx(0.9575)
     assert s["mean"]["greedy_soup"]["ingredients"] == 3
     c = s["checks"]
-    assert c["greedy_test_minus_best_points"]["value"] == pytest.approx(0.75) and c["greedy_test_minus_best_points"]["ok"]
-    assert c["greedy_shift_minus_best_points"]["value"] == pytest.approx(2.0) and c["greedy_shift_minus_best_points"]["ok"]
+    assert (
+        c["greedy_test_minus_best_points"]["value"] == pytest.approx(0.75) and c["greedy_test_minus_best_points"]["ok"]
+    )
+    assert (
+        c["greedy_shift_minus_best_points"]["value"] == pytest.approx(2.0) and c["greedy_shift_minus_best_points"]["ok"]
+    )
     assert c["greedy_ingredients_mean"]["ok"]
     assert c["greedy_test_minus_uniform_points_per_run"]["value"] == [6.0, 0.5]
     assert not c["greedy_test_minus_uniform_points_per_run"]["ok"]  # seed 1's greedy soup is only 0.5 above

@@ -97,13 +97,17 @@ def test_bad_checkpoints_are_rejected_with_reason_and_soup_unchanged(run_copy: P
     (Path(garbage["checkpoint"]) / "model.safetensors").write_bytes(b"\x89PNG\r\n" + bytes(range(256)) * 8)
 
     pickled = _bad_copy(run_copy, src, "pickle")  # a pickle named like safetensors is refused, never unpickled
-    torch.save(load_file(str(Path(src["checkpoint"]) / "model.safetensors")),
-               Path(pickled["checkpoint"]) / "model.safetensors")
+    torch.save(
+        load_file(str(Path(src["checkpoint"]) / "model.safetensors")), Path(pickled["checkpoint"]) / "model.safetensors"
+    )
 
     other_arch = _bad_copy(run_copy, src, "other-arch")
     p = Path(other_arch["checkpoint"]) / "model.safetensors"
-    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(p),
-              metadata={"base_fingerprint": keeper.kitchen.fingerprint})
+    save_file(
+        {"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)},
+        str(p),
+        metadata={"base_fingerprint": keeper.kitchen.fingerprint},
+    )
 
     fewer = _bad_copy(run_copy, src, "missing-key")
     p = Path(fewer["checkpoint"]) / "model.safetensors"

@@ -13,9 +13,15 @@ from typing import Any
 import pytest
 import yaml
 
+from soup_ray.cluster.dryrun import (
+    NodeShape,
+    check_storage,
+    dry_run,
+    fit_count,
+    node_types_from_launcher_config,
+    trials_beside_actor,
+)
 from soup_ray.config import load_config
-from soup_ray.cluster.dryrun import (NodeShape, check_storage, dry_run, fit_count, node_types_from_launcher_config,
-                             trials_beside_actor)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
@@ -123,7 +129,9 @@ def test_gpu_sweep_fits_the_node_types(cluster: dict[str, Any], shapes: dict[str
 def test_no_world_open_dashboard_or_serve_port(cluster: dict[str, Any]) -> None:
     rules = cluster["provider"].get("security_group", {}).get("IpPermissions", [])
     for rule in rules:
-        world = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        world = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        }
         if not world & WORLD:
             continue
         if str(rule.get("IpProtocol")) == "-1":
@@ -166,8 +174,9 @@ def test_the_mounted_s3_bucket_is_the_gpu_sweeps_storage(cluster: dict[str, Any]
     exported = re.findall(r"SOUP_RAY_RUNS=(\S+?)'", " ".join(cluster["setup_commands"]))
     assert exported == [mount]
     for name in _gpu_types(cluster):
-        assert "IamInstanceProfile" in cluster["available_node_types"][name]["node_config"], \
+        assert "IamInstanceProfile" in cluster["available_node_types"][name]["node_config"], (
             "GPU workers write checkpoints to the bucket"
+        )
 
 
 def test_gpu_config_is_the_papers_sweep() -> None:
@@ -196,8 +205,14 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, namespace="soup-ray-dryrun-test",
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            namespace="soup-ray-dryrun-test",
+            log_to_driver=False,
+        )
     yield
     if started:
         ray.shutdown()
@@ -213,8 +228,12 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("folders")
     rng = np.random.default_rng(0)
-    layout = {"train": (["a_cat", "b_dog", "c_fish"], 4), "val": (["a_cat", "b_dog", "c_fish"], 2),
-              "sketch": (["a_cat", "b_dog", "c_fish"], 1), "rendition": (["b_dog", "c_fish"], 1)}
+    layout = {
+        "train": (["a_cat", "b_dog", "c_fish"], 4),
+        "val": (["a_cat", "b_dog", "c_fish"], 2),
+        "sketch": (["a_cat", "b_dog", "c_fish"], 1),
+        "rendition": (["b_dog", "c_fish"], 1),
+    }
     for split, (classes, n) in layout.items():
         for c in classes:
             (root / split / c).mkdir(parents=True)
@@ -222,8 +241,14 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
     index = root / "heldout.json"
     write_heldout_index(index, root / "train", 1)
-    return {"root": root, "train": root / "train", "val": root / "val", "index": index,
-            "sketch": root / "sketch", "rendition": root / "rendition"}
+    return {
+        "root": root,
+        "train": root / "train",
+        "val": root / "val",
+        "index": index,
+        "sketch": root / "sketch",
+        "rendition": root / "rendition",
+    }
 
 
 def _by_name(report) -> dict[str, Any]:
@@ -251,10 +276,14 @@ def test_dry_run_local_yaml(local_ray, tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.mark.slow
 def test_dry_run_gpu_config_on_tiny_imagefolders(local_ray, tiny_folders: dict[str, Path]) -> None:
     overrides = {
-        "data.train_dir": str(tiny_folders["train"]), "data.test_dir": str(tiny_folders["val"]),
-        "data.heldout_index": str(tiny_folders["index"]), "data.classnames": None,
-        "data.shift_dirs": {"imagenet_sketch": str(tiny_folders["sketch"]),
-                            "imagenet_r": str(tiny_folders["rendition"])},
+        "data.train_dir": str(tiny_folders["train"]),
+        "data.test_dir": str(tiny_folders["val"]),
+        "data.heldout_index": str(tiny_folders["index"]),
+        "data.classnames": None,
+        "data.shift_dirs": {
+            "imagenet_sketch": str(tiny_folders["sketch"]),
+            "imagenet_r": str(tiny_folders["rendition"]),
+        },
     }
     report = dry_run(GPU_CONFIG, overrides, cpu_batch_cap=2, log=lambda m: None)
     checks = _by_name(report)
@@ -287,9 +316,14 @@ def test_dry_run_names_every_missing_data_path(local_ray) -> None:
 
 @pytest.mark.slow
 def test_dry_run_imagefolder_template(local_ray, tiny_folders: dict[str, Path], tmp_path: Path) -> None:
-    overrides = {"data.train_dir": str(tiny_folders["train"]), "data.test_dir": str(tiny_folders["val"]),
-                 "trial_resources.cpu": 1, "trial_resources.gpu": 0, "soup.resources.cpu": 0.5,
-                 "storage": str(tmp_path / "runs")}
+    overrides = {
+        "data.train_dir": str(tiny_folders["train"]),
+        "data.test_dir": str(tiny_folders["val"]),
+        "trial_resources.cpu": 1,
+        "trial_resources.gpu": 0,
+        "soup.resources.cpu": 0.5,
+        "storage": str(tmp_path / "runs"),
+    }
     report = dry_run(TEMPLATE, overrides, cpu_batch_cap=2, log=lambda m: None)
     checks = _by_name(report)
     # offline, so only the pretrained weights are a problem; random init stands in and the steps run
@@ -301,16 +335,23 @@ def test_dry_run_imagefolder_template(local_ray, tiny_folders: dict[str, Path], 
 
 
 @pytest.mark.slow
-def test_cli_dry_run_with_missing_data_still_steps_and_starts_nothing(local_ray, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_dry_run_with_missing_data_still_steps_and_starts_nothing(
+    local_ray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from soup_ray.cli import main
 
     cfg = {
-        "name": "tiny-folder", "model": {"name": "soupray-digits-tiny", "pretrained": None},
-        "data": {"kind": "imagefolder", "train_dir": str(tmp_path / "nope" / "train"),
-                 "test_dir": str(tmp_path / "nope" / "test"), "heldout_fraction": 0.2},
+        "name": "tiny-folder",
+        "model": {"name": "soupray-digits-tiny", "pretrained": None},
+        "data": {
+            "kind": "imagefolder",
+            "train_dir": str(tmp_path / "nope" / "train"),
+            "test_dir": str(tmp_path / "nope" / "test"),
+            "heldout_fraction": 0.2,
+        },
         "search_space": {"lr": 1e-3, "weight_decay": 0.1, "epochs": 1, "batch_size": 4, "warmup_steps": 2},
-        "trial_resources": {"cpu": 1}, "storage": str(tmp_path / "runs"),
+        "trial_resources": {"cpu": 1},
+        "storage": str(tmp_path / "runs"),
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -327,7 +368,9 @@ def test_cli_dry_run_with_missing_data_still_steps_and_starts_nothing(local_ray,
 
 def test_dry_run_invalid_config_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps({"search_space": {"lr": 0.1, "weight_decay": 0.1, "epochs": 1}, "tune": {"num_sample": 3}}))
+    bad.write_text(
+        json.dumps({"search_space": {"lr": 0.1, "weight_decay": 0.1, "epochs": 1}, "tune": {"num_sample": 3}})
+    )
     report = dry_run(bad, log=lambda m: None)
     assert report.exit_code == 2 and "tune.num_sample" in report.format()
 
@@ -337,9 +380,9 @@ def test_storage_check_on_a_cluster_wants_a_shared_filesystem(tmp_path: Path) ->
     shared.mkdir()
     local.mkdir()
     mounts = tmp_path / "mounts"
-    mounts.write_text(f"overlay / overlay rw 0 0\n"
-                      f"s3fs {shared} fuse.s3fs rw,nosuid,nodev 0 0\n"
-                      f"10.0.0.5:/ {shared}/nfs nfs4 rw 0 0\n")
+    mounts.write_text(
+        f"overlay / overlay rw 0 0\ns3fs {shared} fuse.s3fs rw,nosuid,nodev 0 0\n10.0.0.5:/ {shared}/nfs nfs4 rw 0 0\n"
+    )
     on_cluster = {"ray.address": "auto"}
     check = check_storage(load_config(TEMPLATE, {"storage": str(local), **on_cluster}), mounts_file=mounts)
     assert check.status == "warn" and "overlay" in _text(check) and "shared" in _text(check)
@@ -386,7 +429,9 @@ HEAD_DEFAULT_PROFILE = "ray-autoscaler-v1"
 
 
 def _profile_name(node_config: dict[str, Any]) -> str | None:
-    arn = (node_config.get("IamInstanceProfile") or {}).get("Arn") or (node_config.get("IamInstanceProfile") or {}).get("Name")
+    arn = (node_config.get("IamInstanceProfile") or {}).get("Arn") or (node_config.get("IamInstanceProfile") or {}).get(
+        "Name"
+    )
     return str(arn).rsplit("/", 1)[-1] if arn else None
 
 

@@ -79,8 +79,14 @@ class Cli:
     def __init__(self, args: list[str], log: Path, env: dict[str, str]):
         self.log = log
         self.file = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "soup_ray.cli", *args], cwd=ROOT, env=env,
-                                     stdout=self.file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "soup_ray.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self.file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def text(self) -> str:
         return self.log.read_text()
@@ -91,8 +97,9 @@ class Cli:
             if line in self.text():
                 return
             time.sleep(0.2)
-        raise AssertionError(f"{line!r} did not appear within {timeout:.0f}s (exit {self.proc.poll()}):\n"
-                             + self.text()[-3000:])
+        raise AssertionError(
+            f"{line!r} did not appear within {timeout:.0f}s (exit {self.proc.poll()}):\n" + self.text()[-3000:]
+        )
 
     def ctrl_c(self, twice: bool = False) -> float:
         """SIGINT to the whole group (a terminal's Ctrl-C); returns the seconds until the command exited."""
@@ -122,13 +129,25 @@ class Cli:
 
 def half_written(run_dir: Path) -> list[str]:
     """Temporary files of an unfinished write anywhere in the run folder (Tune's own folder aside)."""
-    return [str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-            if p.name.endswith(".tmp") and "tune" not in p.relative_to(run_dir).parts[:1]]
+    return [
+        str(p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if p.name.endswith(".tmp") and "tune" not in p.relative_to(run_dir).parts[:1]
+    ]
 
 
-def stop_in_stage(args: list[str], trigger: str, expect: str, tmp_path: Path, name: str,
-                  env: dict[str, str], run_dir: Path | None, port: int | None = None, twice: bool = False,
-                  timeout: float = 300) -> tuple[str, float]:
+def stop_in_stage(
+    args: list[str],
+    trigger: str,
+    expect: str,
+    tmp_path: Path,
+    name: str,
+    env: dict[str, str],
+    run_dir: Path | None,
+    port: int | None = None,
+    twice: bool = False,
+    timeout: float = 300,
+) -> tuple[str, float]:
     """Start the command, Ctrl-C it once ``trigger`` is printed, check how it stopped; returns (console, seconds)."""
     cli = Cli(args, tmp_path / f"{name}.log", env)
     try:
@@ -149,8 +168,9 @@ def stop_in_stage(args: list[str], trigger: str, expect: str, tmp_path: Path, na
         cli.close()
 
 
-def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_in_every_stage_of_soup_ray_run(
+    prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import httpx
 
     from soup_ray.cli import main
@@ -158,11 +178,17 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
     from soup_ray.soup import greedy_soup
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = tiny_config_dict(**{
-        "search_space.epochs": 2, "tune.num_samples": 2, "tune.max_concurrent_trials": 1,
-        "tune.checkpoint_interval_s": 0, "trial_resources.cpu": 1, "soup.methods": [],
-        "serve.ensemble": 0,  # the soup alone: the ensemble's replicas are served in tests of their own
-    })
+    cfg = tiny_config_dict(
+        **{
+            "search_space.epochs": 2,
+            "tune.num_samples": 2,
+            "tune.max_concurrent_trials": 1,
+            "tune.checkpoint_interval_s": 0,
+            "trial_resources.cpu": 1,
+            "soup.methods": [],
+            "serve.ensemble": 0,  # the soup alone: the ensemble's replicas are served in tests of their own
+        }
+    )
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     run_dir = (tmp_path / "run").resolve()
@@ -175,18 +201,31 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
     # stand-in build, from an empty cache: nothing of the stand-in is kept
     empty_cache = tmp_path / "empty-cache"
     _, stops["stand-in build"] = stop_in_stage(
-        start, "stand-in pretraining: step 1/", "Start again with the same command", tmp_path, "standin",
-        {**env, "SOUP_RAY_CACHE": str(empty_cache)}, run_dir)
+        start,
+        "stand-in pretraining: step 1/",
+        "Start again with the same command",
+        tmp_path,
+        "standin",
+        {**env, "SOUP_RAY_CACHE": str(empty_cache)},
+        run_dir,
+    )
     assert not [p for p in empty_cache.glob("*") if not p.name.endswith(".lock")], list(empty_cache.iterdir())
 
     # data and base (the stand-in is cached: the session's)
     _, stops["data and base"] = stop_in_stage(
-        start, "holding the stage", "stopped before any trial was trained", tmp_path, "data",
-        {**env, "SOUP_RAY_STAGE_PAUSE": "data and base=60"}, run_dir)
+        start,
+        "holding the stage",
+        "stopped before any trial was trained",
+        tmp_path,
+        "data",
+        {**env, "SOUP_RAY_STAGE_PAUSE": "data and base=60"},
+        run_dir,
+    )
 
     # trials: once the first trial finished (Tune's own handler takes this Ctrl-C and saves its state)
     text, stops["trials"] = stop_in_stage(
-        start, "[1/2 done]", f"Resume with: soup-ray run --resume {run_dir}", tmp_path, "trials", env, run_dir)
+        start, "[1/2 done]", f"Resume with: soup-ray run --resume {run_dir}", tmp_path, "trials", env, run_dir
+    )
     assert "stage: trials" in text
     first = read_jsonl(RunDir(run_dir).results)
     assert len(first) == 1 and all(r["status"] == "completed" for r in first)
@@ -194,13 +233,25 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
 
     # finishing the soup (the resumed sweep trains the second trial first)
     _, stops["finishing the soup"] = stop_in_stage(
-        resume, "holding the stage", f"Finish the soup and the report with: soup-ray run --resume {run_dir}",
-        tmp_path, "soup", {**env, "SOUP_RAY_STAGE_PAUSE": "finishing the soup=60"}, run_dir)
+        resume,
+        "holding the stage",
+        f"Finish the soup and the report with: soup-ray run --resume {run_dir}",
+        tmp_path,
+        "soup",
+        {**env, "SOUP_RAY_STAGE_PAUSE": "finishing the soup=60"},
+        run_dir,
+    )
 
     # report and recipes: nothing of the report is written; `soup-ray report` then writes all of it
     _, stops["report and recipes"] = stop_in_stage(
-        resume, "stage: report and recipes", f"Write it with: soup-ray report {run_dir}", tmp_path, "report",
-        env, run_dir)
+        resume,
+        "stage: report and recipes",
+        f"Write it with: soup-ray report {run_dir}",
+        tmp_path,
+        "report",
+        env,
+        run_dir,
+    )
     assert not (run_dir / "report.md").exists()
     assert main(["report", str(run_dir)]) == 0
     for f in ("report.md", "figure.png", "greedy.png"):
@@ -208,8 +259,15 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
 
     # serving start: Serve is starting when Ctrl-C comes (Tune's handler used to swallow this one)
     _, stops["serving start"] = stop_in_stage(
-        resume, "stage: serving start", f"serve the soup again with: soup-ray serve {run_dir}", tmp_path,
-        "serving-start", env, run_dir, port=port)
+        resume,
+        "stage: serving start",
+        f"serve the soup again with: soup-ray serve {run_dir}",
+        tmp_path,
+        "serving-start",
+        env,
+        run_dir,
+        port=port,
+    )
 
     # serving: real HTTP first, then one Ctrl-C stops the server and frees the port
     cli = Cli(resume, tmp_path / "serving.log", env)
@@ -235,8 +293,16 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
 
     # a second Ctrl-C while the server shuts down exits at once, still 130, and takes its Ray with it
     text, stops["serving, second Ctrl-C"] = stop_in_stage(
-        ["serve", str(run_dir), "--port", str(port), "--ensemble", "0"], "serving " + str(run_dir),
-        "second Ctrl-C: exiting now", tmp_path, "serve-twice", env, run_dir, port=port, twice=True)
+        ["serve", str(run_dir), "--port", str(port), "--ensemble", "0"],
+        "serving " + str(run_dir),
+        "second Ctrl-C: exiting now",
+        tmp_path,
+        "serve-twice",
+        env,
+        run_dir,
+        port=port,
+        twice=True,
+    )
     print("seconds from Ctrl-C to exit, per stage:", json.dumps({k: round(v, 1) for k, v in stops.items()}))
 
     # what finished was kept: no trial trained twice, every trial once, and the soup is the batch greedy one
@@ -244,8 +310,13 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(prepared, tmp_path: Path, monkeyp
     assert sorted(r["trial_id"] for r in rows) == sorted({r["trial_id"] for r in rows}) and len(rows) == 2
     assert all(r["status"] == "completed" for r in rows)
     for tid in done_before:
-        lines = [json.loads(x) for d in (run_dir / "tune").iterdir() if d.is_dir() and tid in d.name
-                 for x in (d / "result.json").read_text().splitlines() if x.strip()]
+        lines = [
+            json.loads(x)
+            for d in (run_dir / "tune").iterdir()
+            if d.is_dir() and tid in d.name
+            for x in (d / "result.json").read_text().splitlines()
+            if x.strip()
+        ]
         assert [x["epoch"] for x in lines] == [1, 2], f"{tid} finished before Ctrl-C and trained again"
         assert rows[[r["trial_id"] for r in rows].index(tid)]["heldout"] == done_before[tid]["heldout"]
     for d in (run_dir / "tune").iterdir():  # at most two checkpoints per trial: the last state, the final weights

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from soup_ray.cluster.actor import actor_name
 from soup_ray.cluster.keeper import TRANSIENT_ATTEMPTS, SoupKeeper, read_state
-from soup_ray.run_dir import RunDir
 from soup_ray.ingredients import Kitchen, TrialRecord, trial_records_from_results
+from soup_ray.run_dir import RunDir
 from soup_ray.soup import greedy_soup
 
 
@@ -92,8 +92,12 @@ def test_a_published_soup_is_synced_to_disk_files_and_folders(run_copy: Path, mo
         synced.clear()
         export.export_soup(RunDir(run_copy).base, _weights(run_copy, version), out, {"version": version})
         names = {Path(p).name for p in synced}
-        assert {"open_clip_model.safetensors", "classifier_head.safetensors", "open_clip_config.json",
-                "soup.json"} <= names, synced
+        assert {
+            "open_clip_model.safetensors",
+            "classifier_head.safetensors",
+            "open_clip_config.json",
+            "soup.json",
+        } <= names, synced
         assert any(Path(p).name.startswith(".soup.") for p in synced)  # the new folder before it is swapped in
         assert str(out.parent) in synced  # and the folder holding it, after the swap
 
@@ -114,8 +118,14 @@ def test_a_crash_at_any_step_of_a_publish_leaves_a_loadable_soup(run_copy: Path,
     if not exchange:
         monkeypatch.setattr(export, "exchange_paths", lambda a, b: False)
     base = RunDir(run_copy).base
-    steps = [(os, "rename"), (os, "replace"), (Path, "rename"), (Path, "replace"), (shutil, "rmtree"),
-             (export, "exchange_paths")]
+    steps = [
+        (os, "rename"),
+        (os, "replace"),
+        (Path, "rename"),
+        (Path, "replace"),
+        (shutil, "rmtree"),
+        (export, "exchange_paths"),
+    ]
     for crash_at in range(1, 6):
         out = run_copy / f"crash{crash_at}" / "soup"
         export.export_soup(base, _weights(run_copy, 0), out, {"version": 1})
@@ -123,9 +133,9 @@ def test_a_crash_at_any_step_of_a_publish_leaves_a_loadable_soup(run_copy: Path,
         for owner, name in steps:
             real = getattr(owner, name)
 
-            def counted(*a, _real=real, **kw):
-                calls["n"] += 1
-                if calls["n"] == crash_at:
+            def counted(*a, _real=real, _calls=calls, _crash_at=crash_at, **kw):
+                _calls["n"] += 1
+                if _calls["n"] == _crash_at:
                     raise Crash
                 return _real(*a, **kw)
 
@@ -373,8 +383,7 @@ def test_an_ingredient_whose_weights_vanish_is_dropped_and_later_offers_still_jo
     assert info["ingredients"] == st["ingredients"] and info["version"] == st["version"]
 
 
-def test_a_publish_that_needs_vanished_weights_drops_them_and_publishes_the_others(run_copy: Path,
-                                                                                  monkeypatch) -> None:
+def test_a_publish_that_needs_vanished_weights_drops_them_and_publishes_the_others(run_copy: Path, monkeypatch) -> None:
     _small_cache(run_copy)
     a, b = _best_first(offers(run_copy))[:2]
     keeper = SoupKeeper(str(run_copy))

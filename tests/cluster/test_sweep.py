@@ -10,22 +10,26 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from soup_ray.cluster.search_space import param_space
 from soup_ray.config import parse_config
 from soup_ray.results import read_jsonl
-from soup_ray.cluster.search_space import param_space
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
 
 def test_search_space_is_reproducible_and_in_range() -> None:
-    from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: F401
     import numpy as np
+    from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: F401
 
-    cfg = parse_config(tiny_config_dict(**{
-        "search_space.label_smoothing": {"uniform": [0.05, 0.25], "p_off": 0.5},
-        "search_space.epochs": {"randint": [2, 4]},
-    }))
+    cfg = parse_config(
+        tiny_config_dict(
+            **{
+                "search_space.label_smoothing": {"uniform": [0.05, 0.25], "p_off": 0.5},
+                "search_space.epochs": {"randint": [2, 4]},
+            }
+        )
+    )
     space = param_space(cfg.search_space)
     draws = [space["label_smoothing"].sample(random_state=np.random.RandomState(s)) for s in range(200)]
     again = [space["label_smoothing"].sample(random_state=np.random.RandomState(s)) for s in range(200)]
@@ -46,13 +50,17 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _, prep0 = prepared
     # one trial of three draws an absurd learning rate and must end as "diverged" without crashing the sweep
-    cfg = parse_config(tiny_config_dict(**{
-        "search_space.lr": {"choice": [1e-3, 1e30]},
-        "search_space.epochs": 2,
-        "tune.num_samples": 4,
-        "tune.seed": 1,
-        "ray.dashboard": True,
-    }))
+    cfg = parse_config(
+        tiny_config_dict(
+            **{
+                "search_space.lr": {"choice": [1e-3, 1e30]},
+                "search_space.epochs": 2,
+                "tune.num_samples": 4,
+                "tune.seed": 1,
+                "ray.dashboard": True,
+            }
+        )
+    )
     run_dir = tmp_path / "run"
     prep = prepare_run(cfg, run_dir, log=lambda m: None)
     assert prep.fingerprint == prep0.fingerprint, "the same recipe must give the same base"
@@ -134,8 +142,12 @@ class DashboardProbe:
                     return
                 from soup_ray.cluster.session import dashboard_auth_headers
 
-                r = httpx.get(f"{self._url('Ray dashboard')}/api/v0/actors", params={"limit": 200}, timeout=20,
-                              headers=dashboard_auth_headers())
+                r = httpx.get(
+                    f"{self._url('Ray dashboard')}/api/v0/actors",
+                    params={"limit": 200},
+                    timeout=20,
+                    headers=dashboard_auth_headers(),
+                )
                 r.raise_for_status()
                 self.actors = r.json()["data"]["result"]["result"]
 

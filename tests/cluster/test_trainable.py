@@ -18,7 +18,7 @@ class FakeCheckpoint:
         self.path = str(path)
 
     @classmethod
-    def from_directory(cls, path: Path | str) -> "FakeCheckpoint":
+    def from_directory(cls, path: Path | str) -> FakeCheckpoint:
         return cls(path)
 
     @contextlib.contextmanager
@@ -27,13 +27,16 @@ class FakeCheckpoint:
 
 
 def fake_tune(restored: Path | None, reports: list) -> SimpleNamespace:
-    return SimpleNamespace(get_checkpoint=lambda: FakeCheckpoint(restored) if restored else None,
-                           Checkpoint=FakeCheckpoint,
-                           report=lambda metrics, checkpoint=None: reports.append((dict(metrics), checkpoint)))
+    return SimpleNamespace(
+        get_checkpoint=lambda: FakeCheckpoint(restored) if restored else None,
+        Checkpoint=FakeCheckpoint,
+        report=lambda metrics, checkpoint=None: reports.append((dict(metrics), checkpoint)),
+    )
 
 
-def test_a_trial_restarted_after_its_final_checkpoint_reports_it_again_without_training(run_copy: Path,
-                                                                                       monkeypatch) -> None:
+def test_a_trial_restarted_after_its_final_checkpoint_reports_it_again_without_training(
+    run_copy: Path, monkeypatch
+) -> None:
     """Retraining from epoch 1 would waste the trial and let Tune delete the final checkpoint the soup uses."""
     from soup_ray.cluster import trainable
 
@@ -51,8 +54,7 @@ def test_a_trial_restarted_after_its_final_checkpoint_reports_it_again_without_t
     assert checkpoint is not None and Path(checkpoint.path) == folder
 
 
-def test_a_final_checkpoint_of_other_hyperparameters_is_not_taken_for_this_trial(run_copy: Path,
-                                                                              monkeypatch) -> None:
+def test_a_final_checkpoint_of_other_hyperparameters_is_not_taken_for_this_trial(run_copy: Path, monkeypatch) -> None:
     from soup_ray.cluster import trainable
 
     folder = Path(trial_records_from_results(run_copy)[0].checkpoint)

@@ -32,8 +32,12 @@ def base_run(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("faults") / "run"
     shutil.copytree(prep.base_dir, run / "base")
     clf, _ = load_base(run / "base")
-    export_soup(run / "base", clf.state_dict(), run / ".template", {"version": 0, "ingredients": ["base"],
-                                                                     "heldout_accuracy": None})
+    export_soup(
+        run / "base",
+        clf.state_dict(),
+        run / ".template",
+        {"version": 0, "ingredients": ["base"], "heldout_accuracy": None},
+    )
     return run
 
 
@@ -91,8 +95,7 @@ CORRUPTIONS = ["truncated", "missing", "pickle_beside", "pickle_named_safetensor
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS)
-def test_a_corrupt_new_soup_version_never_replaces_the_served_one(base_run: Path, tmp_path: Path,
-                                                                  corrupt: str) -> None:
+def test_a_corrupt_new_soup_version_never_replaces_the_served_one(base_run: Path, tmp_path: Path, corrupt: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     publish(run, 1)
@@ -108,8 +111,12 @@ def test_a_corrupt_new_soup_version_never_replaces_the_served_one(base_run: Path
         publish(run, 2, corrupt=corrupt)
         with pytest.raises(ModelUnavailable, match="soup version 2"):
             await slot.refresh()
-        seen = {"good": good, "after_bad": slot.current, "rejected": dict(slot.rejected or {}),
-                "last_error": slot.last_error}
+        seen = {
+            "good": good,
+            "after_bad": slot.current,
+            "rejected": dict(slot.rejected or {}),
+            "last_error": slot.last_error,
+        }
         seen["retried_at_once"] = await slot.refresh()  # backing off: no second full load at the next poll
         publish(run, 3)
         seen["picked_v3"] = await slot.refresh()
@@ -129,7 +136,8 @@ def test_a_corrupt_new_soup_version_never_replaces_the_served_one(base_run: Path
 
 @pytest.mark.parametrize("corrupt", ["truncated", "missing", "nan"])
 def test_a_replica_starting_on_a_corrupt_soup_waits_unready_then_loads_the_next_version(
-        base_run: Path, tmp_path: Path, corrupt: str) -> None:
+    base_run: Path, tmp_path: Path, corrupt: str
+) -> None:
     """What keeps /healthz at 503 (with the reason) rather than the replica failing or serving garbage."""
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
@@ -180,8 +188,17 @@ def test_no_pickle_loading_in_the_package() -> None:
     for path in sorted((ROOT / "soup_ray").rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if any(w in code for w in ("torch.load(", "import pickle", "pickle.load", "allow_pickle=True",
-                                       "cloudpickle.load", "joblib.load")):
+            if any(
+                w in code
+                for w in (
+                    "torch.load(",
+                    "import pickle",
+                    "pickle.load",
+                    "allow_pickle=True",
+                    "cloudpickle.load",
+                    "joblib.load",
+                )
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, offenders
 

@@ -54,9 +54,17 @@ class FakeModel:
 
     @staticmethod
     async def _info() -> dict[str, Any]:
-        return {"ready": True, "pid": 4242, "last_error": None, "model": "soup", "soup_version": 4,
-                "source": "/abs/where/run/soup", "classes": CLASSES, "image_size": 8,
-                "actor": "SERVE_REPLICA::soup-ray#Model#x"}
+        return {
+            "ready": True,
+            "pid": 4242,
+            "last_error": None,
+            "model": "soup",
+            "soup_version": 4,
+            "source": "/abs/where/run/soup",
+            "classes": CLASSES,
+            "image_size": 8,
+            "actor": "SERVE_REPLICA::soup-ray#Model#x",
+        }
 
 
 @pytest.fixture()
@@ -76,18 +84,26 @@ def ingress_class() -> type:
     return next(c for c in wrapper.__mro__ if "_answer" in vars(c))
 
 
-def make_ingress(run: Path, monkeypatch: pytest.MonkeyPatch, model: Any = None, ensemble: Any = None,
-                 **settings: Any) -> Any:
+def make_ingress(
+    run: Path, monkeypatch: pytest.MonkeyPatch, model: Any = None, ensemble: Any = None, **settings: Any
+) -> Any:
     """An ingress over fake handles, installed as the current servable object (what Serve's routes look up)."""
     from ray import serve
 
     from soup_ray.serving import ServeOptions
 
     opts = ServeOptions(run_dir=str(run), ensemble=0)
-    base = {"run_dir": str(run), "max_body_bytes": opts.max_body_bytes, "max_pixels": opts.max_pixels,
-            "max_decoded_bytes": opts.max_decoded_bytes, "body_timeout_s": opts.body_timeout_s,
-            "model_timeout_s": opts.model_timeout_s, "retry_after_s": opts.retry_after_s,
-            "auth_token_file": None, "members": ["t000", "t001"] if ensemble is not None else []}
+    base = {
+        "run_dir": str(run),
+        "max_body_bytes": opts.max_body_bytes,
+        "max_pixels": opts.max_pixels,
+        "max_decoded_bytes": opts.max_decoded_bytes,
+        "body_timeout_s": opts.body_timeout_s,
+        "model_timeout_s": opts.model_timeout_s,
+        "retry_after_s": opts.retry_after_s,
+        "auth_token_file": None,
+        "members": ["t000", "t001"] if ensemble is not None else [],
+    }
     base.update(settings)
     ingress = ingress_class()(model or FakeModel(), ensemble, base)
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
@@ -126,10 +142,19 @@ def test_predict_and_info_answer_over_asgi(fake_run: Path, monkeypatch: pytest.M
 
 
 def test_server_timing_says_where_the_time_went_and_decoding_is_off_the_event_loop(
-        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def timed(image: np.ndarray) -> dict[str, Any]:
-        return {"ready": True, "logits": [0.0, 2.0, 1.0], "model": "soup", "soup_version": 4, "wait_ms": 2.0,
-                "forward_ms": 5.0, "batch": 3, "replica": "m1"}
+        return {
+            "ready": True,
+            "logits": [0.0, 2.0, 1.0],
+            "model": "soup",
+            "soup_version": 4,
+            "wait_ms": 2.0,
+            "forward_ms": 5.0,
+            "batch": 3,
+            "replica": "m1",
+        }
 
     ingress = make_ingress(fake_run, monkeypatch, model=FakeModel(predict=timed), decode_threads=3)
     ingress.replica = "i1"
@@ -140,8 +165,9 @@ def test_server_timing_says_where_the_time_went_and_decoding_is_off_the_event_lo
     assert float(parts["batch_wait"]) == 2.0 and float(parts["forward"]) == 5.0
     assert float(parts["ingress"]) >= float(parts["model_call"]) + float(parts["decode"])
     assert "served_by" not in r.json()  # which replicas answered: only for a loopback client that asks
-    local = call("POST", "/predict?detail=local", client=LOOPBACK, content=png(),
-                 headers={"content-type": "image/png"}).json()
+    local = call(
+        "POST", "/predict?detail=local", client=LOOPBACK, content=png(), headers={"content-type": "image/png"}
+    ).json()
     assert local["served_by"] == {"ingress": "i1", "model": "m1"}
     info = call("GET", "/info?detail=local", client=LOOPBACK).json()["ingress"]
     assert info["decoded"] == 2 and info["decoded_on_event_loop"] == 0
@@ -150,12 +176,14 @@ def test_server_timing_says_where_the_time_went_and_decoding_is_off_the_event_lo
 
 
 def test_a_batch_answers_each_image_in_order_and_a_bad_one_gets_its_own_error(
-        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     make_ingress(fake_run, monkeypatch, max_body_bytes=2000, max_batch_images=4)
     gif = io.BytesIO()
     Image.new("L", (8, 8)).save(gif, "GIF")
-    files = [("file", (f"{i}", data, "image/png"))
-             for i, data in enumerate([png(), b"not an image", png(), gif.getvalue()])]
+    files = [
+        ("file", (f"{i}", data, "image/png")) for i, data in enumerate([png(), b"not an image", png(), gif.getvalue()])
+    ]
     r = call("POST", "/predict/batch?top_k=1", files=files)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -170,16 +198,23 @@ def test_a_batch_answers_each_image_in_order_and_a_bad_one_gets_its_own_error(
     errors = [x.get("error") for x in r.json()["results"]]
     assert errors == [None, "invalid_base64", "body_too_large"]
     # the request as a whole: too many images, nothing usable, the wrong kind of body
-    assert call("POST", "/predict/batch", files=[("file", (str(i), png(), "image/png")) for i in range(5)]
-                ).json()["error"] == "too_many_images"
-    assert call("POST", "/predict/batch", json={"images_base64": [png().hex()] * 5}).json()["error"] == \
-        "too_many_images"
-    for kw, status, code in [({"json": {"images_base64": []}}, 422, "invalid_field"),
-                             ({"json": {"image_base64": "AAAA"}}, 422, "missing_field"),
-                             ({"content": png(), "headers": {"content-type": "image/png"}}, 415,
-                              "unsupported_media_type"),
-                             ({"files": [("file", ("a", png(), "image/png")), ("other", ("b", png(), "image/png"))]},
-                              422, "unexpected_field")]:
+    assert (
+        call("POST", "/predict/batch", files=[("file", (str(i), png(), "image/png")) for i in range(5)]).json()["error"]
+        == "too_many_images"
+    )
+    assert (
+        call("POST", "/predict/batch", json={"images_base64": [png().hex()] * 5}).json()["error"] == "too_many_images"
+    )
+    for kw, status, code in [
+        ({"json": {"images_base64": []}}, 422, "invalid_field"),
+        ({"json": {"image_base64": "AAAA"}}, 422, "missing_field"),
+        ({"content": png(), "headers": {"content-type": "image/png"}}, 415, "unsupported_media_type"),
+        (
+            {"files": [("file", ("a", png(), "image/png")), ("other", ("b", png(), "image/png"))]},
+            422,
+            "unexpected_field",
+        ),
+    ]:
         r = call("POST", "/predict/batch", **kw)
         assert (r.status_code, r.json()["error"]) == (status, code), (kw, r.text)
 
@@ -218,10 +253,20 @@ def test_a_stalled_request_body_times_out_with_a_408(fake_run: Path, monkeypatch
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/predict", "raw_path": b"/predict", "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"soup.test"), (b"content-type", b"image/png"), (b"content-length", b"500")],
-             "client": REMOTE, "server": ("soup.test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"soup.test"), (b"content-type", b"image/png"), (b"content-length", b"500")],
+        "client": REMOTE,
+        "server": ("soup.test", 80),
+    }
 
     async def run() -> None:
         await asyncio.wait_for(app(scope, receive, send), GUARD_S)
@@ -255,13 +300,14 @@ def _backpressure() -> Exception:
 
 @pytest.mark.parametrize("failure, code", [("backpressure", "overloaded"), ("replica_died", "model_error")])
 def test_an_overloaded_or_failing_model_is_a_json_503_with_retry_after(
-        fake_run: Path, monkeypatch: pytest.MonkeyPatch, failure: str, code: str) -> None:
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch, failure: str, code: str
+) -> None:
     from ray.exceptions import RayActorError
 
     async def fail(*args: Any) -> dict[str, Any]:
         if failure == "backpressure":
             raise _backpressure()
-        raise RayActorError(error_msg=f"The actor died. Traceback: File \"{fake_run}/x.py\", line 1")
+        raise RayActorError(error_msg=f'The actor died. Traceback: File "{fake_run}/x.py", line 1')
 
     make_ingress(fake_run, monkeypatch, model=FakeModel(predict=fail), retry_after_s=3.0)
     r = call("POST", "/predict", content=png())
@@ -286,8 +332,12 @@ def test_an_unready_model_is_503_with_retry_after(fake_run: Path, monkeypatch: p
         return {"ready": False, "detail": f"soup version 2 in {fake_run}/soup cannot be loaded (truncated)"}
 
     async def info() -> dict[str, Any]:
-        return {"ready": False, "pid": 1, "last_error": f"soup version 2 in {fake_run}/soup cannot be loaded",
-                "model": "soup"}
+        return {
+            "ready": False,
+            "pid": 1,
+            "last_error": f"soup version 2 in {fake_run}/soup cannot be loaded",
+            "model": "soup",
+        }
 
     make_ingress(fake_run, monkeypatch, model=FakeModel(predict=unready, info=info))
     r = call("POST", "/predict", content=png())
@@ -326,8 +376,9 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_token_guards_every_endpoint_but_healthz(fake_run: Path, token_file: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_token_guards_every_endpoint_but_healthz(
+    fake_run: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import soup_ray.serving.auth as auth
 
     compared: list[int] = []
@@ -335,8 +386,14 @@ def test_a_token_guards_every_endpoint_but_healthz(fake_run: Path, token_file: P
     monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
     make_ingress(fake_run, monkeypatch, auth_token_file=str(token_file))
     good = {"authorization": "Bearer s3cret-token-0123456789"}
-    for method, path in [("POST", "/predict"), ("GET", "/info"), ("GET", "/openapi.json"), ("GET", "/docs"),
-                         ("POST", "/predict/ensemble"), ("GET", "/nowhere")]:
+    for method, path in [
+        ("POST", "/predict"),
+        ("GET", "/info"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("POST", "/predict/ensemble"),
+        ("GET", "/nowhere"),
+    ]:
         kw = {"content": png()} if method == "POST" else {}
         r = call(method, path, **kw)
         assert r.status_code == 401, (path, r.text)
@@ -367,12 +424,16 @@ def test_token_files_that_cannot_be_used_are_refused(tmp_path: Path, fake_run: P
             build_app({"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(path)})
 
 
-def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(
-        fake_run: Path, token_file: Path) -> None:
+def test_build_app_bounds_every_queue_and_passes_the_token_file_not_the_token(fake_run: Path, token_file: Path) -> None:
     from soup_ray.serving.app import build_app
 
-    common = {"run_dir": str(fake_run), "ensemble": 0, "auth_token_file": str(token_file),
-              "max_queued_requests": 7, "retry_after_s": 2}
+    common = {
+        "run_dir": str(fake_run),
+        "ensemble": 0,
+        "auth_token_file": str(token_file),
+        "max_queued_requests": 7,
+        "retry_after_s": 2,
+    }
     split = build_app({**common, "topology": "split"})._bound_deployment
     model = split.init_args[0]._bound_deployment
     assert model.max_queued_requests == 7 and model.max_ongoing_requests == 32
@@ -427,8 +488,13 @@ def test_the_schema_says_what_is_accepted(fake_run: Path, monkeypatch: pytest.Mo
     body = spec["paths"]["/predict"]["post"]["requestBody"]
     assert body["required"] is True
     content = body["content"]
-    assert set(content) == {"multipart/form-data", "image/png", "image/jpeg", "application/octet-stream",
-                            "application/json"}
+    assert set(content) == {
+        "multipart/form-data",
+        "image/png",
+        "image/jpeg",
+        "application/octet-stream",
+        "application/json",
+    }
     b64 = content["application/json"]["schema"]["properties"]["image_base64"]
     assert b64["minLength"] >= 4 and b64["pattern"] == BASE64_PATTERN
     import re
@@ -444,7 +510,8 @@ def test_the_schema_says_what_is_accepted(fake_run: Path, monkeypatch: pytest.Mo
 
 
 def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_request(
-        fake_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -468,8 +535,13 @@ def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_r
                 raise AssertionError(f"a schema-valid request was refused: {response.status_code} {code}")
         return True
 
-    wanted = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-              checks.response_schema_conformance, checks.negative_data_rejection]
+    wanted = [
+        checks.not_a_server_error,
+        checks.status_code_conformance,
+        checks.content_type_conformance,
+        checks.response_schema_conformance,
+        checks.negative_data_rejection,
+    ]
     ran = {"calls": 0, "operations": 0}
     timings: dict[str, float] = {}
     for result in schema.get_all_operations():
@@ -477,8 +549,14 @@ def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_r
         ran["operations"] += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=FUZZ_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def fuzz(case: Any) -> None:
                 response = case.call()
@@ -496,10 +574,14 @@ def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_r
     assert not refused
 
 
-@pytest.mark.parametrize("header", [{"x-forwarded-for": "203.0.113.7"}, {"forwarded": "for=203.0.113.7"},
-                                    {"x-real-ip": "203.0.113.7"}], ids=lambda h: next(iter(h)))
-def test_a_request_relayed_by_a_proxy_on_this_host_is_not_local(fake_run: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                header: dict) -> None:
+@pytest.mark.parametrize(
+    "header",
+    [{"x-forwarded-for": "203.0.113.7"}, {"forwarded": "for=203.0.113.7"}, {"x-real-ip": "203.0.113.7"}],
+    ids=lambda h: next(iter(h)),
+)
+def test_a_request_relayed_by_a_proxy_on_this_host_is_not_local(
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch, header: dict
+) -> None:
     """Behind a reverse proxy on the same host every client connects from loopback: the relay headers tell."""
     make_ingress(fake_run, monkeypatch)
     r = call("GET", "/info?detail=local", client=LOOPBACK, headers=header)
@@ -508,17 +590,24 @@ def test_a_request_relayed_by_a_proxy_on_this_host_is_not_local(fake_run: Path, 
     assert str(fake_run) not in r.text and "/abs/where" not in r.text
 
 
-def test_the_live_page_shows_rejection_reasons_without_paths_as_info_does(fake_run: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_live_page_shows_rejection_reasons_without_paths_as_info_does(
+    fake_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from soup_ray.run_dir import RunDir
 
     paths = RunDir(fake_run)
     paths.state_dir.mkdir(parents=True)
-    reasons = {"t009": f"unreadable checkpoint {fake_run}/tune/t009/model.safetensors: truncated",
-               "t010": "no model.safetensors in /mnt/shared/elsewhere/t010 (yet)"}
+    reasons = {
+        "t009": f"unreadable checkpoint {fake_run}/tune/t009/model.safetensors: truncated",
+        "t010": "no model.safetensors in /mnt/shared/elsewhere/t010 (yet)",
+    }
     paths.state_file.write_text(json.dumps({"records": {}, "rejected": reasons, "version": 0, "soup": {}}))
-    paths.results.write_text("".join(json.dumps({"trial_id": t, "kind": "individual", "status": "completed",
-                                                 "heldout": 0.5}) + "\n" for t in reasons))
+    paths.results.write_text(
+        "".join(
+            json.dumps({"trial_id": t, "kind": "individual", "status": "completed", "heldout": 0.5}) + "\n"
+            for t in reasons
+        )
+    )
     make_ingress(fake_run, monkeypatch)
     for path in ("/soup.json", "/"):
         r = call("GET", path)
@@ -527,5 +616,7 @@ def test_the_live_page_shows_rejection_reasons_without_paths_as_info_does(fake_r
         assert "unreadable checkpoint" in r.text and "truncated" in r.text  # the reason itself stays
     page = call("GET", "/soup.json").json()
     assert page["keeper"]["rejected"]["t009"] == "unreadable checkpoint RUN_DIR/tune/t009/model.safetensors: truncated"
-    assert next(t for t in page["trials"] if t["trial_id"] == "t010")["soup"] == "rejected: no model.safetensors in " \
+    assert (
+        next(t for t in page["trials"] if t["trial_id"] == "t010")["soup"] == "rejected: no model.safetensors in "
         "<path> (yet)"
+    )

@@ -60,9 +60,15 @@ def publish(run: Path, keeper: Any, ids: list[str], version: int) -> dict[str, A
 
     kitchen = keeper.kitchen
     result = kitchen.evaluate(ids, None)
-    info = {"version": version, "ingredients": ids, "heldout_accuracy": result.correct / kitchen.heldout_size,
-            "heldout_correct": result.correct, "heldout_size": kitchen.heldout_size, "tie": keeper.tie,
-            "published_at": time.time()}
+    info = {
+        "version": version,
+        "ingredients": ids,
+        "heldout_accuracy": result.correct / kitchen.heldout_size,
+        "heldout_correct": result.correct,
+        "heldout_size": kitchen.heldout_size,
+        "tie": keeper.tie,
+        "published_at": time.time(),
+    }
     weights = kitchen.soup_weights(ids)
     paths = RunDir(run)
     export_soup(paths.base, weights, paths.version(version), info)
@@ -101,9 +107,13 @@ def test_snapshot_follows_the_keeper_and_the_page_escapes_every_text(kept_run: t
     assert snapshot(run)["digest"] == snap["digest"]  # nothing changed: same digest
 
     hostile = "<script>alert(1)</script>"
-    evil = {**snap, "run": hostile, "name": '"><img src=x onerror=alert(2)>',
-            "trials": [{**snap["trials"][0], "trial_id": hostile, "soup": "rejected: " + hostile}],
-            "points": snap["points"] + [{"name": hostile, "kind": "recipe", "test": 0.5, "shift_mean": 0.5}]}
+    evil = {
+        **snap,
+        "run": hostile,
+        "name": '"><img src=x onerror=alert(2)>',
+        "trials": [{**snap["trials"][0], "trial_id": hostile, "soup": "rejected: " + hostile}],
+        "points": snap["points"] + [{"name": hostile, "kind": "recipe", "test": 0.5, "shift_mean": 0.5}],
+    }
     html = render_page(evil)
     assert hostile not in html and "onerror=alert(2)>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
@@ -117,14 +127,29 @@ def test_a_sweep_in_progress_reads_tune_trial_folders(tmp_path: Path) -> None:
     (run / "config.json").write_text(json.dumps({"name": "t", "data": {"shifts": ["rotate"]}}))
     running = run / "tune" / "trial_a"
     running.mkdir(parents=True)
-    lines = [{"trial_id": "a", "epoch": e, "heldout_acc": 0.5 + e / 10, "status": "running",
-              "config": {"lr": 1e-3, "epochs": 4}} for e in (1, 2)]
-    (running / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"trial_id\": \"a\", \"ep")
+    lines = [
+        {
+            "trial_id": "a",
+            "epoch": e,
+            "heldout_acc": 0.5 + e / 10,
+            "status": "running",
+            "config": {"lr": 1e-3, "epochs": 4},
+        }
+        for e in (1, 2)
+    ]
+    (running / "result.json").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"trial_id": "a", "ep')
     done = run / "tune" / "trial_b"
     (done / "checkpoint_000000").mkdir(parents=True)
     (done / "result.json").write_text(json.dumps({"trial_id": "b", "epoch": 3, "status": "running"}) + "\n")
-    metrics = {"status": "completed", "epoch": 3, "heldout_acc": 0.9, "test_acc": 0.8, "shift_rotate_acc": 0.6,
-               "shift_mean_acc": 0.6, "hyperparameters": {"lr": 2e-3, "epochs": 3}}
+    metrics = {
+        "status": "completed",
+        "epoch": 3,
+        "heldout_acc": 0.9,
+        "test_acc": 0.8,
+        "shift_rotate_acc": 0.6,
+        "shift_mean_acc": 0.6,
+        "hyperparameters": {"lr": 2e-3, "epochs": 3},
+    }
     (done / "checkpoint_000000" / "metrics.json").write_text(json.dumps(metrics))
 
     snap = snapshot(run)
@@ -143,8 +168,9 @@ def test_a_sweep_in_progress_reads_tune_trial_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: tuple[Path, Any],
-                                                                     tmp_path: Path) -> None:
+def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(
+    kept_run: tuple[Path, Any], tmp_path: Path
+) -> None:
     sync_playwright, exe = need_browser()
     keeper = kept_run[1]
     run = tmp_path / "run"
@@ -171,16 +197,18 @@ def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: t
                 assert page.locator("#trials tbody tr").count() == 5
                 assert page.locator("svg.greedy g.kept, svg.greedy g.dropped").count() == 5
                 assert page.locator("svg.scatter g.pt").count() == 5
-                page.wait_for_function("document.getElementById('poll-state').textContent.startsWith('live ·')",
-                                       timeout=PAGE_WAIT_MS)  # the poller ran and reached the server
+                page.wait_for_function(
+                    "document.getElementById('poll-state').textContent.startsWith('live ·')", timeout=PAGE_WAIT_MS
+                )  # the poller ran and reached the server
                 page.evaluate("window.__notReloaded = true")
 
                 all_ids = sorted(keeper.kitchen.paths)
                 ids = all_ids if sorted(keeper.status()["ingredients"]) != all_ids else all_ids[:2]
                 publish(run, keeper, ids, version + 1)
 
-                page.wait_for_function(f"document.getElementById('soup-version').textContent === '{version + 1}'",
-                                       timeout=PAGE_WAIT_MS)
+                page.wait_for_function(
+                    f"document.getElementById('soup-version').textContent === '{version + 1}'", timeout=PAGE_WAIT_MS
+                )
                 assert page.evaluate("window.__notReloaded === true")  # redrawn in place, not reloaded
                 assert page.locator("#ingredients li").count() == len(ids)
                 assert page.locator("#ingredients code").all_inner_texts() == ids
@@ -196,7 +224,8 @@ def test_live_page_in_a_browser_updates_when_a_new_soup_is_published(kept_run: t
 
 @pytest.mark.slow
 def test_the_live_page_behind_a_token_signs_in_with_an_httponly_cookie_in_a_browser(
-        kept_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kept_run: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a bearer token set, a browser (which cannot send the header) is sent to /login, signs in with the
     token, gets an HttpOnly SameSite cookie, and then sees the page and its polled /soup.json; a wrong token
     and a request without credentials still get nothing."""
@@ -245,8 +274,9 @@ def test_the_live_page_behind_a_token_signs_in_with_an_httponly_cookie_in_a_brow
                 cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
                 assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and token not in cookie["value"]
                 assert page.evaluate("document.cookie") == ""  # HttpOnly: the page's own script cannot read it
-                page.wait_for_function("document.getElementById('poll-state').textContent.startsWith('live ·')",
-                                       timeout=PAGE_WAIT_MS)  # the page's poll of /soup.json got through
+                page.wait_for_function(
+                    "document.getElementById('poll-state').textContent.startsWith('live ·')", timeout=PAGE_WAIT_MS
+                )  # the page's poll of /soup.json got through
                 api = page.request.get(url + "/soup.json")  # the cookie stands in for the bearer header
                 assert api.status == 200 and "soup" in api.json()
             finally:

@@ -127,17 +127,20 @@ def test_load_image_rescales_16_bit_grey_and_drops_alpha() -> None:
     assert load_image(png_bytes(Image.fromarray(rgba, "RGBA")), 4)[0, 0].tolist() == [200, 0, 0]
 
 
-@pytest.mark.parametrize("case, status, code", [
-    ("empty", 400, "empty_body"),
-    ("text", 400, "not_an_image"),
-    ("truncated_png", 400, "corrupt_image"),
-    ("truncated_jpeg", 400, "corrupt_image"),
-    ("gif", 415, "unsupported_image_type"),
-    ("bmp", 415, "unsupported_image_type"),
-    ("tiff", 415, "unsupported_image_type"),
-    ("huge_header", 422, "too_many_pixels"),
-    ("pillow_bomb", 422, "too_many_pixels"),
-])
+@pytest.mark.parametrize(
+    "case, status, code",
+    [
+        ("empty", 400, "empty_body"),
+        ("text", 400, "not_an_image"),
+        ("truncated_png", 400, "corrupt_image"),
+        ("truncated_jpeg", 400, "corrupt_image"),
+        ("gif", 415, "unsupported_image_type"),
+        ("bmp", 415, "unsupported_image_type"),
+        ("tiff", 415, "unsupported_image_type"),
+        ("huge_header", 422, "too_many_pixels"),
+        ("pillow_bomb", 422, "too_many_pixels"),
+    ],
+)
 def test_load_image_refuses_bad_input_with_a_status(case: str, status: int, code: str) -> None:
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     limit = 4096 * 4096
@@ -228,8 +231,12 @@ def test_model_slot_pins_follows_and_swaps_whole_models(small_run: Path, tmp_pat
         assert slot.current is seen["pinned"]  # batching-only change: nothing reloaded
         assert await slot.configure(ModelSpec(run_dir=str(run)))  # follow RUN_DIR/soup
         assert not await slot.refresh()  # nothing new published
-        export_soup(run / "base", keeper.kitchen.soup_weights(ids2), run / "soup",
-                    {"version": v1 + 1, "ingredients": ids2, "heldout_accuracy": None})
+        export_soup(
+            run / "base",
+            keeper.kitchen.soup_weights(ids2),
+            run / "soup",
+            {"version": v1 + 1, "ingredients": ids2, "heldout_accuracy": None},
+        )
         before = slot.current
         assert await slot.refresh()
         seen["before"], seen["after"] = before, slot.current
@@ -277,15 +284,31 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     saved = {k: os.environ.get(k) for k in THROUGHPUT_MODES[DEFAULT_THROUGHPUT_MODE]}
     if started:  # the throughput mode `soup-ray serve` starts its own Ray with: every test here runs under it
         throughput_mode_env(DEFAULT_THROUGHPUT_MODE)
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+            log_to_driver=False,
+        )
         for k, v in saved.items():  # the Ray started has it; later tests of this process start from scratch
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     port = free_port()
     try:
-        url = serve_run(run, host="127.0.0.1", port=port, blocking=False, log=lambda m: None, ensemble=2,
-                        poll_interval_s=0.5, num_cpus=0.2, ingress_cpus=0.1, max_batch_size=8,
-                        batch_wait_timeout_s=0.05, max_pixels=FIXTURE_MAX_PIXELS)
+        url = serve_run(
+            run,
+            host="127.0.0.1",
+            port=port,
+            blocking=False,
+            log=lambda m: None,
+            ensemble=2,
+            poll_interval_s=0.5,
+            num_cpus=0.2,
+            ingress_cpus=0.1,
+            max_batch_size=8,
+            batch_wait_timeout_s=0.05,
+            max_pixels=FIXTURE_MAX_PIXELS,
+        )
         with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
             yield {"url": url, "run": run, "keeper": keeper, "kitchen": keeper.kitchen, "client": client}
     finally:
@@ -410,27 +433,55 @@ def _bad_requests() -> dict[str, tuple[dict[str, Any], str, int, str]]:
         "not_an_image": ({"content": b"just some text"}, "/predict", 400, "not_an_image"),
         "truncated_png": ({"content": png[: len(png) // 2]}, "/predict", 400, "corrupt_image"),
         "truncated_jpeg": ({"content": jpeg[: len(jpeg) // 2]}, "/predict", 400, "corrupt_image"),
-        "gif": ({"content": encode(noise, "GIF"), "headers": {"content-type": "image/gif"}}, "/predict", 415,
-                "unsupported_image_type"),
-        "bmp_upload": ({"files": {"file": ("x.bmp", encode(noise, "BMP"), "image/bmp")}}, "/predict", 415,
-                       "unsupported_image_type"),
+        "gif": (
+            {"content": encode(noise, "GIF"), "headers": {"content-type": "image/gif"}},
+            "/predict",
+            415,
+            "unsupported_image_type",
+        ),
+        "bmp_upload": (
+            {"files": {"file": ("x.bmp", encode(noise, "BMP"), "image/bmp")}},
+            "/predict",
+            415,
+            "unsupported_image_type",
+        ),
         "tiff": ({"content": encode(noise, "TIFF")}, "/predict/ensemble", 415, "unsupported_image_type"),
-        "malformed_json": ({"content": b'{"image_base64": ', "headers": {"content-type": "application/json"}},
-                           "/predict", 400, "malformed_json"),
+        "malformed_json": (
+            {"content": b'{"image_base64": ', "headers": {"content-type": "application/json"}},
+            "/predict",
+            400,
+            "malformed_json",
+        ),
         "json_without_field": ({"json": {"image": "x"}}, "/predict", 422, "missing_field"),
         "json_bad_base64": ({"json": {"image_base64": "!!not base64!!"}}, "/predict", 400, "invalid_base64"),
-        "json_gif": ({"json": {"image_base64": base64.b64encode(encode(noise, "GIF")).decode()}}, "/predict", 415,
-                     "unsupported_image_type"),
+        "json_gif": (
+            {"json": {"image_base64": base64.b64encode(encode(noise, "GIF")).decode()}},
+            "/predict",
+            415,
+            "unsupported_image_type",
+        ),
         "too_large_declared": ({"content": over}, "/predict", 413, "body_too_large"),
         "too_large_chunked": ({"content": chunks()}, "/predict", 413, "body_too_large"),
         "too_many_pixels": ({"content": png_bytes(big)}, "/predict", 422, "too_many_pixels"),
         "bomb_header": ({"content": header_only_png(50_000, 50_000)}, "/predict", 422, "too_many_pixels"),
-        "upload_without_file_field": ({"files": {"image": ("x.png", png, "image/png")}}, "/predict", 422,
-                                      "missing_field"),
-        "file_field_is_text": ({"data": {"file": "not a file"}, "files": {"other": ("x.png", png, "image/png")}},
-                               "/predict", 422, "invalid_field"),
-        "malformed_multipart": ({"content": b"--nope\r\nbroken", "headers": {
-            "content-type": "multipart/form-data; boundary=xyz"}}, "/predict", 400, "malformed_multipart"),
+        "upload_without_file_field": (
+            {"files": {"image": ("x.png", png, "image/png")}},
+            "/predict",
+            422,
+            "missing_field",
+        ),
+        "file_field_is_text": (
+            {"data": {"file": "not a file"}, "files": {"other": ("x.png", png, "image/png")}},
+            "/predict",
+            422,
+            "invalid_field",
+        ),
+        "malformed_multipart": (
+            {"content": b"--nope\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+            "/predict",
+            400,
+            "malformed_multipart",
+        ),
         "top_k_zero": ({"content": png}, "/predict?top_k=0", 422, "invalid_request"),
         "top_k_not_a_number": ({"content": png}, "/predict?top_k=three", 422, "invalid_request"),
     }
@@ -536,9 +587,19 @@ def spread(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
     from soup_ray.serving.app import build_app
 
-    opts = ServeOptions(run_dir=str(served["run"]), ensemble=0, follow=False, num_cpus=0.1, ingress_cpus=0.05,
-                        topology="split", ingress_replicas=2, model_replicas=2, decode_threads=2, max_batch_size=4,
-                        max_pixels=FIXTURE_MAX_PIXELS)
+    opts = ServeOptions(
+        run_dir=str(served["run"]),
+        ensemble=0,
+        follow=False,
+        num_cpus=0.1,
+        ingress_cpus=0.05,
+        topology="split",
+        ingress_replicas=2,
+        model_replicas=2,
+        decode_threads=2,
+        max_batch_size=4,
+        max_pixels=FIXTURE_MAX_PIXELS,
+    )
     serve.run(build_app(opts), name="spread", route_prefix="/spread", blocking=False)  # returns once it is up
     with httpx.Client(base_url=served["url"] + "/spread", timeout=REQUEST_TIMEOUT_S) as client:
         try:
@@ -549,7 +610,8 @@ def spread(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_requests_spread_over_every_ingress_and_model_replica_and_decoding_stays_off_the_event_loop(
-        served: dict[str, Any], spread: dict[str, Any]) -> None:
+    served: dict[str, Any], spread: dict[str, Any]
+) -> None:
     client = spread["client"]
     pngs, _ = digit_images(served["kitchen"], 8)
     seen: dict[str, set] = {"ingress": set(), "model": set()}
@@ -584,10 +646,11 @@ def test_a_batch_over_http_answers_as_single_requests_do(served: dict[str, Any],
     body = r.json()
     assert body["ok"] == 5 and body["failed"] == 1 and body["results"][5]["error"] == "not_an_image"
     singles = post_all(client, "/predict?top_k=2", [{"content": b} for b in pngs])
-    for item, single in zip(body["results"], singles):
+    for item, single in zip(body["results"], singles, strict=True):
         assert [p["index"] for p in item["predictions"]] == [p["index"] for p in single.json()["predictions"]]
-        assert item["predictions"][0]["probability"] == pytest.approx(single.json()["predictions"][0]["probability"],
-                                                                      abs=1e-5)
+        assert item["predictions"][0]["probability"] == pytest.approx(
+            single.json()["predictions"][0]["probability"], abs=1e-5
+        )
     assert "server-timing" in singles[0].headers
 
 
@@ -645,10 +708,21 @@ def faults(served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
     shutil.copytree(run / "soup", good)
     version = json_version(good)
     republish(run, good, version, spoil=True)
-    opts = ServeOptions(run_dir=str(run), ensemble=0, poll_interval_s=0.3, num_cpus=0.1, ingress_cpus=0.05,
-                        max_batch_size=4, batch_wait_timeout_s=0.25, max_ongoing_requests=1, max_queued_requests=1,
-                        retry_after_s=float(FAULTS_RETRY_AFTER), model_timeout_s=15, health_check_period_s=0.5,
-                        max_pixels=FIXTURE_MAX_PIXELS)
+    opts = ServeOptions(
+        run_dir=str(run),
+        ensemble=0,
+        poll_interval_s=0.3,
+        num_cpus=0.1,
+        ingress_cpus=0.05,
+        max_batch_size=4,
+        batch_wait_timeout_s=0.25,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        retry_after_s=float(FAULTS_RETRY_AFTER),
+        model_timeout_s=15,
+        health_check_period_s=0.5,
+        max_pixels=FIXTURE_MAX_PIXELS,
+    )
     serve.run(build_app(opts), name="faults", route_prefix="/faults", blocking=False)
     with httpx.Client(base_url=served["url"] + "/faults", timeout=REQUEST_TIMEOUT_S) as client:
         try:
@@ -658,8 +732,7 @@ def faults(served: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
             republish(run, good, version + 1)
             ready = wait_for(client, "/healthz", lambda r: r.status_code == 200)
             assert ready is not None and ready.status_code == 200, ready.text if ready is not None else None
-            yield {"run": run, "good": good, "client": client, "startup": startup, "png": png,
-                   "version": version + 1}
+            yield {"run": run, "good": good, "client": client, "startup": startup, "png": png, "version": version + 1}
         finally:
             serve.delete("faults", _blocking=False)  # the served fixture's serve.shutdown() waits for it
 
@@ -687,8 +760,9 @@ def test_a_corrupt_new_soup_version_never_replaces_the_good_one(faults: dict[str
     client, run, good = faults["client"], faults["run"], faults["good"]
     serving = client.get("/info").json()["soup_version"]
     republish(run, good, serving + 1, spoil=True)
-    rejected = wait_for(client, "/info", lambda r: (r.json().get("rejected") or {}).get("soup_version") == serving + 1,
-                        seconds=15)
+    rejected = wait_for(
+        client, "/info", lambda r: (r.json().get("rejected") or {}).get("soup_version") == serving + 1, seconds=15
+    )
     info = rejected.json()
     assert info["rejected"]["soup_version"] == serving + 1, info
     assert info["soup_version"] == serving and info["ready"]

@@ -38,8 +38,12 @@ def free_port() -> int:
 def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv outside the repository with the soup-ray wheel installed; returns its ``bin`` folder."""
     work = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"),
-                            str(ROOT)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if built.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{built.stdout[-2000:]}\n{built.stderr[-2000:]}")
     wheels = sorted((work / "dist").glob("soup_ray-*.whl"))
@@ -47,25 +51,34 @@ def wheel_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # the dependencies (torch, ray, open_clip, ...) from this environment; a .pth line adds the folder to
     # sys.path without running its own .pth files, so the editable install of the checkout is not seen
     (Path(site) / "soup_ray_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    inst = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheels[-1])],
-                          capture_output=True, text=True, timeout=300)
+    inst = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheels[-1])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if inst.returncode != 0:
         pytest.fail(f"installing the wheel failed:\n{inst.stderr[-2000:]}")
     return venv / "bin"
 
 
-def test_installed_wheel_serves_a_recipe_from_a_folder_outside_the_checkout(wheel_env: Path, run_copy: Path,
-                                                                             tmp_path: Path) -> None:
+def test_installed_wheel_serves_a_recipe_from_a_folder_outside_the_checkout(
+    wheel_env: Path, run_copy: Path, tmp_path: Path
+) -> None:
     from PIL import Image
 
     from soup_ray.cli import main
-    from soup_ray.data import build_dataset
     from soup_ray.config import SweepConfig
+    from soup_ray.data import build_dataset
 
     assert main(["soup", str(run_copy), "--method", "model_stock"]) == 0
     assert (run_copy / "soups" / "model_stock" / "soup.json").is_file()
@@ -74,19 +87,42 @@ def test_installed_wheel_serves_a_recipe_from_a_folder_outside_the_checkout(whee
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", PATH=f"{wheel_env}{os.pathsep}{env.get('PATH', '')}")
-    where = subprocess.run([str(wheel_env / "python"), "-c", "import soup_ray; print(soup_ray.__file__)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [str(wheel_env / "python"), "-c", "import soup_ray; print(soup_ray.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert not where.startswith(str(ROOT)), f"soup_ray came from the checkout: {where}"
-    no_entry = subprocess.run([str(wheel_env / "python"), "-c", "import serve.app"], cwd=elsewhere, env=env,
-                              capture_output=True, text=True)
+    no_entry = subprocess.run(
+        [str(wheel_env / "python"), "-c", "import serve.app"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
     assert no_entry.returncode != 0, "the repository's serve/ entry must not be importable here"
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([str(wheel_env / "soup-ray"), "serve", str(run_copy), "--port", str(port),
-                             "--method", "model_stock", "--ensemble", "0", "--num-cpus", "0.25"], cwd=elsewhere,
-                            env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(wheel_env / "soup-ray"),
+            "serve",
+            str(run_copy),
+            "--port",
+            str(port),
+            "--method",
+            "model_stock",
+            "--ensemble",
+            "0",
+            "--num-cpus",
+            "0.25",
+        ],
+        cwd=elsewhere,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         cfg = SweepConfig.model_validate_json((run_copy / "config.json").read_text())
         x, _ = build_dataset(cfg.data, 32).test[0]
@@ -99,8 +135,7 @@ def test_installed_wheel_serves_a_recipe_from_a_folder_outside_the_checkout(whee
             while time.time() < deadline and proc.poll() is None:
                 try:
                     if client.get("/healthz").status_code == 200:
-                        answer = client.post("/predict", content=buf.getvalue(),
-                                             headers={"content-type": "image/png"})
+                        answer = client.post("/predict", content=buf.getvalue(), headers={"content-type": "image/png"})
                         info = client.get("/info?detail=local").json()  # the source path: loopback only
                         break
                 except httpx.HTTPError:

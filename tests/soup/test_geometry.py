@@ -64,8 +64,10 @@ def test_relative_distance_by_hand() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(min_value=0.5, max_value=50, width=32), min_size=1, max_size=6),
-       st.floats(min_value=0.0, max_value=3.0))
+@given(
+    st.lists(st.floats(min_value=0.5, max_value=50, width=32), min_size=1, max_size=6),
+    st.floats(min_value=0.0, max_value=3.0),
+)
 def test_relative_distance_of_a_scaled_model_is_the_scale_change(values: list[float], scale: float) -> None:
     base = sd(*values)
     scaled = {"w": base["w"] * scale, "step": base["step"]}

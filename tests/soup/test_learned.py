@@ -16,8 +16,8 @@ from soup_ray.soup.learned import (
     fit_learned_soup,
     learned_soup_gradient,
     mix,
-    soup_keys,
     softmax_backward,
+    soup_keys,
 )
 
 PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -28,9 +28,12 @@ def start_model(seed: int = 0) -> State:
     """A 3 -> 5 -> 2 MLP, a floating buffer no loss depends on and an integer buffer."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "fc1.weight": torch.randn(5, 3, generator=g) * 0.5, "fc1.bias": torch.zeros(5),
-        "fc2.weight": torch.randn(2, 5, generator=g) * 0.5, "fc2.bias": torch.zeros(2),
-        "unused": torch.ones(2), "num_batches": torch.tensor(7),
+        "fc1.weight": torch.randn(5, 3, generator=g) * 0.5,
+        "fc1.bias": torch.zeros(5),
+        "fc2.weight": torch.randn(2, 5, generator=g) * 0.5,
+        "fc2.bias": torch.zeros(2),
+        "unused": torch.ones(2),
+        "num_batches": torch.tensor(7),
     }
 
 
@@ -57,7 +60,7 @@ def loss_and_grad(theta: dict[str, torch.Tensor]) -> tuple[float, dict[str, torc
     params = {k: theta[k].detach().clone().requires_grad_(True) for k in PARAMS}
     loss = loss_at(params)
     grads = torch.autograd.grad(loss, list(params.values()))
-    return loss.item(), dict(zip(PARAMS, grads))
+    return loss.item(), dict(zip(PARAMS, grads, strict=True))
 
 
 def ingredients(n: int, noise: float = 0.3, seed: int = 2) -> list[State]:
@@ -65,8 +68,10 @@ def ingredients(n: int, noise: float = 0.3, seed: int = 2) -> list[State]:
     start = start_model()
     out = []
     for _ in range(n):
-        model = {k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
-                 for k, v in start.items()}
+        model = {
+            k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in start.items()
+        }
         out.append(model)
     return out
 
@@ -89,7 +94,7 @@ def autograd_beta_grad(models: list[State], beta: torch.Tensor) -> tuple[float, 
     theta = {}
     for j, key in enumerate(keys):
         weights = alpha[:, j] if beta.ndim == 2 else alpha
-        theta[key] = sum(w * m[key].double() for w, m in zip(weights, models))
+        theta[key] = sum(w * m[key].double() for w, m in zip(weights, models, strict=True))
     loss = F.cross_entropy(forward(theta, X.double()), Y)
     loss.backward()
     return loss.item(), beta.grad
@@ -143,8 +148,9 @@ def test_the_pieces_by_hand() -> None:
 def test_fitting_lowers_the_loss_and_favours_the_good_ingredient(by_layer: bool) -> None:
     models = [dict(trained())] + ingredients(3, noise=0.5)
     seen: list[tuple[int, float]] = []
-    result = fit_learned_soup(loaders(models), loss_and_grad, by_layer=by_layer, epochs=40, lr=0.1,
-                              log=lambda e, loss: seen.append((e, loss)))
+    result = fit_learned_soup(
+        loaders(models), loss_and_grad, by_layer=by_layer, epochs=40, lr=0.1, log=lambda e, loss: seen.append((e, loss))
+    )
     assert len(result.losses) == 40 and [e for e, _ in seen] == list(range(40))
     uniform = loss_at({k: sum(m[k] for m in models) / len(models) for k in PARAMS})
     assert result.losses[0] == pytest.approx(uniform.item(), abs=1e-6)  # beta = 0 is the uniform soup
@@ -189,6 +195,7 @@ class Tracker:
             for v in state.values():
                 weakref.finalize(v.untyped_storage(), self.release, i)
             return state
+
         return load
 
 

@@ -121,6 +121,7 @@ def test_ties_loads_each_ingredient_twice_one_at_a_time() -> None:
         def load() -> dict[str, torch.Tensor]:
             loads.append(i)
             return sd(float(i + 1), -1.0)
+
         return load
 
     out = ties_merge(base, [loader(i) for i in range(3)], density=1.0)
@@ -244,11 +245,15 @@ def test_streaming_merges_load_each_ingredient_once_and_release_it() -> None:
                 live[0] += 1
                 weakref.finalize(v.untyped_storage(), lambda: live.__setitem__(0, live[0] - 1))
             return state
+
         return load
 
     base = sd(0.5, 0.5)
-    for merge in (lambda items: task_arithmetic(base, items, 1.0), lambda items: dare_merge(base, items, 0.3),
-                  lambda items: model_stock(base, items)):
+    for merge in (
+        lambda items: task_arithmetic(base, items, 1.0),
+        lambda items: dare_merge(base, items, 0.3),
+        lambda items: model_stock(base, items),
+    ):
         loads.clear()
         merge([loader(i) for i in range(4)])
         assert loads == [0, 1, 2, 3]
@@ -272,15 +277,19 @@ def test_every_merge_of_identical_copies_is_the_model(pairs: list[tuple[float, f
 
 
 @PROPS
-@given(st.integers(1, 5).flatmap(lambda size: st.tuples(
-    st.lists(floats, min_size=size, max_size=size),
-    st.lists(st.sampled_from([-1.0, 1.0]), min_size=size, max_size=size),
-    st.lists(st.lists(st.floats(0.125, 10.0, width=32), min_size=size, max_size=size), min_size=1, max_size=4),
-)))
+@given(
+    st.integers(1, 5).flatmap(
+        lambda size: st.tuples(
+            st.lists(floats, min_size=size, max_size=size),
+            st.lists(st.sampled_from([-1.0, 1.0]), min_size=size, max_size=size),
+            st.lists(st.lists(st.floats(0.125, 10.0, width=32), min_size=size, max_size=size), min_size=1, max_size=4),
+        )
+    )
+)
 def test_ties_without_trim_and_one_sign_is_the_mean(case: tuple[list[float], list[float], list[list[float]]]) -> None:
     base_values, signs, magnitudes = case
     base = sd(*base_values)
-    items = [sd(*(b + s * m for b, s, m in zip(base_values, signs, mags))) for mags in magnitudes]
+    items = [sd(*(b + s * m for b, s, m in zip(base_values, signs, mags, strict=True))) for mags in magnitudes]
     ties = ties_merge(base, items, density=1.0)["w"]
     mean = task_arithmetic(base, items, 1.0 / len(items))["w"]
     assert torch.allclose(ties, mean, atol=1e-4, rtol=1e-5)

@@ -124,7 +124,7 @@ def scenarios(draw: st.DrawFn) -> dict:
     order = draw(st.permutations(cands))
     cuts = draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))
     chunks, current = [], [order[0]]
-    for cand, cut in zip(order[1:], cuts):
+    for cand, cut in zip(order[1:], cuts, strict=True):
         if cut:
             chunks.append(current)
             current = []
@@ -153,8 +153,10 @@ def reference(cands: list[Candidate], sc: dict, early: bool | None = None):
 # ---------------------------------------------------------------------------
 
 
-@given(st.integers(1, 50).flatmap(lambda h: st.tuples(st.just(h), st.integers(0, h), st.integers(0, h))),
-       st.sampled_from([">=", ">"]))
+@given(
+    st.integers(1, 50).flatmap(lambda h: st.tuples(st.just(h), st.integers(0, h), st.integers(0, h))),
+    st.sampled_from([">=", ">"]),
+)
 def test_max_wrong_is_exact(hcn, tie):
     h, current, new = hcn
     assert accept(new, current, tie) == (h - new <= max_wrong_for(h - current, tie))
@@ -279,9 +281,7 @@ def test_uniform_soup():
 @given(scenarios())
 def test_incremental_matches_batch_after_every_offer(sc):
     ev = SyntheticEvaluator(sc["vectors"], sc["batch_size"])
-    inc = IncrementalGreedySoup(
-        ev, heldout_size=sc["heldout_size"], tie=sc["tie"], early_rejection=sc["early"]
-    )
+    inc = IncrementalGreedySoup(ev, heldout_size=sc["heldout_size"], tie=sc["tie"], early_rejection=sc["early"])
     seen: list[Candidate] = []
     for chunk in sc["chunks"]:
         upd = inc.offer(chunk)
@@ -317,7 +317,9 @@ def test_removing_candidates_leaves_the_batch_soup_of_the_others(sc, data):
     gone = data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=len(ids)))
     upd = inc.remove([*gone, "never-offered"])
     rest = [c for c in sc["candidates"] if c.id not in gone]
-    assert sorted(upd.removed) == sorted(gone) and [c.id for c in inc.candidates] == [c.id for c in sort_candidates(rest)]
+    assert sorted(upd.removed) == sorted(gone) and [c.id for c in inc.candidates] == [
+        c.id for c in sort_candidates(rest)
+    ]
     if rest:
         ref, _ = reference(rest, sc)
         assert inc.ingredients == ref.ingredients == upd.ingredients and inc.correct == ref.correct
@@ -334,8 +336,13 @@ def test_removing_candidates_leaves_the_batch_soup_of_the_others(sc, data):
 
 def test_a_failed_removal_changes_nothing():
     calls = {"n": 0}
-    scores = {frozenset({"a"}): 8, frozenset({"b"}): 7, frozenset({"c"}): 6, frozenset({"a", "b"}): 9,
-              frozenset({"a", "b", "c"}): 9}
+    scores = {
+        frozenset({"a"}): 8,
+        frozenset({"b"}): 7,
+        frozenset({"c"}): 6,
+        frozenset({"a", "b"}): 9,
+        frozenset({"a", "b", "c"}): 9,
+    }
 
     def ev(ids, max_wrong):
         calls["n"] += 1
@@ -360,9 +367,7 @@ def test_rejected_newcomer_costs_one_evaluation(sc, data):
     newcomer = data.draw(st.sampled_from(cands))
     base = [c for c in cands if c.id != newcomer.id]
     ev = SyntheticEvaluator(sc["vectors"], sc["batch_size"])
-    inc = IncrementalGreedySoup(
-        ev, heldout_size=sc["heldout_size"], tie=sc["tie"], early_rejection=sc["early"]
-    )
+    inc = IncrementalGreedySoup(ev, heldout_size=sc["heldout_size"], tie=sc["tie"], early_rejection=sc["early"])
     inc.offer(base)
     old_steps = {s.candidate_id: s for s in inc.steps}
     upd = inc.offer([newcomer])
@@ -377,9 +382,7 @@ def test_rejected_newcomer_costs_one_evaluation(sc, data):
     for step in inc.steps:
         if step.candidate_id != newcomer.id:
             old = old_steps[step.candidate_id]
-            assert (old.accepted, old.correct, old.soup_correct) == (
-                step.accepted, step.correct, step.soup_correct
-            )
+            assert (old.accepted, old.correct, old.soup_correct) == (step.accepted, step.correct, step.soup_correct)
 
 
 def test_incremental_example_and_costs():
@@ -447,9 +450,7 @@ def test_evaluator_contract_is_checked():
     inc.offer([Candidate("a", 5)])
     with pytest.raises(SoupError, match="expected 10"):
         inc.offer([Candidate("b", 4)])
-    bad_stop = IncrementalGreedySoup(
-        lambda ids, m: EvalResult(1, 1, 2, False), heldout_size=10, early_rejection=False
-    )
+    bad_stop = IncrementalGreedySoup(lambda ids, m: EvalResult(1, 1, 2, False), heldout_size=10, early_rejection=False)
     bad_stop.offer([Candidate("a", 5)])
     with pytest.raises(SoupError, match="stopped early"):
         bad_stop.offer([Candidate("b", 4)])
@@ -528,7 +529,7 @@ def test_running_average_matches_float64_mean(shapes, count, dtype, seed):
         assert out[key].dtype == dtype and out[key].shape == expected.shape
         rtol, atol = TOLERANCES[dtype]
         torch.testing.assert_close(out[key].double(), expected, rtol=rtol, atol=atol)
-    for d, orig in zip(dicts, originals):  # inputs are never modified
+    for d, orig in zip(dicts, originals, strict=True):  # inputs are never modified
         for key in d:
             assert torch.equal(d[key], orig[key])
 
@@ -543,9 +544,10 @@ def test_average_state_dicts_accepts_loaders_lazily():
 
         return load
 
-    items = (loader(v) if i % 2 else {"w": torch.full((2,), v, dtype=torch.float16),
-                                       "n": torch.tensor(3)}
-             for i, v in enumerate([1.0, 2.0, 3.0, 6.0]))
+    items = (
+        loader(v) if i % 2 else {"w": torch.full((2,), v, dtype=torch.float16), "n": torch.tensor(3)}
+        for i, v in enumerate([1.0, 2.0, 3.0, 6.0])
+    )
     out = average_state_dicts(items)
     assert loaded == [2.0, 6.0]
     assert out["w"].dtype == torch.float16

@@ -8,9 +8,9 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -37,8 +37,13 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
         "name": "reliability",
         "model": {"name": "soupray-digits-tiny", "pretrained": "standin", "standin_steps": STANDIN_STEPS},
         "data": {"kind": "digits", "shifts": ["rotate", "noise"]},
-        "search_space": {"lr": {"loguniform": [1e-3, 4e-3]}, "weight_decay": 0.1, "epochs": 1, "batch_size": 64,
-                         "warmup_steps": 2},
+        "search_space": {
+            "lr": {"loguniform": [1e-3, 4e-3]},
+            "weight_decay": 0.1,
+            "epochs": 1,
+            "batch_size": 64,
+            "warmup_steps": 2,
+        },
         "tune": {"num_samples": 2, "seed": 0, "loggers": ["json"]},
         "trial_resources": {"cpu": 0.875},
         "ray": {"dashboard": False},
@@ -115,18 +120,27 @@ def compare_with_offline_soup(run_dir: Path, tie: str = ">=", early_rejection: b
     paths = RunDir(run_dir)
     kitchen = Kitchen(paths.path)
     candidates = [kitchen.admit(r) for r in trial_records_from_results(paths.path)]
-    offline = greedy_soup(candidates, kitchen.evaluate, heldout_size=kitchen.heldout_size, tie=tie,  # type: ignore[arg-type]
-                          early_rejection=early_rejection)
+    offline = greedy_soup(
+        candidates,
+        kitchen.evaluate,
+        heldout_size=kitchen.heldout_size,
+        tie=tie,  # type: ignore[arg-type]
+        early_rejection=early_rejection,
+    )
     published_info = json.loads(paths.soup_info.read_text())
     expected = kitchen.soup_weights(list(offline.ingredients))
     head = load_file(str(paths.soup / HEAD_FILE))
-    head_equal = (torch.equal(head["weight"], expected["head.weight"])
-                  and torch.equal(head["bias"], expected["head.bias"]))
+    head_equal = torch.equal(head["weight"], expected["head.weight"]) and torch.equal(
+        head["bias"], expected["head.bias"]
+    )
     clip_expected = clip_state_with_soup(load_file(str(paths.base / OPEN_CLIP_WEIGHTS)), expected)
     clip_published = load_file(str(paths.soup / OPEN_CLIP_WEIGHTS))
     keys_equal = set(clip_expected) == set(clip_published)
-    differing = sorted(k for k in clip_expected if k in clip_published
-                       and not torch.equal(clip_expected[k].contiguous(), clip_published[k]))
+    differing = sorted(
+        k
+        for k in clip_expected
+        if k in clip_published and not torch.equal(clip_expected[k].contiguous(), clip_published[k])
+    )
     return {
         "candidates": len(candidates),
         "offline_ingredients": list(offline.ingredients),
@@ -139,8 +153,12 @@ def compare_with_offline_soup(run_dir: Path, tie: str = ">=", early_rejection: b
         "open_clip_tensors": len(clip_published),
         "open_clip_keys_equal": keys_equal,
         "open_clip_tensors_differing": differing[:20],
-        "bit_identical": bool(head_equal and keys_equal and not differing
-                              and list(offline.ingredients) == list(published_info.get("ingredients") or [])),
+        "bit_identical": bool(
+            head_equal
+            and keys_equal
+            and not differing
+            and list(offline.ingredients) == list(published_info.get("ingredients") or [])
+        ),
     }
 
 

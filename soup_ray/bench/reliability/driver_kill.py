@@ -40,8 +40,9 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
     from ...results import read_jsonl
 
     n = 3 if b.quick else 4
-    cfg = tiny_config(**{"tune.num_samples": n, "tune.seed": 5, "tune.checkpoint_interval_s": 0,
-                         "search_space.epochs": 2})
+    cfg = tiny_config(
+        **{"tune.num_samples": n, "tune.seed": 5, "tune.checkpoint_interval_s": 0, "search_space.epochs": 2}
+    )
     folder = b.work / "s3-driver-kill"
     folder.mkdir(parents=True, exist_ok=True)
     cfg_file = folder / "sweep.yaml"
@@ -49,8 +50,12 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
     run_dir = (folder / "run").resolve()
     first_cmd = [sys.executable, "-m", "soup_ray.cli", "sweep", str(cfg_file), "--out", str(run_dir), "--no-dashboard"]
     resume_cmd = [sys.executable, "-m", "soup_ray.cli", "sweep", "--resume", str(run_dir), "--no-dashboard"]
-    rec["details"].update(trials=n, epochs=2, checkpoint_interval_s=0,
-                          commands=[" ".join(["python", *first_cmd[1:]]), " ".join(["python", *resume_cmd[1:]])])
+    rec["details"].update(
+        trials=n,
+        epochs=2,
+        checkpoint_interval_s=0,
+        commands=[" ".join(["python", *first_cmd[1:]]), " ".join(["python", *resume_cmd[1:]])],
+    )
     log1 = (folder / "first.log").open("w")
     t0 = time.time()
     proc = subprocess.Popen(first_cmd, stdout=log1, stderr=subprocess.STDOUT, env=cli_env(b), start_new_session=True)
@@ -68,8 +73,9 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
                 break
             time.sleep(0.5)
         if not finals:
-            raise ScenarioTimeout(f"no trial finished within the bound (exit code {proc.poll()}); see "
-                                  f"{folder / 'first.log'}")
+            raise ScenarioTimeout(
+                f"no trial finished within the bound (exit code {proc.poll()}); see {folder / 'first.log'}"
+            )
         # the final checkpoint is persisted before Tune's driver logs the result: wait (bounded) for that line
         done_dirs = {f.parents[1] for f in finals}
         for _ in range(40):
@@ -85,21 +91,28 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
                 if finals_of:
                     weights_before[d.name] = load_file(str(finals_of[-1]))
         states = sorted(RunDir(run_dir).tune.glob("experiment_state-*.json"))
-        rec["details"]["experiment_state_age_at_kill_s"] = (round(time.time() - states[-1].stat().st_mtime, 2)
-                                                            if states else None)
+        rec["details"]["experiment_state_age_at_kill_s"] = (
+            round(time.time() - states[-1].stat().st_mtime, 2) if states else None
+        )
         os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.time()
         proc.wait(timeout=30)
-        rec["injected"] = [{"what": "SIGKILL to the `soup-ray sweep` driver", "t_s": round(killed_at - t0, 1),
-                            "trials_finished_before": len(finished_before),
-                            "driver_children_before": len(children)}]
+        rec["injected"] = [
+            {
+                "what": "SIGKILL to the `soup-ray sweep` driver",
+                "t_s": round(killed_at - t0, 1),
+                "trials_finished_before": len(finished_before),
+                "driver_children_before": len(children),
+            }
+        ]
         rec["faults_injected"] = 1
         alive: list[psutil.Process] = []
         timeline: dict[str, int] = {}
         marks = [1.0, 5.0, 10.0, 20.0, 30.0]
         for _ in range(120):  # up to 30 s for the embedded Ray to go with its driver
-            alive = still_alive(children) + [p for p in in_session(proc.pid)
-                                             if (p.pid, p.create_time()) not in set(children)]
+            alive = still_alive(children) + [
+                p for p in in_session(proc.pid) if (p.pid, p.create_time()) not in set(children)
+            ]
             while marks and time.time() - killed_at >= marks[0]:
                 timeline[f"{marks.pop(0):g}s"] = len(alive)
             if not alive or time.time() - killed_at >= 30.0:
@@ -112,8 +125,7 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
                 leftover_names.append(" ".join(p.cmdline())[:80] or p.name())
                 p.kill()  # by PID: only processes of the driver this benchmark started
         rec["details"]["leftover_processes_killed"] = leftover_names
-        rec["details"]["seconds_until_driver_children_gone"] = (round(time.time() - killed_at, 1)
-                                                                if not alive else None)
+        rec["details"]["seconds_until_driver_children_gone"] = round(time.time() - killed_at, 1) if not alive else None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -123,8 +135,9 @@ def scenario_driver_kill(b: Bench, rec: dict[str, Any]) -> None:
     rec["details"]["results_jsonl_rows_at_kill"] = len(first_rows)
     log2 = (folder / "resume.log").open("w")
     t1 = time.time()
-    resumed = subprocess.Popen(resume_cmd, stdout=log2, stderr=subprocess.STDOUT, env=cli_env(b),
-                               start_new_session=True)
+    resumed = subprocess.Popen(
+        resume_cmd, stdout=log2, stderr=subprocess.STDOUT, env=cli_env(b), start_new_session=True
+    )
     try:
         code = resumed.wait(timeout=360 if b.quick else 420)
     except subprocess.TimeoutExpired:

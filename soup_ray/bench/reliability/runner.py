@@ -50,8 +50,18 @@ SCENARIOS: dict[int, Scenario] = {
     5: Scenario("soak at concurrency 32", scenario_soak, serves=True),
 }
 SCENARIO_NAMES = {n: s.name for n, s in SCENARIOS.items()}
-FIELDS = ("faults_injected", "faults_survived", "offers_sent", "offers_accounted_for", "requests_sent",
-          "requests_failed", "p99_ms", "replica_rss_start_mb", "replica_rss_end_mb", "recovery_s")
+FIELDS = (
+    "faults_injected",
+    "faults_survived",
+    "offers_sent",
+    "offers_accounted_for",
+    "requests_sent",
+    "requests_failed",
+    "p99_ms",
+    "replica_rss_start_mb",
+    "replica_rss_end_mb",
+    "recovery_s",
+)
 
 
 def blank(n: int) -> dict[str, Any]:
@@ -72,7 +82,8 @@ def parse_only(text: str | None) -> list[int]:
     bad = [n for n in picked if n not in SCENARIO_NAMES]
     if bad or not picked:
         raise argparse.ArgumentTypeError(
-            f"--only: scenarios are {min(SCENARIO_NAMES)}-{max(SCENARIO_NAMES)} (got {text!r})")
+            f"--only: scenarios are {min(SCENARIO_NAMES)}-{max(SCENARIO_NAMES)} (got {text!r})"
+        )
     return picked
 
 
@@ -81,29 +92,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="bench/reliability.py",
         description="Fault scenarios on the embedded local Ray with the tiny offline stand-in CLIP "
-                    f"({STANDIN_STEPS} stand-in steps); writes bench/results/reliability-<date>.json.\n\n"
-                    f"Scenarios:\n{lines}\n\nScenarios 4 and 5 serve the run scenario 1 produced (or --serve-run).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smaller and shorter: 4 trials in scenario 1, 3 in scenario 3, 15 s of load in 4, a 10 s soak")
-    ap.add_argument("--only", type=parse_only, default=parse_only(None), metavar="N,M",
-                    help="run only these scenarios (e.g. --only 1,4)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON path (default bench/results/reliability-<YYYY-MM-DD>.json, -quick with --quick)")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="stand-in cache (SOUP_RAY_CACHE) to reuse; default: a private folder under the work folder "
-                         "(the tiny stand-in is built once, about a minute or more)")
+        f"({STANDIN_STEPS} stand-in steps); writes bench/results/reliability-<date>.json.\n\n"
+        f"Scenarios:\n{lines}\n\nScenarios 4 and 5 serve the run scenario 1 produced (or --serve-run).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller and shorter: 4 trials in scenario 1, 3 in scenario 3, 15 s of load in 4, a 10 s soak",
+    )
+    ap.add_argument(
+        "--only",
+        type=parse_only,
+        default=parse_only(None),
+        metavar="N,M",
+        help="run only these scenarios (e.g. --only 1,4)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default bench/results/reliability-<YYYY-MM-DD>.json, -quick with --quick)",
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="stand-in cache (SOUP_RAY_CACHE) to reuse; default: a private folder under the work folder "
+        "(the tiny stand-in is built once, about a minute or more)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where the run folders go (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (run folders, logs) afterwards")
-    ap.add_argument("--serve-run", default=None, help="a finished run folder for scenarios 4 and 5 (default: "
-                                                      "scenario 1's run)")
+    ap.add_argument(
+        "--serve-run", default=None, help="a finished run folder for scenarios 4 and 5 (default: scenario 1's run)"
+    )
     ap.add_argument("--verbose", action="store_true", help="show the sweeps' own progress lines")
     return ap.parse_args(argv)
 
 
 def summary_table(scenarios: Sequence[dict[str, Any]]) -> str:
-    cols = [("#", "scenario"), ("ok", "ok"), ("faults", "faults"), ("offers", "offers"), ("requests", "requests"),
-            ("p99 ms", "p99_ms"), ("rss MB", "rss"), ("recovery s", "recovery_s"), ("s", "seconds")]
+    cols = [
+        ("#", "scenario"),
+        ("ok", "ok"),
+        ("faults", "faults"),
+        ("offers", "offers"),
+        ("requests", "requests"),
+        ("p99 ms", "p99_ms"),
+        ("rss MB", "rss"),
+        ("recovery s", "recovery_s"),
+        ("s", "seconds"),
+    ]
 
     def cell(r: dict[str, Any], key: str) -> str:
         if key == "ok":
@@ -120,12 +158,13 @@ def summary_table(scenarios: Sequence[dict[str, Any]]) -> str:
         v = r.get(key)
         return "-" if v is None else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
 
-    rows = [[h for h, _ in cols]] + [[f"{r['scenario']} {r['name']}" if k == "scenario" else cell(r, k)
-                                       for _, k in cols] for r in scenarios]
+    rows = [[h for h, _ in cols]] + [
+        [f"{r['scenario']} {r['name']}" if k == "scenario" else cell(r, k) for _, k in cols] for r in scenarios
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     out = []
     for j, row in enumerate(rows):
-        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     failed = [(r["scenario"], name) for r in scenarios for name, good in r["checks"].items() if not good]
@@ -165,10 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python bench/reliability.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
         "machine": machine_info(),
         "settings": {
-            "quick": b.quick, "scenarios": args.only, "model": "soupray-digits-tiny (offline stand-in)",
-            "standin_steps": STANDIN_STEPS, "standin_cache_reused": cache_had_standin,
-            "data": "digits (sklearn), shifts rotate and noise", "trial_cpu": 0.875, "serve_ensemble": 0,
-            "ray": "embedded local (address='local'), no dashboard", "bind": "127.0.0.1",
+            "quick": b.quick,
+            "scenarios": args.only,
+            "model": "soupray-digits-tiny (offline stand-in)",
+            "standin_steps": STANDIN_STEPS,
+            "standin_cache_reused": cache_had_standin,
+            "data": "digits (sklearn), shifts rotate and noise",
+            "trial_cpu": 0.875,
+            "serve_ensemble": 0,
+            "ray": "embedded local (address='local'), no dashboard",
+            "bind": "127.0.0.1",
         },
         "scenarios": [],
     }
@@ -186,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     from ...cluster.session import ray_session
                     from ...config import parse_config
 
-                    own_ray = ray_session("local", namespace=parse_config(tiny_config()).ray.namespace,
-                                          log=b.quiet, verbose=False)
+                    own_ray = ray_session(
+                        "local", namespace=parse_config(tiny_config()).ray.namespace, log=b.quiet, verbose=False
+                    )
                 elif not scenario.bench_ray and own_ray:
                     # scenario 3 runs its own Ray in subprocesses, 4 and 5 a fresh one for Serve
                     import ray
@@ -203,9 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec["seconds"] = round(time.time() - t0, 1)
             rec["ok"] = rec["error"] is None and bool(rec["checks"]) and all(rec["checks"].values())
             report["scenarios"].append(rec)
-            log(f"scenario {n} {'ok' if rec['ok'] else 'NOT ok'} in {rec['seconds']:.0f}s: "
+            log(
+                f"scenario {n} {'ok' if rec['ok'] else 'NOT ok'} in {rec['seconds']:.0f}s: "
                 + ", ".join(f"{k}={rec[k]}" for k in FIELDS if rec[k] is not None)
-                + (f"; error: {rec['error']}" if rec["error"] else ""))
+                + (f"; error: {rec['error']}" if rec["error"] else "")
+            )
     finally:
         server.stop()
         if own_ray:

@@ -153,8 +153,12 @@ def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None
 
         alive = list_actors(filters=[("class_name", "=", "ServeReplica:default:Model"), ("state", "=", "ALIVE")])
         old_actor = alive[0].name if alive else None
-    rec["details"].update(concurrency=concurrency, load_seconds=seconds, kill_at_s=kill_after,
-                          replica_before={"actor": old_actor, "pid": old_pid})
+    rec["details"].update(
+        concurrency=concurrency,
+        load_seconds=seconds,
+        kill_at_s=kill_after,
+        replica_before={"actor": old_actor, "pid": old_pid},
+    )
     client = TimelineClient(concurrency, 30.0)
     marks: dict[str, Any] = {}
 
@@ -182,8 +186,9 @@ def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None
     watcher = threading.Thread(target=kill_then_watch, args=(t_start,), daemon=True, name="replica-killer")
     watcher.start()
     try:
-        level = run_level(f"{url}/predict", server.bodies, concurrency, 1_000_000, seconds, timeout_s=30.0,
-                          client=client)  # type: ignore[arg-type]
+        level = run_level(
+            f"{url}/predict", server.bodies, concurrency, 1_000_000, seconds, timeout_s=30.0, client=client
+        )  # type: ignore[arg-type]
     finally:
         client.close()
     watcher.join(timeout=70)
@@ -192,12 +197,21 @@ def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None
     rec["details"]["load"] = {k: v for k, v in level.to_json().items() if k != "extra"}
     if "kill_t" in marks:
         rec["faults_injected"] = 1
-        rec["injected"] = [{"what": "ray.kill of the Model replica actor", "actor": old_actor,
-                            "t_s": round(marks["kill_t"] - t_start, 2)}]
+        rec["injected"] = [
+            {
+                "what": "ray.kill of the Model replica actor",
+                "actor": old_actor,
+                "t_s": round(marks["kill_t"] - t_start, 2),
+            }
+        ]
         rec["details"]["recovery"] = recovery_time(client.events, marks["kill_t"])
         rec["recovery_s"] = rec["details"]["recovery"]["recovery_s"]
-    rec["details"]["replica_after"] = {"actor": marks.get("new_actor"), "pid": marks.get("new_pid"),
-                                       "replica_back_s": marks.get("replica_back_s"), "error": marks.get("kill_error")}
+    rec["details"]["replica_after"] = {
+        "actor": marks.get("new_actor"),
+        "pid": marks.get("new_pid"),
+        "replica_back_s": marks.get("replica_back_s"),
+        "error": marks.get("kill_error"),
+    }
     failed_kinds = {k for k in level.errors}
     rec["checks"] = {
         "replica killed": "kill_t" in marks,
@@ -242,10 +256,15 @@ def scenario_soak(b: Bench, server: Server, rec: dict[str, Any]) -> None:
     rec["replica_rss_start_mb"], rec["replica_rss_end_mb"] = start, end
     growth = (end / start - 1.0) if start and end else None
     rec["details"].update(
-        concurrency=concurrency, seconds=seconds, replica_pid=pid, warmup={"sent": warm.sent, "ok": warm.ok},
-        rss_growth_ratio=round(growth, 4) if growth is not None else None, rss_samples_mb=samples,
+        concurrency=concurrency,
+        seconds=seconds,
+        replica_pid=pid,
+        warmup={"sent": warm.sent, "ok": warm.ok},
+        rss_growth_ratio=round(growth, 4) if growth is not None else None,
+        rss_samples_mb=samples,
         load={k: v for k, v in level.to_json().items() if k != "extra"},
-        same_replica_throughout=after.get("pid") == pid)
+        same_replica_throughout=after.get("pid") == pid,
+    )
     rec["checks"] = {
         "0 failed requests": level.sent > 0 and level.sent == level.ok,
         "replica RSS growth < 10%": growth is not None and growth < 0.10,

@@ -10,8 +10,9 @@ from ...run_dir import RunDir
 from .common import Bench, accounting, compare_with_offline_soup, tiny_config, watchdog
 
 
-def soup_actor_killer(name: str, namespace: str, at: set[int], extra_at: int, want: int, kills: list[dict],
-                      sent: list[str], t0: float):
+def soup_actor_killer(
+    name: str, namespace: str, at: set[int], extra_at: int, want: int, kills: list[dict], sent: list[str], t0: float
+):
     """A Tune callback: kill the soup actor (Ray restarts it) after the trial completions in ``at``, and once more
     at ``extra_at`` if fewer than ``want`` kills happened by then; records the offers the sweep sends."""
     from ray import tune
@@ -30,16 +31,29 @@ def soup_actor_killer(name: str, namespace: str, at: set[int], extra_at: int, wa
             if self.seen in at or (self.seen == extra_at and len(kills) < want):
                 try:
                     ray.kill(ray.get_actor(name, namespace=namespace), no_restart=False)
-                    kills.append({"when": f"after trial completion {self.seen}", "t_s": round(time.time() - t0, 2),
-                                  "while_evaluating": False})
+                    kills.append(
+                        {
+                            "when": f"after trial completion {self.seen}",
+                            "t_s": round(time.time() - t0, 2),
+                            "while_evaluating": False,
+                        }
+                    )
                 except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
                     kills.append({"when": f"after trial completion {self.seen}", "failed": repr(err)})
 
     return _KillSoupActor()
 
 
-def busy_killer(name: str, namespace: str, kills: list[dict], stop: threading.Event, max_kills: int, t0: float,
-                deadline: float, polls: list[int]) -> None:
+def busy_killer(
+    name: str,
+    namespace: str,
+    kills: list[dict],
+    stop: threading.Event,
+    max_kills: int,
+    t0: float,
+    deadline: float,
+    polls: list[int],
+) -> None:
     """Poll the soup actor's ``status()``; kill it when it reports ``busy`` (evaluating or publishing).
 
     At most ``max_kills`` times, and only after the actor processed at least one
@@ -64,9 +78,16 @@ def busy_killer(name: str, namespace: str, kills: list[dict], stop: threading.Ev
             ray.kill(actor, no_restart=False)
             last_seen, last_kill = seen, time.time()
             done += 1
-            kills.append({"when": "while evaluating (status() said busy)", "t_s": round(time.time() - t0, 2),
-                          "while_evaluating": True, "candidates_seen_then": seen, "queued_then": st.get("queued"),
-                          "soup_version_then": st.get("version")})
+            kills.append(
+                {
+                    "when": "while evaluating (status() said busy)",
+                    "t_s": round(time.time() - t0, 2),
+                    "while_evaluating": True,
+                    "candidates_seen_then": seen,
+                    "queued_then": st.get("queued"),
+                    "soup_version_then": st.get("version"),
+                }
+            )
         stop.wait(0.02)
 
 
@@ -90,11 +111,17 @@ def scenario_soup_actor(b: Bench, rec: dict[str, Any]) -> None:
     t0 = time.time()
     bound = 300.0 if b.quick else 420.0
     stop = threading.Event()
-    poller = threading.Thread(target=busy_killer, args=(name, ns, kills, stop, 2, t0, t0 + bound, polls),
-                              daemon=True, name="busy-killer")
+    poller = threading.Thread(
+        target=busy_killer, args=(name, ns, kills, stop, 2, t0, t0 + bound, polls), daemon=True, name="busy-killer"
+    )
     killer = soup_actor_killer(name, ns, at, n, 3, kills, sent, t0)
-    rec["details"].update(trials=n, epochs=1, callback_kills_at_completions=sorted(at),
-                          extra_kill_at_completion_if_fewer_than_3=n, busy_kills_at_most=2)
+    rec["details"].update(
+        trials=n,
+        epochs=1,
+        callback_kills_at_completions=sorted(at),
+        extra_kill_at_completion_if_fewer_than_3=n,
+        busy_kills_at_most=2,
+    )
     poller.start()
     try:
         with watchdog(bound, "scenario 1's sweep"):
@@ -111,12 +138,14 @@ def scenario_soup_actor(b: Bench, rec: dict[str, Any]) -> None:
     acc = accounting(RunDir(prep.run_dir).state_file, sent, status)
     rec["offers_sent"], rec["offers_accounted_for"] = acc["offers_sent"], acc["offers_accounted_for"]
     rec["details"]["accounting"] = acc
-    rec["details"]["actor_final_status"] = {k: status.get(k) for k in ("version", "soup_size", "candidates_seen",
-                                                                       "rejected", "restarts", "heldout_accuracy",
-                                                                       "last_error")}
+    rec["details"]["actor_final_status"] = {
+        k: status.get(k)
+        for k in ("version", "soup_size", "candidates_seen", "rejected", "restarts", "heldout_accuracy", "last_error")
+    }
     rec["details"]["offer_messages"] = {
         "by_the_sweep_callback_on_trial_complete": len(sent),
-        "re_offered_by_finish_soup": sum(1 for r in out.rows if r["status"] == "completed" and r.get("checkpoint"))}
+        "re_offered_by_finish_soup": sum(1 for r in out.rows if r["status"] == "completed" and r.get("checkpoint")),
+    }
     cmp = compare_with_offline_soup(prep.run_dir, cfg.soup.tie, cfg.soup.early_rejection)
     rec["details"]["soup_vs_offline"] = cmp
     completed = [r for r in out.rows if r["status"] == "completed"]

@@ -34,8 +34,9 @@ def trial_worker_killer(record: dict[str, Any]):
     class _KillTrialWorker(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             if not record.get("armed") and not record.get("killed") and result.get("epoch") == 1:
-                record.update(armed=True, pid=result.get("pid"), trial_id=trial.trial_id,
-                              pid_from="result['pid'] (added by Tune)")
+                record.update(
+                    armed=True, pid=result.get("pid"), trial_id=trial.trial_id, pid_from="result['pid'] (added by Tune)"
+                )
 
         def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if not record.get("armed") or record.get("killed") or trial.trial_id != record.get("trial_id"):
@@ -51,8 +52,9 @@ def trial_worker_killer(record: dict[str, Any]):
                 return
             record["checkpoint_registered"] = trial.checkpoint is not None
             os.kill(pid, signal.SIGKILL)
-            record.update(killed=True, armed=False, killed_in="on_trial_save after the epoch-1 result",
-                          killed_at=time.time())
+            record.update(
+                killed=True, armed=False, killed_in="on_trial_save after the epoch-1 result", killed_at=time.time()
+            )
 
     return _KillTrialWorker()
 
@@ -67,17 +69,33 @@ def scenario_trial_kill(b: Bench, rec: dict[str, Any]) -> None:
     from ...train import TrialContext, fine_tune
 
     epochs = 3
-    cfg = parse_config(tiny_config(**{
-        "tune.num_samples": 1, "tune.seed": 7, "tune.max_failures": 1, "tune.checkpoint_interval_s": 0,
-        "search_space.epochs": epochs, "search_space.lr": 1e-3, "trial_resources.cpu": 1,
-    }))
+    cfg = parse_config(
+        tiny_config(
+            **{
+                "tune.num_samples": 1,
+                "tune.seed": 7,
+                "tune.max_failures": 1,
+                "tune.checkpoint_interval_s": 0,
+                "search_space.epochs": epochs,
+                "search_space.lr": 1e-3,
+                "trial_resources.cpu": 1,
+            }
+        )
+    )
     run_dir = b.work / "s2-trial-kill" / "run"
     prep = prepare_run(cfg, run_dir, log=b.quiet)
     record: dict[str, Any] = {}
     t0 = time.time()
     with watchdog(240.0 if b.quick else 300.0, "scenario 2's sweep"):
-        out = run_sweep(cfg, prep.run_dir, log=b.quiet, callbacks=[trial_worker_killer(record)], prepared=prep,
-                        live_soup=False, verbose=False)
+        out = run_sweep(
+            cfg,
+            prep.run_dir,
+            log=b.quiet,
+            callbacks=[trial_worker_killer(record)],
+            prepared=prep,
+            live_soup=False,
+            verbose=False,
+        )
     rec["details"]["sweep_s"] = round(time.time() - t0, 1)
     rec["details"].update(epochs=epochs, max_failures=1, checkpoint_interval_s=0, live_soup=False)
     record.pop("armed", None)
@@ -89,8 +107,11 @@ def scenario_trial_kill(b: Bench, rec: dict[str, Any]) -> None:
     tdirs = trial_dirs(prep.run_dir)
     lines = result_lines(tdirs[0]) if tdirs else []
     rec["details"]["trial"] = {
-        "trial_id": row.get("trial_id"), "status": row.get("status"), "hyperparameters": row.get("hyperparameters"),
-        "epochs_reported": [x.get("epoch") for x in lines], "pids_reported": sorted({x.get("pid") for x in lines}),
+        "trial_id": row.get("trial_id"),
+        "status": row.get("status"),
+        "hyperparameters": row.get("hyperparameters"),
+        "epochs_reported": [x.get("epoch") for x in lines],
+        "pids_reported": sorted({x.get("pid") for x in lines}),
         "resumed_from_epoch_final": lines[-1].get("resumed_from_epoch") if lines else None,
         "error": row.get("error"),
     }
@@ -99,10 +120,16 @@ def scenario_trial_kill(b: Bench, rec: dict[str, Any]) -> None:
     if row.get("status") == "completed" and row.get("checkpoint"):
         resumed = load_file(str(prep.run_dir / row["checkpoint"] / WEIGHTS_FILE))
         ctx = TrialContext(
-            base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind=cfg.data.kind,
-            eval_batch_size=cfg.eval_batch_size, threads=max(1, int(cfg.trial_resources.cpu)),
-            precision=cfg.model.precision, gpus=cfg.trial_resources.gpu,
-            num_workers=getattr(cfg.data, "num_workers", 0), checkpoint_interval_s=cfg.tune.checkpoint_interval_s)
+            base_dir=str(prep.base_dir),
+            data_json=cfg.data.model_dump_json(),
+            data_kind=cfg.data.kind,
+            eval_batch_size=cfg.eval_batch_size,
+            threads=max(1, int(cfg.trial_resources.cpu)),
+            precision=cfg.model.precision,
+            gpus=cfg.trial_resources.gpu,
+            num_workers=getattr(cfg.data, "num_workers", 0),
+            checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
+        )
         final: dict[str, Any] = {}
 
         def keep(metrics: dict[str, Any], ckpt: str | None) -> None:
