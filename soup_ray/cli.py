@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -521,5 +522,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)  # main() called in-process leaves the caller's handler
 
 
+def console() -> None:
+    """The ``soup-ray`` console script (and ``python -m soup_ray.cli``): :func:`main`, then exit with its status.
+
+    A command stopped with Ctrl-C exits 130 through ``os._exit`` once the exit handlers have run. CPython
+    remembers a KeyboardInterrupt that ended a string ``exec`` (huggingface_hub's lazy imports run one),
+    and under ``python -m`` it ends the process by SIGINT at exit (status -2) even when the command caught
+    that Ctrl-C and stopped cleanly.
+    """
+    code = main()
+    if code == INTERRUPTED:
+        import atexit
+
+        atexit._run_exitfuncs()  # what a normal exit runs: Ray's and logging's shutdown hooks
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -109,3 +109,40 @@ def test_an_interrupted_base_save_leaves_no_base_and_the_next_run_builds_it(
     RunDir(run).zero_shot.unlink()
     again = prepare_run(cfg, run, log=lambda m: None)
     assert again.fingerprint == prep.fingerprint and RunDir(run).zero_shot.is_file()
+
+
+def test_a_ctrl_c_caught_after_a_string_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
+    """``python -m soup_ray.cli`` (as the tests and job entrypoints run it) exits 130 after a caught Ctrl-C.
+
+    CPython remembers a KeyboardInterrupt that ended a string ``exec`` (huggingface_hub's lazy imports
+    run one, under timm under open_clip) and, under ``-m``, ends the process by SIGINT at exit even when
+    the command caught the Ctrl-C and returned 130: the status was then -2, about one Ctrl-C in three
+    during the report stage of ``soup-ray run``.
+    """
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupted_cmd.py").write_text(
+        "import sys\n"
+        "from soup_ray import cli\n"
+        "def interrupted(args):\n"
+        "    try:\n"
+        "        exec('raise KeyboardInterrupt', {})  # a Ctrl-C landing inside a string exec\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('caught', flush=True)\n"
+        "        return 130\n"
+        "cli.cmd_status = interrupted\n"
+        "if __name__ == '__main__':\n"
+        "    cli.console()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{tmp_path}:{root}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "interrupted_cmd", "status", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "caught" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])

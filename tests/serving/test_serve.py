@@ -625,9 +625,10 @@ def test_requests_spread_over_every_ingress_and_model_replica_and_decoding_stays
             break
     assert len(seen["ingress"]) == 2 and len(seen["model"]) == 2 and None not in seen["model"], seen
     ingresses: dict[str, dict] = {}
-    for _ in range(40):
-        info = client.get("/info?detail=local").json()["ingress"]
-        ingresses[info["replica"]] = info
+    for _ in range(10):  # concurrent, as the predictions were: one at a time, Serve's router may keep to one replica
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            infos = list(pool.map(lambda _: client.get("/info?detail=local").json()["ingress"], range(16)))
+        ingresses.update((info["replica"], info) for info in infos)
         if len(ingresses) == 2:
             break
     assert set(ingresses) == seen["ingress"]
@@ -646,7 +647,7 @@ def test_a_batch_over_http_answers_as_single_requests_do(served: dict[str, Any],
     body = r.json()
     assert body["ok"] == 5 and body["failed"] == 1 and body["results"][5]["error"] == "not_an_image"
     singles = post_all(client, "/predict?top_k=2", [{"content": b} for b in pngs])
-    for item, single in zip(body["results"], singles, strict=True):
+    for item, single in zip(body["results"][:5], singles, strict=True):  # the sixth is the broken file
         assert [p["index"] for p in item["predictions"]] == [p["index"] for p in single.json()["predictions"]]
         assert item["predictions"][0]["probability"] == pytest.approx(
             single.json()["predictions"][0]["probability"], abs=1e-5
