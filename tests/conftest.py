@@ -143,10 +143,15 @@ def make_trials(cfg, prep, out_dir: Path, lrs: list[float], epochs: int = 1) -> 
     """Fine-tune a few real trials without Ray (plain ``fine_tune``) and write ``results.jsonl`` rows."""
     import shutil
 
+    import torch
+
     from soup_ray.results import trial_row, write_jsonl
     from soup_ray.train import TrialContext, fine_tune
 
-    ctx = TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=1)
+    threads = torch.get_num_threads()  # fine_tune sets the process's torch threads: put them back afterwards
+    ctx = TrialContext(
+        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=threads
+    )
     rows = []
     for i, lr in enumerate(lrs):
         hp = dict(
@@ -169,7 +174,10 @@ def make_trials(cfg, prep, out_dir: Path, lrs: list[float], epochs: int = 1) -> 
             if ckpt and metrics.get("status") == "completed":
                 shutil.copytree(ckpt, dest)
 
-        final = fine_tune(hp, ctx, report)
+        try:
+            final = fine_tune(hp, ctx, report)
+        finally:
+            torch.set_num_threads(threads)
         rows.append(trial_row(tid, final, hp, f"trials/{tid}" if dest.exists() else None, list(prep.bundle.shifts)))
     write_jsonl(out_dir / "results.jsonl", rows)
     return rows

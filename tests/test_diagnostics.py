@@ -28,7 +28,7 @@ def basin_run(prepared, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg, prep = prepared
     run = tmp_path_factory.mktemp("basin") / "run"
     shutil.copytree(prep.run_dir, run)
-    make_trials(cfg, prep, run, [3e-3, 0.2], epochs=3)
+    make_trials(cfg, prep, run, [3e-3, 0.2], epochs=2)
     return run
 
 

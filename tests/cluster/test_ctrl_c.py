@@ -303,7 +303,8 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(
         port=port,
         twice=True,
     )
-    print("seconds from Ctrl-C to exit, per stage:", json.dumps({k: round(v, 1) for k, v in stops.items()}))
+    with capsys.disabled():  # shown with or without -s
+        print("\nseconds from Ctrl-C to exit, per stage:", json.dumps({k: round(v, 1) for k, v in stops.items()}))
 
     # what finished was kept: no trial trained twice, every trial once, and the soup is the batch greedy one
     rows = [r for r in read_jsonl(RunDir(run_dir).results) if "trial_id" in r]
