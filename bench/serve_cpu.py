@@ -9,7 +9,10 @@ Accuracy is meaningless here; only cost is measured. The test images are the
 digits test split rendered at 224 px.
 
 Then ``soup_ray.bench.serving_bench.run_bench`` measures it (one application at a time on
-one local Ray), and the figures are written to
+one local Ray). Each target may use the whole machine, as a user would deploy it: the soup
+and the single model run as ``--model-replicas`` replicas (default min(K, CPU cores)), the
+ensemble as its K member replicas; every model replica gets the same CPU share. The figures
+are written to
 ``bench/results/serve_cpu_vitb32.json`` (+ ``.png``).
 
     python bench/serve_cpu.py                       # soup, single, ensemble of 5, ceiling
@@ -24,6 +27,7 @@ are short and few by default; every level is bounded by --requests and
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -70,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: most images per forward")
     ap.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="dynamic batching: longest wait")
     ap.add_argument("--replica-threads", type=int, help="OMP_NUM_THREADS for every Ray worker (default: Ray's)")
+    ap.add_argument(
+        "--model-replicas",
+        type=int,
+        help="replicas of the soup's (and the single model's) deployment (default: min(K, CPU cores), so that "
+        "the soup may use the whole machine, as the ensemble's K member replicas do)",
+    )
     ap.add_argument("--images", type=int, default=32, help="distinct test images cycled as requests")
     ap.add_argument("--ceiling-seconds", type=float, default=10.0, help="time bound of the in-process ceiling")
     ap.add_argument("--time-budget", type=float, default=900.0, help="bound on the whole bench in seconds")
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             replica_threads=args.replica_threads,
+            model_replicas=args.model_replicas or max(1, min(args.members, os.cpu_count() or 1)),
             images=args.images,
             warmup_requests=8,
             request_timeout_s=60.0,
