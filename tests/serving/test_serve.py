@@ -278,10 +278,10 @@ def served(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     keeper.process_inbox()
     assert (run / "soup" / "soup.json").is_file()
 
-    from soup_ray.serving.launch import DEFAULT_THROUGHPUT_MODE, THROUGHPUT_MODES, throughput_mode_env
+    from soup_ray.serving.launch import DEFAULT_THROUGHPUT_MODE, PROXY_ENV, THROUGHPUT_MODES, throughput_mode_env
 
     started = not ray.is_initialized()
-    saved = {k: os.environ.get(k) for k in THROUGHPUT_MODES[DEFAULT_THROUGHPUT_MODE]}
+    saved = {k: os.environ.get(k) for k in {**THROUGHPUT_MODES[DEFAULT_THROUGHPUT_MODE], **PROXY_ENV}}
     if started:  # the throughput mode `soup-ray serve` starts its own Ray with: every test here runs under it
         throughput_mode_env(DEFAULT_THROUGHPUT_MODE)
         ray.init(
