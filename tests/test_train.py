@@ -20,9 +20,12 @@ from soup_ray.train import (
 from soup_ray.trial_state import TrainingStateError, has_training_state
 
 
+THREADS = torch.get_num_threads()  # the trials here train on the process's torch threads
+
+
 def ctx_for(cfg, prep) -> TrialContext:
     return TrialContext(
-        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=1
+        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=THREADS
     )
 
 
@@ -62,7 +65,10 @@ def run_trial(cfg, prep, tmp_path: Path, resume_from=None, stop_after_epoch: int
         if stop_after_epoch is not None and metrics["epoch"] == stop_after_epoch:
             raise Preempted
 
-    final = fine_tune(hp(**kw), ctx_for(cfg, prep), report, resume_from=resume_from)
+    try:
+        final = fine_tune(hp(**kw), ctx_for(cfg, prep), report, resume_from=resume_from)
+    finally:
+        torch.set_num_threads(THREADS)  # fine_tune sets the process's torch threads: put them back
     return final, reports
 
 
