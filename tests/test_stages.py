@@ -111,6 +111,7 @@ def test_an_interrupted_base_save_leaves_no_base_and_the_next_run_builds_it(
     assert again.fingerprint == prep.fingerprint and RunDir(run).zero_shot.is_file()
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 def test_a_ctrl_c_caught_after_a_string_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
     """``python -m soup_ray.cli`` (as the tests and job entrypoints run it) exits 130 after a caught Ctrl-C.
 

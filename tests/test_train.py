@@ -19,7 +19,6 @@ from soup_ray.train import (
 )
 from soup_ray.trial_state import TrainingStateError, has_training_state
 
-
 THREADS = torch.get_num_threads()  # the trials here train on the process's torch threads
 
 
@@ -129,6 +128,7 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 def test_trial_killed_after_an_epoch_resumes_to_the_same_weights(prepared, tmp_path: Path) -> None:
     cfg, prep = prepared
     extra = {"mixup_alpha": 0.4, "randaug_n": 2, "randaug_m": 12, "seed": 3}  # every random draw of a step

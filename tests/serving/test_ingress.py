@@ -509,6 +509,7 @@ def test_the_schema_says_what_is_accepted(fake_run: Path, monkeypatch: pytest.Mo
     assert {"200", "400", "401", "408", "413", "415", "422", "503", "504"} <= set(responses)
 
 
+@pytest.mark.slow  # runs long on its own: the full suite only
 def test_a_schema_driven_fuzz_run_finds_no_server_error_and_no_wrongly_refused_request(
     fake_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
