@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -226,73 +227,71 @@ def test_status_answers_while_an_evaluation_runs(run_copy: Path) -> None:
     assert keeper.status()["candidates_seen"] == 3 and keeper.status()["busy"] is False
 
 
+ACTOR_NS = "actor-tests"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray for the actor tests of this module (each run folder is its own actor)."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace=ACTOR_NS)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_an_idle_actor_retires_for_good_and_keeps_its_state(run_copy: Path) -> None:
+def test_an_idle_actor_retires_for_good_and_keeps_its_state(local_ray, run_copy: Path) -> None:
     """On a cluster the detached actor must not hold its GPU share forever: once idle it exits, not restarted."""
     import ray
 
     from soup_ray.cluster.actor import actor_name, start_soup_actor
     from soup_ray.cluster.keeper import read_state
-    from soup_ray.cluster.sweep import SoupActorFailed, check_actor
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace="retire-test")
-    try:
-        actor = start_soup_actor(run_copy, cpu=0.25)
-        for o in offers(run_copy)[:2]:
-            ray.get(actor.offer.remote(o))
-        assert ray.get(actor.wait_idle.remote(120.0))
-        before = ray.get(actor.status.remote())
-        # a new sweep on the run cancels a pending retirement
-        ray.get(actor.retire_when_idle.remote(1.0, 0.2))
-        ray.get(actor.keep_alive.remote())
-        time.sleep(2.5)
-        assert ray.get(actor.status.remote(), timeout=10)["version"] == before["version"]
-        assert ray.get(actor.retire_when_idle.remote(1.0, 0.2)) == 1.0  # returns at once
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                ray.get(actor.status.remote(), timeout=10)
-            except ray.exceptions.RayActorError:
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail("the idle actor did not exit")
-        time.sleep(1.0)
-        with pytest.raises(ValueError):  # dead for good: max_restarts=-1 did not bring it back
-            ray.get_actor(actor_name(run_copy), namespace="retire-test")
-        state = read_state(run_copy)
-        assert state is not None and state["version"] == before["version"]
-        # a new actor for the run resumes from the persisted state
-        again = start_soup_actor(run_copy, cpu=0.25)
-        st = ray.get(again.status.remote())
-        assert st["ingredients"] == before["ingredients"] and st["restarts"] == before["restarts"] + 1
-        # a pending exit survives a crash: the restarted actor re-arms it from the state on disk (a timer thread
-        # alone would die with the process and the detached actor would hold its GPU share for good)
-        ray.get(again.retire_when_idle.remote(2.0, 0.2))
-        ray.kill(again, no_restart=False)
-        deadline = time.time() + 90
-        gone = False
-        while time.time() < deadline and not gone:
-            try:
-                ray.get_actor(actor_name(run_copy), namespace="retire-test")
-                time.sleep(0.5)
-            except ValueError:
-                gone = True
-        assert gone, "the restarted actor forgot it was to exit when idle"
-        # an actor whose keeper cannot start (a corrupt state file) answers with the reason instead of
-        # restarting forever, and the driver's check ends with a clear error naming the actor
-        broken_run = run_copy.parent / "broken"
-        shutil.copytree(run_copy, broken_run)
-        (broken_run / "soup_state" / "state.json").write_text("{ not json")
-        broken = start_soup_actor(broken_run, cpu=0.25)
-        with pytest.raises(ray.exceptions.RayTaskError, match="could not start"):
-            ray.get(broken.offer.remote(offers(run_copy)[0]), timeout=60)
-        t0 = time.time()
-        with pytest.raises(SoupActorFailed, match=r"soup:broken-.*could not start: JSONDecodeError"):
-            check_actor(broken, actor_name(broken_run), timeout=60)
-        assert time.time() - t0 < 60
-    finally:
-        ray.shutdown()
+    actor = start_soup_actor(run_copy, cpu=0.25)
+    for o in offers(run_copy)[:2]:
+        ray.get(actor.offer.remote(o))
+    assert ray.get(actor.wait_idle.remote(120.0))
+    before = ray.get(actor.status.remote())
+    # a new sweep on the run cancels a pending retirement
+    ray.get(actor.retire_when_idle.remote(1.0, 0.2))
+    ray.get(actor.keep_alive.remote())
+    time.sleep(2.5)
+    assert ray.get(actor.status.remote(), timeout=10)["version"] == before["version"]
+    assert ray.get(actor.retire_when_idle.remote(1.0, 0.2)) == 1.0  # returns at once
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            ray.get(actor.status.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the idle actor did not exit")
+    time.sleep(1.0)
+    with pytest.raises(ValueError):  # dead for good: max_restarts=-1 did not bring it back
+        ray.get_actor(actor_name(run_copy), namespace=ACTOR_NS)
+    state = read_state(run_copy)
+    assert state is not None and state["version"] == before["version"]
+    # a new actor for the run resumes from the persisted state
+    again = start_soup_actor(run_copy, cpu=0.25)
+    st = ray.get(again.status.remote())
+    assert st["ingredients"] == before["ingredients"] and st["restarts"] == before["restarts"] + 1
+    # a pending exit survives a crash: the restarted actor re-arms it from the state on disk (a timer thread
+    # alone would die with the process and the detached actor would hold its GPU share for good)
+    ray.get(again.retire_when_idle.remote(2.0, 0.2))
+    ray.kill(again, no_restart=False)
+    deadline = time.time() + 90
+    gone = False
+    while time.time() < deadline and not gone:
+        try:
+            ray.get_actor(actor_name(run_copy), namespace=ACTOR_NS)
+            time.sleep(0.5)
+        except ValueError:
+            gone = True
+    assert gone, "the restarted actor forgot it was to exit when idle"
 
 
 def _gone(name: str, namespace: str, within_s: float = 60.0) -> bool:
@@ -309,7 +308,7 @@ def _gone(name: str, namespace: str, within_s: float = 60.0) -> bool:
 
 
 @pytest.mark.slow
-def test_a_broken_actor_is_not_left_up_and_a_fixed_state_starts_a_fresh_one(run_copy: Path) -> None:
+def test_a_broken_actor_is_not_left_up_and_a_fixed_state_starts_a_fresh_one(local_ray, run_copy: Path) -> None:
     """A detached actor whose keeper cannot start must not hold its CPU/GPU share, and the printed remedy (fix
     soup_state/ and resume) must work: a new start must not reattach to the broken actor."""
     import ray
@@ -325,21 +324,23 @@ def test_a_broken_actor_is_not_left_up_and_a_fixed_state_starts_a_fresh_one(run_
     state_file = RunDir(run_copy).state_file
     good = state_file.read_text()
     state_file.write_text("{ not json")
-    name, ns = actor_name(run_copy), "broken-test"
-    ray.init(address="local", num_cpus=1, include_dashboard=False, namespace=ns)
-    try:
-        # asked to retire (the end of a sweep on a cluster), a broken actor exits at once
-        broken = start_soup_actor(run_copy, cpu=0.25)
-        assert ray.get(broken.retire_when_idle.remote(3600.0), timeout=60) == 0.0
-        assert _gone(name, ns), "the broken actor stayed up after retire_when_idle"
-        # the driver's check stops it: nothing is left listed, holding resources or a sticky error
-        broken = start_soup_actor(run_copy, cpu=0.25)
-        with pytest.raises(SoupActorFailed, match="could not start: JSONDecodeError"):
-            check_actor(broken, name, timeout=60)
-        assert _gone(name, ns), "the broken actor is still listed after the failed check"
-        state_file.write_text(good)  # the remedy: fix soup_state/ and start again
-        again = start_soup_actor(run_copy, cpu=0.25)
-        status = check_actor(again, name, timeout=60)
-        assert "fatal_error" not in status and status["ingredients"] == [first["trial_id"]]
-    finally:
-        ray.shutdown()
+    name, ns = actor_name(run_copy), ACTOR_NS
+    # asked to retire (the end of a sweep on a cluster), a broken actor exits at once
+    broken = start_soup_actor(run_copy, cpu=0.25)
+    assert ray.get(broken.retire_when_idle.remote(3600.0), timeout=60) == 0.0
+    assert _gone(name, ns), "the broken actor stayed up after retire_when_idle"
+    # the driver's check stops it: nothing is left listed, holding resources or a sticky error
+    broken = start_soup_actor(run_copy, cpu=0.25)
+    # it answers with the reason instead of restarting forever, and the driver's check ends with a clear
+    # error naming the actor, well within its time-out
+    with pytest.raises(ray.exceptions.RayTaskError, match="could not start"):
+        ray.get(broken.offer.remote(first), timeout=60)
+    t0 = time.time()
+    with pytest.raises(SoupActorFailed, match=re.escape(name) + ".*could not start: JSONDecodeError"):
+        check_actor(broken, name, timeout=60)
+    assert time.time() - t0 < 60
+    assert _gone(name, ns), "the broken actor is still listed after the failed check"
+    state_file.write_text(good)  # the remedy: fix soup_state/ and start again
+    again = start_soup_actor(run_copy, cpu=0.25)
+    status = check_actor(again, name, timeout=60)
+    assert "fatal_error" not in status and status["ingredients"] == [first["trial_id"]]
