@@ -794,10 +794,28 @@ def test_overload_is_a_json_503_with_retry_after_never_a_hang(faults: dict[str, 
 
 @pytest.mark.slow
 def test_a_killed_model_replica_comes_back_under_load(faults: dict[str, Any]) -> None:
+    import threading
+
+    import httpx
     import ray
 
     client, png = faults["client"], faults["png"]
     before = client.get("/info?detail=local").json()
+    # requests in flight on the replica when it dies: Serve's proxy answers them (proxy_errors: a JSON 503)
+    stop, in_flight = threading.Event(), []
+
+    def load() -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as c:
+            for _ in range(2000):
+                if stop.is_set():
+                    return
+                r = c.post("/predict", content=png)
+                in_flight.append((r.status_code, r.headers.get("content-type", "")))
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
     ray.kill(ray.get_actor(before["actor"], namespace="serve"))
     killed = time.time()
     outcomes: list[tuple[float, int, str | None]] = []
@@ -811,7 +829,13 @@ def test_a_killed_model_replica_comes_back_under_load(faults: dict[str, Any]) ->
                 recovered = time.time() - killed
                 break
         time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=70)
     assert recovered is not None, f"no new replica answered within 60 s: {outcomes[-5:]}"
+    assert in_flight and all(
+        status == 200 or (status in (503, 504) and kind.startswith("application/json")) for status, kind in in_flight
+    ), sorted({x for x in in_flight if x[0] != 200})
     failed = [o for o in outcomes if o[1] != 200]
     assert all(status in (503, 504) for _, status, _ in failed), failed  # JSON errors, never a hang or a 500
     print(f"replica killed: recovered in {recovered:.1f}s, {len(failed)} of {len(outcomes)} requests failed")
