@@ -55,7 +55,6 @@ class TrialContext:
 
     base_dir: str
     data_json: str
-    data_kind: str
     eval_batch_size: int = 256
     threads: int = 1
     precision: str = "fp32"

@@ -149,9 +149,7 @@ def make_trials(cfg, prep, out_dir: Path, lrs: list[float], epochs: int = 1) -> 
     from soup_ray.train import TrialContext, fine_tune
 
     threads = torch.get_num_threads()  # fine_tune sets the process's torch threads: put them back afterwards
-    ctx = TrialContext(
-        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=threads
-    )
+    ctx = TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), threads=threads)
     rows = []
     for i, lr in enumerate(lrs):
         hp = dict(

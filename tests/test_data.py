@@ -50,7 +50,7 @@ def test_mnist_is_real_shipped_data_split_into_a_held_out_set_big_enough_to_deci
     assert set(a.shifts) == {"rotate"} and torch.equal(a.shifts["rotate"].tensors[1], a.test.tensors[1])
     cfg = parse_config(tiny_config_dict(**{"data.kind": "mnist"}))
     assert isinstance(cfg.data, MnistData)
-    ctx = TrialContext(base_dir="-", data_json=cfg.data.model_dump_json(), data_kind=cfg.data.kind)
+    ctx = TrialContext(base_dir="-", data_json=cfg.data.model_dump_json())
     assert ctx.data_config() == cfg.data
 
 

@@ -294,7 +294,7 @@ def test_trial_logits_report_and_ensembles_see_projected_logits(bundle, tmp_path
     from soup_ray.report import LogitStore, score_weights
     from soup_ray.train import CHECKPOINT_LOGITS, TrialContext, save_trial_checkpoint
 
-    ctx = TrialContext(base_dir="unused", data_json="{}", data_kind="imagefolder", eval_batch_size=4)
+    ctx = TrialContext(base_dir="unused", data_json="{}", eval_batch_size=4)
     meta = {"fingerprint": "f" * 12, "classnames": WNIDS}
     paths = {}
     for i, scale in enumerate([1.0, 2.0]):

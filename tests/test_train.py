@@ -23,9 +23,7 @@ THREADS = torch.get_num_threads()  # the trials here train on the process's torc
 
 
 def ctx_for(cfg, prep) -> TrialContext:
-    return TrialContext(
-        base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), data_kind="digits", threads=THREADS
-    )
+    return TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), threads=THREADS)
 
 
 def hp(**kw):
@@ -190,7 +188,6 @@ def test_a_trials_heldout_count_is_what_the_soup_keeper_scores_for_that_model(ru
     ctx = TrialContext(
         base_dir=str(RunDir(run_copy).base),
         data_json=kitchen.config.data.model_dump_json(),
-        data_kind="digits",
         threads=1,
         precision="bf16",
     )

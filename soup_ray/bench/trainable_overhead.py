@@ -142,7 +142,6 @@ def measure(
     ctx = TrialContext(
         base_dir=str(work / "base"),
         data_json=data.model_dump_json(),
-        data_kind="imagefolder",
         threads=threads,
         eval_batch_size=64,
         checkpoint_interval_s=TuneSettings().checkpoint_interval_s,

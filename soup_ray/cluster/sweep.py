@@ -149,7 +149,6 @@ def _sweep(
     ctx = TrialContext(
         base_dir=str(prep.base_dir),
         data_json=cfg.data.model_dump_json(),
-        data_kind=cfg.data.kind,
         eval_batch_size=cfg.eval_batch_size,
         threads=max(1, int(cfg.trial_resources.cpu)),
         precision=cfg.model.precision,

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from typing import Any
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = f"{__name__}:middlewares"
-RETRY_AFTER_ENV = "SOUP_RAY_PROXY_RETRY_AFTER_S"
+RETRY_AFTER_S = "1"  # ServeOptions.retry_after_s's default: the proxy cannot see an application's settings
 ERROR_CODE = "replica_lost"
 
 
@@ -41,9 +40,9 @@ def _answer(retry_after_s: str) -> tuple[dict[str, Any], bytes]:
 class ReplicaLostAnswer:
     """ASGI middleware: an HTTP request the wrapped app leaves unanswered (or fails before answering) gets a 503."""
 
-    def __init__(self, app: Any, retry_after_s: str | None = None) -> None:
+    def __init__(self, app: Any, retry_after_s: str = RETRY_AFTER_S) -> None:
         self.app = app
-        self.retry_after_s = retry_after_s or os.environ.get(RETRY_AFTER_ENV, "1")
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") != "http":

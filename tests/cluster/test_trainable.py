@@ -45,7 +45,7 @@ def test_a_trial_restarted_after_its_final_checkpoint_reports_it_again_without_t
     reports: list = []
     monkeypatch.setattr(trainable, "tune", fake_tune(folder, reports))
     monkeypatch.setattr(trainable, "fine_tune", lambda *a, **k: pytest.fail("a finished trial was trained again"))
-    ctx = TrialContext(base_dir=str(run_copy / "base"), data_json="{}", data_kind="digits")
+    ctx = TrialContext(base_dir=str(run_copy / "base"), data_json="{}")
     trainable.tune_trainable(dict(saved["hyperparameters"]), ctx)
     assert len(reports) == 1
     metrics, checkpoint = reports[0]
@@ -62,7 +62,7 @@ def test_a_final_checkpoint_of_other_hyperparameters_is_not_taken_for_this_trial
     trained: list = []
     monkeypatch.setattr(trainable, "tune", fake_tune(folder, []))
     monkeypatch.setattr(trainable, "fine_tune", lambda config, ctx, report, **kw: trained.append(config))
-    ctx = TrialContext(base_dir=str(run_copy / "base"), data_json="{}", data_kind="digits")
+    ctx = TrialContext(base_dir=str(run_copy / "base"), data_json="{}")
     other = {**saved["hyperparameters"], "lr": saved["hyperparameters"]["lr"] * 2}
     trainable.tune_trainable(other, ctx)
     assert trained == [other]  # nothing to resume: trained afresh, as before

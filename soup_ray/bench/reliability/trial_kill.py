@@ -127,7 +127,6 @@ def scenario_trial_kill(b: Bench, rec: dict[str, Any]) -> None:
         ctx = TrialContext(
             base_dir=str(prep.base_dir),
             data_json=cfg.data.model_dump_json(),
-            data_kind=cfg.data.kind,
             eval_batch_size=cfg.eval_batch_size,
             threads=max(1, int(cfg.trial_resources.cpu)),
             precision=cfg.model.precision,
