@@ -162,6 +162,12 @@ class DigitsData(_Strict):
     test_fraction: float = Field(0.3, gt=0.0, lt=0.6)
     seed: int = 0
     shifts: list[str] = Field(default_factory=lambda: ["rotate", "affine", "noise", "occlude"])
+    train_size: int | None = Field(
+        None,
+        ge=10,
+        description="train on a stratified subset of this many of the images the held-out and test splits "
+        "leave (null: all of them); fewer images make each epoch cheaper and the runs more different",
+    )
 
     @field_validator("shifts")
     @classmethod

@@ -129,6 +129,9 @@ def build_digits(cfg: DigitsData, image_size: int) -> DatasetBundle:
     frac_of_rest = cfg.heldout_fraction / (1.0 - cfg.test_fraction)
     train_pos, held_pos = stratified_split(y.numpy()[rest], frac_of_rest, cfg.seed + 1)
     train_idx, held_idx = rest[train_pos], rest[held_pos]
+    if cfg.train_size is not None and cfg.train_size < len(train_idx):
+        _, keep = stratified_split(y.numpy()[train_idx], cfg.train_size / len(train_idx), cfg.seed + 2)
+        train_idx = train_idx[keep]
     test_x = x[test_idx]
     shifts = {name: TensorDataset(apply_shift(name, test_x, cfg.seed), y[test_idx]) for name in cfg.shifts}
     return DatasetBundle(

@@ -436,7 +436,12 @@ def pretrain_standin(
         )
     )
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / "open_clip_model.safetensors"), metadata={"soup_ray_standin": json.dumps(meta)})
+    # The weights file carries the recipe but not the build time: two builds of one recipe on one machine
+    # are the same file, so the checksum in standin.json can verify it.
+    recipe_meta = {k: v for k, v in meta.items() if k != "seconds"}
+    weights = out_dir / "open_clip_model.safetensors"
+    save_file(state, str(weights), metadata={"soup_ray_standin": json.dumps(recipe_meta, sort_keys=True)})
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     (out_dir / "standin.json").write_text(json.dumps(meta, indent=2))
     return meta
 

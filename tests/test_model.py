@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -75,6 +77,11 @@ def test_standin_is_deterministic(cache_dir: Path, tmp_path: Path) -> None:
     a = load_file(str(tmp_path / "a" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "open_clip_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the build time stays out of the weights file: two builds are the same file, and its checksum says so
+    raw_a = (tmp_path / "a" / "open_clip_model.safetensors").read_bytes()
+    assert raw_a == (tmp_path / "b" / "open_clip_model.safetensors").read_bytes()
+    meta = json.loads((tmp_path / "a" / "standin.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256(raw_a).hexdigest() and meta["seconds"] >= 0
 
 
 def test_standin_loads_through_open_clip_local_dir(cache_dir: Path) -> None:
