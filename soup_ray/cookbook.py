@@ -87,18 +87,23 @@ class Cooked:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def score_state(kitchen: Kitchen, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, float], int]:
-    """Accuracy of some weights on every eval set of the run (held-out, test, each shift) and their held-out
-    correct count."""
+def score_state(
+    kitchen: Kitchen, state: Mapping[str, torch.Tensor], skip: Sequence[str] = ()
+) -> tuple[dict[str, float], int]:
+    """Accuracy of some weights on every eval set of the run (held-out, test, each shift) but those in ``skip``,
+    and their held-out correct count (0 when held-out is skipped)."""
     kitchen.model.load_state_dict(dict(state))
-    return score_model(kitchen, kitchen.model)
+    return score_model(kitchen, kitchen.model, skip)
 
 
-def score_model(kitchen: Kitchen, model: torch.nn.Module) -> tuple[dict[str, float], int]:
-    """Accuracy of a classifier on every eval set of the run and its held-out correct count."""
+def score_model(kitchen: Kitchen, model: torch.nn.Module, skip: Sequence[str] = ()) -> tuple[dict[str, float], int]:
+    """Accuracy of a classifier on every eval set of the run but those in ``skip``, and its held-out correct
+    count."""
     accs: dict[str, float] = {}
     heldout_correct = 0
     for name, ds in kitchen.bundle.eval_sets().items():
+        if name in skip:
+            continue
         logits, labels = predict_logits(model, ds, kitchen.eval_batch_size)
         n = correct_count(logits, labels)
         accs[name] = n / len(labels) if len(labels) else float("nan")
@@ -173,13 +178,17 @@ def cook_one(
         if result.grid:
             extra["grid"] = result.grid
         if spec.method == "wise_ft":
-            extra["curve"] = wise_ft_curve(kitchen, result, recipe.options["alphas"], shifts)
+            extra["curve"] = wise_ft_curve(kitchen, result, shifts)
     else:
         chosen = recipe(candidates, kitchen.evaluate, heldout_size=kitchen.heldout_size)
         ids, correct, params = list(chosen.ingredients), chosen.correct, recipe.describe()
         params.pop("method", None)
         weights = kitchen.soup_weights(ids)
-    accs, _ = score_state(kitchen, weights)
+    chosen_point = next((p for p in extra.get("curve", ()) if p["alpha"] == params.get("alpha")), None)
+    if chosen_point is not None:  # WiSE-FT's chosen alpha is scored on the curve already
+        accs = dict(chosen_point["accs"])
+    else:
+        accs, _ = score_state(kitchen, weights)
     row = _summary_row(spec.label, spec.method, accs, shifts, ids, params, correct)
     folder = RunDir(run_dir).recipe(spec.label)
     export_soup(
@@ -207,25 +216,26 @@ def cook_one(
     return Cooked(spec.label, row, seconds, extra)
 
 
-def wise_ft_curve(
-    kitchen: Kitchen, result: Any, alphas: Sequence[float], shifts: Sequence[str]
-) -> list[dict[str, Any]]:
-    """Test and mean-shift accuracy along the WiSE-FT line (the WiSE-FT figure), alpha by alpha."""
+def wise_ft_curve(kitchen: Kitchen, result: Any, shifts: Sequence[str]) -> list[dict[str, Any]]:
+    """Test and mean-shift accuracy along the WiSE-FT line (the WiSE-FT figure), alpha by alpha of the recipe's
+    grid. Held-out is the grid's own score, not scored again; ``accs`` holds every set's accuracy."""
     from .soup import average_state_dicts
     from .soup.merges import wise_ft
 
     target = average_state_dicts([lambda i=i: kitchen.weights(i) for i in result.ingredients])
     base = kitchen.base_state()
     curve = []
-    for alpha in sorted(float(a) for a in alphas):
-        accs, _ = score_state(kitchen, wise_ft(base, target, alpha))
+    for point in sorted(result.grid, key=lambda g: g["alpha"]):
+        accs, _ = score_state(kitchen, wise_ft(base, target, point["alpha"]), skip=("heldout",))
+        accs["heldout"] = point["heldout"]
         vals = [accs[s] for s in shifts if s in accs]
         curve.append(
             {
-                "alpha": alpha,
-                "heldout": accs.get("heldout"),
+                "alpha": point["alpha"],
+                "heldout": point["heldout"],
                 "test": accs.get("test"),
                 "shift_mean": sum(vals) / len(vals) if vals else None,
+                "accs": accs,
             }
         )
     return curve

@@ -52,6 +52,28 @@ def test_wise_ft_chooses_alpha_on_heldout_and_its_endpoints_are_base_and_soup(ru
     assert row["heldout"] == pytest.approx(max(best["heldout"], zero_shot), abs=1e-6)  # the better one on held-out
 
 
+def test_wise_ft_scores_heldout_once_per_alpha_and_its_row_is_the_curve_point(run_copy: Path, monkeypatch) -> None:
+    import soup_ray.cookbook as cookbook
+
+    scored: list[int] = []  # the size of every eval set scored through the full-set scorer
+    real = cookbook.predict_logits
+
+    def counting(model, ds, *a, **kw):
+        scored.append(len(ds))
+        return real(model, ds, *a, **kw)
+
+    monkeypatch.setattr(cookbook, "predict_logits", counting)
+    assert main(["soup", str(run_copy), "--method", "wise_ft", "--param", "alphas=[0.0, 0.5, 1.0]"]) == 0
+    row = next(r for r in read_jsonl(run_copy / "results.jsonl") if r.get("model_name") == "wise_ft")
+    heldout_size = json.loads((run_copy / "soups" / "wise_ft" / "soup.json").read_text())["heldout_size"]
+    # held-out is scored on the grid (by the keeper's scorer), never again for the curve or the chosen point
+    assert heldout_size not in scored
+    # the other sets: once per alpha, and the chosen alpha's row reuses its curve point
+    n_sets = 1 + sum(1 for k in row if k in ("rotate", "affine", "noise", "occlude"))
+    assert len(scored) == 3 * n_sets
+    assert row["heldout"] == pytest.approx(row["heldout_correct"] / heldout_size)
+
+
 def test_unknown_recipes_and_options_fail_before_any_work(run_copy: Path, capsys) -> None:
     assert main(["soup", str(run_copy), "--method", "nope"]) == 2
     assert "valid methods" in capsys.readouterr().err
