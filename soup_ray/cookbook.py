@@ -23,6 +23,7 @@ import torch
 from .evaluate import correct_count, predict_logits
 from .export import export_soup
 from .ingredients import Kitchen
+from .results import RECIPE_TWINS
 from .run_dir import RunDir, plain_name
 from .soup import Candidate, GreedyResult, RecipeContext, WeightRecipe, configure_soup_method, greedy_method
 
@@ -166,8 +167,10 @@ def cook_one(
     run_dir: Path,
     shifts: Sequence[str],
     log: Log = print,
+    scored: Mapping[tuple[str, ...], Mapping[str, float]] | None = None,
 ) -> Cooked:
-    """Compute, score and export one recipe."""
+    """Compute, score and export one recipe. ``scored`` holds the accuracies of plain averages already scored,
+    by their sorted ingredients: a greedy or uniform recipe that averages the same runs reuses them."""
     t0 = time.perf_counter()
     recipe = configure_soup_method(spec.method, spec.options)
     extra: dict[str, Any] = {}
@@ -185,8 +188,11 @@ def cook_one(
         params.pop("method", None)
         weights = kitchen.soup_weights(ids)
     chosen_point = next((p for p in extra.get("curve", ()) if p["alpha"] == params.get("alpha")), None)
+    known = (scored or {}).get(tuple(sorted(ids))) if spec.method in RECIPE_TWINS else None
     if chosen_point is not None:  # WiSE-FT's chosen alpha is scored on the curve already
         accs = dict(chosen_point["accs"])
+    elif known is not None:
+        accs = dict(known)
     else:
         accs, _ = score_state(kitchen, weights)
     row = _summary_row(spec.label, spec.method, accs, shifts, ids, params, correct)
@@ -249,13 +255,14 @@ def cook(
     shifts: Sequence[str],
     greedy: GreedyResult | None = None,
     log: Log = print,
+    scored: Mapping[tuple[str, ...], Mapping[str, float]] | None = None,
 ) -> list[Cooked]:
     """Every recipe in ``specs`` on one run, in order; a recipe that fails is logged and left out."""
     greedy = greedy or greedy_method(">=")(candidates, kitchen.evaluate, heldout_size=kitchen.heldout_size)
     out = []
     for spec in specs:
         try:
-            out.append(cook_one(kitchen, candidates, greedy, spec, run_dir, shifts, log))
+            out.append(cook_one(kitchen, candidates, greedy, spec, run_dir, shifts, log, scored))
         except (ValueError, RuntimeError) as err:  # SoupError is a ValueError: a recipe that cannot apply here
             log(f"recipe {spec.label} failed: {type(err).__name__}: {err}")
     return out

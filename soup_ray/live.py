@@ -28,13 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .results import is_recipe_twin
 from .run_dir import CHECKPOINT_METRICS, RunDir
 
 TAIL_BYTES = 64 * 1024
 """How much of the end of a Tune ``result.json`` is read for its last line."""
-
-RECIPE_TWINS = ("greedy", "uniform")
-"""Recipes whose scores are the report's ``greedy_soup`` / ``uniform_soup`` rows (one point each, as in the figure)."""
 
 
 def _read_json(path: Path) -> Any:
@@ -165,7 +163,7 @@ def _points(trials: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[di
         name = str(r.get("model_name", ""))
         if test is None or shift is None or name == "best_individual":
             continue
-        if r.get("recipe") and name in RECIPE_TWINS and any(x.get("model_name") == f"{name}_soup" for x in rows):
+        if is_recipe_twin(r, rows):  # the greedy and uniform recipes are the greedy and uniform soups' points
             continue
         kind = "recipe" if r.get("recipe") else str(r.get("kind") or "soup")
         pts.append(

@@ -29,7 +29,7 @@ from .cookbook import cook, recipe_specs, score_model, winner
 from .diagnostics import soup_diagnostics
 from .evaluate import correct_count
 from .ingredients import CheckpointRejected, Kitchen, trial_records_from_results
-from .results import read_jsonl, write_jsonl
+from .results import is_recipe_twin, read_jsonl, write_jsonl
 from .run_dir import (
     CHECKPOINT_LOGITS,
     FIGURE_PNG,
@@ -422,7 +422,10 @@ def compute_report(
 
     # Every other recipe asked for, from the same candidates.
     specs = recipe_specs(recipes) if recipes else []
-    cooked = cook(k, run.candidates, specs, run_dir, shifts, greedy=GreedyResult(chosen, g_correct), log=log)
+    scored = {tuple(sorted(ids)): uni_accs, tuple(sorted(chosen)): g_accs}  # the twins' scores, not computed again
+    cooked = cook(
+        k, run.candidates, specs, run_dir, shifts, greedy=GreedyResult(chosen, g_correct), scored=scored, log=log
+    )
 
     # Ensembles from cached logits.
     store = LogitStore(run, eval_names, log)
@@ -489,7 +492,10 @@ def _table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
     shifts = list(report["shifts"])
     header = ["method", "held-out", "test", *shifts, "shift mean", "forward passes", "models"]
     body = []
-    for r in [*report["rows"], *report.get("recipes", [])]:
+    rows = [*report["rows"], *report.get("recipes", [])]
+    for r in rows:
+        if is_recipe_twin(r, report["rows"]):
+            continue  # one soup, one row: the greedy and uniform recipes are the greedy and uniform soups
         body.append(
             [
                 r["model_name"],
@@ -702,7 +708,7 @@ def plot_scatter(report: Mapping[str, Any], path: Path) -> Path:
             zorder=2,
         )
     for r in report.get("recipes", []):
-        if r.get("test") is None or r.get("shift_mean") is None or r["model_name"] in ("greedy", "uniform"):
+        if r.get("test") is None or r.get("shift_mean") is None or is_recipe_twin(r, report["rows"]):
             continue  # the greedy and uniform recipes sit on the greedy and uniform soups' markers
         ax.scatter(
             [100 * r["test"]],

@@ -120,3 +120,17 @@ def print_table(
     div = [r for r in rows if r.get("status") == "diverged"]
     err = [r for r in rows if r.get("status") == "error"]
     log(f"{len(done)} completed, {len(div)} diverged, {len(err)} failed")
+
+
+RECIPE_TWINS = {"greedy": "greedy_soup", "uniform": "uniform_soup"}
+"""Recipes that recompute a soup the report already has a row for: the same ingredients averaged the same way."""
+
+
+def is_recipe_twin(row: dict[str, Any], rows: Iterable[dict[str, Any]]) -> bool:
+    """Whether ``row`` is the ``greedy`` or ``uniform`` recipe's row and ``rows`` hold its soup's row with the
+    same ingredients (so the two are one soup, shown once); a recipe that chose other ingredients is not."""
+    twin = RECIPE_TWINS.get(str(row.get("model_name", "")))
+    if not row.get("recipe") or twin is None:
+        return False
+    mine = sorted(row.get("ingredients") or [])
+    return any(r.get("model_name") == twin and sorted(r.get("ingredients") or []) == mine for r in rows)

@@ -224,3 +224,29 @@ def test_offers_the_live_soup_refused_get_a_note_in_the_report(report: dict[str,
     assert "still unreadable / x" in md  # a | in a reason does not break the table
     assert "Offers the live soup" not in markdown_report({**report, "live_rejected": []})
     assert live_soup_rejections(tmp_path / "nowhere") == []
+
+
+def test_greedy_and_uniform_recipes_are_their_soups_shown_once(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import soup_ray.cookbook as cookbook
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rescored: list[str] = []
+    real = cookbook.score_state
+    monkeypatch.setattr(cookbook, "score_state", lambda k, state, *a: rescored.append("x") or real(k, state, *a))
+    rep = compute_report(run, log=lambda m: None, recipes=["greedy", "uniform", "model_stock"])
+    rows, recipes = _rows(rep), {r["model_name"]: r for r in rep["recipes"]}
+    # the recipes' soups are the report's soups, scored once (model_stock is the only one scored by the cookbook)
+    for twin, soup in (("greedy", "greedy_soup"), ("uniform", "uniform_soup")):
+        assert sorted(recipes[twin]["ingredients"]) == sorted(rows[soup]["ingredients"])
+        assert recipes[twin]["test"] == rows[soup]["test"] and recipes[twin]["shift_mean"] == rows[soup]["shift_mean"]
+    assert len(rescored) == 1
+    # and each soup has one row in the table; the other recipe keeps its own
+    names = [line.split()[0] for line in soup_table(rep).splitlines()[2:]]
+    assert names.count("greedy_soup") == 1 and names.count("uniform_soup") == 1 and "model_stock" in names
+    assert "greedy" not in names and "uniform" not in names
+    # the recipes' parameters and folders are still listed in the report's recipe section
+    write_report(run, rep)
+    md = (run / "report.md").read_text()
+    assert "| `greedy` | greedy |" in md and "| `uniform` | uniform |" in md
+    assert md.count("| greedy_soup |") == 1
