@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from soup_ray.config import DigitsData, MnistData
@@ -52,6 +53,20 @@ def test_mnist_is_real_shipped_data_split_into_a_held_out_set_big_enough_to_deci
     assert isinstance(cfg.data, MnistData)
     ctx = TrialContext(base_dir="-", data_json=cfg.data.model_dump_json())
     assert ctx.data_config() == cfg.data
+
+
+def test_train_size_takes_a_balanced_subset_of_the_train_split_and_leaves_the_others() -> None:
+    full = build_digits(MnistData(shifts=[]), 8)
+    small = build_digits(MnistData(shifts=[], train_size=1000), 8)
+    assert len(small.train) == 1000 and set(small.split_indices["train"]) < set(full.split_indices["train"])
+    assert torch.bincount(labels_of(small.train), minlength=10).tolist() == [100] * 10
+    for k in ("heldout", "test"):  # the splits greedy and the report score on do not move
+        assert small.split_indices[k] == full.split_indices[k]
+    assert small.split_indices == build_digits(MnistData(shifts=[], train_size=1000), 8).split_indices
+    # more than the split has: all of it
+    assert build_digits(MnistData(shifts=[], train_size=10**6), 8).split_indices == full.split_indices
+    with pytest.raises(ValueError, match="train_size"):
+        MnistData(train_size=0)
 
 
 def test_other_seed_gives_other_split() -> None:
