@@ -74,6 +74,8 @@ def run_figures(run: Path) -> dict[str, Any]:
         "standin_build_s": _standin_seconds(cfg),
         "standin_seed": cfg.model.standin_seed if cfg.model.pretrained == "standin" else None,
         "data_kind": cfg.data.kind,
+        "data": cfg.data.model_dump(mode="json"),
+        "search_space": cfg.model_dump(mode="json")["search_space"],
         "trials": len(trials),
         "completed": sum(r.get("status") == "completed" for r in trials),
         "seed": cfg.tune.seed,
