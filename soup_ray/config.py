@@ -296,6 +296,22 @@ class Resources(_Strict):
 
     cpu: float = Field(1.0, ge=0.0)
     gpu: float = Field(0.0, ge=0.0)
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources, name: amount (e.g. {worker: 1}): the resource a node type declares "
+        "(`resources:` in cluster.yaml, `--resources` of `ray start`), so that trials or the soup actor run only "
+        "on nodes that offer it",
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith("node:"):
+                raise ValueError(f"{name!r} is not a custom resource; use cpu and gpu for CPUs and GPUs")
+            if not amount > 0:
+                raise ValueError(f"custom resource {name!r} needs an amount above 0, got {amount!r}")
+        return v
 
 
 class TuneSettings(_Strict):

@@ -170,3 +170,14 @@ def test_hyperparameters_are_numbers() -> None:
         parse_config(tiny_config_dict(**{"search_space.lr": "fast"}))
     with pytest.raises(ConfigError, match="search_space.epochs"):
         parse_config(tiny_config_dict(**{"search_space.epochs": {"choice": ["two", "four"]}}))
+
+
+def test_custom_resources_are_ray_custom_resources_with_a_positive_amount() -> None:
+    cfg = parse_config(
+        tiny_config_dict(**{"trial_resources.custom": {"worker": 1}, "soup.resources.custom": {"a": 0.5}})
+    )
+    assert cfg.trial_resources.custom == {"worker": 1.0} and cfg.soup.resources.custom == {"a": 0.5}
+    assert parse_config(tiny_config_dict()).trial_resources.custom == {}
+    for bad, says in (({"GPU": 1}, "not a custom resource"), ({"worker": 0}, "above 0"), ({"node:x": 1}, "custom")):
+        with pytest.raises(ConfigError, match=says):
+            parse_config(tiny_config_dict(**{"trial_resources.custom": bad}))

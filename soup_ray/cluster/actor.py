@@ -90,9 +90,13 @@ class SoupActor:
         return self.keeper.offer(trial)
 
     def status(self) -> dict[str, Any]:
+        """The keeper's latest snapshot, with the Ray node this actor runs on."""
+        import ray
+
+        where = {"node_id": ray.get_runtime_context().get_node_id()}
         if self.fatal_error is not None:
-            return {"run_dir": self.run_dir, "fatal_error": self.fatal_error, "pid": os.getpid()}
-        return self.keeper.status()
+            return {"run_dir": self.run_dir, "fatal_error": self.fatal_error, "pid": os.getpid(), **where}
+        return {**self.keeper.status(), **where}
 
     def wait_idle(self, timeout: float = 600.0) -> bool:
         self._check()
@@ -164,8 +168,9 @@ def start_soup_actor(
     gpu: float = 0.0,
     detached: bool = False,
     keep_versions: int = 3,
+    resources: dict[str, float] | None = None,
 ):
-    """Create (or reattach to) the run's named soup actor."""
+    """Create (or reattach to) the run's named soup actor; ``resources`` are Ray custom resources it asks for."""
     import ray
 
     opts: dict[str, Any] = {
@@ -177,6 +182,8 @@ def start_soup_actor(
         "num_cpus": cpu,
         "num_gpus": gpu,
     }
+    if resources:
+        opts["resources"] = dict(resources)
     if detached:
         opts["lifetime"] = "detached"
     opts.update(namespace_actor_options or {})

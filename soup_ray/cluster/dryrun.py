@@ -487,6 +487,19 @@ def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, 
     return text
 
 
+def _launcher_custom(path: Path | None) -> list[dict[str, float]]:
+    """The custom resources of each node type of a cluster-launcher YAML (none without one)."""
+    import yaml
+
+    if path is None or not Path(path).expanduser().is_file():
+        return []
+    data = yaml.safe_load(Path(path).expanduser().read_text()) or {}
+    return [
+        {k: float(v) for k, v in (spec.get("resources") or {}).items() if k not in ("CPU", "GPU")}
+        for spec in (data.get("available_node_types") or {}).values()
+    ]
+
+
 def _repo_cluster_yaml() -> Path | None:
     for p in (Path.cwd() / "cluster.yaml", Path(__file__).resolve().parents[2] / "cluster.yaml"):
         if p.is_file():
@@ -561,6 +574,7 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
             source = "an embedded local Ray (this machine)" if address == "local" else f"the Ray cluster at {address!r}"
         totals = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         live = _live_shapes()
+        custom_live = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
     except Exception as err:  # unreachable cluster, bad address, auth
         details = [need, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"]
         repo = _repo_cluster_yaml()
@@ -587,6 +601,20 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
             details += ["  " + _describe(s, trial, actor) for s in types]
             shapes += types
     trial_ok, actor_ok = evaluate_fit(trial, actor, shapes)
+    custom_offered = custom_live + [dict(t) for t in _launcher_custom(bootstrap)]
+    for who, wanted in (("a trial", cfg.trial_resources.custom), ("the soup actor", cfg.soup.resources.custom)):
+        short = {k: v for k, v in wanted.items() if not any(n.get(k, 0) + _EPS >= v for n in custom_offered)}
+        if short:
+            details.append(
+                f"{who} asks for custom resource(s) "
+                + ", ".join(f"{k}: {_fmt(v)}" for k, v in short.items())
+                + " that no node offers: declare them on a node type (`resources:` in cluster.yaml, "
+                "`ray start --resources`) or drop them from the config"
+            )
+            if who == "a trial":
+                trial_ok = False
+            else:
+                actor_ok = False
     at_once = sum(min(fit_count(s, *trial), 10**6) * (s.count or 0) for s in live)
     if trial_ok and actor_ok:
         extra = f"; {at_once} trial(s) at once on the live nodes" if at_once else ""

@@ -124,6 +124,7 @@ def _start_actor(cfg: SweepConfig, prep: PreparedRun, live_soup: bool) -> Any:
         early_rejection=cfg.soup.early_rejection,
         cpu=cfg.soup.resources.cpu,
         gpu=cfg.soup.resources.gpu,
+        resources=cfg.soup.resources.custom,
         detached=cfg.resolved_address() != "local",
     )
     check_actor(actor, actor_name(prep.run_dir))  # a broken one fails the sweep now, not after training
@@ -168,7 +169,7 @@ def _sweep(
         )
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx),
-        {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu},
+        {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu, **cfg.trial_resources.custom},
     )
     if resume:
         log(

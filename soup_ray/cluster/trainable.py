@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ray
 from ray import tune
 
 from ..train import TrialContext, fine_tune, finished_result
@@ -22,9 +23,11 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     soup actor points at).
     """
 
+    node_id = ray.get_runtime_context().get_node_id()  # on a cluster: which node trained each epoch
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
+        tune.report({**metrics, "node_id": node_id}, checkpoint=ckpt)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     last = tune.get_checkpoint()

@@ -475,3 +475,18 @@ def test_no_credentials_in_any_tracked_file() -> None:
     cluster = yaml.safe_load(CLUSTER.read_text())
     assert "ssh_private_key" not in cluster.get("auth", {}), "keys stay on the user's machine, never in the repo"
     assert all(str(local).startswith("~") or str(local) == "." for local in cluster["file_mounts"].values())
+
+
+@pytest.mark.slow
+def test_dry_run_names_a_custom_resource_that_no_node_offers(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOUP_RAY_CACHE", str(tmp_path / "empty-cache"))
+    overrides = {"trial_resources.custom": {"gpu_worker": 1}, "soup.resources.custom": {"gpu_worker": 1}}
+    report = dry_run(LOCAL, overrides, cpu_batch_cap=2, log=lambda m: None)
+    check = _by_name(report)["resources"]
+    assert check.status == "fail" and report.exit_code != 0
+    assert "a trial fits on no node and the soup actor fits on no node" in check.summary
+    text = _text(check)
+    assert "a trial asks for custom resource(s) gpu_worker: 1 that no node offers" in text
+    assert "ray start --resources" in text
