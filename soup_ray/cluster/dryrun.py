@@ -407,23 +407,37 @@ class NodeShape:
     gpu: float
     count: int | None = None
     max_workers: int | None = None
+    custom: dict[str, float] = field(default_factory=dict)
+    """Ray custom resources the node offers (``resources:`` of a node type, ``ray start --resources``)."""
 
 
-def fit_count(shape: NodeShape, cpu: float, gpu: float) -> int:
-    """How many units of (cpu, gpu) fit on one node of ``shape`` (a large number when they ask for nothing)."""
+Ask = tuple  # (cpu, gpu) or (cpu, gpu, {custom resource: amount}): what one trial or the soup actor asks for
+
+
+def fit_count(shape: NodeShape, cpu: float, gpu: float, custom: dict[str, float] | None = None) -> int:
+    """How many units of (cpu, gpu, custom) fit on one node of ``shape`` (a large number when they ask for
+    nothing)."""
     limits = []
     if cpu > 0:
         limits.append(math.floor(shape.cpu / cpu + _EPS))
     if gpu > 0:
         limits.append(math.floor(shape.gpu / gpu + _EPS))
+    for name, amount in (custom or {}).items():
+        limits.append(math.floor(shape.custom.get(name, 0.0) / amount + _EPS))
     return min(limits) if limits else 10**6
 
 
-def trials_beside_actor(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, float]) -> int:
+def trials_beside_actor(shape: NodeShape, trial: Ask, actor: Ask) -> int:
     """Trials that still fit on a node of ``shape`` that also hosts the soup actor (-1: the actor does not fit)."""
     if fit_count(shape, *actor) < 1:
         return -1
-    rest = NodeShape(shape.name, shape.cpu - actor[0], shape.gpu - actor[1])
+    actor_custom = actor[2] if len(actor) > 2 else {}
+    rest = NodeShape(
+        shape.name,
+        shape.cpu - actor[0],
+        shape.gpu - actor[1],
+        custom={k: v - actor_custom.get(k, 0.0) for k, v in shape.custom.items()},
+    )
     return fit_count(rest, *trial)
 
 
@@ -436,6 +450,7 @@ def node_types_from_launcher_config(path: Path) -> list[NodeShape]:
     out = []
     for name, spec in (data.get("available_node_types") or {}).items():
         res = spec.get("resources") or {}
+        custom = {k: float(v) for k, v in res.items() if k not in ("CPU", "GPU")}
         itype = (spec.get("node_config") or {}).get("InstanceType")
         label = f"{name} ({itype})" if itype else name
         if name == head:
@@ -446,26 +461,35 @@ def node_types_from_launcher_config(path: Path) -> list[NodeShape]:
                 float(res.get("CPU", 0)),
                 float(res.get("GPU", 0)),
                 max_workers=int(spec.get("max_workers", 0 if name == head else data.get("max_workers", 0))),
+                custom=custom,
             )
         )
     return out
 
 
 def _live_shapes() -> list[NodeShape]:
-    """Live Ray nodes grouped by their CPU/GPU totals."""
+    """Live Ray nodes grouped by their CPU, GPU and custom resource totals."""
     import ray
 
-    groups: dict[tuple[bool, float, float], int] = {}
+    groups: dict[tuple[bool, float, float, tuple[tuple[str, float], ...]], int] = {}
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         res = n.get("Resources") or {}
-        key = ("node:__internal_head__" in res, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+        custom = tuple(sorted((k, float(v)) for k, v in res.items() if _is_custom(k)))
+        key = ("node:__internal_head__" in res, float(res.get("CPU", 0)), float(res.get("GPU", 0)), custom)
         groups[key] = groups.get(key, 0) + 1
     return [
-        NodeShape("head node" if head else "worker node", cpu, gpu, count=c)
-        for (head, cpu, gpu), c in sorted(groups.items(), reverse=True)
+        NodeShape("head node" if head else "worker node", cpu, gpu, count=c, custom=dict(custom))
+        for (head, cpu, gpu, custom), c in sorted(groups.items(), reverse=True)
     ]
+
+
+def _is_custom(name: str) -> bool:
+    """A resource a user declared, not one Ray adds (CPU, GPU, memory, node and accelerator labels)."""
+    return name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith(
+        ("node:", "accelerator_type:")
+    )
 
 
 def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, float]) -> str:
@@ -479,25 +503,13 @@ def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, 
         if shape.max_workers is not None
         else ""
     )
-    text = f"{shape.name}: {_fmt(shape.cpu)} CPU, {_fmt(shape.gpu)} GPU{where} -> {many} trial(s) per node"
+    extra = "".join(f", {_fmt(v)} {k}" for k, v in sorted(shape.custom.items()))
+    text = f"{shape.name}: {_fmt(shape.cpu)} CPU, {_fmt(shape.gpu)} GPU{extra}{where} -> {many} trial(s) per node"
     if beside < 0:
         text += "; the soup actor does not fit"
     else:
         text += f"; with the soup actor: {'any number of' if beside >= 10**6 else beside} trial(s) + actor"
     return text
-
-
-def _launcher_custom(path: Path | None) -> list[dict[str, float]]:
-    """The custom resources of each node type of a cluster-launcher YAML (none without one)."""
-    import yaml
-
-    if path is None or not Path(path).expanduser().is_file():
-        return []
-    data = yaml.safe_load(Path(path).expanduser().read_text()) or {}
-    return [
-        {k: float(v) for k, v in (spec.get("resources") or {}).items() if k not in ("CPU", "GPU")}
-        for spec in (data.get("available_node_types") or {}).values()
-    ]
 
 
 def _repo_cluster_yaml() -> Path | None:
@@ -554,12 +566,13 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
 
     from .session import ray_session
 
-    trial = (cfg.trial_resources.cpu, cfg.trial_resources.gpu)
-    actor = (cfg.soup.resources.cpu, cfg.soup.resources.gpu)
-    need = (
-        f"one trial needs {_fmt(trial[0])} CPU + {_fmt(trial[1])} GPU, the soup actor "
-        f"{_fmt(actor[0])} CPU + {_fmt(actor[1])} GPU"
-    )
+    trial = (cfg.trial_resources.cpu, cfg.trial_resources.gpu, dict(cfg.trial_resources.custom))
+    actor = (cfg.soup.resources.cpu, cfg.soup.resources.gpu, dict(cfg.soup.resources.custom))
+
+    def asks(a: Ask) -> str:
+        return f"{_fmt(a[0])} CPU + {_fmt(a[1])} GPU" + "".join(f" + {_fmt(v)} {k}" for k, v in sorted(a[2].items()))
+
+    need = f"one trial needs {asks(trial)}, the soup actor {asks(actor)}"
     address = cfg.resolved_address()
     started = False
     try:
@@ -574,7 +587,6 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
             source = "an embedded local Ray (this machine)" if address == "local" else f"the Ray cluster at {address!r}"
         totals = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         live = _live_shapes()
-        custom_live = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
     except Exception as err:  # unreachable cluster, bad address, auth
         details = [need, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"]
         repo = _repo_cluster_yaml()
@@ -601,9 +613,8 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
             details += ["  " + _describe(s, trial, actor) for s in types]
             shapes += types
     trial_ok, actor_ok = evaluate_fit(trial, actor, shapes)
-    custom_offered = custom_live + [dict(t) for t in _launcher_custom(bootstrap)]
-    for who, wanted in (("a trial", cfg.trial_resources.custom), ("the soup actor", cfg.soup.resources.custom)):
-        short = {k: v for k, v in wanted.items() if not any(n.get(k, 0) + _EPS >= v for n in custom_offered)}
+    for who, wanted in (("a trial", trial[2]), ("the soup actor", actor[2])):
+        short = {k: v for k, v in wanted.items() if not any(s.custom.get(k, 0.0) + _EPS >= v for s in shapes)}
         if short:
             details.append(
                 f"{who} asks for custom resource(s) "
@@ -611,10 +622,6 @@ def check_resources(cfg: SweepConfig, log: Log = print, launcher_config: Path | 
                 + " that no node offers: declare them on a node type (`resources:` in cluster.yaml, "
                 "`ray start --resources`) or drop them from the config"
             )
-            if who == "a trial":
-                trial_ok = False
-            else:
-                actor_ok = False
     at_once = sum(min(fit_count(s, *trial), 10**6) * (s.count or 0) for s in live)
     if trial_ok and actor_ok:
         extra = f"; {at_once} trial(s) at once on the live nodes" if at_once else ""

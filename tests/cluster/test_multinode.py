@@ -78,6 +78,7 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
     from safetensors.torch import load_file
 
     from soup_ray.cluster.actor import actor_name
+    from soup_ray.cluster.dryrun import check_resources
     from soup_ray.cluster.sweep import run_sweep
     from soup_ray.export import export_soup
     from soup_ray.ingredients import Kitchen, trial_records_from_results
@@ -109,6 +110,15 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
                 }
             )
         )
+        # what `soup-ray run --dry-run` says about this cluster's nodes, before anything runs
+        resources = check_resources(cfg, log=lambda m: None)
+        assert resources.status == "ok", resources.details
+        assert "a trial and the soup actor fit; 2 trial(s) at once on the live nodes" in resources.summary
+        assert any(
+            d.startswith("worker node: 1 CPU, 0 GPU, 4 worker x2 live -> 1 trial(s) per node; with the soup actor: 1")
+            for d in resources.details
+        ), resources.details
+        assert any(d.startswith("head node: 0 CPU, 0 GPU x1 live -> 0 trial(s)") for d in resources.details)
         run_dir = tmp_path / "run"
         prep = prepare_run(cfg, run_dir, log=lambda m: None)
         record: dict[str, Any] = {}
