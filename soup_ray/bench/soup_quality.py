@@ -213,6 +213,11 @@ _LABELS = {
 }
 
 
+def _signed(v: float) -> str:
+    """``v`` to one decimal with its sign, and no "-0.0" for a tiny negative."""
+    return f"{round(v, 1) + 0.0:+.1f}"
+
+
 def readme_table(summary: Mapping[str, Any]) -> str:
     """The README's table of the local default: per method the mean over runs and the range (min..max) of
     held-out / test / shift mean in %, and of the models it uses, then the greedy soup's gain over the best model."""
@@ -240,8 +245,8 @@ def readme_table(summary: Mapping[str, Any]) -> str:
     for k, what in (("test", "test"), ("shift_mean", "shift mean")):
         vals = summary["greedy_minus_best_points"][k]
         lines.append(
-            f"Greedy soup minus best single model, {what}: mean {statistics.fmean(vals):+.1f} points, "
-            f"from {min(vals):+.1f} to {max(vals):+.1f}."
+            f"Greedy soup minus best single model, {what}: mean {_signed(statistics.fmean(vals))} points, "
+            f"from {_signed(min(vals))} to {_signed(max(vals))}."
         )
         lines.append("")
     with_three = summary["checks"]["runs_with_3_or_more_greedy_ingredients"]["value"]

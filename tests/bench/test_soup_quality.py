@@ -125,3 +125,11 @@ def test_a_run_without_a_report_is_named(tmp_path: Path) -> None:
     write_jsonl(run / "results.jsonl", [{"model_name": "trial_a", "kind": "individual", "trial_id": "a"}])
     with pytest.raises(ValueError, match="soup-ray soup .* --report"):
         summarise([run])
+
+
+def test_the_readmes_table_is_the_one_the_committed_json_renders() -> None:
+    root = Path(__file__).resolve().parents[2]
+    summary = json.loads((root / "bench" / "results" / "soup_quality.json").read_text())
+    assert summary["n_runs"] == 10 and len({(r["standin_seed"], r["seed"]) for r in summary["runs"]}) == 10
+    readme = (root / "README.md").read_text()
+    assert readme_table(summary) in readme, "run `python bench/soup_quality.py --readme-only` after a new measurement"

@@ -22,7 +22,7 @@ from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 3
+EPOCHS = 2
 TRIALS = 6
 SWEEP_TIMEOUT_S = 420
 
