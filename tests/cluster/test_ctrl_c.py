@@ -168,6 +168,7 @@ def stop_in_stage(
         cli.close()
 
 
+@pytest.mark.timeout(1500)  # eight real commands in a row; each wait inside is bounded on its own (300 s at most)
 def test_ctrl_c_in_every_stage_of_soup_ray_run(
     prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
