@@ -23,11 +23,12 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
     soup actor points at).
     """
 
-    node_id = ray.get_runtime_context().get_node_id()  # on a cluster: which node trained each epoch
+    # on a cluster: which node trained each epoch (asked only inside a Ray worker: never starts a Ray)
+    where = {"node_id": ray.get_runtime_context().get_node_id()} if ray.is_initialized() else {}
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({**metrics, "node_id": node_id}, checkpoint=ckpt)
+        tune.report({**metrics, **where}, checkpoint=ckpt)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     last = tune.get_checkpoint()
