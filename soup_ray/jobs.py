@@ -16,7 +16,7 @@ from pathlib import Path
 from .atomic import write_json
 from .config import SweepConfig, is_uri
 from .run_dir import RunDir
-from .stages import INTERRUPTED, REPORT, SERVING, SERVING_START, Stages, next_step, stopping
+from .stages import INTERRUPTED, REPORT, SERVING, SERVING_START, Stages, interrupted, next_step, stopping
 
 Log = Callable[[str], None]
 
@@ -126,7 +126,9 @@ def sweep_job(
             has_soup = report_stage(
                 prep.run_dir, cfg, outcome.rows, ingredients, prep.zero_shot, list(prep.bundle.shifts), log
             )
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not interrupted(err):
+            raise
         stopped(stages, command, run_dir, log)
         return SweepJob(run_dir, False, interrupted=True, seconds=stages.seconds)
     return SweepJob(prep.run_dir, has_soup, seconds=stages.seconds)
@@ -217,7 +219,9 @@ def report_job(run_dir: str | Path, log: Log = log_line) -> int:
         with stages.stage(REPORT):
             run = admit_run(run_dir, log)
             report_stage(run_dir, cfg, rows, ingredients, zero_shot, list(run.kitchen.bundle.shifts), log, admitted=run)
-    except KeyboardInterrupt:
+    except BaseException as err:
+        if not interrupted(err):
+            raise
         stopped(stages, "report", run_dir, log)
         return INTERRUPTED
     return 0
@@ -281,7 +285,9 @@ def run_job(
             max_batch_size=serve_cfg.max_batch_size,
             topology=serve_cfg.topology,
         )
-    except KeyboardInterrupt:
+    except BaseException as err:  # a Ctrl-C while Ray Serve is imported can arrive as pydantic-core's error
+        if not interrupted(err):
+            raise
         stopped(stages, "run", job.run_dir, log)
         return INTERRUPTED
     return 0

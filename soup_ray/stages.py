@@ -98,6 +98,13 @@ def install_ctrl_c() -> Any:
     return signal.signal(signal.SIGINT, _handler)
 
 
+def interrupted(err: BaseException) -> bool:
+    """Whether ``err`` ends a command as a Ctrl-C: a ``KeyboardInterrupt``, or any error raised once a Ctrl-C
+    came. Native code that catches the ``KeyboardInterrupt`` raised inside it can hand back an error of its
+    own instead (pydantic-core does while it builds a validator, as importing Ray Serve does)."""
+    return isinstance(err, KeyboardInterrupt) or _stopping.is_set()
+
+
 def stopping() -> None:
     """A stop is under way (a sweep that Tune's own handler stopped, say): with the handler of
     :func:`install_ctrl_c` in place, the next Ctrl-C exits at once."""

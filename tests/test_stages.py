@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,29 @@ def test_a_ctrl_c_caught_after_a_string_exec_still_exits_130_under_python_m(tmp_
     )
     assert "caught" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+
+
+def test_an_error_raised_once_a_ctrl_c_came_counts_as_the_ctrl_c() -> None:
+    """Native code (pydantic-core building a validator while Ray Serve is imported) can turn the Ctrl-C's
+    KeyboardInterrupt into an error of its own; the command must still stop as for a Ctrl-C (exit 130)."""
+    import os
+    import signal
+
+    from soup_ray import stages
+    from soup_ray.stages import install_ctrl_c, interrupted
+
+    previous = install_ctrl_c()
+    try:
+        assert not interrupted(ValueError("a real error, no Ctrl-C"))
+        try:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt as err:
+                raise ValueError("SchemaError: ... KeyboardInterrupt") from err  # what pydantic-core hands back
+        except ValueError as wrapped:
+            assert interrupted(wrapped)
+        assert interrupted(KeyboardInterrupt())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stages._stopping.clear()  # no stop under way for the tests after this one
