@@ -450,7 +450,7 @@ def node_types_from_launcher_config(path: Path) -> list[NodeShape]:
     out = []
     for name, spec in (data.get("available_node_types") or {}).items():
         res = spec.get("resources") or {}
-        custom = {k: float(v) for k, v in res.items() if k not in ("CPU", "GPU")}
+        custom = {k: float(v) for k, v in res.items() if _is_custom(k)}
         itype = (spec.get("node_config") or {}).get("InstanceType")
         label = f"{name} ({itype})" if itype else name
         if name == head:
@@ -492,7 +492,7 @@ def _is_custom(name: str) -> bool:
     )
 
 
-def _describe(shape: NodeShape, trial: tuple[float, float], actor: tuple[float, float]) -> str:
+def _describe(shape: NodeShape, trial: Ask, actor: Ask) -> str:
     n = fit_count(shape, *trial)
     beside = trials_beside_actor(shape, trial, actor)
     many = "any number of" if n >= 10**6 else str(n)
