@@ -128,6 +128,18 @@ class SearchSpace(_Strict):
             return {k: _as_distribution(v) for k, v in data.items()}
         return data
 
+    def max_epochs(self) -> int:
+        """The most epochs a trial of this space can draw (what ASHA's ``max_t`` and the rungs are measured in)."""
+        d = self.epochs
+        if isinstance(d, Const):
+            return int(d.value)
+        if isinstance(d, RandInt):
+            return int(d.randint[1])
+        if isinstance(d, Choice):
+            return int(max(d.choice))
+        top = d.loguniform[1] if isinstance(d, LogUniform) else d.uniform[1]
+        return int(top)
+
 
 # ---------------------------------------------------------------- model / data
 
@@ -336,6 +348,37 @@ class TuneSettings(_Strict):
         description="Tune's logger callbacks: tensorboard, csv and json (Tune's own), mlflow and wandb (need the "
         "mlflow / wandb package)",
     )
+    scheduler: Literal["fifo", "asha", "soup"] = Field(
+        "fifo",
+        description="which trials Tune stops early: fifo (none: every trial runs all its epochs), asha (Tune's "
+        "ASHAScheduler on the metric) or soup (stops a trial at a rung when adding its checkpoint there would "
+        "lower the live greedy soup's held-out score by more than soup_margin images)",
+    )
+    grace_period: int = Field(1, ge=1, description="asha and soup: the first rung (epoch) at which a trial may stop")
+    reduction_factor: float = Field(
+        4.0, gt=1, description="asha and soup: rungs at grace_period x reduction_factor^k epochs (ASHA's spacing)"
+    )
+    soup_margin: int = Field(
+        0,
+        ge=0,
+        description="soup: a trial goes on while its rung checkpoint costs the soup at most this many held-out "
+        "images (0: it must not lower the soup at all)",
+    )
+    keep_epoch_candidates: bool = Field(
+        False,
+        description="write a soup candidate (weights and cached logits) after every epoch of every trial under "
+        "RUN/epochs/ (what bench/soup_aware.py replays schedulers against); costs disk and evaluation time",
+    )
+
+    def rungs(self, max_epochs: int) -> list[int]:
+        """The epochs at which ``asha`` and ``soup`` may stop a trial (ASHA's rungs below ``max_epochs``)."""
+        if self.scheduler == "fifo":
+            return []
+        out, k = [], 0
+        while (r := int(round(self.grace_period * self.reduction_factor**k))) < max_epochs:
+            out.append(r)
+            k += 1
+        return out
 
     def resolved_max_failures(self, address: str) -> int:
         """``max_failures``, or its default for where the sweep runs."""
@@ -479,6 +522,17 @@ class SweepConfig(_Strict):
         if not v.strip():
             raise ValueError("storage is empty: give the folder under which run folders are made (e.g. runs)")
         return v
+
+    @model_validator(mode="after")
+    def _scheduler_has_a_rung(self) -> SweepConfig:
+        if self.tune.scheduler != "fifo" and not self.tune.rungs(self.search_space.max_epochs()):
+            raise ValueError(
+                f"tune.scheduler {self.tune.scheduler!r} stops trials at rungs (grace_period x reduction_factor^k "
+                f"epochs), but no rung is below the most epochs a trial can draw "
+                f"({self.search_space.max_epochs()}): lower tune.grace_period (now {self.tune.grace_period}) "
+                "or use tune.scheduler: fifo"
+            )
+        return self
 
     def resolved_address(self) -> str:
         """The Ray address to use: ``RAY_ADDRESS`` wins over the file when the file says local."""

@@ -11,6 +11,21 @@ from typing import Any
 from .atomic import replacing
 
 
+def stopped_early(metrics: dict[str, Any]) -> bool:
+    """Whether a trial's last result is a rung candidate a scheduler stopped it at (``status: candidate``, ``done``).
+
+    Such a trial ended with a soup candidate like a finished one: it is offered to the soup and counted as
+    completed, with ``stopped_early`` in its row. A rung result without ``done`` (a sweep stopped by Ctrl-C
+    after a rung) is not: the trial is unfinished and resumes.
+    """
+    return metrics.get("status") == "candidate" and bool(metrics.get("done"))
+
+
+def is_soup_candidate(metrics: dict[str, Any]) -> bool:
+    """Whether a trial's last result comes with a soup candidate: it finished, or a scheduler stopped it at a rung."""
+    return metrics.get("status") == "completed" or stopped_early(metrics)
+
+
 def trial_row(
     trial_id: str,
     metrics: dict[str, Any],
@@ -21,6 +36,10 @@ def trial_row(
 ) -> dict[str, Any]:
     """One JSON object per model: model_name, heldout, test, one key per shift, hyperparameters, status."""
     status = "error" if error else metrics.get("status", "unknown")
+    if stopped_early(metrics):
+        status = "completed"  # a scheduler stopped it at a rung: its rung checkpoint is its soup candidate
+    elif status == "running" and metrics.get("done"):
+        status = "stopped"  # stopped by a scheduler on an epoch without a candidate
     done = status == "completed"
 
     def acc(key: str) -> float | None:
@@ -42,6 +61,8 @@ def trial_row(
     row["hyperparameters"] = {k: config[k] for k in sorted(config)}
     row["checkpoint"] = checkpoint
     row["trial_id"] = trial_id
+    if stopped_early(metrics) and not error:
+        row["stopped_early"] = True  # by the scheduler, at the rung epoch epochs_run
     if error:
         row["error"] = error
     return row

@@ -37,6 +37,8 @@ STATE_DIR = "soup_state"
 STATE_FILE = "state.json"
 INBOX_DIR = "inbox"
 SOUPS_DIR = "soups"
+EPOCHS_DIR = "epochs"
+SCHEDULER_LOG = "scheduler.jsonl"
 REPORT_MD = "report.md"
 FIGURE_PNG = "figure.png"
 GREEDY_PNG = "greedy.png"
@@ -145,6 +147,19 @@ class RunDir:
     def recipe(self, method: str) -> Path:
         """``soups/NAME``: a computed recipe as an open_clip local-dir folder (NAME a :func:`plain_name`)."""
         return self.soups / plain_name(method, "recipe label")
+
+    @property
+    def epochs(self) -> Path:
+        """``epochs/TRIAL/eNNN``: every epoch's soup candidate (``tune.keep_epoch_candidates``)."""
+        return self.path / EPOCHS_DIR
+
+    def epoch_candidate(self, trial_id: str, epoch: int) -> Path:
+        return self.epochs / plain_name(trial_id, "trial id") / f"e{int(epoch):03d}"
+
+    @property
+    def scheduler_log(self) -> Path:
+        """``scheduler.jsonl``: every rung decision of the ``asha`` or ``soup`` scheduler, one JSON line each."""
+        return self.path / SCHEDULER_LOG
 
     @property
     def report_md(self) -> Path:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import DataConfig, DigitsData, ImageFolderData
 from .data import build_dataset, loader
-from .evaluate import accuracy, pick_device, predict_logits
+from .evaluate import accuracy, correct_count, pick_device, predict_logits
 from .model import CLIPClassifier, load_base
 from .run_dir import BASE_META, CHECKPOINT_LOGITS, CHECKPOINT_METRICS
 from .run_dir import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
@@ -61,6 +61,9 @@ class TrialContext:
     gpus: float = 0.0  # GPUs Ray gave the trial; > 0 trains on CUDA when one is visible
     num_workers: int = 0  # data-loading processes (image folders on a cluster)
     checkpoint_interval_s: float = 0.0  # a resumable state after an epoch once this long since the last one
+    rungs: tuple[int, ...] = ()  # epochs at which a scheduler may stop the trial: each reports a soup candidate
+    soup_run_dir: str | None = None  # tune.scheduler soup: the run whose published soup a rung is scored against
+    epochs_dir: str | None = None  # tune.keep_epoch_candidates: every epoch's candidate under epochs_dir/TRIAL/
 
     def data_config(self) -> DigitsData | ImageFolderData:
         from pydantic import TypeAdapter
@@ -170,11 +173,17 @@ def fine_tune(
     ctx: TrialContext,
     report: Callable[[dict[str, Any], str | None], None],
     resume_from: str | Path | None = None,
+    epoch_candidates: Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune one model; ``report(metrics, checkpoint_dir)`` is called after every epoch.
 
     Every epoch but the last reports a resumable training state (``trial_state``);
     the last reports the soup candidate (weights, cached logits, metrics).
+    A rung epoch (``ctx.rungs``, where a scheduler may stop the trial) reports
+    both in one folder, with ``status: candidate`` and the candidate's scores
+    (and, with ``ctx.soup_run_dir``, the :mod:`soup_view` signals), so a trial
+    stopped there leaves a soup candidate like a finished one.
+    ``epoch_candidates`` (a folder) keeps every epoch's candidate as ``eNNN/``.
     ``resume_from`` (a folder an earlier epoch reported) continues after that
     epoch and ends with the same weights as an uninterrupted run.
     Plain Python (no Ray): the Tune trainable and the tests both call it.
@@ -240,6 +249,38 @@ def fine_tune(
             "seconds": time.time() - t0,
             "resumed_from_epoch": first_epoch - 1,
         }
+        rung = epoch < hp["epochs"] and epoch in ctx.rungs
+        if epoch_candidates is not None and epoch < hp["epochs"]:
+            # the weights and held-out count of this epoch, for replaying schedulers (the final epoch's whole
+            # candidate is copied below)
+            held = {**metrics, "heldout_correct": correct_count(held_logits, held_labels), "status": "candidate"}
+            with tempfile.TemporaryDirectory(prefix="soup-ray-epoch-") as tmp:
+                save_candidate_weights(Path(tmp), model, hp, meta, held)
+                _keep_copy(Path(tmp), Path(epoch_candidates) / f"e{epoch:03d}")
+        if rung:
+            with tempfile.TemporaryDirectory(prefix="soup-ray-candidate-") as tmp:
+                candidate = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics, status="candidate")
+                save_training_state(
+                    Path(tmp),
+                    epoch=epoch,
+                    model=model,
+                    optimizer=opt,
+                    scheduler=sched,
+                    generator=g,
+                    hyperparameters=hp,
+                    base_fingerprint=meta["fingerprint"],
+                    metrics=metrics,
+                )
+                candidate["rung"] = epoch
+                if ctx.soup_run_dir:
+                    from .soup_view import rung_signals
+
+                    candidate.update(
+                        rung_signals(model, Path(ctx.soup_run_dir), bundle.heldout, ctx.eval_batch_size, ctx.precision)
+                    )
+                last_checkpoint = time.time()
+                report({**candidate, "seconds": time.time() - t0}, tmp)
+                continue
         if epoch < hp["epochs"] and time.time() - last_checkpoint < ctx.checkpoint_interval_s:
             report(metrics, None)
         elif epoch < hp["epochs"]:
@@ -263,8 +304,22 @@ def fine_tune(
         return metrics
     with tempfile.TemporaryDirectory(prefix="soup-ray-ckpt-") as tmp:
         final = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics)
+        if epoch_candidates is not None:
+            _keep_copy(Path(tmp), Path(epoch_candidates) / f"e{int(final['epoch']):03d}")
         report(final, tmp)
     return final
+
+
+def _keep_copy(src: Path, dst: Path) -> None:
+    """Copy a candidate folder to ``dst`` whole (built aside, then renamed: a reader never sees half of it)."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def finished_result(folder: str | Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -284,13 +339,23 @@ def finished_result(folder: str | Path, config: dict[str, Any]) -> dict[str, Any
 
 
 def save_trial_checkpoint(
-    out: Path, model: CLIPClassifier, bundle, ctx: TrialContext, hp: dict, meta: dict, metrics: dict
+    out: Path,
+    model: CLIPClassifier,
+    bundle,
+    ctx: TrialContext,
+    hp: dict,
+    meta: dict,
+    metrics: dict,
+    status: str = "completed",
 ) -> dict:
-    """Write weights, cached logits and metrics of a finished trial into ``out``; returns final metrics."""
+    """Write weights, cached logits and metrics of a soup candidate into ``out``; returns its metrics.
+
+    ``status`` is ``completed`` for a finished trial, ``candidate`` for an epoch before the last (a rung).
+    """
     from safetensors.torch import save_file
 
     logits: dict[str, torch.Tensor] = {}
-    final = dict(metrics, status="completed")
+    final = dict(metrics, status=status)
     for name, ds in bundle.eval_sets().items():
         # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares them
         lg, lb = predict_logits(
@@ -304,6 +369,15 @@ def save_trial_checkpoint(
             final["heldout_correct"] = int((lg.argmax(1) == lb).sum())
     shift_keys = [k for k in final if k.startswith("shift_")]
     final["shift_mean_acc"] = sum(final[k] for k in shift_keys) / len(shift_keys) if shift_keys else float("nan")
+    save_file(logits, str(out / CHECKPOINT_LOGITS))
+    save_candidate_weights(out, model, hp, meta, final)
+    return final
+
+
+def save_candidate_weights(out: Path, model: CLIPClassifier, hp: dict, meta: dict, metrics: dict) -> None:
+    """The weights (safetensors, with the base fingerprint) and ``metrics.json`` of a soup candidate."""
+    from safetensors.torch import save_file
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(
         state,
@@ -314,11 +388,9 @@ def save_trial_checkpoint(
             "classnames": json.dumps(meta["classnames"]),
         },
     )
-    save_file(logits, str(out / CHECKPOINT_LOGITS))
     (out / CHECKPOINT_METRICS).write_text(
-        json.dumps({"hyperparameters": hp, "base_fingerprint": meta["fingerprint"], **final}, indent=2)
+        json.dumps({"hyperparameters": hp, "base_fingerprint": meta["fingerprint"], **metrics}, indent=2)
     )
-    return final
 
 
 def _image_size(ctx: TrialContext) -> int:

@@ -199,3 +199,97 @@ def test_a_trials_heldout_count_is_what_the_soup_keeper_scores_for_that_model(ru
     final = save_trial_checkpoint(run_copy / "again", model, bundle, ctx, {"seed": 0}, meta, {})
     assert "bf16" in calls  # the trial's held-out score went through the same decision
     assert final["heldout_correct"] == keeper_count
+
+
+def test_a_rung_reports_a_resumable_soup_candidate_scored_against_the_published_soup(
+    prepared, run_copy: Path, tmp_path: Path
+) -> None:
+    """At a rung the trial reports one folder that is both a soup candidate and a resumable state, with the
+    soup signals checked here against the published soup by plain tensor arithmetic and a plain forward loop;
+    the rungs and the kept epochs change nothing in the training (a replay of the recording is exact)."""
+    from soup_ray.export import export_soup
+    from soup_ray.ingredients import trial_records_from_results
+    from soup_ray.model import load_base
+    from soup_ray.run_dir import RunDir
+
+    cfg, prep = prepared
+    paths = RunDir(run_copy)
+    ids = [r.trial_id for r in trial_records_from_results(run_copy)][:2]
+    parts = [load_weights(run_copy / "trials" / t) for t in ids]
+    soup = {k: (parts[0][k] + parts[1][k]) / 2 if parts[0][k].is_floating_point() else parts[0][k] for k in parts[0]}
+    info = {"version": 1, "ingredients": ids}
+    export_soup(paths.base, soup, paths.version(1), info)
+    export_soup(paths.base, soup, paths.soup, info)
+
+    reports = []
+
+    def report(metrics, ckpt):
+        saved = None
+        if ckpt:
+            saved = tmp_path / f"ckpt{len(reports)}"
+            import shutil
+
+            shutil.copytree(ckpt, saved)
+        reports.append((dict(metrics), saved))
+
+    ctx = TrialContext(
+        base_dir=str(prep.base_dir),
+        data_json=cfg.data.model_dump_json(),
+        threads=THREADS,
+        rungs=(1, 3),  # 3 is past the trial's last epoch: never a rung
+        soup_run_dir=str(run_copy),
+    )
+    try:
+        final = fine_tune(hp(epochs=2, lr=3e-3), ctx, report, epoch_candidates=tmp_path / "kept")
+    finally:
+        torch.set_num_threads(THREADS)
+    (rung, folder), (last, last_folder) = reports
+    assert rung["status"] == "candidate" and rung["rung"] == 1 and rung["epoch"] == 1
+    assert has_training_state(folder) and (folder / "logits.safetensors").is_file()
+    assert {"test_acc", "shift_mean_acc", "heldout_correct"} <= set(rung)
+    assert last["status"] == "completed" and "rung" not in last and final["epoch"] == 2
+
+    # the oracle: the soup and the soup plus the rung weights, scored by a plain loop over the held-out images
+    clf, _ = load_base(prep.base_dir)
+    cand = load_weights(folder)
+    mixed = {k: soup[k] * (1 - 1 / 3) + cand[k] * (1 / 3) if soup[k].is_floating_point() else soup[k] for k in soup}
+    heldout = prep.bundle.heldout
+
+    def correct(state) -> int:
+        clf.load_state_dict(state)
+        clf.eval()
+        hits = 0
+        with torch.no_grad():
+            for i in range(0, len(heldout), 100):
+                xs, ys = zip(*(heldout[j] for j in range(i, min(i + 100, len(heldout)))), strict=True)
+                hits += int((clf(torch.stack(xs)).argmax(1) == torch.as_tensor(ys)).sum())
+        return hits
+
+    assert rung["soup_size"] == 2 and rung["soup_version"] == 1
+    assert rung["soup_heldout_correct"] == correct(soup)
+    assert rung["soup_with_trial_correct"] == correct(mixed)
+    assert rung["soup_gain"] == rung["soup_with_trial_correct"] - rung["soup_heldout_correct"]
+
+    # every epoch kept: epoch 1's weights (and its held-out count), epoch 2's whole candidate
+    kept1, kept2 = tmp_path / "kept" / "e001", tmp_path / "kept" / "e002"
+    w1 = load_weights(kept1)
+    assert all(torch.equal(w1[k], cand[k]) for k in cand)
+    assert json.loads((kept1 / "metrics.json").read_text())["heldout_correct"] == rung["heldout_correct"]
+    assert (kept2 / "logits.safetensors").is_file()
+    # the same trial without rungs or kept epochs ends with the same weights
+    _, plain = run_trial(cfg, prep, tmp_path / "plain", epochs=2, lr=3e-3)
+    a, b, c = load_weights(plain[-1][1]), load_weights(last_folder), load_weights(kept2)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_rung_without_a_published_soup_says_so_and_goes_on(prepared, tmp_path: Path) -> None:
+    from soup_ray.soup_view import rung_signals
+    from soup_ray.train import fresh_base
+
+    cfg, prep = prepared
+    model, _ = fresh_base(str(prep.base_dir))
+    assert rung_signals(model, tmp_path, prep.bundle.heldout) == {"soup_size": 0}
+    (tmp_path / "soup").mkdir()
+    (tmp_path / "soup" / "soup.json").write_text(json.dumps({"version": 3, "ingredients": ["a"]}))
+    broken = rung_signals(model, tmp_path, prep.bundle.heldout)
+    assert broken["soup_size"] == 0 and broken["soup_error"]

@@ -7,6 +7,8 @@ from typing import Any
 
 from ray import tune
 
+from ..results import is_soup_candidate, stopped_early
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ class SoupCallback(tune.Callback):
         if self.progress:
             self._progress_line(trial.trial_id, result)
         ckpt = trial.checkpoint
-        if result.get("status") != "completed" or ckpt is None:
+        if not is_soup_candidate(result) or ckpt is None:  # finished, or stopped at a rung by the scheduler
             return
         try:
             ref = self._actor().offer.remote(trial_offer(trial.trial_id, ckpt.path, result))
@@ -80,9 +82,11 @@ class SoupCallback(tune.Callback):
         acc = result.get("heldout_acc")
         what = (
             f"held-out {100 * acc:.1f}%, {result.get('epoch', '?')} epoch(s), {result.get('seconds', 0):.0f}s"
-            if status == "completed" and acc is not None
+            if is_soup_candidate(result) and acc is not None
             else status
         )
+        if stopped_early(result):
+            what += " (stopped at this rung by the scheduler)"
         soup = ""
         try:
             import ray

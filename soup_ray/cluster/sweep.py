@@ -13,12 +13,13 @@ from typing import Any
 
 from ..config import SweepConfig
 from ..prepare import PreparedRun, prepare_run
-from ..results import trial_row, write_jsonl
+from ..results import is_soup_candidate, trial_row, write_jsonl
 from ..run_dir import TUNE_DIR, RunDir
 from ..stages import RAY_START, SOUP, TRIALS, Stages, stopping
 from ..train import TrialContext
 from .actor import actor_name, start_soup_actor
 from .callback import SoupCallback, trial_offer
+from .scheduler import make_scheduler
 from .search_space import param_space
 from .session import ray_session
 from .trainable import tune_trainable
@@ -156,6 +157,9 @@ def _sweep(
         gpus=cfg.trial_resources.gpu,
         num_workers=getattr(cfg.data, "num_workers", 0),
         checkpoint_interval_s=cfg.tune.checkpoint_interval_s,
+        rungs=tuple(cfg.tune.rungs(cfg.search_space.max_epochs())),
+        soup_run_dir=str(prep.run_dir) if cfg.tune.scheduler == "soup" and actor is not None else None,
+        epochs_dir=str(RunDir(prep.run_dir).epochs) if cfg.tune.keep_epoch_candidates else None,
     )
     cbs = list(callbacks or [])
     if actor is not None:
@@ -192,6 +196,7 @@ def _sweep(
                 mode="max",
                 num_samples=cfg.tune.num_samples,
                 search_alg=BasicVariantGenerator(random_state=cfg.tune.seed),
+                scheduler=make_scheduler(cfg, RunDir(prep.run_dir).scheduler_log),
                 max_concurrent_trials=cfg.tune.max_concurrent_trials,
                 reuse_actors=True,
             ),
@@ -247,8 +252,9 @@ def _own(seconds: dict[str, float]) -> dict[str, float]:
 
 def _finished(result: Any) -> bool:
     """Whether a trial of the grid ended (completed, diverged or failed for good), not stopped half-way."""
-    status = (result.metrics or {}).get("status")
-    return result.error is not None or status in ("completed", "diverged")
+    metrics = result.metrics or {}
+    # done: a scheduler stopped it (Ctrl-C leaves done unset, and the trial resumes)
+    return result.error is not None or metrics.get("status") == "diverged" or bool(metrics.get("done"))
 
 
 def logger_callbacks(names: list[str]) -> list[Any]:
@@ -409,7 +415,7 @@ def collect_rows(grid: Any, run_dir: Path, shifts: list[str]) -> list[dict[str, 
         metrics = dict(result.metrics or {})
         trial_id = metrics.get("trial_id") or Path(result.path).name
         ckpt = None
-        if result.checkpoint is not None and metrics.get("status") == "completed":
+        if result.checkpoint is not None and is_soup_candidate(metrics):
             ckpt = os.path.relpath(result.checkpoint.path, run_dir)
         err = None
         if result.error is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,16 +32,19 @@ def tune_trainable(config: dict[str, Any], ctx: TrialContext) -> None:
         tune.report({**metrics, **where}, checkpoint=ckpt)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    keep = None
+    if ctx.epochs_dir:  # tune.keep_epoch_candidates: every epoch's candidate, for replaying schedulers
+        keep = Path(ctx.epochs_dir) / tune.get_context().get_trial_id()
     last = tune.get_checkpoint()
     if last is None:
-        fine_tune(config, ctx, report)
+        fine_tune(config, ctx, report, epoch_candidates=keep)
         return
     with last.as_directory() as folder:
         if has_training_state(folder):
-            fine_tune(config, ctx, report, resume_from=folder)
+            fine_tune(config, ctx, report, resume_from=folder, epoch_candidates=keep)
             return
         final = finished_result(folder, config)
         if final is not None:  # it had finished: report that again, nothing to train
             report(final, folder)
             return
-    fine_tune(config, ctx, report)  # nothing this trial can continue from: train afresh
+    fine_tune(config, ctx, report, epoch_candidates=keep)  # nothing this trial can continue from: train afresh
