@@ -117,7 +117,12 @@ def live_check(config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path,
     from soup_ray.run_dir import RunDir
 
     run = out_dir / f"aware-live-soup-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    wall = record(config, seed, run, [*extra, "--set", "tune.scheduler=soup", "--set", f"tune.soup_margin={margin}"])
+    wall = record(
+        config,
+        seed,
+        run,
+        [*extra, "--set", "tune.scheduler=soup", "--set", f"tune.soup_margin={margin}", "--set", "soup.methods=[]"],
+    )
     log = [json.loads(x) for x in RunDir(run).scheduler_log.read_text().splitlines() if x.strip()]
     rows = read_jsonl(RunDir(run).results)
     soup = json.loads(RunDir(run).soup_info.read_text())

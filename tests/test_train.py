@@ -22,8 +22,15 @@ from soup_ray.trial_state import TrainingStateError, has_training_state
 THREADS = torch.get_num_threads()  # the trials here train on the process's torch threads
 
 
+TRAIN_SIZE = 300  # of the tiny config's ~900 train images: these tests check what a trial writes, not how well
+
+
+def data_json(cfg) -> str:
+    return cfg.data.model_copy(update={"train_size": TRAIN_SIZE}).model_dump_json()
+
+
 def ctx_for(cfg, prep) -> TrialContext:
-    return TrialContext(base_dir=str(prep.base_dir), data_json=cfg.data.model_dump_json(), threads=THREADS)
+    return TrialContext(base_dir=str(prep.base_dir), data_json=data_json(cfg), threads=THREADS)
 
 
 def hp(**kw):
@@ -234,7 +241,7 @@ def test_a_rung_reports_a_resumable_soup_candidate_scored_against_the_published_
 
     ctx = TrialContext(
         base_dir=str(prep.base_dir),
-        data_json=cfg.data.model_dump_json(),
+        data_json=data_json(cfg),
         threads=THREADS,
         rungs=(1, 3),  # 3 is past the trial's last epoch: never a rung
         soup_run_dir=str(run_copy),

@@ -182,6 +182,7 @@ def test_ctrl_c_in_every_stage_of_soup_ray_run(
     cfg = tiny_config_dict(
         **{
             "search_space.epochs": 2,
+            "data.train_size": 300,  # cheap epochs: what is checked is how each stage stops
             "tune.num_samples": 2,
             "tune.max_concurrent_trials": 1,
             "tune.checkpoint_interval_s": 0,

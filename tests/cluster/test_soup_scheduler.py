@@ -58,6 +58,7 @@ def test_a_trial_the_soup_scheduler_stops_still_reaches_the_soup(prepared, tmp_p
                 # lr 0.5 wrecks a trial in one epoch: added to a soup of sane trials it costs held-out images
                 "search_space.lr": {"choice": [1e-3, 0.5]},
                 "search_space.epochs": 3,
+                "data.train_size": 300,  # cheap epochs: lr 0.5 still wrecks a trial in one
                 "tune.num_samples": 4,
                 "tune.seed": 2,
                 "tune.max_concurrent_trials": 1,  # the soup exists before the next trial reaches its rung

@@ -55,6 +55,7 @@ def test_short_real_sweep_on_local_ray(prepared, tmp_path: Path, monkeypatch: py
             **{
                 "search_space.lr": {"choice": [1e-3, 1e30]},
                 "search_space.epochs": 2,
+                "data.train_size": 300,  # cheap epochs: this test checks what a sweep writes, not accuracy
                 "tune.num_samples": 4,
                 "tune.seed": 1,
                 "ray.dashboard": True,
