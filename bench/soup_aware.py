@@ -126,12 +126,21 @@ def live_check(config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path,
     log = [json.loads(x) for x in RunDir(run).scheduler_log.read_text().splitlines() if x.strip()]
     rows = read_jsonl(RunDir(run).results)
     soup = json.loads(RunDir(run).soup_info.read_text())
-    live_decisions = sorted((d["trial_id"], d["epoch"], d["decision"], d.get("soup_gain")) for d in log)
+
+    # the two sweeps' trial ids differ in Tune's experiment prefix; the same seed draws the same trials in order
+    def idx(tid: str) -> str:
+        return tid.rsplit("_", 1)[-1]
+
+    live_decisions = sorted((idx(d["trial_id"]), d["epoch"], d["decision"], d.get("soup_gain")) for d in log)
     rep = replay(rec_lab, SOUP, margin=margin, label=f"{SOUP} (margin {margin})")
-    rep_decisions = sorted((d["trial_id"], d["epoch"], d["decision"], d.get("soup_gain")) for d in rep["decisions"])
+    rep_decisions = sorted(
+        (idx(d["trial_id"]), d["epoch"], d["decision"], d.get("soup_gain")) for d in rep["decisions"]
+    )
     same_decisions = [a for a in live_decisions if a in rep_decisions]
     epochs_live = sum(int(r.get("epochs_run") or 0) for r in rows)
-    live_soup = sorted(f"{i}@{next(r['epochs_run'] for r in rows if r['trial_id'] == i)}" for i in soup["ingredients"])
+    ran = {r["trial_id"]: r["epochs_run"] for r in rows}
+    live_soup = sorted(f"{idx(i)}@{ran[i]}" for i in soup["ingredients"])
+    rep["soup"] = sorted(f"{idx(c.split('@')[0])}@{c.split('@')[1]}" for c in rep["soup"])
     return {
         "run_dir": str(run),
         "wall_s": wall,
