@@ -141,9 +141,21 @@ def live_check(config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path,
     ran = {r["trial_id"]: r["epochs_run"] for r in rows}
     live_soup = sorted(f"{idx(i)}@{ran[i]}" for i in soup["ingredients"])
     rep["soup"] = sorted(f"{idx(c.split('@')[0])}@{c.split('@')[1]}" for c in rep["soup"])
+    # exactness: a trial stopped live at epoch e holds the weights the recording kept for that trial's epoch e
+    import torch
+    from safetensors.torch import load_file
+
+    rec_ids = {idx(t.trial_id): t for t in rec_lab.rec.tapes}
+    same_weights = []
+    for r in rows:
+        if r.get("stopped_early") and r.get("checkpoint"):
+            live_w = load_file(str(run / r["checkpoint"] / "model.safetensors"))
+            rec_w = load_file(str(rec_ids[idx(r["trial_id"])].folders[int(r["epochs_run"]) - 1] / "model.safetensors"))
+            same_weights.append(all(torch.equal(live_w[k], rec_w[k]) for k in rec_w))
     return {
         "run_dir": str(run),
         "wall_s": wall,
+        "stopped_weights_identical_to_recording": f"{sum(same_weights)} of {len(same_weights)}",
         "trial_epochs": epochs_live,
         "replay_trial_epochs": rep["trial_epochs"],
         "decisions_live": len(live_decisions),
