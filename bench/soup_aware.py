@@ -13,8 +13,8 @@ evaluations the soup scheduler asked for, the simulated wall time, and the final
 test and shift-mean accuracy and ingredients.
 
 Schedulers: fifo; asha at Tune's usual settings (grace 1, reduction factor 4); asha at the soup scheduler's
-budget (the reduction factor whose mean trial-epochs come closest); soup (tune.scheduler: soup) at the
-margins given. Writes bench/results/soup_aware.json and soup_aware.png (soup accuracy against trial-epochs).
+budget (the reduction factor whose mean trial-epochs come closest); soup (tune.scheduler: soup, its default
+soup_margin 20); soup with soup_cut (ASHA's cut on the soup gain, at ASHA's usual rungs and budget). Writes bench/results/soup_aware.json and soup_aware.png (soup accuracy against trial-epochs).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 SOUP = "soup"
 ASHA_USUAL = "asha (rf 4)"
 ASHA_BUDGET = "asha at soup's budget"
+SOUP_CUT = "soup + cut (rf 4)"
 
 
 def record(config: str, seed: int, out: Path, extra: list[str]) -> float:
@@ -83,7 +84,7 @@ def plot(summary: dict, per_seed: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"fifo": "#444444", ASHA_USUAL: "#1f77b4", ASHA_BUDGET: "#17becf"}
+    colours = {"fifo": "#444444", ASHA_USUAL: "#1f77b4", ASHA_BUDGET: "#17becf", SOUP_CUT: "#ff7f0e"}
     for ax, metric, title in ((axes[0], "test", "test"), (axes[1], "shift_mean", "shift mean")):
         for label in summary:
             c = colours.get(label, "#d62728" if label.startswith(SOUP) else "#999999")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="record a FIFO sweep per --seeds first")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="tune.seed values to record")
     ap.add_argument("--recordings", type=Path, nargs="+", default=[], help="recorded run folders to replay")
-    ap.add_argument("--margins", type=int, nargs="+", default=[0], help="soup_margin values to replay (default 0)")
+    ap.add_argument("--margin", type=int, default=20, help="tune.soup_margin of the soup scheduler (default 20)")
     ap.add_argument("--asha-rfs", type=float, nargs="+", default=[3, 4, 6, 8, 12, 24], help="rfs to match budget")
     ap.add_argument("--live", type=int, metavar="SEED", help="also run the soup scheduler live on this seed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the sweeps")
@@ -197,13 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     if not recordings:
         ap.error("nothing to replay: give --record or --recordings")
     torch_threads(args.threads)
+    soup_main = f"{SOUP} (margin {args.margin})"
     t0 = time.perf_counter()
     labs = [Lab(load_recording(r)) for r in recordings]
     per_seed = []
     for lab in labs:
         print(f"[soup_aware] {lab.rec.run_dir} ({len(lab.rec.tapes)} trials, {lab.rec.slots} at a time)", flush=True)
-        reps = [replay(lab, "fifo", log=print), replay(lab, "asha", rf=4.0, label=ASHA_USUAL, log=print)]
-        reps += [replay(lab, SOUP, margin=m, label=f"{SOUP} (margin {m})", log=print) for m in args.margins]
+        reps = [
+            replay(lab, "fifo", log=print),
+            replay(lab, "asha", rf=4.0, label=ASHA_USUAL, log=print),
+            replay(lab, SOUP, margin=args.margin, label=soup_main, log=print),
+            replay(lab, SOUP, margin=args.margin, cut=True, rf=4.0, label=SOUP_CUT, log=print),
+        ]
         per_seed.append(
             {
                 "run_dir": str(lab.rec.run_dir),
@@ -213,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
                 "replays": reps,
             }
         )
-    soup_main = f"{SOUP} (margin {args.margins[0]})"
     target = statistics.fmean(r["trial_epochs"] for s in per_seed for r in s["replays"] if r["scheduler"] == soup_main)
     rf = asha_budget_rf(labs, target, args.asha_rfs)
     for lab, s in zip(labs, per_seed, strict=True):
@@ -225,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "soup_vs_asha_budget": {
             m: paired(per_seed, soup_main, ASHA_BUDGET, m) for m in ("test", "shift_mean", "heldout")
         },
+        "soup_cut_vs_asha_usual": {
+            m: paired(per_seed, SOUP_CUT, ASHA_USUAL, m) for m in ("test", "shift_mean", "heldout")
+        },
         "replay_evaluations": sum(lab.evaluations for lab in labs),
         "replay_s": round(time.perf_counter() - t0, 1),
         "per_seed": per_seed,
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     s = summary[soup_main]
     vs = result["soup_vs_asha_budget"]
+    cut = result["soup_cut_vs_asha_usual"]
     result["targets"] = {
         "soup_within_0.15_of_fifo_test": s["test_minus_fifo"]["mean"] >= -0.15,
         "soup_within_0.15_of_fifo_shift": s["shift_minus_fifo"]["mean"] >= -0.15,
@@ -239,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "soup_beats_asha_at_its_budget_by_0.2_and_2se": any(
             vs[m]["mean"] >= 0.2 and vs[m]["mean"] > 2 * vs[m]["se"] for m in ("test", "shift_mean")
         ),
+        "soup_cut_beats_asha_at_asha_budget_by_0.2_and_2se": any(
+            cut[m]["mean"] >= 0.2 and cut[m]["mean"] > 2 * cut[m]["se"] for m in ("test", "shift_mean")
+        ),
     }
     if args.live is not None:
         lab = next(lab for lab, ps in zip(labs, per_seed, strict=True) if ps["seed"] == args.live)
-        result["live"] = live_check(args.config, args.live, lab, args.margins[0], args.out_dir, extra)
+        result["live"] = live_check(args.config, args.live, lab, args.margin, args.out_dir, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, per_seed, args.out.with_suffix(".png"))

@@ -352,17 +352,22 @@ class TuneSettings(_Strict):
         "fifo",
         description="which trials Tune stops early: fifo (none: every trial runs all its epochs), asha (Tune's "
         "ASHAScheduler on the metric) or soup (stops a trial at a rung when adding its checkpoint there would "
-        "lower the live greedy soup's held-out score by more than soup_margin images)",
+        "cost the live greedy soup more than soup_margin held-out images; see soup_cut)",
     )
     grace_period: int = Field(1, ge=1, description="asha and soup: the first rung (epoch) at which a trial may stop")
     reduction_factor: float = Field(
         4.0, gt=1, description="asha and soup: rungs at grace_period x reduction_factor^k epochs (ASHA's spacing)"
     )
-    soup_margin: int = Field(
-        0,
+    soup_margin: int | None = Field(
+        20,
         ge=0,
-        description="soup: a trial goes on while its rung checkpoint costs the soup at most this many held-out "
-        "images (0: it must not lower the soup at all)",
+        description="soup: a trial stops at a rung when adding its checkpoint there to the live greedy soup costs "
+        "more than this many held-out images (it left the soup's basin); null: never for that reason",
+    )
+    soup_cut: bool = Field(
+        False,
+        description="soup: also stop a trial at a rung unless its soup gain is in the top 1/reduction_factor of "
+        "the gains reported at that rung (ASHA's successive-halving cut on the soup's signal)",
     )
     keep_epoch_candidates: bool = Field(
         False,

@@ -178,14 +178,16 @@ class Lab:
         return out
 
 
-def make_replay_scheduler(kind: str, *, max_t: int, grace: int = 1, rf: float = 4.0, margin: int = 0) -> Any:
+def make_replay_scheduler(
+    kind: str, *, max_t: int, grace: int = 1, rf: float = 4.0, margin: int | None = None, cut: bool = False
+) -> Any:
     """The real scheduler object a replay feeds (None for fifo)."""
     if kind == "fifo":
         return None
     if kind == "soup":
         from ..cluster.scheduler import SoupScheduler
 
-        return SoupScheduler(margin)
+        return SoupScheduler(margin, rf if cut else None)
     from ray.tune.schedulers import ASHAScheduler
 
     s = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace, reduction_factor=rf)
@@ -208,7 +210,8 @@ def replay(
     *,
     grace: int = 1,
     rf: float = 4.0,
-    margin: int = 0,
+    margin: int | None = None,
+    cut: bool = False,
     label: str | None = None,
     score: bool = True,
     log: Callable[[str], None] = lambda m: None,
@@ -220,7 +223,7 @@ def replay(
     rec = lab.rec
     max_t = max(t.epochs for t in rec.tapes)
     rungs = set(rung_epochs(max_t, grace, rf)) if kind != "fifo" else set()
-    sched = make_replay_scheduler(kind, max_t=max_t, grace=grace, rf=rf, margin=margin)
+    sched = make_replay_scheduler(kind, max_t=max_t, grace=grace, rf=rf, margin=margin, cut=cut)
     track = score or kind == "soup"
     live = IncrementalGreedySoup(lab.evaluate, heldout_size=lab.heldout_size, early_rejection=False)
     pending = list(rec.tapes)
@@ -299,6 +302,7 @@ def replay(
         "grace_period": grace if kind != "fifo" else None,
         "reduction_factor": rf if kind != "fifo" else None,
         "margin": margin if kind == "soup" else None,
+        "cut": cut if kind == "soup" else None,
         "trial_epochs": trial_epochs,
         "soup_judgements": judged,
         "stopped": stopped,

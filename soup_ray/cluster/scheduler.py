@@ -51,20 +51,29 @@ def _rung_row(scheduler: str, trial: Any, result: dict[str, Any], decision: str,
 
 class SoupScheduler(FIFOScheduler):
     """Stop a trial at a rung when its checkpoint there would cost the live greedy soup more than ``margin``
-    held-out images; let every other trial run to its last epoch."""
+    held-out images or, with ``reduction_factor``, when its soup gain is below the rung's successive-halving
+    cut-off; let every other trial run to its last epoch."""
 
-    def __init__(self, margin: int = 0, log_path: str | Path | None = None):
+    def __init__(
+        self, margin: int | None = 20, reduction_factor: float | None = None, log_path: str | Path | None = None
+    ):
         super().__init__()
-        self.margin = int(margin)
+        self.margin = None if margin is None else int(margin)
+        self.reduction_factor = reduction_factor
         self.log_path = None if log_path is None else str(log_path)
         self.decisions: list[dict[str, Any]] = []
+        self.gains: dict[int, list[int]] = {}  # rung -> the soup gains reported there so far
         self.judged = 0  # rung results that carried a soup score (one held-out evaluation pair each)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if result.get("rung") is None:
+        rung = result.get("rung")
+        if rung is None:
             return TrialScheduler.CONTINUE
-        verdict = rung_verdict(result, self.margin)
-        self.judged += int("soup_gain" in result)
+        seen = self.gains.setdefault(int(rung), [])
+        verdict = rung_verdict(result, self.margin, seen, self.reduction_factor)
+        if result.get("soup_gain") is not None and result.get("soup_size"):
+            seen.append(int(result["soup_gain"]))
+            self.judged += 1
         decision = TrialScheduler.STOP if verdict.stop else TrialScheduler.CONTINUE
         row = _rung_row("soup", trial, result, decision, verdict.reason)
         self.decisions.append(row)
@@ -97,7 +106,7 @@ def make_scheduler(cfg: SweepConfig, log_path: Path | None = None) -> TrialSched
     if t.scheduler == "fifo":
         return None
     if t.scheduler == "soup":
-        return SoupScheduler(t.soup_margin, log_path)
+        return SoupScheduler(t.soup_margin, t.reduction_factor if t.soup_cut else None, log_path)
     return LoggingASHA(
         time_attr="epoch",
         max_t=cfg.search_space.max_epochs(),

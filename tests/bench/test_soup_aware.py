@@ -59,7 +59,7 @@ def test_fifo_replay_is_the_recorded_sweep(recording: Path) -> None:
 def test_soup_replay_stops_the_wrecked_trial_at_its_rung_with_that_epochs_weights(recording: Path) -> None:
     lab = Lab(load_recording(recording, slots=1))  # one at a time: t0's soup exists when t1 reaches epoch 1
     assert rung_epochs(3, 1, 2.0) == [1, 2]
-    out = replay(lab, "soup", rf=2.0)
+    out = replay(lab, "soup", rf=2.0, margin=0)
     first = [d for d in out["decisions"] if d["trial_id"] == "t0"]
     assert first and all(d["decision"] == "CONTINUE" and d["soup_size"] == 0 for d in first)
     wrecked = [d for d in out["decisions"] if d["trial_id"] == "t1"]

@@ -18,7 +18,7 @@ def _trial(tid: str) -> SimpleNamespace:
     return SimpleNamespace(trial_id=tid)
 
 
-def test_soup_scheduler_stops_only_rung_results_that_would_lower_the_soup(tmp_path: Path) -> None:
+def test_soup_scheduler_stops_only_rung_results_that_would_cost_the_soup(tmp_path: Path) -> None:
     log = tmp_path / "scheduler.jsonl"
     s = SoupScheduler(margin=1, log_path=log)
     ctl = None
@@ -36,12 +36,25 @@ def test_soup_scheduler_stops_only_rung_results_that_would_lower_the_soup(tmp_pa
     )
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [(r["trial_id"], r["decision"]) for r in rows] == [("a", "CONTINUE"), ("b", "CONTINUE"), ("c", "STOP")]
-    assert rows[2]["soup_gain"] == -2 and rows[2]["soup_version"] == 4 and "costs 2 held-out" in rows[2]["reason"]
+    assert rows[2]["soup_gain"] == -2 and rows[2]["soup_version"] == 4 and "costs more than 1" in rows[2]["reason"]
     assert s.judged == 2 and "1 of 3 rung decisions stopped" in s.debug_string()
+    assert s.gains == {1: [-1, -2]}
+
+
+def test_the_cut_compares_a_gain_with_the_gains_seen_at_the_same_rung_only() -> None:
+    s = SoupScheduler(margin=None, reduction_factor=2.0)
+    got = []
+    for tid, rung, gain in [("a", 1, -5), ("b", 1, -1), ("c", 4, -9), ("d", 1, -8), ("e", 1, 0), ("f", 4, -2)]:
+        got.append(
+            s.on_trial_result(None, _trial(tid), {"epoch": rung, "rung": rung, "soup_size": 2, "soup_gain": gain})
+        )
+    # rung 1: a alone (its own median), b above a's, d below the median of (-5, -1, -8), e above;
+    # rung 4 starts its own list: c alone, f above the median of (-9, -2)
+    assert got == ["CONTINUE", "CONTINUE", "CONTINUE", "STOP", "CONTINUE", "CONTINUE"]
 
 
 def test_an_unwritable_log_never_changes_a_decision(tmp_path: Path) -> None:
-    s = SoupScheduler(log_path=tmp_path / "missing" / "scheduler.jsonl")
+    s = SoupScheduler(margin=0, log_path=tmp_path / "missing" / "scheduler.jsonl")
     assert s.on_trial_result(None, _trial("a"), {"rung": 1, "soup_size": 1, "soup_gain": -3}) == TrialScheduler.STOP
 
 
@@ -52,7 +65,10 @@ def test_config_picks_the_scheduler_and_its_rungs(tmp_path: Path) -> None:
     assert make_scheduler(cfg()) is None
     c = cfg(**{"tune.scheduler": "soup", "tune.soup_margin": 2})
     s = make_scheduler(c, tmp_path / "log.jsonl")
-    assert isinstance(s, SoupScheduler) and s.margin == 2
+    assert isinstance(s, SoupScheduler) and s.margin == 2 and s.reduction_factor is None
+    d = make_scheduler(cfg(**{"tune.scheduler": "soup", "tune.soup_cut": True, "tune.soup_margin": None}))
+    assert d.margin is None and d.reduction_factor == 4.0
+    assert make_scheduler(cfg(**{"tune.scheduler": "soup"})).margin == 20
     assert c.tune.rungs(c.search_space.max_epochs()) == [1, 4]
     a = make_scheduler(cfg(**{"tune.scheduler": "asha", "tune.reduction_factor": 2}))
     assert isinstance(a, LoggingASHA) and a._max_t == 8

@@ -75,11 +75,11 @@ def test_a_trial_the_soup_scheduler_stops_still_reaches_the_soup(prepared, tmp_p
     rows = outcome.rows
     assert len(rows) == 4 and all(r["status"] == "completed" and r["checkpoint"] for r in rows), rows
 
-    # every rung decision is logged with its signal; a stop is exactly a soup that would lose images
+    # every rung decision is logged with its signal; a stop is exactly a soup that would lose more than the margin
     log = [json.loads(x) for x in (run_dir / "scheduler.jsonl").read_text().splitlines()]
     assert log and all(d["scheduler"] == "soup" for d in log)
     for d in log:
-        assert (d["decision"] == "STOP") == (d.get("soup_size", 0) > 0 and d["soup_gain"] < 0), d
+        assert (d["decision"] == "STOP") == (d.get("soup_size", 0) > 0 and d["soup_gain"] < -cfg.tune.soup_margin), d
     stopped = [r for r in rows if r.get("stopped_early")]
     assert stopped, f"no trial was stopped: {log}"
     for r in stopped:
