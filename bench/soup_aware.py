@@ -41,7 +41,6 @@ HERE = Path(__file__).resolve().parent
 SOUP = "soup"
 ASHA_USUAL = "asha (rf 4)"
 ASHA_BUDGET = "asha at soup's budget"
-SOUP_CUT = "soup + cut (rf 4)"
 
 
 def record(config: str, seed: int, out: Path, extra: list[str]) -> float:
@@ -84,10 +83,16 @@ def plot(summary: dict, per_seed: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"fifo": "#444444", ASHA_USUAL: "#1f77b4", ASHA_BUDGET: "#17becf", SOUP_CUT: "#ff7f0e"}
+    colours = {"fifo": "#444444", ASHA_USUAL: "#1f77b4", ASHA_BUDGET: "#17becf"}
     for ax, metric, title in ((axes[0], "test", "test"), (axes[1], "shift_mean", "shift mean")):
         for label in summary:
-            c = colours.get(label, "#d62728" if label.startswith(SOUP) else "#999999")
+            c = colours.get(label, "#ff7f0e" if label.endswith("+ cut") else "#d62728")
+            if (
+                label.startswith(SOUP)
+                and not label.endswith("+ cut")
+                and label != next((x for x in summary if x.startswith(SOUP)), label)
+            ):
+                c = "#e377c2"  # the other margins
             xs = [r["trial_epochs"] for s in per_seed for r in s["replays"] if r["scheduler"] == label]
             ys = [100 * r[metric] for s in per_seed for r in s["replays"] if r["scheduler"] == label]
             ax.scatter(xs, ys, s=14, alpha=0.35, color=c)
@@ -177,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="record a FIFO sweep per --seeds first")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="tune.seed values to record")
     ap.add_argument("--recordings", type=Path, nargs="+", default=[], help="recorded run folders to replay")
-    ap.add_argument("--margin", type=int, default=20, help="tune.soup_margin of the soup scheduler (default 20)")
+    ap.add_argument(
+        "--margins",
+        type=int,
+        nargs="+",
+        default=[20, 10],
+        help="tune.soup_margin values of the soup scheduler; the first is the one compared (default: 20 10)",
+    )
     ap.add_argument("--asha-rfs", type=float, nargs="+", default=[3, 4, 6, 8, 12, 24], help="rfs to match budget")
     ap.add_argument("--live", type=int, metavar="SEED", help="also run the soup scheduler live on this seed")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the sweeps")
@@ -198,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if not recordings:
         ap.error("nothing to replay: give --record or --recordings")
     torch_threads(args.threads)
-    soup_main = f"{SOUP} (margin {args.margin})"
+    soup_main = f"{SOUP} (margin {args.margins[0]})"
+    soup_cut = f"{soup_main} + cut"
     t0 = time.perf_counter()
     labs = [Lab(load_recording(r)) for r in recordings]
     per_seed = []
@@ -207,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         reps = [
             replay(lab, "fifo", log=print),
             replay(lab, "asha", rf=4.0, label=ASHA_USUAL, log=print),
-            replay(lab, SOUP, margin=args.margin, label=soup_main, log=print),
-            replay(lab, SOUP, margin=args.margin, cut=True, rf=4.0, label=SOUP_CUT, log=print),
+            *(replay(lab, SOUP, margin=m, label=f"{SOUP} (margin {m})", log=print) for m in args.margins),
+            replay(lab, SOUP, margin=args.margins[0], cut=True, rf=4.0, label=soup_cut, log=print),
         ]
         per_seed.append(
             {
@@ -231,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             m: paired(per_seed, soup_main, ASHA_BUDGET, m) for m in ("test", "shift_mean", "heldout")
         },
         "soup_cut_vs_asha_usual": {
-            m: paired(per_seed, SOUP_CUT, ASHA_USUAL, m) for m in ("test", "shift_mean", "heldout")
+            m: paired(per_seed, soup_cut, ASHA_USUAL, m) for m in ("test", "shift_mean", "heldout")
         },
         "replay_evaluations": sum(lab.evaluations for lab in labs),
         "replay_s": round(time.perf_counter() - t0, 1),
@@ -254,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.live is not None:
         lab = next(lab for lab, ps in zip(labs, per_seed, strict=True) if ps["seed"] == args.live)
-        result["live"] = live_check(args.config, args.live, lab, args.margin, args.out_dir, extra)
+        result["live"] = live_check(args.config, args.live, lab, args.margins[0], args.out_dir, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, per_seed, args.out.with_suffix(".png"))
