@@ -62,16 +62,19 @@ def gain_against(
     heldout: Dataset,
     batch_size: int = 256,
     precision: str = "fp32",
+    soup_correct: int | None = None,
 ) -> dict[str, int]:
     """Held-out correct counts of the soup and of the soup with ``candidate`` as one more uniform ingredient.
 
     ``model`` is a classifier of the same architecture used as scratch space; its weights are restored.
+    ``soup_correct``: the soup's own count when the caller has it from this function already.
     Returns ``soup_heldout_correct``, ``soup_with_trial_correct`` and their difference ``soup_gain``.
     """
     keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         with torch.no_grad():
-            soup_correct = heldout_correct(model, soup, heldout, batch_size, precision)
+            if soup_correct is None:
+                soup_correct = heldout_correct(model, soup, heldout, batch_size, precision)
             mixed = lerp_state_dicts(soup, candidate, 1.0 / (soup_size + 1))
             with_correct = heldout_correct(model, mixed, heldout, batch_size, precision)
     finally:

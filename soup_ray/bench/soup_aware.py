@@ -16,8 +16,8 @@ its sweep can be replayed offline:
 - the final greedy soup over every candidate left (finished trials' last
   epochs, stopped trials' rung epochs) is scored on held-out, test and shifts.
 
-Evaluations are memoised by ingredient set across schedulers, so a whole
-comparison costs a few hundred held-out passes.
+Held-out scores use the keeper's early rejection and are memoised by
+ingredient set across schedulers.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class Lab:
         self.kitchen = Kitchen(rec.run_dir, threads=threads)
         self.cfg = self.kitchen.config
         self.heldout_size = self.kitchen.heldout_size
-        self._scores: dict[frozenset[str], int] = {}
+        self._results: dict[frozenset[str], EvalResult] = {}
+        self._soup_counts: dict[frozenset[str], int] = {}  # the soup's own count as a rung trial scores it
         self._admitted: dict[str, Candidate] = {}
         self.evaluations = 0
 
@@ -140,19 +141,24 @@ class Lab:
         return self._admitted[key]
 
     def evaluate(self, ids: Sequence[str], max_wrong: int | None = None) -> EvalResult:
-        """The whole held-out score of the soup of ``ids`` (memoised; early rejection is not needed for a replay)."""
+        """The held-out score of the soup of ``ids``, with the keeper's early rejection, memoised by ingredient set:
+        a whole score answers every query, a stopped one any query that allows fewer mistakes than it made."""
         key = frozenset(ids)
-        if key not in self._scores:
-            self._scores[key] = self.kitchen.evaluate(list(ids), None).correct
-            self.evaluations += 1
-        c = self._scores[key]
-        return EvalResult(c, self.heldout_size - c, self.heldout_size, True)
+        old = self._results.get(key)
+        if old is not None and (old.complete or (max_wrong is not None and old.wrong > max_wrong)):
+            return old
+        res = self.kitchen.evaluate(list(ids), max_wrong)
+        self.evaluations += 1
+        if old is None or res.complete or res.evaluated > old.evaluated:
+            self._results[key] = res
+        return res
 
     def gain(self, tape: Tape, epoch: int, soup_ids: Sequence[str]) -> dict[str, Any]:
         """The rung signals the live trial would report against a soup of ``soup_ids`` (soup_view's function)."""
         if not soup_ids:
             return {"soup_size": 0}
         self.evaluations += 1
+        key = frozenset(soup_ids)
         soup = self.kitchen.soup_weights(list(soup_ids))
         cand = self.kitchen.weights(self.candidate(tape, epoch).id)
         out = gain_against(
@@ -163,7 +169,9 @@ class Lab:
             self.kitchen.heldout,
             self.cfg.eval_batch_size,
             self.cfg.model.precision,
+            soup_correct=self._soup_counts.get(key),
         )
+        self._soup_counts[key] = out["soup_heldout_correct"]
         return {"soup_size": len(soup_ids), **out}
 
     def final_scores(self, ids: Sequence[str]) -> dict[str, float]:
@@ -225,7 +233,7 @@ def replay(
     rungs = set(rung_epochs(max_t, grace, rf)) if kind != "fifo" else set()
     sched = make_replay_scheduler(kind, max_t=max_t, grace=grace, rf=rf, margin=margin, cut=cut)
     track = score or kind == "soup"
-    live = IncrementalGreedySoup(lab.evaluate, heldout_size=lab.heldout_size, early_rejection=False)
+    live = IncrementalGreedySoup(lab.evaluate, heldout_size=lab.heldout_size)
     pending = list(rec.tapes)
     events: list[tuple[float, int, str, int]] = []
     order = 0
