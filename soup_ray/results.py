@@ -36,7 +36,9 @@ def trial_row(
 ) -> dict[str, Any]:
     """One JSON object per model: model_name, heldout, test, one key per shift, hyperparameters, status."""
     status = "error" if error else metrics.get("status", "unknown")
-    if stopped_early(metrics):
+    if error:
+        pass
+    elif stopped_early(metrics):
         status = "completed"  # a scheduler stopped it at a rung: its rung checkpoint is its soup candidate
     elif status == "running" and metrics.get("done"):
         status = "stopped"  # stopped by a scheduler on an epoch without a candidate

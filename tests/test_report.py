@@ -250,3 +250,20 @@ def test_greedy_and_uniform_recipes_are_their_soups_shown_once(run_dir: Path, tm
     md = (run / "report.md").read_text()
     assert "| `greedy` | greedy |" in md and "| `uniform` | uniform |" in md
     assert md.count("| greedy_soup |") == 1
+
+
+def test_a_trial_stopped_at_a_rung_is_a_completed_row_with_its_scores() -> None:
+    from soup_ray.results import is_soup_candidate, stopped_early, trial_row
+
+    rung = {"status": "candidate", "epoch": 1, "rung": 1, "heldout_acc": 0.8, "test_acc": 0.7, "heldout_correct": 9}
+    assert not stopped_early(rung) and not is_soup_candidate(rung)  # a rung result alone: the trial goes on
+    stopped = {**rung, "done": True}
+    assert stopped_early(stopped) and is_soup_candidate(stopped)
+    row = trial_row("a", stopped, {"epochs": 4}, "tune/a/checkpoint_000000", [])
+    assert row["status"] == "completed" and row["stopped_early"] and row["epochs_run"] == 1
+    assert row["heldout"] == 0.8 and row["test"] == 0.7 and row["heldout_correct"] == 9
+    # a trial a scheduler stopped on an epoch without a candidate, an errored one and an unfinished one
+    assert trial_row("b", {"status": "running", "epoch": 2, "done": True}, {}, None, [])["status"] == "stopped"
+    failed = trial_row("c", stopped, {}, None, [], error="RuntimeError: boom")
+    assert failed["status"] == "error" and "stopped_early" not in failed and failed["heldout"] is None
+    assert trial_row("d", rung, {}, None, [])["status"] == "candidate"
