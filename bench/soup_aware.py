@@ -189,8 +189,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[20, 10],
         help="tune.soup_margin values of the soup scheduler; the first is the one compared (default: 20 10)",
     )
-    ap.add_argument("--asha-rfs", type=float, nargs="+", default=[3, 4, 6, 8, 12, 24], help="rfs to match budget")
+    ap.add_argument(
+        "--asha-rfs",
+        type=float,
+        nargs="+",
+        default=[2, 3, 4, 6, 8, 12, 24],
+        help="ASHA reduction factors to match budget",
+    )
     ap.add_argument("--live", type=int, metavar="SEED", help="also run the soup scheduler live on this seed")
+    ap.add_argument(
+        "--keep-live",
+        type=Path,
+        metavar="JSON",
+        help="take the live run's comparison from an earlier output of this script (same recordings and margin)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the sweeps")
     ap.add_argument("--out-dir", type=Path, default=Path("runs"), help="where new runs go (default: runs/)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_aware.json", help="JSON to write")
@@ -264,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             cut[m]["mean"] >= 0.2 and cut[m]["mean"] > 2 * cut[m]["se"] for m in ("test", "shift_mean")
         ),
     }
+    if args.keep_live is not None:
+        earlier = json.loads(args.keep_live.read_text())
+        result["live"] = {**earlier["live"], "from": earlier["command"]}
     if args.live is not None:
         lab = next(lab for lab, ps in zip(labs, per_seed, strict=True) if ps["seed"] == args.live)
         result["live"] = live_check(args.config, args.live, lab, args.margins[0], args.out_dir, extra)
