@@ -65,6 +65,18 @@ def record(config: str, seed: int, out: Path, extra: list[str]) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def trials_wall_s(run: Path) -> float | None:
+    """The wall time of a run's trials, from Tune's own result lines: the first trial's start to the last result."""
+    starts, ends = [], []
+    for f in (Path(run) / "tune").glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                ends.append(float(r["timestamp"]))
+                starts.append(float(r["timestamp"]) - float(r.get("time_total_s", 0.0)))
+    return round(max(ends) - min(starts), 1) if ends else None
+
+
 def asha_budget_rf(labs: list[Lab], target: float, rfs: list[float]) -> float:
     """The ASHA reduction factor whose mean trial-epochs over the recordings come closest to ``target``."""
     best, best_gap = rfs[0], float("inf")
@@ -117,20 +129,27 @@ def plot(summary: dict, per_seed: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def live_check(config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path, extra: list[str]) -> dict:
-    """Run the soup scheduler live on ``seed`` and compare its decisions and soup with the replay's."""
+def live_check(
+    config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path, extra: list[str], run: Path | None = None
+) -> dict:
+    """Run the soup scheduler live on ``seed`` (or read ``run``, such a run already made) and compare its
+    decisions and soup with the replay's."""
     from soup_ray.results import read_jsonl
     from soup_ray.run_dir import RunDir
 
-    run = out_dir / f"aware-live-soup-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    wall = record(
-        config,
-        seed,
-        run,
-        [*extra, "--set", "tune.scheduler=soup", "--set", f"tune.soup_margin={margin}", "--set", "soup.methods=[]"],
-    )
+    wall = None
+    if run is None:
+        run = out_dir / f"aware-live-soup-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        wall = record(
+            config,
+            seed,
+            run,
+            [*extra, "--set", "tune.scheduler=soup", "--set", f"tune.soup_margin={margin}", "--set", "soup.methods=[]"],
+        )
     log = [json.loads(x) for x in RunDir(run).scheduler_log.read_text().splitlines() if x.strip()]
-    rows = read_jsonl(RunDir(run).results)
+    rows = [
+        r for r in read_jsonl(RunDir(run).results) if r.get("kind", "individual") == "individual" and r.get("trial_id")
+    ]
     soup = json.loads(RunDir(run).soup_info.read_text())
 
     # the two sweeps' trial ids differ in Tune's experiment prefix; the same seed draws the same trials in order
@@ -160,7 +179,10 @@ def live_check(config: str, seed: int, rec_lab: Lab, margin: int, out_dir: Path,
             same_weights.append(all(torch.equal(live_w[k], rec_w[k]) for k in rec_w))
     return {
         "run_dir": str(run),
-        "wall_s": wall,
+        "command_wall_s": wall,
+        "trials_wall_s": trials_wall_s(run),
+        "recording_trials_wall_s": trials_wall_s(rec_lab.rec.run_dir),
+        "soup_judgements": sum(1 for d in log if d.get("soup_gain") is not None),
         "stopped_weights_identical_to_recording": f"{sum(same_weights)} of {len(same_weights)}",
         "trial_epochs": epochs_live,
         "replay_trial_epochs": rep["trial_epochs"],
@@ -197,12 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ASHA reduction factors to match budget",
     )
     ap.add_argument("--live", type=int, metavar="SEED", help="also run the soup scheduler live on this seed")
-    ap.add_argument(
-        "--keep-live",
-        type=Path,
-        metavar="JSON",
-        help="take the live run's comparison from an earlier output of this script (same recordings and margin)",
-    )
+    ap.add_argument("--live-run", type=Path, metavar="DIR", help="with --live: compare this finished live run instead")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to the sweeps")
     ap.add_argument("--out-dir", type=Path, default=Path("runs"), help="where new runs go (default: runs/)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "soup_aware.json", help="JSON to write")
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": json.loads((lab.rec.run_dir / "config.json").read_text())["tune"]["seed"],
                 "fifo_trial_epochs": fifo_trial_epochs(lab.rec),
                 "recording_wall_s": walls.get(str(lab.rec.run_dir)),
+                "recording_trials_wall_s": trials_wall_s(lab.rec.run_dir),
                 "replays": reps,
             }
         )
@@ -276,12 +294,11 @@ def main(argv: list[str] | None = None) -> int:
             cut[m]["mean"] >= 0.2 and cut[m]["mean"] > 2 * cut[m]["se"] for m in ("test", "shift_mean")
         ),
     }
-    if args.keep_live is not None:
-        earlier = json.loads(args.keep_live.read_text())
-        result["live"] = {**earlier["live"], "from": earlier["command"]}
     if args.live is not None:
         lab = next(lab for lab, ps in zip(labs, per_seed, strict=True) if ps["seed"] == args.live)
-        result["live"] = live_check(args.config, args.live, lab, args.margins[0], args.out_dir, extra)
+        result["live"] = live_check(
+            args.config, args.live, lab, args.margins[0], args.out_dir, extra, run=args.live_run
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(summary, per_seed, args.out.with_suffix(".png"))
