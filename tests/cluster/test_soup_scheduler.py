@@ -55,14 +55,15 @@ def test_a_trial_the_soup_scheduler_stops_still_reaches_the_soup(prepared, tmp_p
     cfg = parse_config(
         tiny_config_dict(
             **{
-                # lr 0.5 wrecks a trial in one epoch: added to a soup of sane trials it costs held-out images
+                # lr 0.5 wrecks a trial: its rung checkpoints cost the soup held-out images
                 "search_space.lr": {"choice": [1e-3, 0.5]},
                 "search_space.epochs": 3,
                 "data.train_size": 300,  # cheap epochs: lr 0.5 still wrecks a trial in one
                 "tune.num_samples": 4,
                 "tune.seed": 2,
-                "tune.max_concurrent_trials": 1,  # the soup exists before the next trial reaches its rung
                 "tune.scheduler": "soup",
+                # the tiny stand-in's trials are weak: any rung checkpoint that costs the soup an image stops
+                "tune.soup_margin": 0,
                 "tune.reduction_factor": 2,  # rungs at epochs 1 and 2
             }
         )
@@ -85,7 +86,6 @@ def test_a_trial_the_soup_scheduler_stops_still_reaches_the_soup(prepared, tmp_p
     for r in stopped:
         stop = next(d for d in log if d["trial_id"] == r["trial_id"] and d["decision"] == "STOP")
         assert r["epochs_run"] == stop["epoch"] < r["hyperparameters"]["epochs"]
-        assert r["hyperparameters"]["lr"] == 0.5
         # it trained no epoch past its rung, and its rung checkpoint is a whole soup candidate
         trial_dir = next(d for d in (run_dir / "tune").iterdir() if d.name.find(r["trial_id"]) >= 0)
         epochs = [json.loads(x)["epoch"] for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
