@@ -57,14 +57,13 @@ def test_a_trial_the_soup_scheduler_stops_still_reaches_the_soup(prepared, tmp_p
             **{
                 # lr 0.5 wrecks a trial: its rung checkpoints cost the soup held-out images
                 "search_space.lr": {"choice": [1e-3, 0.5]},
-                "search_space.epochs": 2,
-                "data.train_size": 300,  # cheap epochs: lr 0.5 still wrecks a trial in one
+                "search_space.epochs": 3,
                 "tune.num_samples": 4,
                 "tune.seed": 2,
                 "tune.scheduler": "soup",
                 # the tiny stand-in's trials are weak: any rung checkpoint that costs the soup an image stops
                 "tune.soup_margin": 0,
-                "tune.reduction_factor": 2,  # one rung: epoch 1
+                "tune.reduction_factor": 2,  # rungs at epochs 1 and 2
             }
         )
     )
