@@ -218,6 +218,20 @@ def fine_tune(
         first_epoch, metrics = resumed.epoch + 1, resumed.metrics
         t0 -= float(metrics.get("seconds", 0.0))
     last_checkpoint = time.time()
+
+    def save_state(folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
+        save_training_state(
+            folder,
+            epoch=epoch,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            generator=g,
+            hyperparameters=hp,
+            base_fingerprint=meta["fingerprint"],
+            metrics=metrics,
+        )
+
     for epoch in range(first_epoch, hp["epochs"] + 1):
         model.train()
         losses = []
@@ -260,17 +274,7 @@ def fine_tune(
         if rung:
             with tempfile.TemporaryDirectory(prefix="soup-ray-candidate-") as tmp:
                 candidate = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics, status="candidate")
-                save_training_state(
-                    Path(tmp),
-                    epoch=epoch,
-                    model=model,
-                    optimizer=opt,
-                    scheduler=sched,
-                    generator=g,
-                    hyperparameters=hp,
-                    base_fingerprint=meta["fingerprint"],
-                    metrics=metrics,
-                )
+                save_state(Path(tmp), epoch, metrics)
                 candidate["rung"] = epoch
                 if ctx.soup_run_dir:
                     from .soup_view import rung_signals
@@ -286,17 +290,7 @@ def fine_tune(
         elif epoch < hp["epochs"]:
             last_checkpoint = time.time()
             with tempfile.TemporaryDirectory(prefix="soup-ray-epoch-") as tmp:
-                save_training_state(
-                    Path(tmp),
-                    epoch=epoch,
-                    model=model,
-                    optimizer=opt,
-                    scheduler=sched,
-                    generator=g,
-                    hyperparameters=hp,
-                    base_fingerprint=meta["fingerprint"],
-                    metrics=metrics,
-                )
+                save_state(Path(tmp), epoch, metrics)
                 report(metrics, tmp)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         metrics.update(status="diverged", heldout_acc=0.0)

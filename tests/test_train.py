@@ -55,7 +55,8 @@ class Preempted(Exception):
     """Stands for the node going away right after a report."""
 
 
-def run_trial(cfg, prep, tmp_path: Path, resume_from=None, stop_after_epoch: int | None = None, **kw):
+def recorder(tmp_path: Path, stop_after_epoch: int | None = None):
+    """``(reports, report)``: a ``report`` callback that keeps each report's metrics and a copy of its folder."""
     reports = []
 
     def report(metrics, ckpt):
@@ -68,6 +69,12 @@ def run_trial(cfg, prep, tmp_path: Path, resume_from=None, stop_after_epoch: int
         reports.append((dict(metrics), saved))
         if stop_after_epoch is not None and metrics["epoch"] == stop_after_epoch:
             raise Preempted
+
+    return reports, report
+
+
+def run_trial(cfg, prep, tmp_path: Path, resume_from=None, stop_after_epoch: int | None = None, **kw):
+    reports, report = recorder(tmp_path, stop_after_epoch)
 
     try:
         final = fine_tune(hp(**kw), ctx_for(cfg, prep), report, resume_from=resume_from)
@@ -228,17 +235,7 @@ def test_a_rung_reports_a_resumable_soup_candidate_scored_against_the_published_
     export_soup(paths.base, soup, paths.version(1), info)
     export_soup(paths.base, soup, paths.soup, info)
 
-    reports = []
-
-    def report(metrics, ckpt):
-        saved = None
-        if ckpt:
-            saved = tmp_path / f"ckpt{len(reports)}"
-            import shutil
-
-            shutil.copytree(ckpt, saved)
-        reports.append((dict(metrics), saved))
-
+    reports, report = recorder(tmp_path)
     ctx = TrialContext(
         base_dir=str(prep.base_dir),
         data_json=data_json(cfg),
