@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import SweepConfig
 from ..prepare import PreparedRun, prepare_run
-from ..results import is_soup_candidate, trial_row, write_jsonl
+from ..results import is_soup_candidate, stopped_early, trial_row, write_jsonl
 from ..run_dir import TUNE_DIR, RunDir
 from ..stages import RAY_START, SOUP, TRIALS, Stages, stopping
 from ..train import TrialContext
@@ -253,8 +253,14 @@ def _own(seconds: dict[str, float]) -> dict[str, float]:
 def _finished(result: Any) -> bool:
     """Whether a trial of the grid ended (completed, diverged or failed for good), not stopped half-way."""
     metrics = result.metrics or {}
-    # done: a scheduler stopped it (Ctrl-C leaves done unset, and the trial resumes)
-    return result.error is not None or metrics.get("status") == "diverged" or bool(metrics.get("done"))
+    # done without completed: a scheduler stopped it (Ctrl-C leaves done unset, and the trial resumes). A trial
+    # restored by Tuner.restore after it completed may come back without done: its status says it finished
+    return (
+        result.error is not None
+        or metrics.get("status") in ("completed", "diverged")
+        or stopped_early(metrics)
+        or bool(metrics.get("done"))
+    )
 
 
 def logger_callbacks(names: list[str]) -> list[Any]:
