@@ -170,8 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=800, help="most requests per level (default: 800)")
     ap.add_argument("--seconds", type=float, default=12.0, help="longest time per level (default: 12)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds over every mode, alternated (default: 2)")
+    ap.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"targets measured in each run (default: {','.join(TARGETS)}); every other round measures them in "
+        "the reverse order, so a drift of the machine's speed during a run favours none of them",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output JSON (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown or "one_hop" not in targets:
+        ap.error(f"--targets: choose among {', '.join(TARGETS)}, one_hop included (the peer); got {args.targets!r}")
     started = time.perf_counter()
     results: dict[str, Any] = {
         "run_dir": str(args.run_dir),
@@ -180,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/serve_path.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d"),
         "rounds": args.rounds,
+        "targets": targets,
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="soup-ray-serve-path-") as tmp:
         for k in range(args.rounds):
+            order = targets if k % 2 == 0 else targets[::-1]  # A B, then B A: a linear drift cancels out
             for mode in modes:
                 out = Path(tmp) / f"{mode}-{k}.json"
                 cmd = [
@@ -194,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bench",
                     str(args.run_dir),
                     "--only",
-                    ",".join(TARGETS),
+                    ",".join(order),
                     "--no-ceiling",
                     "--throughput-mode",
                     mode,

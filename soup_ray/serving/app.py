@@ -37,7 +37,7 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
@@ -86,6 +86,7 @@ class ClassifierModel:
         self.images = 0
         self.forward_s = 0.0  # summed over batches: the model's own time
         self.replica = replica_id()
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     async def reconfigure(self, user_config: dict) -> None:
         """Apply a new ``ModelSpec``: batching settings at once, a different model loaded then swapped in."""
@@ -175,7 +176,7 @@ class ClassifierModel:
         return out.tolist()
 
     def info(self) -> dict[str, Any]:
-        """What this replica serves, its process id and actor name, a rejected soup version, batching statistics."""
+        """What this replica serves, its process id, actor name and Ray node, a rejected soup version, batching statistics."""
         spec = self.slot.spec
         current = self.slot.current
         out: dict[str, Any] = {
@@ -183,6 +184,7 @@ class ClassifierModel:
             "pid": os.getpid(),
             "last_error": self.slot.last_error,
             "actor": ray.get_runtime_context().get_actor_name(),
+            "node_id": self.node_id,
             "rejected": self.slot.rejected,
             "reloads": self.slot.reloads,
             "follow": bool(spec and spec.follows_soup()),
@@ -462,6 +464,7 @@ PRIVATE_INFO = (
     "ingress_pid",
     "replica",
     "ingress",
+    "node_id",
 )  # in /info only with ?detail=local from loopback
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
@@ -506,6 +509,21 @@ def is_loopback(request: Request) -> bool:
         return False
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a deadline on the running task, no extra task
+
+
+async def within(awaitable: Any, seconds: float) -> Any:
+    """``await awaitable``, cancelled with ``asyncio.TimeoutError`` after ``seconds``.
+
+    On the request path: ``asyncio.timeout`` puts the deadline on the request's own task, where
+    ``asyncio.wait_for`` (kept for Python 3.10) starts a task per call.
+    """
+    if _timeout is None:
+        return await asyncio.wait_for(_awaited(awaitable), seconds)
+    async with _timeout(seconds):
+        return await awaitable
+
+
 async def _awaited(response: Any) -> Any:
     return await response
 
@@ -520,7 +538,7 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     and with 408 when it has not arrived whole within ``timeout_s`` (a stalled or trickling client)."""
     if timeout_s is not None:
         try:
-            return await asyncio.wait_for(read_body(request, limit), timeout_s)
+            return await within(read_body(request, limit), timeout_s)
         except asyncio.TimeoutError:
             raise ImageError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
     declared = request.headers.get("content-length")
@@ -790,7 +808,7 @@ class SoupIngress:
         response = None
         try:
             response = call()
-            return await asyncio.wait_for(_awaited(response), self.model_timeout_s)
+            return await within(response, self.model_timeout_s)
         except asyncio.TimeoutError:
             cancel = getattr(response, "cancel", None)
             if callable(cancel):
@@ -815,18 +833,19 @@ class SoupIngress:
             ) from None
 
     async def _answer(
-        self, request: Request, response: Response, top_k: int, target: DeploymentHandle, local: bool = False
-    ) -> dict[str, Any]:
+        self, request: Request, top_k: int, target: DeploymentHandle, local: bool = False
+    ) -> JSONResponse:
         t0 = time.perf_counter()
         data = await image_bytes(request, self.max_body_bytes, self.body_timeout_s)
         t_read = time.perf_counter()
         image, decode_s = await self._decode(data)
         answer, timing = await self._predict_one(image, top_k, target)
         timing = {"read": t_read - t0, "decode": decode_s, **timing, "ingress": time.perf_counter() - t0}
-        response.headers["Server-Timing"] = server_timing(timing)
         if local and is_loopback(request):
             answer["served_by"] = {"ingress": self.replica, "model": timing.pop("replica", None)}
-        return answer
+        # built here rather than validated against the response model (which documents it): that costs each
+        # request a validation and a serialisation for a dict this method has just made in the model's shape
+        return JSONResponse(answer, headers={"Server-Timing": server_timing(timing)})
 
     async def _predict_one(
         self, image: np.ndarray, top_k: int, target: DeploymentHandle
@@ -891,19 +910,18 @@ class SoupIngress:
     async def predict(
         self,
         request: Request,
-        response: Response,
         top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
         detail: Literal["local"] | None = Query(
             None,
             description="`local`: also which ingress and model replica answered; honoured only for a loopback client",
         ),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Top-``top_k`` classes of a PNG or JPEG image, with the soup version that answered.
 
         The ``Server-Timing`` header says where the request's time went in the server: reading the body,
         decoding the image, the hops to and from the model replica, waiting for a batch, the forward pass.
         """
-        return await self._answer(request, response, top_k, self.model, local=detail == "local")
+        return await self._answer(request, top_k, self.model, local=detail == "local")
 
     @app.post(
         "/predict/batch",
@@ -942,13 +960,12 @@ class SoupIngress:
     async def predict_ensemble(
         self,
         request: Request,
-        response: Response,
         top_k: int = Query(3, ge=1, le=1000, description="How many classes to return"),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Top-``top_k`` classes from the mean logits of the ensemble's trial checkpoints."""
         if self.ensemble is None:
             raise ApiError(404, "ensemble_disabled", "no ensemble is configured (ensemble: 0)")
-        return await self._answer(request, response, top_k, self.ensemble)
+        return await self._answer(request, top_k, self.ensemble)
 
     @app.get("/info", summary="What is served", responses={k: ERROR_RESPONSES[k] for k in (401, 422, 503)})
     async def info(
@@ -956,7 +973,7 @@ class SoupIngress:
         request: Request,
         detail: Literal["local"] | None = Query(
             None,
-            description="`local`: also the run folder, model source, process ids and replica actor name; "
+            description="`local`: also the run folder, model source, process ids, replica actor name and Ray node; "
             "honoured only for a loopback client",
         ),
     ) -> dict[str, Any]:
