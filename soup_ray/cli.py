@@ -75,7 +75,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.config is None:
             raise ValueError("--dry-run checks a sweep file: give CONFIG")
 
-        return run_dry_run(args.config, overrides_from_args(args), out=args.out)
+        return run_dry_run(args.config, overrides_from_args(args), out=args.out, launcher_config=args.cluster_config)
     job = sweep_job(sweep_config(args), args.out, resume=args.resume, verbose=args.verbose)
     return INTERRUPTED if job.interrupted else 0
 
@@ -259,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="only check the config, data paths, Ray resources, model and two training steps; "
             "start nothing (exit 0: ready, 1: problems, 2: invalid config)",
+        )
+        sp.add_argument(
+            "--cluster-config",
+            type=Path,
+            default=None,
+            metavar="YAML",
+            help="with --dry-run: the autoscaling config whose node types the cluster can add (default: "
+            "~/ray_bootstrap_config.yaml, which `ray up` writes on the head)",
         )
 
     sp = sub.add_parser(

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -908,8 +909,22 @@ def dry_run(
     return report
 
 
-def run_dry_run(config_path: str, overrides: dict[str, Any] | None = None, out: str | None = None) -> int:
+def run_dry_run(
+    config_path: str,
+    overrides: dict[str, Any] | None = None,
+    out: str | None = None,
+    launcher_config: Path | None = None,
+) -> int:
     """``soup-ray sweep CONFIG --dry-run``: print the report and return the exit status."""
-    report = dry_run(config_path, overrides, out=out, log=lambda m: print(f"[soup-ray] {m}", flush=True))
+    if launcher_config is not None and not Path(launcher_config).expanduser().is_file():
+        print(f"error: --cluster-config {launcher_config}: no such file", file=sys.stderr, flush=True)
+        return 2
+    report = dry_run(
+        config_path,
+        overrides,
+        out=out,
+        launcher_config=launcher_config,
+        log=lambda m: print(f"[soup-ray] {m}", flush=True),
+    )
     print(report.format(), flush=True)
     return report.exit_code
