@@ -490,3 +490,42 @@ def test_dry_run_names_a_custom_resource_that_no_node_offers(
     text = _text(check)
     assert "a trial asks for custom resource(s) gpu_worker: 1 that no node offers" in text
     assert "ray start --resources" in text
+
+
+def test_the_local_autoscaling_cluster_has_cluster_yamls_node_types(tmp_path: Path) -> None:
+    """The fake_multinode config is generated from cluster.yaml: same types and resources, every worker from 0."""
+    import yaml
+
+    from soup_ray.cluster.local_cluster import HEAD_TYPE, LocalClusterError, fake_multinode_config, head_resource_args
+
+    launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    fake = fake_multinode_config(ROOT / "cluster.yaml", "127.0.0.1:6390", max_workers={"gpu_8x_a100": 0})
+    assert fake["provider"]["type"] == "fake_multinode" and fake["provider"]["gcs_address"] == "127.0.0.1:6390"
+    types = fake["available_node_types"]
+    head = launcher["head_node_type"]
+    assert set(types) == (set(launcher["available_node_types"]) - {head}) | {HEAD_TYPE}
+    assert types[HEAD_TYPE]["resources"] == launcher["available_node_types"][head]["resources"]
+    assert "GPU" not in types[HEAD_TYPE]["resources"]  # the head trains nothing
+    for name, spec in launcher["available_node_types"].items():
+        if name == head:
+            continue
+        got = dict(types[name]["resources"])
+        assert got.pop("object_store_memory") > 0 and got == spec["resources"], name
+        assert types[name]["min_workers"] == 0
+    assert types["gpu_8x_a100"]["max_workers"] == 0
+    assert types["gpu_1x_a10g"]["max_workers"] == launcher["available_node_types"]["gpu_1x_a10g"]["max_workers"]
+    assert head_resource_args(fake)[:4] == ["--num-cpus", "8", "--num-gpus", "0"]
+    with pytest.raises(LocalClusterError, match="gpu_9x"):
+        fake_multinode_config(ROOT / "cluster.yaml", "127.0.0.1:1", max_workers={"gpu_9x": 1})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("available_node_types: {a: {}}\nhead_node_type: b\n")
+    with pytest.raises(LocalClusterError, match="head_node_type"):
+        fake_multinode_config(broken, "127.0.0.1:1")
+
+
+def test_dry_run_names_a_missing_cluster_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from soup_ray.cli import main
+
+    missing = tmp_path / "nope.yaml"
+    assert main(["run", str(ROOT / "tune_configs" / "local.yaml"), "--dry-run", "--cluster-config", str(missing)]) == 2
+    assert f"--cluster-config {missing}: no such file" in capsys.readouterr().err
