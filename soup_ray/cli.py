@@ -164,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size,
             throughput_mode=args.throughput_mode,
             topology=args.topology,
+            proxy_location=args.proxy_location,
         )
     except KeyboardInterrupt:
         log_line(f"stopped serving {args.run_dir} (Serve and the Ray it started are shut down)")
@@ -423,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         default=None,
         help="Ray cluster to serve on, e.g. auto on a cluster node (default: RAY_ADDRESS, else an embedded local Ray)",
+    )
+    sp.add_argument(
+        "--proxy-location",
+        choices=("EveryNode", "HeadOnly"),
+        default=None,
+        help="where Serve runs its HTTP proxies when this command starts Serve: EveryNode (Serve's default; "
+        "put a load balancer in front) or HeadOnly (one entry point; also for several Ray nodes on one machine, "
+        "where every node's proxy would want the same port)",
     )
     sp.set_defaults(func=cmd_serve)
 

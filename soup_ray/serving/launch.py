@@ -83,6 +83,7 @@ def serve_run(
     request_timeout_s: float | None = REQUEST_TIMEOUT_S,
     verbose: bool = True,
     throughput_mode: str = DEFAULT_THROUGHPUT_MODE,
+    proxy_location: str | None = None,
     **options: Any,
 ) -> str:
     """Serve ``run_dir``'s soup over HTTP on ``host:port``; returns the base URL.
@@ -100,7 +101,8 @@ def serve_run(
     (the caller's exit status 130). A Ctrl-C while Serve is still starting stops it the same way; a
     second Ctrl-C during the stop exits at once. Serve's HTTP options are fixed when Serve first starts on
     a cluster: a running Serve keeps its own host and port. ``throughput_mode`` (``THROUGHPUT_MODES``:
-    off, replicas, full) applies to a Ray this call starts.
+    off, replicas, full) applies to a Ray this call starts. ``proxy_location`` is Serve's (``EveryNode``, its
+    default: an HTTP proxy on every node; ``HeadOnly``), applied when this call starts Serve.
     """
     import ray
 
@@ -125,6 +127,7 @@ def serve_run(
         serve.start(
             http_options={"host": host, "port": int(port), "request_timeout_s": request_timeout_s},
             logging_config=logging_config,
+            **({"proxy_location": proxy_location} if proxy_location else {}),
         )
         serve_started = True
         serve.run(

@@ -464,6 +464,8 @@ def test_the_run_is_served_from_the_cluster_over_http(head: Head, job: dict[str,
             "0",
             "--num-gpus",
             "1",  # the replica wants a GPU, as on the cluster: only a worker node has one
+            "--proxy-location",
+            "HeadOnly",  # every fake node is 127.0.0.1: a proxy per node would each want this port
         ],
         env=head.env,
         cwd=head.tmp,

@@ -21,6 +21,7 @@ from typing import Any
 
 from .common import STANDIN_STEPS, Bench, tiny_config
 from .driver_kill import scenario_driver_kill
+from .node_loss import scenario_node_loss
 from .serve_faults import Server, scenario_replica_kill, scenario_soak
 from .soup_actor import scenario_soup_actor
 from .trial_kill import scenario_trial_kill
@@ -48,6 +49,7 @@ SCENARIOS: dict[int, Scenario] = {
     3: Scenario("driver killed mid-sweep, then --resume", scenario_driver_kill),
     4: Scenario("Serve model replica killed under load", scenario_replica_kill, serves=True),
     5: Scenario("soak at concurrency 32", scenario_soak, serves=True),
+    6: Scenario("worker node lost during a sweep, then under serving load", scenario_node_loss),
 }
 SCENARIO_NAMES = {n: s.name for n, s in SCENARIOS.items()}
 FIELDS = (
@@ -93,7 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="bench/reliability.py",
         description="Fault scenarios on the embedded local Ray with the tiny offline stand-in CLIP "
         f"({STANDIN_STEPS} stand-in steps); writes bench/results/reliability-<date>.json.\n\n"
-        f"Scenarios:\n{lines}\n\nScenarios 4 and 5 serve the run scenario 1 produced (or --serve-run).",
+        f"Scenarios:\n{lines}\n\nScenarios 4 and 5 serve the run scenario 1 produced (or --serve-run); "
+        "scenario 6 runs a head and two worker nodes of its own (Ray's cluster_utils).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
