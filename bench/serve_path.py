@@ -105,12 +105,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     medians = {m: r["median"] for m, r in results["modes"].items() if "soup" in (r.get("median") or {})}
     modes = list(medians)
+    shown = [t for t in TARGETS if any((medians[m].get(t) or {}).get("peak_rps") for m in modes)]  # measured ones
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    width = 0.27
+    width = 0.8 / max(1, len(shown))
     names = {"soup": "served soup (fused)", "soup_split": "served soup (split)", "one_hop": "bare one-hop peer"}
-    for k, (name, color) in enumerate((("soup", "tab:green"), ("soup_split", "tab:olive"), ("one_hop", "tab:purple"))):
+    bar_colors = {"soup": "tab:green", "soup_split": "tab:olive", "one_hop": "tab:purple"}
+    for k, name in enumerate(shown):
+        color = bar_colors[name]
         ys = [(medians[m].get(name) or {}).get("peak_rps") or 0 for m in modes]
-        xs = [i + (k - 1) * width for i in range(len(modes))]
+        xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(modes))]
         ax.bar(xs, ys, width, color=color, label=names[name])
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(f"{y:.0f}", (x, y), ha="center", va="bottom", fontsize=8)
@@ -130,7 +133,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     )
     labels = []
     for i, m in enumerate(modes):
-        for j, name in enumerate(TARGETS):
+        for j, name in enumerate(shown):
             cpu = (medians[m].get(name) or {}).get("cpu_ms_per_request") or {}
             bottom, x = 0.0, len(labels)
             for role in roles:
