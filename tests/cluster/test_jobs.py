@@ -181,6 +181,7 @@ def watch_nodes(h: Head, stop: threading.Event, period_s: float = 2.0) -> None:
 def head(prepared, cache_dir: Path) -> Iterator[Head]:
     """A fake_multinode autoscaling head from cluster.yaml, on loopback with token auth; stopped by its session."""
     from soup_ray.cluster.local_cluster import ENV, fake_multinode_config, head_resource_args
+    from soup_ray.serving.launch import DEFAULT_THROUGHPUT_MODE, PROXY_ENV, THROUGHPUT_MODES
 
     tmp = Path(tempfile.mkdtemp(prefix="srj"))  # short: Ray's socket paths must stay under 108 characters
     token = secrets.token_hex(32)
@@ -190,6 +191,8 @@ def head(prepared, cache_dir: Path) -> Iterator[Head]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
     env.update(
         ENV,  # RAY_FAKE_CLUSTER, a 1 s autoscaler loop, every node on 127.0.0.1
+        **THROUGHPUT_MODES[DEFAULT_THROUGHPUT_MODE],  # as cluster.yaml's `ray start` lines (without HAProxy)
+        **PROXY_ENV,  # soup-ray's Serve proxy callback, also as cluster.yaml sets it
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
         HF_HUB_OFFLINE="1",

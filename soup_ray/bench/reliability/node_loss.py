@@ -258,6 +258,12 @@ def _serve_part(b: Bench, rec: dict[str, Any], cluster: Any, run_dir: Any) -> di
 def scenario_node_loss(b: Bench, rec: dict[str, Any]) -> None:
     from ray.cluster_utils import Cluster
 
+    from ...serving.launch import DEFAULT_THROUGHPUT_MODE, throughput_mode_env
+
+    # what cluster.yaml's `ray start` lines set on every node: Serve's throughput mode and soup-ray's proxy
+    # callback (a request whose replica is lost gets the JSON 503, not the proxy's plain 500); the raylets below
+    # inherit this process's environment
+    rec["details"]["ray_start_env"] = throughput_mode_env(DEFAULT_THROUGHPUT_MODE, log=b.quiet)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     _CLUSTER["cluster"] = cluster
     try:
