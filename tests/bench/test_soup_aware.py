@@ -48,9 +48,10 @@ def test_fifo_replay_is_the_recorded_sweep(recording: Path) -> None:
     lab = Lab(rec)
     out = replay(lab, "fifo")
     assert out["trial_epochs"] == 8 and out["stopped"] == 0 and out["soup_judgements"] == 0
-    # the simulated wall: t0 and t1 start together, t2 takes t1's slot when it ends
+    # the simulated wall: t0 and t1 start together, t2 takes the slot of whichever ends first (the recorded
+    # epochs' seconds decide which: t1 has fewer epochs, but on a busy machine t0's can be shorter)
     t0, t1, t2 = (sum(t.seconds) for t in rec.tapes)
-    assert out["simulated_wall_s"] == pytest.approx(round(max(t0, t1 + t2), 1))
+    assert out["simulated_wall_s"] == pytest.approx(round(max(t0, t1, min(t0, t1) + t2), 1))
     # its soup is the greedy soup of the final epochs, scored by the keeper's own evaluation
     assert set(out["soup"]) <= {cid("t0", 3), cid("t1", 2), cid("t2", 3)} and cid("t1", 2) not in out["soup"]
     assert 0 < out["test"] <= 1 and out["ingredients"] == len(out["soup"])
