@@ -202,7 +202,10 @@ def head(prepared, cache_dir: Path) -> Iterator[Head]:
     )
     gcs_port, dash_port = free_port(), free_port()
     config = fake_multinode_config(
-        CLUSTER_YAML, f"127.0.0.1:{gcs_port}", max_workers={WORKER_TYPE: MAX_WORKERS, "gpu_8x_a100": 0}
+        CLUSTER_YAML,
+        f"127.0.0.1:{gcs_port}",
+        max_workers={WORKER_TYPE: MAX_WORKERS, "gpu_8x_a100": 0},
+        idle_timeout_minutes=0.2,  # 12 s: more room than the example 6 s for a node just added on a busy host
     )
     autoscaling = tmp / "autoscaling.yaml"
     autoscaling.write_text(json.dumps(config))  # JSON is YAML
@@ -406,7 +409,10 @@ def test_trials_and_soup_actor_hold_exactly_the_configured_resources(head: Head,
             and t["type"] == "ACTOR_CREATION_TASK"
             and t["func_or_class_name"].startswith("ImplicitFunc")
         ]
-    assert trials and len(trials) <= NUM_TRIALS
+    # on a cluster a trial's actor can die (a worker node going away, a worker process lost while starting on a
+    # fresh node) and Tune starts it again, up to tune.max_failures times (3 on a cluster): each attempt is an
+    # actor of its own, with the same resources; every trial still completed once (test above)
+    assert trials and len(trials) <= NUM_TRIALS * (1 + 3), len(trials)
     for a in trials:  # a trial actor lives inside its group: the group-scoped CPU and GPU, nothing more
         wanted = {k: v for k, v in a["required_resources"].items() if not k.startswith("bundle_group")}
         assert {k.split("_group")[0] for k in wanted} == {"CPU", "GPU"}
