@@ -277,7 +277,7 @@ def head(prepared, cache_dir: Path) -> Iterator[Head]:
 
 @pytest.fixture(scope="module")
 def job(head: Head) -> dict[str, Any]:
-    """Submit the local job exactly as the README does (plus the offline cache) and follow it to the end."""
+    """Submit the local job as the README's one-machine steps do (plus the offline cache); follow it to the end."""
     run_dir = head.tmp / "runs" / "job-run"
     submission_id = f"soup-ray-test-{secrets.token_hex(4)}"
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "SOUP_RAY_CACHE": head.env["SOUP_RAY_CACHE"]}}
