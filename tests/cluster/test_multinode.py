@@ -9,7 +9,6 @@ bucket); nothing is read from a node's own temporary folder.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,49 +25,6 @@ EPOCHS = 2
 TRIALS = 6
 
 
-_CLUSTER: dict[str, Any] = {}
-"""The test's ``Cluster``, out of the callback's reach: Tune pickles its callbacks with the experiment."""
-
-
-def _remove_node(node_id: str) -> None:
-    cluster = _CLUSTER["cluster"]
-    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == node_id), allow_graceful=False)
-
-
-def node_remover(actor_name: str, namespace: str, record: dict[str, Any]):
-    """A Tune callback: once a trial on the soup actor's node has saved a checkpoint before its last epoch,
-    remove that node (its raylet and every worker on it are killed), once."""
-    from ray import tune
-
-    class _RemoveActorNode(tune.Callback):
-        def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            import ray
-
-            if record.get("removed"):
-                return
-            result = trial.last_result or {}
-            epoch, node = result.get("epoch"), result.get("node_id")
-            if not epoch or epoch >= EPOCHS or node is None:
-                return
-            actor = ray.get_actor(actor_name, namespace=namespace)
-            actor_node = ray.get(actor.status.remote(), timeout=60)["node_id"]
-            if node != actor_node:
-                return
-            running_there = [
-                t.trial_id for t in trials if t.status == "RUNNING" and (t.last_result or {}).get("node_id") == node
-            ]
-            record.update(
-                removed=node,
-                trial_id=trial.trial_id,
-                checkpointed_epoch=epoch,
-                running_on_it=running_there,
-                at=time.time(),
-            )
-            _remove_node(node)
-
-    return _RemoveActorNode()
-
-
 def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
     prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,6 +32,7 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
     from ray.cluster_utils import Cluster
     from safetensors.torch import load_file
 
+    from soup_ray.bench.reliability.node_loss import CLUSTER, node_remover
     from soup_ray.cluster.actor import actor_name
     from soup_ray.cluster.dryrun import check_resources
     from soup_ray.cluster.sweep import run_sweep
@@ -91,7 +48,7 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "include_dashboard": False, "resources": {}},
     )
-    _CLUSTER["cluster"] = cluster
+    CLUSTER["cluster"] = cluster  # the node remover (shared with bench/reliability.py scenario 6) finds it here
     try:
         workers = [cluster.add_node(num_cpus=1, resources={"worker": 4}) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -127,13 +84,13 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
             run_dir,
             log=lambda m: None,
             prepared=prep,
-            callbacks=[node_remover(name, cfg.ray.namespace, record)],
+            callbacks=[node_remover(name, cfg.ray.namespace, record, last_epoch=EPOCHS)],
             verbose=False,
         )
         removed = record.get("removed")
         assert removed, "no trial checkpointed on the soup actor's node before its last epoch"
         survivor = next(n.node_id for n in workers if n.node_id != removed)
-        assert record["trial_id"] in record["running_on_it"]
+        assert record["trial_id"] in {tid for tid, _ in record["running_on_it"]}
 
         # every trial finished once, on a worker node, and results.jsonl has each of them once
         rows = read_jsonl(run_dir / "results.jsonl")
@@ -148,7 +105,7 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
         lost = next(ls for d, ls in lines.items() if record["trial_id"] in d)
         after = [x for x in lost if x["node_id"] != removed]
         assert after and all(x["node_id"] == survivor for x in after)
-        done = record["checkpointed_epoch"]
+        done = record["epoch"]  # the epoch its checkpoint held when the node went
         assert [x["epoch"] for x in after] == list(range(done + 1, EPOCHS + 1)), [
             (x["epoch"], x["node_id"][:8]) for x in lost
         ]
@@ -181,7 +138,7 @@ def test_a_lost_worker_node_costs_no_finished_trial_and_no_soup(
             assert live.keys() == batch.keys()
             assert all(torch.equal(live[k], batch[k]) for k in batch), name
     finally:
-        _CLUSTER.clear()
+        CLUSTER.clear()
         cluster.shutdown()
 
 

@@ -24,18 +24,21 @@ from .common import Bench, accounting, compare_with_offline_soup, result_lines, 
 from .serve_faults import TimelineClient, local_info, recovery_time, wait_ready
 
 EPOCHS = 2
-_CLUSTER: dict[str, Any] = {}  # out of the Tune callback's pickle: the callback finds the cluster here
+CLUSTER: dict[str, Any] = {}
+"""``{"cluster": ray.cluster_utils.Cluster}`` that ``node_remover`` removes nodes from (set it before the sweep):
+kept out of the callback itself, which Tune pickles with the experiment."""
 
 
 def _remove(node_id: str) -> None:
-    cluster = _CLUSTER["cluster"]
+    cluster = CLUSTER["cluster"]
     node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
     cluster.remove_node(node, allow_graceful=False)
 
 
-def node_remover(actor_name: str, namespace: str, record: dict[str, Any]):
-    """A Tune callback: after a trial on the soup actor's node checkpoints an epoch before its last, remove that
-    node once."""
+def node_remover(actor_name: str, namespace: str, record: dict[str, Any], last_epoch: int = EPOCHS):
+    """A Tune callback: after a trial on the soup actor's node checkpoints an epoch before ``last_epoch``, remove
+    that node (from ``CLUSTER``) once. ``record`` gets the node, the trial, its epoch, the ``(trial, last
+    epoch)`` pairs running there and the time."""
     from ray import tune
 
     class _RemoveActorNode(tune.Callback):
@@ -46,7 +49,7 @@ def node_remover(actor_name: str, namespace: str, record: dict[str, Any]):
                 return
             result = trial.last_result or {}
             epoch, node = result.get("epoch"), result.get("node_id")
-            if not epoch or epoch >= EPOCHS or node is None:
+            if not epoch or epoch >= last_epoch or node is None:
                 return
             actor = ray.get_actor(actor_name, namespace=namespace)
             if ray.get(actor.status.remote(), timeout=60)["node_id"] != node:
@@ -265,7 +268,7 @@ def scenario_node_loss(b: Bench, rec: dict[str, Any]) -> None:
     # inherit this process's environment
     rec["details"]["ray_start_env"] = throughput_mode_env(DEFAULT_THROUGHPUT_MODE, log=b.quiet)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    _CLUSTER["cluster"] = cluster
+    CLUSTER["cluster"] = cluster
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, num_gpus=1, resources={"worker": 4})
@@ -275,5 +278,5 @@ def scenario_node_loss(b: Bench, rec: dict[str, Any]) -> None:
         rec["details"]["sweep"] = sweep
         rec["details"]["serve"] = _serve_part(b, rec, cluster, run_dir)
     finally:
-        _CLUSTER.clear()
+        CLUSTER.clear()
         cluster.shutdown()
