@@ -15,13 +15,12 @@ fake GPU and a custom ``worker`` resource each, as a cluster's GPU nodes would h
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 from ...results import read_jsonl
 from .common import Bench, accounting, compare_with_offline_soup, result_lines, tiny_config, trial_dirs, watchdog
-from .serve_faults import TimelineClient, local_info, recovery_time, wait_ready
+from .serve_faults import fault_under_load, local_info, recovery_time, wait_ready
 
 EPOCHS = 2
 CLUSTER: dict[str, Any] = {}
@@ -166,7 +165,7 @@ def _serve_part(b: Bench, rec: dict[str, Any], cluster: Any, run_dir: Any) -> di
 
     from ...cluster.session import free_port
     from ...serving import serve_run, stop_serve_and_ray
-    from ..loadgen import run_level, sample_pngs
+    from ..loadgen import sample_pngs
 
     cluster.add_node(num_cpus=1, num_gpus=1, resources={"worker": 4})  # the lost node's replacement
     cluster.wait_for_nodes()
@@ -191,40 +190,19 @@ def _serve_part(b: Bench, rec: dict[str, Any], cluster: Any, run_dir: Any) -> di
         node = before.get("node_id")
         workers = {n.node_id for n in cluster.worker_nodes}
         out["replica_node_before"] = node
-        client = TimelineClient(concurrency, 30.0)
-        marks: dict[str, Any] = {}
-
-        def remove_then_watch(t_start: float) -> None:
-            time.sleep(max(0.0, t_start + kill_after - time.time()))
-            try:
-                _remove(node)
-            except Exception as err:  # noqa: BLE001
-                marks["error"] = repr(err)
-                return
-            marks["kill_t"] = time.time()
-            deadline = marks["kill_t"] + 90.0
-            while time.time() < deadline:
-                try:
-                    info = local_info(url)
-                    if info.get("ready") and info.get("node_id") not in (None, node):
-                        marks["node_after"] = info["node_id"]
-                        marks["replica_back_s"] = round(time.time() - marks["kill_t"], 2)
-                        return
-                except Exception:  # noqa: BLE001 - 503 while no replica is up
-                    pass
-                time.sleep(0.25)
-
-        t_start = time.time()
-        watcher = threading.Thread(target=remove_then_watch, args=(t_start,), daemon=True, name="node-remover")
-        watcher.start()
-        try:
-            level = run_level(f"{url}/predict", bodies, concurrency, 1_000_000, seconds, timeout_s=30.0, client=client)  # type: ignore[arg-type]
-        finally:
-            client.close()
-        watcher.join(timeout=100)
-        recovery = recovery_time(client.events, marks["kill_t"]) if "kill_t" in marks else {}
+        level, marks, events = fault_under_load(
+            url,
+            bodies,
+            concurrency,
+            seconds,
+            kill_after,
+            lambda: _remove(node),
+            lambda info: bool(info.get("ready") and info.get("node_id") not in (None, node)),
+            90.0,
+        )
+        recovery = recovery_time(events, marks["kill_t"]) if "kill_t" in marks else {}
         out.update(
-            replica_node_after=marks.get("node_after"),
+            replica_node_after=(marks.get("back_info") or {}).get("node_id"),
             replica_back_s=marks.get("replica_back_s"),
             recovery=recovery,
             requests_sent=level.sent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -139,10 +139,60 @@ class Server:
             self.started = False
 
 
+def fault_under_load(
+    url: str,
+    bodies: Sequence[bytes],
+    concurrency: int,
+    seconds: float,
+    fault_at_s: float,
+    inject: Callable[[], None],
+    is_back: Callable[[dict[str, Any]], bool],
+    back_within_s: float,
+) -> tuple[Any, dict[str, Any], list[tuple[float, float, str]]]:
+    """Load ``url``/predict for ``seconds`` at ``concurrency``; ``fault_at_s`` in, ``inject()`` the fault, then
+    poll ``/info?detail=local`` until ``is_back(info)`` (at most ``back_within_s``).
+
+    Returns the load level, the marks (``t_start``; ``kill_t``, the fault's time; ``back_info`` and
+    ``replica_back_s`` once back; ``error`` if the injection failed) and every request's (start, end, status).
+    """
+    from ..loadgen import run_level
+
+    client = TimelineClient(concurrency, 30.0)
+    marks: dict[str, Any] = {}
+
+    def inject_then_watch() -> None:
+        time.sleep(max(0.0, marks["t_start"] + fault_at_s - time.time()))
+        try:
+            inject()
+        except Exception as err:  # noqa: BLE001
+            marks["error"] = repr(err)
+            return
+        marks["kill_t"] = time.time()
+        deadline = marks["kill_t"] + back_within_s
+        while time.time() < deadline:
+            try:
+                info = local_info(url)
+                if is_back(info):
+                    marks["back_info"] = info
+                    marks["replica_back_s"] = round(time.time() - marks["kill_t"], 3)
+                    return
+            except Exception:  # noqa: BLE001 - the ingress answers 503 while no replica is up
+                pass
+            time.sleep(0.25)
+
+    marks["t_start"] = time.time()
+    watcher = threading.Thread(target=inject_then_watch, daemon=True, name="fault-injector")
+    watcher.start()
+    try:
+        level = run_level(f"{url}/predict", bodies, concurrency, 1_000_000, seconds, timeout_s=30.0, client=client)  # type: ignore[arg-type]
+    finally:
+        client.close()
+    watcher.join(timeout=back_within_s + 10.0)
+    return level, marks, client.events
+
+
 def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None:
     import ray
-
-    from ..loadgen import run_level
 
     url = server.ensure()
     seconds, kill_after, concurrency = (15.0, 3.0, 8) if b.quick else (24.0, 5.0, 8)
@@ -159,39 +209,21 @@ def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None
         kill_at_s=kill_after,
         replica_before={"actor": old_actor, "pid": old_pid},
     )
-    client = TimelineClient(concurrency, 30.0)
-    marks: dict[str, Any] = {}
 
-    def kill_then_watch(t_start: float) -> None:
-        time.sleep(max(0.0, t_start + kill_after - time.time()))
-        try:
-            ray.kill(ray.get_actor(old_actor, namespace="serve"))
-        except Exception as err:  # noqa: BLE001
-            marks["kill_error"] = repr(err)
-            return
-        marks["kill_t"] = time.time()
-        deadline = marks["kill_t"] + 60.0
-        while time.time() < deadline:
-            try:
-                info = local_info(url)
-                if info.get("actor") and info["actor"] != old_actor and info.get("ready"):
-                    marks["new_actor"], marks["new_pid"] = info["actor"], info.get("pid")
-                    marks["replica_back_s"] = round(time.time() - marks["kill_t"], 3)
-                    return
-            except Exception:  # noqa: BLE001 - the ingress answers 503 while the replica is down
-                pass
-            time.sleep(0.25)
+    def is_new_replica(info: dict[str, Any]) -> bool:
+        return bool(info.get("actor") and info["actor"] != old_actor and info.get("ready"))
 
-    t_start = time.time()
-    watcher = threading.Thread(target=kill_then_watch, args=(t_start,), daemon=True, name="replica-killer")
-    watcher.start()
-    try:
-        level = run_level(
-            f"{url}/predict", server.bodies, concurrency, 1_000_000, seconds, timeout_s=30.0, client=client
-        )  # type: ignore[arg-type]
-    finally:
-        client.close()
-    watcher.join(timeout=70)
+    level, marks, events = fault_under_load(
+        url,
+        server.bodies,
+        concurrency,
+        seconds,
+        kill_after,
+        lambda: ray.kill(ray.get_actor(old_actor, namespace="serve")),
+        is_new_replica,
+        60.0,
+    )
+    t_start = marks["t_start"]
     rec["requests_sent"], rec["requests_failed"] = level.sent, level.sent - level.ok
     rec["p99_ms"] = level.latency_ms.get("p99")
     rec["details"]["load"] = {k: v for k, v in level.to_json().items() if k != "extra"}
@@ -204,23 +236,24 @@ def scenario_replica_kill(b: Bench, server: Server, rec: dict[str, Any]) -> None
                 "t_s": round(marks["kill_t"] - t_start, 2),
             }
         ]
-        rec["details"]["recovery"] = recovery_time(client.events, marks["kill_t"])
+        rec["details"]["recovery"] = recovery_time(events, marks["kill_t"])
         rec["recovery_s"] = rec["details"]["recovery"]["recovery_s"]
+    back = marks.get("back_info") or {}
     rec["details"]["replica_after"] = {
-        "actor": marks.get("new_actor"),
-        "pid": marks.get("new_pid"),
+        "actor": back.get("actor"),
+        "pid": back.get("pid"),
         "replica_back_s": marks.get("replica_back_s"),
-        "error": marks.get("kill_error"),
+        "error": marks.get("error"),
     }
     failed_kinds = {k for k in level.errors}
     rec["checks"] = {
         "replica killed": "kill_t" in marks,
-        "Serve brought a new replica back": bool(marks.get("new_actor")),
+        "Serve brought a new replica back": bool(back.get("actor")),
         "requests succeed again": rec["recovery_s"] is not None,
         "failures are JSON 503/504 answers, never a hang or a 500": failed_kinds <= {"503", "504"}
         and level.unfinished == 0,
     }
-    rec["faults_survived"] = 1 if (marks.get("new_actor") and rec["recovery_s"] is not None) else 0
+    rec["faults_survived"] = 1 if (back.get("actor") and rec["recovery_s"] is not None) else 0
 
 
 def scenario_soak(b: Bench, server: Server, rec: dict[str, Any]) -> None:
