@@ -243,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                     ray.shutdown()
                     own_ray = False
+                if not scenario.serves:
+                    # the Serve (and its Ray) of scenarios 4 and 5 goes before a scenario that starts its own Ray:
+                    # scenario 6 would otherwise find this process still joined to it, not to its own cluster
+                    server.stop()
                 scenario.run(*((b, server, rec) if scenario.serves else (b, rec)))
             except Exception as err:  # noqa: BLE001 - a benchmark records a failed scenario and goes on
                 import traceback

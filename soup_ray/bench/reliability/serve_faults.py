@@ -137,6 +137,7 @@ class Server:
             with contextlib.suppress(Exception):
                 stop_serve_and_ray()
             self.started = False
+            self.url = None  # a later ensure() serves the run again
 
 
 def fault_under_load(
