@@ -155,6 +155,10 @@ def quiet_ray_loggers() -> None:
 
     for name in ("ray", "ray.tune", "ray.serve", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # after a Ctrl-C, Tune's result grid warns once per trial that never started ("Failed to fetch metrics ...
+    # result.json and progress.csv were not found"): 20 lines on the local default, which the sweep's own
+    # "N trial(s) unfinished" line already says
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def shutdown_ray() -> None:
