@@ -232,6 +232,7 @@ def fine_tune(
             metrics=metrics,
         )
 
+    scored: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's held-out logits and labels
     for epoch in range(first_epoch, hp["epochs"] + 1):
         model.train()
         losses = []
@@ -255,6 +256,7 @@ def fine_tune(
         held_logits, held_labels = predict_logits(
             model, bundle.heldout, ctx.eval_batch_size, ctx.num_workers, ctx.precision
         )
+        scored = (held_logits, held_labels)
         metrics = {
             "epoch": epoch,
             "heldout_acc": accuracy(held_logits, held_labels),
@@ -273,7 +275,9 @@ def fine_tune(
                 _keep_copy(Path(tmp), Path(epoch_candidates) / f"e{epoch:03d}")
         if rung:
             with tempfile.TemporaryDirectory(prefix="soup-ray-candidate-") as tmp:
-                candidate = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics, status="candidate")
+                candidate = save_trial_checkpoint(
+                    Path(tmp), model, bundle, ctx, hp, meta, metrics, status="candidate", heldout=scored
+                )
                 save_state(Path(tmp), epoch, metrics)
                 candidate["rung"] = epoch
                 if ctx.soup_run_dir:
@@ -297,7 +301,7 @@ def fine_tune(
         report(metrics, None)
         return metrics
     with tempfile.TemporaryDirectory(prefix="soup-ray-ckpt-") as tmp:
-        final = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics)
+        final = save_trial_checkpoint(Path(tmp), model, bundle, ctx, hp, meta, metrics, heldout=scored)
         if epoch_candidates is not None:
             _keep_copy(Path(tmp), Path(epoch_candidates) / f"e{int(final['epoch']):03d}")
         report(final, tmp)
@@ -341,20 +345,26 @@ def save_trial_checkpoint(
     meta: dict,
     metrics: dict,
     status: str = "completed",
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """Write weights, cached logits and metrics of a soup candidate into ``out``; returns its metrics.
 
     ``status`` is ``completed`` for a finished trial, ``candidate`` for an epoch before the last (a rung).
+    ``heldout`` is ``(logits, labels)`` of this model on held-out when the caller has just scored it (at
+    ``ctx.precision``): the epoch's own scores, so held-out is not scored twice.
     """
     from safetensors.torch import save_file
 
     logits: dict[str, torch.Tensor] = {}
     final = dict(metrics, status=status)
     for name, ds in bundle.eval_sets().items():
-        # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares them
-        lg, lb = predict_logits(
-            model, ds, ctx.eval_batch_size, ctx.num_workers, ctx.precision if name == "heldout" else "fp32"
-        )
+        if name == "heldout" and heldout is not None:
+            lg, lb = heldout
+        else:
+            # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares
+            lg, lb = predict_logits(
+                model, ds, ctx.eval_batch_size, ctx.num_workers, ctx.precision if name == "heldout" else "fp32"
+            )
         logits[f"{name}"] = lg.contiguous()
         logits[f"{name}.labels"] = lb.contiguous()
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")

@@ -112,6 +112,31 @@ def test_trial_reports_every_epoch_and_saves_a_checkpoint(prepared, tmp_path: Pa
     assert json.loads((ckpt / CHECKPOINT_METRICS).read_text())["heldout_correct"] == final["heldout_correct"]
 
 
+def test_a_trial_scores_held_out_once_per_epoch_and_every_other_set_once(prepared, tmp_path: Path, monkeypatch) -> None:
+    """The last epoch's held-out scores are the checkpoint's: the model is not scored on held-out again to save it."""
+    import collections
+
+    import soup_ray.train as train
+
+    cfg, prep = prepared
+    calls: collections.Counter[int] = collections.Counter()
+    sizes: dict[int, int] = {}
+    scored = train.predict_logits
+
+    def counting(model, ds, *args, **kwargs):
+        calls[id(ds)] += 1
+        sizes[id(ds)] = len(ds)
+        return scored(model, ds, *args, **kwargs)
+
+    monkeypatch.setattr(train, "predict_logits", counting)
+    final, _ = run_trial(cfg, prep, tmp_path, epochs=2)
+    n_shifts = len(cfg.data.shifts)
+    assert sorted(calls.values()) == [1] * (1 + n_shifts) + [2], calls  # test and each shift once, held-out twice
+    heldout = next(k for k, n in calls.items() if n == 2)
+    assert sizes[heldout] == len(prep.bundle.heldout)
+    assert final["heldout_correct"] == round(final["heldout_acc"] * len(prep.bundle.heldout))
+
+
 def test_same_seed_same_model(prepared, tmp_path: Path) -> None:
     cfg, prep = prepared
     a, _ = run_trial(cfg, prep, tmp_path / "a", epochs=1)
