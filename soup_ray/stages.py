@@ -84,18 +84,28 @@ def _kill_descendants() -> None:
         pass
 
 
-def install_ctrl_c() -> Any:
+def install_ctrl_c(fresh: bool = True) -> Any:
     """Make Ctrl-C raise ``KeyboardInterrupt`` (and a second one during the stop exit at once); main thread only.
 
     The command line installs it when a command starts (returns the handler it replaced, or None off the
     main thread). A Tune sweep replaces it while ``Tuner.fit()`` runs; the sweep puts it back as soon as
     fit returns, since Tune's handler stays installed and would only print "Stop signal received" while
-    the report is computed and the soup served.
+    the report is computed and the soup served. ``fresh`` forgets a stop already under way: only a
+    command's start does that; putting the handler back later in the same command keeps it.
     """
     if threading.current_thread() is not threading.main_thread():
         return None
-    _stopping.clear()
+    if fresh:
+        _stopping.clear()
     return signal.signal(signal.SIGINT, _handler)
+
+
+def raise_if_stopping() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C began a stop. The handler's own ``KeyboardInterrupt`` is lost
+    when the signal lands in a finalizer or a weakref callback (Python prints "Exception ignored" and goes
+    on); each stage boundary and the serving wait call this, so such a Ctrl-C still stops the command."""
+    if _stopping.is_set():
+        raise KeyboardInterrupt
 
 
 def interrupted(err: BaseException) -> bool:
@@ -121,7 +131,10 @@ class Stages:
     _since: float | None = None  # when the current stage started, while it is being timed
 
     def start(self, name: str, timed: bool = True) -> None:
-        """End the current stage and start ``name``: print ``stage: NAME`` and time it (unless ``timed`` is off)."""
+        """End the current stage and start ``name``: print ``stage: NAME`` and time it (unless ``timed`` is off).
+
+        A Ctrl-C that came before (even one whose ``KeyboardInterrupt`` was lost) stops here instead."""
+        raise_if_stopping()
         self.end()
         self.current = name
         self._since = time.time() if timed else None
@@ -130,6 +143,7 @@ class Stages:
         if hold:
             self.log(f"holding the stage for {hold:g}s ({PAUSE_ENV})")
             time.sleep(hold)
+            raise_if_stopping()
 
     def end(self) -> None:
         """Add the current stage's time to its seconds."""

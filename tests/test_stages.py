@@ -71,6 +71,36 @@ def test_the_command_line_handler_raises_keyboard_interrupt_once() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler's KeyboardInterrupt can land in a finalizer or a weakref callback, where Python only prints
+    "Exception ignored"; the stop it began must still end the command at the next stage, and the handler put
+    in place again for serving must keep it, not start afresh (a Ctrl-C at "stage: serving start" was lost so)."""
+    from soup_ray.serving.launch import sigterm_as_interrupt
+
+    swallowed: list[BaseException | None] = []
+    monkeypatch.setattr("sys.unraisablehook", lambda u: swallowed.append(u.exc_value))
+    previous_term = signal.getsignal(signal.SIGTERM)
+    previous = install_ctrl_c()
+    try:
+
+        class Finalized:
+            def __del__(self) -> None:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # Ctrl-C arriving during a finalizer
+
+        Finalized()  # collected at once: the handler's KeyboardInterrupt is swallowed
+        assert swallowed and isinstance(swallowed[0], KeyboardInterrupt)
+        sigterm_as_interrupt()  # what serving does before it waits
+        lines: list[str] = []
+        with pytest.raises(KeyboardInterrupt):
+            Stages(log=lines.append).start(SERVING_START)
+        assert lines == []  # stopped before the stage began
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        install_ctrl_c()  # leave no stop pending for the tests after this one
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "report.md"
     atomic.write_text(target, "old")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster.session import ray_session, resolve_address
-from ..stages import install_ctrl_c
+from ..stages import install_ctrl_c, raise_if_stopping
 from .models import check_model, ensemble_members, resolve_run_dir
 from .options import APP_NAME, ServeOptions
 from .proxy_errors import CALLBACK, CALLBACK_ENV
@@ -137,10 +137,12 @@ def serve_run(
         log(f"serving {resolved} at {url}  (API docs: {url}/docs)")
         if not blocking:
             return url
+        raise_if_stopping()  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed while Serve started
         if on_ready is not None:
             on_ready(url)
         while True:
             time.sleep(1.0)
+            raise_if_stopping()
     except KeyboardInterrupt:
         blocking = True  # a Ctrl-C while starting: stop what was started, as a blocking server does
         log("stopping the server")
@@ -194,4 +196,4 @@ def sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    install_ctrl_c()
+    install_ctrl_c(fresh=False)  # a Ctrl-C earlier in this command still stops it
