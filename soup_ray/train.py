@@ -370,7 +370,7 @@ def save_trial_checkpoint(
         key = "heldout_acc" if name == "heldout" else ("test_acc" if name == "test" else f"shift_{name}_acc")
         final[key] = accuracy(lg, lb)
         if name == "heldout":
-            final["heldout_correct"] = int((lg.argmax(1) == lb).sum())
+            final["heldout_correct"] = correct_count(lg, lb)
     shift_keys = [k for k in final if k.startswith("shift_")]
     final["shift_mean_acc"] = sum(final[k] for k in shift_keys) / len(shift_keys) if shift_keys else float("nan")
     save_file(logits, str(out / CHECKPOINT_LOGITS))

@@ -95,7 +95,6 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_stage(monkeyp
             Stages(log=lines.append).start(SERVING_START)
         assert lines == []  # stopped before the stage began
     finally:
-        signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         install_ctrl_c()  # leave no stop pending for the tests after this one
         signal.signal(signal.SIGINT, previous)
