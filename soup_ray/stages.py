@@ -70,16 +70,35 @@ def _handler(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _kill_descendants() -> None:
-    """SIGKILL every process this one started, and theirs (an embedded Ray: its raylet, GCS, agents, workers)."""
+def _kill_descendants(wait_s: float = 10.0) -> None:
+    """SIGKILL every process this one started, and theirs (an embedded Ray: its raylet, GCS, agents, workers),
+    and return once each is gone (or a zombie: its files and ports closed), ``wait_s`` at most.
+
+    Ray gives each worker a process group of its own, so a terminal's Ctrl-C never reaches them, and a
+    killed process closes its sockets only after unmapping its memory: without the wait the command could
+    exit while Serve's proxy still held the HTTP port."""
     try:
         import psutil
 
-        for child in psutil.Process().children(recursive=True):
+        children = psutil.Process().children(recursive=True)
+        for child in children:
             try:
                 child.kill()
             except psutil.Error:
                 pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            alive = []
+            for child in children:
+                try:
+                    if child.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(child)
+                except psutil.Error:  # gone (reaped)
+                    pass
+            if not alive:
+                return
+            children = alive
+            time.sleep(0.02)
     except Exception:  # noqa: BLE001 - exiting anyway
         pass
 

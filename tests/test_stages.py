@@ -203,3 +203,58 @@ def test_an_error_raised_once_a_ctrl_c_came_counts_as_the_ctrl_c() -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
         stages._stopping.clear()  # no stop under way for the tests after this one
+
+
+def test_a_second_ctrl_c_returns_only_once_every_descendant_is_gone_and_its_port_free(tmp_path: Path) -> None:
+    """The second Ctrl-C kills what the command started (an embedded Ray: raylet, GCS, workers) and exits.
+    Ray puts each worker in a process group of its own, and a killed process holding much memory takes a
+    while to unmap it before its sockets close: the command used to exit while Serve's proxy still held the
+    HTTP port, and a ``soup-ray serve`` started again at once found the port taken."""
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from soup_ray import stages
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready = tmp_path / "ready"
+    worker = (  # a stand-in for a Ray worker: own process group, a listening port, 1.5 GB touched
+        "import os, socket, sys, time\n"
+        "os.setpgrp()\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "held = bytearray(1536 * 2**20)\n"
+        "for i in range(0, len(held), 4096): held[i] = 1\n"
+        "open(sys.argv[2], 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    parent = (  # a stand-in for the raylet: starts the worker, then waits
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1], sys.argv[2]])\n"
+        "time.sleep(120)\n"
+    )
+    raylet = subprocess.Popen([sys.executable, "-c", parent, str(port), str(ready)])
+    started = [psutil.Process(raylet.pid)]
+    try:
+        deadline = time.time() + 60
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the worker did not start"
+        descendants = started[0].children(recursive=True) + started
+        started = descendants
+        assert len(descendants) == 2
+        stages._kill_descendants()
+        running = [p.pid for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not running, f"still running after the kill returned: {running}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free the moment the kill returns
+    finally:  # stop only what this test started, by PID, even when it failed
+        for p in started:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        raylet.wait(timeout=30)

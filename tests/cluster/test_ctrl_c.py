@@ -3,8 +3,8 @@
 One run folder goes through the stages one command at a time: each command is stopped in the next
 stage by SIGINT to its process group, as soon as the console prints that stage's line. Every stop
 must end within 30 s with exit status 130, one line naming what to run next, no process of the
-command's group left, no half-written run file and (while serving) the port freed. The commands that
-line names then finish the run, to the same soup as the offline batch greedy over the same trials.
+command's session left (Ray's workers included), no half-written run file and (while serving) the port
+freed. The commands that line names then finish the run, to the same soup as the offline batch greedy over the same trials.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ def port_is_free(port: int) -> bool:
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
-    """Processes of process group ``pgid`` still running (zombies waiting for init to reap them excluded)."""
+    """Processes of the command's process group ``pgid`` or of its session, still running (zombies waiting
+    for init to reap them excluded). Ray puts each worker (Serve's proxy among them) in a process group of its
+    own, inside the command's session (the command started one: ``start_new_session``)."""
     out = []
     for p in psutil.process_iter():
         try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+            if pgid in (os.getpgid(p.pid), os.getsid(p.pid)) and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except (OSError, psutil.Error):
             continue
