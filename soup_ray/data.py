@@ -73,6 +73,19 @@ def labels_of(ds: Dataset) -> torch.Tensor:
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
+def one_per_class(labels: torch.Tensor, n: int) -> list[int]:
+    """Indices of the first image of each class, in the order the classes first appear, ``n`` at most."""
+    seen: set[int] = set()
+    out: list[int] = []
+    for i, y in enumerate(labels.tolist()):
+        if len(out) >= n:
+            break
+        if int(y) not in seen:
+            seen.add(int(y))
+            out.append(i)
+    return out
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (rest, part) with ``fraction`` of every class in ``part``, deterministically."""
     rng = np.random.default_rng(seed)

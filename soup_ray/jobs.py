@@ -305,12 +305,12 @@ def print_wall_times(seconds: dict[str, float], path: Path, log: Log = log_line)
 
 
 def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line, token_file: str | None = None) -> None:
-    """Post a few real test digits as PNG to the served soup and print what comes back (with the bearer
-    token of ``token_file`` when the server wants one)."""
+    """Post a few real test digits as PNG to the served soup, one of each of ``n`` classes, and print what
+    comes back (with the bearer token of ``token_file`` when the server wants one)."""
     import httpx
     from PIL import Image
 
-    from .data import build_dataset
+    from .data import build_dataset, labels_of, one_per_class
     from .serving.auth import read_token
 
     headers = {"Authorization": f"Bearer {read_token(token_file).decode()}"} if token_file else {}
@@ -333,7 +333,7 @@ def show_queries(url: str, run_dir: Path, n: int = 5, log: Log = log_line, token
             f"GET /info -> soup version {info.get('soup_version')}, {len(info.get('ingredients') or [])} "
             f"ingredient(s), held-out {info.get('heldout_accuracy')}"
         )
-        for i in range(min(n, len(test))):
+        for i in one_per_class(labels_of(test), n):
             x, y = test[i]
             buf = io.BytesIO()
             Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")

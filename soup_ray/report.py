@@ -808,6 +808,9 @@ def plot_greedy(report: Mapping[str, Any], path: Path) -> Path:
             zorder=3,
             label="rejected (soup with it)",
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # candidates are counted: 1, 2, 3, never 1.5
     return _finish(
         plt,
         fig,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soup_ray.config import DigitsData, MnistData
-from soup_ray.data import build_digits, labels_of, stratified_split
+from soup_ray.data import build_digits, labels_of, one_per_class, stratified_split
 
 
 def test_digits_splits_deterministic_disjoint_and_complete() -> None:
@@ -160,3 +160,14 @@ def test_heldout_index_refuses_a_split_that_leaves_a_class_out(tmp_path: Path, c
     assert (
         main(["heldout-index", str(train), str(out), "--per-class", "1"]) == 0 and len(json.loads(out.read_text())) == 2
     )
+
+
+def test_the_example_queries_take_one_test_image_of_each_class() -> None:
+    """The console's example queries after serving starts: on a split stored class by class, the first five
+    images are all zeros; one image of each of five classes shows the served soup more."""
+    labels = torch.tensor([0] * 150 + [1] * 150 + [2] * 150 + [3] * 150 + [4] * 150 + [5] * 150)
+    assert one_per_class(labels, 5) == [0, 150, 300, 450, 600]
+    mixed = torch.tensor([3, 3, 1, 3, 1, 0, 2])
+    assert one_per_class(mixed, 3) == [0, 2, 5]
+    assert one_per_class(mixed, 10) == [0, 2, 5, 6]  # fewer classes than asked: one of each
+    assert one_per_class(torch.tensor([], dtype=torch.long), 5) == []

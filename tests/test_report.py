@@ -267,3 +267,27 @@ def test_a_trial_stopped_at_a_rung_is_a_completed_row_with_its_scores() -> None:
     failed = trial_row("c", stopped, {}, None, [], error="RuntimeError: boom")
     assert failed["status"] == "error" and "stopped_early" not in failed and failed["heldout"] is None
     assert trial_row("d", rung, {}, None, [])["status"] == "candidate"
+
+
+def test_the_greedy_figure_numbers_its_candidates_with_whole_numbers(tmp_path: Path, monkeypatch) -> None:
+    """greedy.png's x axis counts candidates: with 3 of them matplotlib's default ticks were 1.0, 1.5, 2.0, ..."""
+    from matplotlib.figure import Figure
+
+    from soup_ray.report import plot_greedy
+
+    seen: list[Any] = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        seen.append([t for t in fig.axes[0].get_xticks() if 0.5 <= t <= 3.5])
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    history = [
+        {"position": i, "candidate_accuracy": a, "soup_accuracy": s, "accepted": ok, "trial_soup_accuracy": t}
+        for i, (a, s, ok, t) in enumerate([(0.9, 0.9, True, None), (0.88, 0.91, True, None), (0.8, 0.91, False, 0.87)])
+    ]
+    out = plot_greedy({"history": history}, tmp_path / "greedy.png")
+    assert out.stat().st_size > 0
+    assert seen and seen[0], seen
+    assert all(float(t).is_integer() for t in seen[0]), seen[0]
