@@ -361,7 +361,7 @@ def save_trial_checkpoint(
         if name == "heldout" and heldout is not None:
             lg, lb = heldout
         else:
-            # held-out is scored as the soup keeper scores soups (evaluate.scoring_autocast): the greedy compares
+            # held-out at ctx.precision, as the soup keeper scores soups (evaluate.scoring_autocast): greedy compares them
             lg, lb = predict_logits(
                 model, ds, ctx.eval_batch_size, ctx.num_workers, ctx.precision if name == "heldout" else "fp32"
             )

@@ -243,11 +243,10 @@ def test_a_second_ctrl_c_returns_only_once_every_descendant_is_gone_and_its_port
         while not ready.exists() and time.time() < deadline:
             time.sleep(0.1)
         assert ready.exists(), "the worker did not start"
-        descendants = started[0].children(recursive=True) + started
-        started = descendants
-        assert len(descendants) == 2
+        started += started[0].children(recursive=True)
+        assert len(started) == 2
         stages._kill_descendants()
-        running = [p.pid for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        running = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not running, f"still running after the kill returned: {running}"
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # the port is free the moment the kill returns
